@@ -1,0 +1,23 @@
+"""
+expandr-haystack: ExpandR (LLM query expansion trained jointly with a dense retriever) as Haystack components.
+
+Importing this package adds `expandr_haystack` (and nothing else) to Haystack's deserialization allow-list, so YAML
+pipelines naming our components load with `Pipeline.loads` while every other module stays refused.
+"""
+
+from haystack.core.serialization import allow_deserialization_module
+
+from expandr_haystack.components import (
+    ANSWER_PROMPT,
+    EXPANSION_PROMPT,
+    ExpandRQueryEmbedder,
+    ExpandRRetriever,
+    LLMQueryExpander,
+    fuse,
+)
+
+allow_deserialization_module("expandr_haystack")
+
+__version__ = "0.1.0"
+__all__ = ["LLMQueryExpander", "ExpandRQueryEmbedder", "ExpandRRetriever", "fuse", "EXPANSION_PROMPT",
+           "ANSWER_PROMPT", "__version__"]

