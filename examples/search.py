@@ -17,13 +17,13 @@ import time
 
 os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 
-from haystack import Pipeline  # noqa: E402
+from haystack import Pipeline
 
-from expandr_haystack import ExpandRRetriever, LLMQueryExpander  # noqa: E402
-from expandr_haystack.data import bundled_path, load_collection  # noqa: E402
-from expandr_haystack.indexing import build_document_store  # noqa: E402
-from expandr_haystack.metrics import evaluate_run, run_from_documents  # noqa: E402
-from expandr_haystack.models import expandr_home  # noqa: E402
+from expandr_haystack import ExpandRRetriever, LLMQueryExpander
+from expandr_haystack.data import bundled_path, load_collection
+from expandr_haystack.indexing import build_document_store
+from expandr_haystack.metrics import evaluate_run, run_from_documents
+from expandr_haystack.models import expandr_home
 
 
 def main() -> None:

@@ -13,11 +13,20 @@ from expandr_haystack.components import (
     ExpandRQueryEmbedder,
     ExpandRRetriever,
     LLMQueryExpander,
+    RewardScorer,
     fuse,
 )
 
 allow_deserialization_module("expandr_haystack")
 
 __version__ = "0.1.0"
-__all__ = ["LLMQueryExpander", "ExpandRQueryEmbedder", "ExpandRRetriever", "fuse", "EXPANSION_PROMPT",
-           "ANSWER_PROMPT", "__version__"]
+__all__ = [
+    "ANSWER_PROMPT",
+    "EXPANSION_PROMPT",
+    "ExpandRQueryEmbedder",
+    "ExpandRRetriever",
+    "LLMQueryExpander",
+    "RewardScorer",
+    "__version__",
+    "fuse",
+]

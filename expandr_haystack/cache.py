@@ -59,7 +59,7 @@ class ExpansionCache:
     # -- connection handling -------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout = %d" % int(self.timeout * 1000))
+        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
         try:
             conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.OperationalError:

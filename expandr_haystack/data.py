@@ -51,6 +51,16 @@ def bundled_path(name: str = "cranfield") -> Path:
     return path
 
 
+def resolve_collection_path(data: str | Path) -> Path:
+    """A BEIR folder path, or the name of a bundled collection (e.g. ``cranfield``)."""
+    if isinstance(data, str) and "/" not in data and not Path(data).exists():
+        return bundled_path(data)
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise DataError(f"Collection folder {root} does not exist (or name a bundled collection: 'cranfield').")
+    return root
+
+
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     if not path.exists():
         raise DataError(f"Missing file {path} (BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv).")
@@ -101,9 +111,7 @@ def load_collection(path: str | Path, split: str = "test", max_queries: int | No
     A judged document that is not in the corpus is dropped with a warning (counted); a judged query that is not in
     queries.jsonl likewise. An empty split is an error.
     """
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise DataError(f"Collection folder {root} does not exist.")
+    root = resolve_collection_path(path)
     if (root / "corpus.jsonl").exists() is False and len([p for p in root.iterdir() if p.is_dir()]) == 1:
         # BEIR's downloader unzips into <name>/<name>/
         inner = next(p for p in root.iterdir() if p.is_dir())

@@ -6,27 +6,43 @@ which other rows share its batch, on the batch size, or on which rows were alrea
 "same seed => same expansions" hold across cache hits and reruns.
 
 The loop is the plain KV-cached decode of ``transformers.generate`` with nucleus sampling, written out so that
-per-row seeds and temperatures are possible; it only computes the last position's logits at prefill.
+per-row seeds and temperatures are possible. It computes only the last position's logits at prefill, prefills a
+prompt once however many samples it has, and finds the nucleus among the top 256 tokens (exact: rows whose top 256
+hold less than `top_p` fall back to a full sort).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 
-def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Set to -inf every logit outside the smallest set whose probability mass reaches ``top_p`` (per row)."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    # drop a token when the mass *before* it already reaches top_p (the top token is always kept)
-    drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor, top_p: float, generators: list,
+                preselect: int = 256) -> torch.Tensor:
+    """
+    One token per row by temperature + nucleus (top-p) sampling, each row drawing from its own generator.
+
+    The nucleus is found among the `preselect` most likely tokens; a row whose top `preselect` tokens hold less than
+    `top_p` of the mass falls back to a full sort, so the result is exactly nucleus sampling. Temperature 0 = greedy.
+    """
+    greedy = temperatures <= 0
+    probs = (logits / torch.where(greedy, 1.0, temperatures).unsqueeze(-1)).softmax(dim=-1)
+    top_probs, top_ids = probs.topk(min(preselect, probs.shape[-1]), dim=-1)
+    tokens = torch.empty(len(generators), dtype=torch.long, device=logits.device)
+    for r, g in enumerate(generators):
+        if greedy[r]:
+            tokens[r] = top_ids[r, 0]
+            continue
+        p, ids = top_probs[r], top_ids[r]
+        if top_p >= 1.0 or float(p.sum()) < top_p:
+            p, ids = probs[r].sort(descending=True)
+        if top_p < 1.0:
+            p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)  # keep tokens until the mass before them >= top_p
+        tokens[r] = ids[torch.multinomial(p, 1, generator=g)[0]]
+    return tokens
 
 
 class LocalSampler:
@@ -51,6 +67,9 @@ class LocalSampler:
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # transformers >= 5.2x names the KV cache `cache`; earlier releases `past_key_values`
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -74,7 +93,8 @@ class LocalSampler:
     ) -> list[str]:
         """One completion per prompt; ``seeds[i]`` and ``temperatures[i]`` (0 = greedy) drive row ``i``."""
         token_ids = self.tokenize(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: len(token_ids[i]))
+        # length-sorted (less padding); identical prompts adjacent (shared prefill)
+        order = sorted(range(len(prompts)), key=lambda i: (len(token_ids[i]), token_ids[i]))
         results: list[str] = [""] * len(prompts)
         bar = tqdm(total=len(prompts), desc=desc, unit="text", disable=not progress_bar)
         for start in range(0, len(order), batch_size):
@@ -100,25 +120,24 @@ class LocalSampler:
         gen_device = "cpu" if device.type == "mps" else device
         generators = [torch.Generator(device=gen_device).manual_seed(int(s) % (2**63)) for s in seeds]
         temps = torch.tensor(temperatures, dtype=torch.float32, device=device)
-        greedy = temps <= 0
         eos_ids = self.eos_ids.to(device)
 
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                         logits_to_keep=1)
-        past = out.past_key_values
-        logits = out.logits[:, -1, :].float()
+        # identical prompts in the batch (several samples of one query) are prefilled once, their cache shared
+        unique: dict[tuple, int] = {}
+        source = [unique.setdefault(tuple(row), len(unique)) for row in ids]
+        firsts = [source.index(u) for u in range(len(unique))]
+        out = self.model(input_ids=input_ids[firsts], attention_mask=attention[firsts], position_ids=positions[firsts],
+                         use_cache=True, logits_to_keep=1)
+        past = _returned_cache(out)
+        select = torch.tensor(source, device=device)
+        if len(firsts) < len(ids):
+            past.batch_select_indices(select)
+        logits = out.logits[:, -1, :].float()[select]
         finished = torch.zeros(len(ids), dtype=torch.bool, device=device)
         generated = []
         next_pos = positions[:, -1:] + 1
         for _ in range(max_new_tokens):
-            scaled = logits / torch.where(greedy, 1.0, temps).unsqueeze(-1)
-            probs = nucleus_filter(scaled, top_p).softmax(dim=-1)
-            next_tokens = torch.empty(len(ids), dtype=torch.long, device=device)
-            for r, g in enumerate(generators):
-                if greedy[r]:
-                    next_tokens[r] = logits[r].argmax()
-                else:
-                    next_tokens[r] = torch.multinomial(probs[r], 1, generator=g)[0]
+            next_tokens = sample_rows(logits, temps, top_p, generators)
             next_tokens = torch.where(finished, torch.full_like(next_tokens, self.pad_id), next_tokens)
             generated.append(next_tokens)
             finished |= torch.isin(next_tokens, eos_ids)
@@ -126,8 +145,8 @@ class LocalSampler:
                 break
             attention = torch.cat([attention, torch.ones((len(ids), 1), dtype=attention.dtype, device=device)], -1)
             out = self.model(input_ids=next_tokens[:, None], attention_mask=attention, position_ids=next_pos,
-                             past_key_values=past, use_cache=True)
-            past = out.past_key_values
+                             use_cache=True, **{self._cache_arg: past})
+            past = _returned_cache(out)
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
         tokens = torch.stack(generated, dim=1).cpu().tolist() if generated else [[] for _ in ids]
@@ -137,3 +156,8 @@ class LocalSampler:
             cut = next((k for k, t in enumerate(row) if t in eos_set), len(row))
             texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
         return texts
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

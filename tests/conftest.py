@@ -4,8 +4,8 @@ os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
-from haystack import Document  # noqa: E402
+import pytest
+from haystack import Document
 
 QUERIES = [
     "what similarity laws must be obeyed when constructing aeroelastic models of heated high speed aircraft .",

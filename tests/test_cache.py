@@ -22,7 +22,7 @@ def test_first_write_wins(tmp_path):
 
 
 def test_key_depends_on_every_part():
-    base = dict(model="m", prompt="p", query="q", index=0, temperature=1.0)
+    base = {"model": "m", "prompt": "p", "query": "q", "index": 0, "temperature": 1.0}
     assert cache_key(**base) == cache_key(**dict(reversed(list(base.items()))))
     for k, v in [("model", "m2"), ("query", "q2"), ("index", 1), ("temperature", 0.9)]:
         assert cache_key(**{**base, k: v}) != cache_key(**base)

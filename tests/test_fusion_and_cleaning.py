@@ -34,6 +34,8 @@ def test_fuse_without_expansions_is_the_unit_query():
         ("Question: what is lift?\nLift is a force.", "Lift is a force."),
         ("   \n  ", ""),
         ("Certainly. Here is the passage.\nBoundary layers thicken.", "Boundary layers thicken."),
+        ("I'd be happy to help with that. Heat flows in slabs.", "Heat flows in slabs."),
+        ("Sure! I'd be glad to help! Here's a passage: Wings lift.", "Wings lift."),
     ],
 )
 def test_clean_generation(raw, expected):

@@ -86,7 +86,7 @@ class ExpandRQueryEmbedder:
         resolve_encoder_path(model)  # a missing local path fails here, naming `model`
         self.model = model
         self.query_weight = float(query_weight)
-        self.device = ComponentDevice.resolve_device(device)
+        self.device = device  # None = best available, resolved at warm_up (keeps YAML portable)
         self.batch_size = batch_size
         self.progress_bar = progress_bar
         self._encoder = None
@@ -94,7 +94,7 @@ class ExpandRQueryEmbedder:
     def to_dict(self) -> dict[str, Any]:
         """Serialize to a dictionary."""
         return default_to_dict(self, model=self.model, query_weight=self.query_weight,
-                               device=self.device.to_dict(), batch_size=self.batch_size,
+                               device=self.device.to_dict() if self.device else None, batch_size=self.batch_size,
                                progress_bar=self.progress_bar)
 
     @classmethod

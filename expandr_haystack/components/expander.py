@@ -31,6 +31,7 @@ ANSWER_PROMPT = (
 
 _PREAMBLE = re.compile(
     r"^\s*(?:(?:sure|certainly|of course|okay|ok|absolutely|great)\b[!,.]*\s*)?"
+    r"(?:(?:i(?:'d| would| am|'m) (?:be )?(?:happy|glad|here) to help|i can help)[^.!:\n]{0,60}[.!:]\s*)?"
     r"(?:here(?:'s| is| are)\b[^:\n]{0,100}[:.]\s*)?"
     r"(?:(?:passage|answer|response)\s*:\s*)?",
     re.IGNORECASE,
@@ -45,7 +46,7 @@ def clean_generation(text: str, query: str | None = None) -> str:
     :returns: The cleaned text; may be "" when nothing but boilerplate was generated.
     """
     text = text.replace("\r", "").strip()
-    lines = [ln for ln in text.split("\n") if not re.match(r"^\s*(question|please write a passage)\b", ln, re.I)]
+    lines = [ln for ln in text.split("\n") if not re.match(r"^\s*(question|please write a passage)\b", ln, re.IGNORECASE)]
     text = "\n".join(lines).strip()
     if query and text.lower().startswith(query.strip().lower()):
         text = text[len(query.strip()):].lstrip(" :.-\n")
@@ -181,7 +182,7 @@ class LLMQueryExpander:
         self.batch_size = batch_size
         self.seed = seed
         self.cache = cache
-        self.device = ComponentDevice.resolve_device(device) if chat_generator is None else device
+        self.device = device  # None = best available, resolved at warm_up (keeps YAML portable)
         self.dtype = dtype
         self.max_prompt_tokens = max_prompt_tokens
         self.max_retries = max_retries
@@ -504,4 +505,4 @@ def _in_event_loop() -> bool:
         return False
 
 
-__all__ = ["LLMQueryExpander", "EXPANSION_PROMPT", "ANSWER_PROMPT", "clean_generation", "DEFAULT_LLM"]
+__all__ = ["ANSWER_PROMPT", "DEFAULT_LLM", "EXPANSION_PROMPT", "LLMQueryExpander", "clean_generation"]

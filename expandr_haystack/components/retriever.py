@@ -13,6 +13,7 @@ from haystack.document_stores.types import DocumentStore
 from haystack.utils import ComponentDevice
 
 from expandr_haystack.components.embedder import ExpandRQueryEmbedder
+from expandr_haystack.models import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class ExpandRRetriever:
         self.rrf_k = rrf_k
         self.rrf_depth = rrf_depth
         self.backend = backend
-        self.device = ComponentDevice.resolve_device(device)
+        self.device = device  # None = best available (keeps YAML portable)
         self.batch_size = batch_size
         self.progress_bar = progress_bar
         self.embedder = ExpandRQueryEmbedder(model=model, query_weight=query_weight, device=self.device,
@@ -166,7 +167,7 @@ class ExpandRRetriever:
         return default_to_dict(
             self, document_store=self.document_store.to_dict(), model=self.model, top_k=self.top_k,
             fusion=self.fusion, query_weight=self.query_weight, rrf_k=self.rrf_k, rrf_depth=self.rrf_depth,
-            backend=self.backend, device=self.device.to_dict(), batch_size=self.batch_size,
+            backend=self.backend, device=self.device.to_dict() if self.device else None, batch_size=self.batch_size,
             progress_bar=self.progress_bar,
         )
 
@@ -203,7 +204,7 @@ class ExpandRRetriever:
             docs = self.document_store.filter_documents()
             if not docs:
                 raise ValueError("The document store is empty: index documents (with embeddings) before retrieving.")
-            self._index = DocumentIndex(docs, self.embedder.dimension, self.device.to_torch_str())
+            self._index = DocumentIndex(docs, self.embedder.dimension, resolve_device(self.device))
             self._index_state = state
         return self._index
 

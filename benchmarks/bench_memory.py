@@ -1,0 +1,86 @@
+"""
+Peak memory of `make run`: runs `examples/search.py` (what `make run` runs) in a subprocess and reports its peak
+resident set size, both sampled (psutil, every `--interval` s, process and its children) and from the kernel's
+`ru_maxrss` of the child.
+
+By default the run is `make run` itself (all 75 test queries, the default cache, so expansions already cached by an
+earlier run are hits); `--max-queries N` and `--cache PATH` are passed through (e.g. a fresh cache to include
+generation). The output says whether expansions were generated or read from the cache.
+
+    python benchmarks/bench_memory.py [--max-queries N] [--cache PATH] [--interval 0.05]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-queries", type=int, default=None)
+    parser.add_argument("--cache", default=None)
+    parser.add_argument("--interval", type=float, default=0.05)
+    args = parser.parse_args()
+
+    import psutil
+
+    print(f"machine: {machine()}")
+    cmd = [sys.executable, str(ROOT / "examples" / "search.py")]
+    if args.max_queries is not None:
+        cmd += ["--max-queries", str(args.max_queries)]
+    if args.cache is not None:
+        cmd += ["--cache", args.cache]
+    print("command:", " ".join(cmd))
+    env = dict(os.environ, HAYSTACK_TELEMETRY_ENABLED="False", TOKENIZERS_PARALLELISM="false")
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = {"rss": 0, "at": 0.0}
+    stop = threading.Event()
+
+    def sample():
+        p = psutil.Process(proc.pid)
+        while not stop.is_set():
+            try:
+                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+            except psutil.Error:
+                break
+            if rss > peak["rss"]:
+                peak.update(rss=rss, at=time.perf_counter() - started)
+            stop.wait(args.interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output = proc.stdout.read()
+    proc.wait()
+    elapsed = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    maxrss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    tail = [ln for ln in output.splitlines() if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]
+    print("\n".join("  | " + ln for ln in tail[-6:]))
+    if proc.returncode != 0:
+        print(f"examples/search.py failed with exit status {proc.returncode}")
+        sys.exit(proc.returncode)
+    print(f"wall time {elapsed:.0f} s")
+    print(f"peak RSS (sampled every {args.interval} s): {peak['rss'] / 2**20:.0f} MiB at {peak['at']:.0f} s")
+    print(f"peak RSS (ru_maxrss of the child):       {maxrss_kib / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""RewardScorer: the ExpandR reward for candidate expansions, and the choice of a DPO (chosen, rejected) pair."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+from haystack import Document, component, default_from_dict, default_to_dict
+from haystack.utils import ComponentDevice
+
+from expandr_haystack.components.embedder import ExpandRQueryEmbedder
+
+logger = logging.getLogger(__name__)
+
+#: Why a candidate set gave no pair (`PairChoice.reason`).
+REASON_KEPT = "kept"
+REASON_FEW_DISTINCT = "fewer_than_two_distinct"
+REASON_BELOW_THRESHOLD = "below_threshold"
+
+
+# -- the pure math ----------------------------------------------------------------------------------------------
+def competition_ranks(similarities: Sequence[float]) -> list[int]:
+    """
+    Ranks by similarity, most similar first (rank 1), with "competition" ties: equal values share the best rank and
+    the next distinct value skips ahead (``[0.9, 0.5, 0.9] -> [1, 3, 1]``), as ``scipy.stats.rankdata(-x, "min")``.
+    """
+    values = [float(v) for v in similarities]
+    return [1 + sum(1 for w in values if w > v) for v in values]
+
+
+def expandr_reward(document_similarities: Sequence[float],
+                   answer_similarities: Sequence[float] | None = None) -> list[float]:
+    """
+    The ExpandR reward of each candidate expansion e:
+
+        reward(e) = 1 / rank_doc(e) + 1 / rank_answer(e)
+
+    where rank_doc ranks the candidates by cosine similarity to the gold document and rank_answer by cosine
+    similarity to the LLM's answer (the self-consistency term); rank 1 = most similar, ties share the best rank
+    (`competition_ranks`). Without answer similarities (None) the reward is the document term alone: an ablation,
+    not the paper's reward.
+
+    :param document_similarities: cos(e, document) per candidate.
+    :param answer_similarities: cos(e, answer) per candidate, or None.
+    :returns: One reward per candidate, in candidate order.
+    """
+    doc_ranks = competition_ranks(document_similarities)
+    rewards = [1.0 / r for r in doc_ranks]
+    if answer_similarities is not None:
+        if len(answer_similarities) != len(doc_ranks):
+            raise ValueError(f"`answer_similarities` must have one value per candidate ({len(doc_ranks)}); "
+                             f"got {len(answer_similarities)}.")
+        rewards = [r + 1.0 / a for r, a in zip(rewards, competition_ranks(answer_similarities))]
+    return rewards
+
+
+class PairChoice(NamedTuple):
+    """The outcome of `select_pair`: candidate indices (None when dropped), `kept`, and the reason."""
+
+    chosen: int | None
+    rejected: int | None
+    kept: bool
+    reason: str
+    best_score: float  # max over candidates of cos_doc (+ cos_answer): what the threshold is compared with
+
+
+def select_pair(
+    rewards: Sequence[float],
+    document_similarities: Sequence[float],
+    answer_similarities: Sequence[float] | None = None,
+    expansions: Sequence[str] | None = None,
+    threshold: float = 0.6,
+) -> PairChoice:
+    """
+    Choose the DPO pair from scored candidates.
+
+    - The pair is dropped (`kept=False`, chosen/rejected None) when fewer than two distinct expansions exist
+      (distinct = different text after stripping whitespace; without `expansions` every candidate counts as
+      distinct), or when max_e (cos_doc(e) + cos_answer(e)) < `threshold` (without answer similarities:
+      max_e cos_doc(e) < `threshold`).
+    - chosen = the highest reward; ties go to the higher summed cosine, then to the earlier candidate.
+    - rejected = the lowest reward among the candidates whose text differs from the chosen one; ties go to the lower
+      summed cosine, then to the later candidate. So chosen != rejected, as indices and as texts.
+
+    :returns: A `PairChoice`.
+    """
+    n = len(rewards)
+    if len(document_similarities) != n or (answer_similarities is not None and len(answer_similarities) != n):
+        raise ValueError("`rewards`, `document_similarities` and `answer_similarities` must have the same length.")
+    if expansions is not None and len(expansions) != n:
+        raise ValueError(f"`expansions` must have one text per candidate ({n}); got {len(expansions)}.")
+    texts = [e.strip() for e in expansions] if expansions is not None else list(range(n))
+    summed = [float(d) + (float(answer_similarities[i]) if answer_similarities is not None else 0.0)
+              for i, d in enumerate(document_similarities)]
+    best_score = max(summed) if summed else float("-inf")
+    if len(set(texts)) < 2:
+        return PairChoice(None, None, False, REASON_FEW_DISTINCT, best_score)
+    if best_score < threshold:
+        return PairChoice(None, None, False, REASON_BELOW_THRESHOLD, best_score)
+    chosen = max(range(n), key=lambda i: (rewards[i], summed[i], -i))
+    others = [i for i in range(n) if texts[i] != texts[chosen]]
+    rejected = min(others, key=lambda i: (rewards[i], summed[i], -i))
+    return PairChoice(chosen, rejected, True, REASON_KEPT, best_score)
+
+
+def document_text(document: Document | str) -> str:
+    """
+    The text the retriever's index embeds for a document: ``title + "\\n" + content`` when `meta` has a title (as
+    `SentenceTransformersDocumentEmbedder(meta_fields_to_embed=["title"])` with its "\\n" separator), else content.
+    """
+    if isinstance(document, str):
+        return document
+    title = (document.meta or {}).get("title")
+    parts = ([str(title)] if title is not None else []) + [document.content or ""]
+    return "\n".join(parts)
+
+
+def _check_expansions(expansions: Any, argument: str = "expansions", allow_empty: bool = False) -> list[str]:
+    if isinstance(expansions, str) or not isinstance(expansions, Sequence):
+        raise TypeError(f"`{argument}` must be a list of strings; got {type(expansions).__name__}.")
+    for j, e in enumerate(expansions):
+        if not isinstance(e, str):
+            raise TypeError(f"`{argument}[{j}]` must be a string; got {type(e).__name__} ({e!r:.60}).")
+        if not e.strip():
+            raise ValueError(f"`{argument}[{j}]` is empty: an expansion must be a non-empty string.")
+    if not expansions and not allow_empty:
+        raise ValueError(f"`{argument}` is empty: pass the candidate expansions to score (at least one).")
+    return list(expansions)
+
+
+def _check_document(document: Any, argument: str = "document") -> str:
+    if document is None:
+        raise ValueError(f"`{argument}` is missing: the reward needs the gold document (a Document or a string).")
+    if not isinstance(document, (Document, str)):
+        raise TypeError(f"`{argument}` must be a haystack Document or a str; got {type(document).__name__}.")
+    if isinstance(document, Document) and not (document.content or "").strip():
+        raise ValueError(f"`{argument}` (Document {document.id!r}) has no text content.")
+    text = document_text(document)
+    if not text.strip():
+        raise ValueError(f"`{argument}` must be a non-empty text.")
+    return text
+
+
+def _check_answer(answer: Any, argument: str = "answer") -> str | None:
+    if answer is None:
+        return None
+    if not isinstance(answer, str):
+        raise TypeError(f"`{argument}` must be a str or None; got {type(answer).__name__}.")
+    if not answer.strip():
+        raise ValueError(f"`{argument}` is empty; pass None for the document-only reward (ablation).")
+    return answer
+
+
+@component
+class RewardScorer:
+    """
+    Scores candidate expansions of a query with the ExpandR reward and picks a DPO (chosen, rejected) pair.
+
+    reward(e) = 1/rank_doc(e) + 1/rank_answer(e): the candidates are ranked by cosine similarity to the gold document
+    and, separately, to the LLM's answer to the query given that document (the q2a self-consistency term); rank 1 =
+    most similar, equal similarities share the best rank. The embeddings come from the retriever's encoder through
+    `ExpandRQueryEmbedder.encode` (L2-normalised, so cosine = dot product); a `Document` is embedded as
+    ``title + "\\n" + content``, the same text the indexing pipeline embeds.
+
+    - `kept` is False (and `chosen`/`rejected` None) when fewer than two distinct expansions exist or when
+      max_e (cos_doc(e) + cos_answer(e)) < `threshold`.
+    - `chosen` has the highest reward (ties: higher summed cosine, then the earlier candidate); `rejected` the lowest
+      among texts different from `chosen` (ties: lower summed cosine, then the later candidate).
+    - Without `answer` the reward is the document term alone and the threshold applies to max_e cos_doc(e). This is
+      an ablation of the paper's reward (which always uses the answer term), useful when no answer LLM is available.
+
+    Usage:
+    ```python
+    from haystack import Document
+    from expandr_haystack import RewardScorer
+
+    scorer = RewardScorer(threshold=0.6)
+    scorer.warm_up()
+    out = scorer.run(query="what is the lift of a thin wing ?",
+                     expansions=["The lift of a thin wing is ...", "Wings are ...", "Aircraft ..."],
+                     document=Document(content="...", meta={"title": "..."}),
+                     answer="The lift coefficient of a thin wing is 2 pi alpha.")
+    out["chosen"], out["rejected"], out["rewards"], out["kept"]
+    ```
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        threshold: float = 0.6,
+        device: ComponentDevice | None = None,
+        batch_size: int = 32,
+        progress_bar: bool = False,
+    ):
+        """
+        :param model: The retriever's encoder: None for the bundled all-MiniLM-L6-v2, or a sentence-transformers id
+            or local directory (e.g. a trained encoder).
+        :param threshold: Minimum of max_e (cos_doc + cos_answer) (or max_e cos_doc without answer) to keep a pair.
+        :param device: Device for the encoder (None = best available).
+        :param batch_size: Texts encoded together.
+        :param progress_bar: Show a progress bar when encoding many texts (`score_many`).
+        """
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not np.isfinite(threshold):
+            raise ValueError(f"`threshold` must be a finite number; got {threshold!r}.")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
+        self.model = model
+        self.threshold = float(threshold)
+        if device is not None and not isinstance(device, ComponentDevice):
+            raise TypeError(f"`device` must be a haystack ComponentDevice or None; got {type(device).__name__}.")
+        self.device = device  # None = best available, resolved at warm_up (keeps YAML portable)
+        self.batch_size = batch_size
+        self.progress_bar = progress_bar
+        # the one embedding path of the package (validates `model`; loads nothing until warm_up)
+        self._embedder = ExpandRQueryEmbedder(model=model, device=self.device, batch_size=batch_size,
+                                              progress_bar=progress_bar)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialize to a dictionary."""
+        return default_to_dict(self, model=self.model, threshold=self.threshold,
+                               device=self.device.to_dict() if self.device else None, batch_size=self.batch_size,
+                               progress_bar=self.progress_bar)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RewardScorer:
+        """Deserialize from a dictionary made by `to_dict`."""
+        params = data.get("init_parameters", {})
+        if params.get("device") is not None:
+            params["device"] = ComponentDevice.from_dict(params["device"])
+        return default_from_dict(cls, data)
+
+    def warm_up(self) -> None:
+        """Load the encoder (shared with an expander/retriever naming the same model); idempotent."""
+        self._embedder.warm_up()
+
+    @component.output_types(rewards=list[float], chosen=str | None, rejected=str | None, kept=bool,
+                            document_similarities=list[float], answer_similarities=list[float])
+    def run(self, query: str, expansions: list[str], document: Document | str,
+            answer: str | None = None) -> dict[str, Any]:
+        """
+        Score the candidate expansions of one query.
+
+        :param query: The query (checked; the reward itself compares expansions with the document and answer).
+        :param expansions: The candidate expansions (at least one; fewer than two distinct ones give kept=False).
+        :param document: The gold (relevant) document, a `Document` or its text.
+        :param answer: The LLM's answer to the query given the document; None = document-only reward (ablation).
+        :returns: `rewards` (one per expansion), `chosen`/`rejected` (texts, None when not kept), `kept`,
+            `document_similarities` and `answer_similarities` (cosines; the latter empty without answer).
+        """
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError(f"`query` must be a non-empty string; got {query!r:.80}.")
+        result = self._score([expansions], [document], None if answer is None else [answer], single=True)[0]
+        return self._public(result)
+
+    def score_many(
+        self,
+        expansions: Sequence[Sequence[str]],
+        documents: Sequence[Document | str],
+        answers: Sequence[str | None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """
+        Batched `run` for training: one `encode` call for every distinct text of all items.
+
+        :param expansions: For each item its candidate expansions (an empty list gives kept=False).
+        :param documents: For each item its gold document.
+        :param answers: For each item its answer (or None for that item); None = no answers (ablation).
+        :returns: For each item the dict `run` returns, plus `chosen_index`, `rejected_index`, `reason`
+            ("kept", "fewer_than_two_distinct" or "below_threshold") and `best_score`.
+        """
+        return self._score(expansions, documents, answers, single=False)
+
+    def _score(self, expansions, documents, answers, single: bool) -> list[dict[str, Any]]:
+        if isinstance(expansions, str) or not isinstance(expansions, Sequence):
+            raise TypeError(f"`expansions` must be a list of lists of strings; got {type(expansions).__name__}.")
+        if isinstance(documents, (str, Document)) or not isinstance(documents, Sequence):
+            raise TypeError(f"`documents` must be a list (one document per item); got {type(documents).__name__}.")
+        if len(documents) != len(expansions):
+            raise ValueError(f"`documents` must have one entry per item ({len(expansions)}); got {len(documents)}.")
+        if answers is not None and (isinstance(answers, str) or len(answers) != len(expansions)):
+            raise ValueError(f"`answers` must be a list with one entry per item ({len(expansions)}).")
+        items = []
+        for k, exps in enumerate(expansions):
+            exps = _check_expansions(exps, "expansions" if single else f"expansions[{k}]", allow_empty=not single)
+            doc = _check_document(documents[k], "document" if single else f"documents[{k}]")
+            ans = None if answers is None else _check_answer(answers[k], "answer" if single else f"answers[{k}]")
+            items.append((exps, doc, ans))
+
+        unique: dict[str, int] = {}
+        for exps, doc, ans in items:
+            for text in [doc, *([ans] if ans is not None else []), *exps]:
+                unique.setdefault(text, len(unique))
+        emb = self._embedder.encode(list(unique)) if unique else np.zeros((0, 1), dtype=np.float32)
+
+        results = []
+        for exps, doc, ans in items:
+            e = emb[[unique[t] for t in exps]] if exps else np.zeros((0, emb.shape[1]), dtype=np.float32)
+            doc_sims = [float(x) for x in e @ emb[unique[doc]]]
+            ans_sims = [float(x) for x in e @ emb[unique[ans]]] if ans is not None else None
+            rewards = expandr_reward(doc_sims, ans_sims)
+            choice = select_pair(rewards, doc_sims, ans_sims, exps, self.threshold)
+            results.append({
+                "rewards": rewards,
+                "chosen": exps[choice.chosen] if choice.kept else None,
+                "rejected": exps[choice.rejected] if choice.kept else None,
+                "kept": choice.kept,
+                "document_similarities": doc_sims,
+                "answer_similarities": ans_sims if ans_sims is not None else [],
+                "chosen_index": choice.chosen,
+                "rejected_index": choice.rejected,
+                "reason": choice.reason,
+                "best_score": choice.best_score,
+            })
+        return results
+
+    @staticmethod
+    def _public(result: dict[str, Any]) -> dict[str, Any]:
+        return {k: result[k] for k in ("rewards", "chosen", "rejected", "kept", "document_similarities",
+                                       "answer_similarities")}
+
+
+__all__ = ["PairChoice", "RewardScorer", "competition_ranks", "document_text", "expandr_reward", "select_pair"]

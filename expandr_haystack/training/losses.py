@@ -1,0 +1,51 @@
+"""FusedInfoNCELoss: InfoNCE on ExpandR fused queries (one shared encoder for queries, expansions, documents)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from torch import Tensor
+
+from expandr_haystack.components.embedder import fuse
+
+
+class FusedInfoNCELoss(MultipleNegativesRankingLoss):
+    """
+    InfoNCE over fused queries, with the positive, hard negatives and in-batch negatives.
+
+    Input columns: (query, expansion, document, negative_1, ..., negative_k), the document being the positive.
+    With E the shared encoder:
+
+        q~_i = w * E(q_i)^ + (1 - w) * E(e_i)^                       (the ExpandR fused query, `fuse`)
+        s_ij = cos(q~_i, E(d_j)) / tau                                 d_j over every positive and negative in the batch
+        L    = - 1/B * sum_i log( exp(s_i,pos(i)) / sum_j exp(s_ij) )
+
+    Only the fusion is ours; the contrastive part is sentence-transformers' `MultipleNegativesRankingLoss` with
+    scale = 1 / tau (paper: tau = 0.02). Use the `NO_DUPLICATES` batch sampler so a query's positive never appears
+    as another query's in-batch negative. With `query_weight=1` it is plain InfoNCE on the query alone (the
+    supervised fine-tuning baseline without expansion).
+
+    Usage:
+    ```python
+    loss = FusedInfoNCELoss(model, temperature=0.02, query_weight=0.5)
+    trainer = SentenceTransformerTrainer(model=model, train_dataset=ds, loss=loss, args=args)
+    ```
+    """
+
+    def __init__(self, model, temperature: float = 0.02, query_weight: float = 0.5, **kwargs: Any):
+        if not temperature > 0:
+            raise ValueError(f"`temperature` must be > 0; got {temperature!r}.")
+        if not 0.0 <= query_weight <= 1.0:
+            raise ValueError(f"`query_weight` must be in [0, 1]; got {query_weight!r}.")
+        super().__init__(model, scale=1.0 / temperature, **kwargs)  # its `temperature` property is 1 / scale
+        self.query_weight = query_weight
+
+    def forward(self, sentence_features, labels: Tensor) -> Tensor:
+        query, expansion, *documents = embed_columns(self.model, sentence_features)
+        fused_query = fuse(query, expansion.unsqueeze(-2), self.query_weight)
+        return self.compute_loss_from_embeddings([fused_query, *documents], labels)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**super().get_config_dict(), "query_weight": self.query_weight}

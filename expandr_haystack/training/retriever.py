@@ -1,0 +1,149 @@
+"""
+Retriever step of a round: mine hard negatives with the current encoder, then train the shared encoder with
+`FusedInfoNCELoss` on fused queries through sentence-transformers' trainer.
+
+The no-expansion supervised baseline uses the same examples, trainer and budget with sentence-transformers' own
+`MultipleNegativesRankingLoss` (same temperature) on the query alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from haystack.document_stores.types import DocumentStore
+
+from expandr_haystack.components.retriever import ExpandRRetriever
+from expandr_haystack.data import Collection
+from expandr_haystack.training.config import RetrieverSettings
+
+logger = logging.getLogger(__name__)
+
+
+def is_main_process() -> bool:
+    """True on the single process of a plain run, and on rank 0 under `accelerate launch` / `torchrun`."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def document_text(collection: Collection, doc_id: str) -> str:
+    """The text the encoder sees for a document: title + "\\n" + text (as the indexing pipeline embeds it)."""
+    d = collection.corpus[doc_id]
+    return f"{d['title']}\n{d['text']}" if d["title"] else d["text"]
+
+
+def mine_hard_negatives(collection: Collection, query_ids: Sequence[str], expansions: Sequence[Sequence[str]] | None,
+                        store: DocumentStore, encoder: str | None, settings: RetrieverSettings,
+                        device=None) -> dict[str, list[str]]:
+    """
+    For each query, the documents at ranks [skip, depth) of its (fused) ranking by the current encoder, judged
+    documents (any grade) excluded.
+    """
+    if settings.hard_negatives == 0:
+        return {q: [] for q in query_ids}
+    retriever = ExpandRRetriever(store, model=encoder, top_k=settings.hard_negative_depth,
+                                 query_weight=settings.query_weight, device=device, progress_bar=False)
+    queries = [collection.queries[q] for q in query_ids]
+    results = retriever.retrieve(queries, expansions, top_k=settings.hard_negative_depth)
+    negatives = {}
+    for qid, docs in zip(query_ids, results):
+        judged = set(collection.qrels.get(qid, {}))
+        negatives[qid] = [d.id for d in docs[settings.hard_negative_skip:] if d.id not in judged]
+    return negatives
+
+
+def training_examples(collection: Collection, query_ids: Sequence[str], expansions: Sequence[Sequence[str]] | None,
+                      negatives: dict[str, list[str]], settings: RetrieverSettings, seed: int) -> list[dict[str, str]]:
+    """
+    Rows (query, [expansion], document, negative_1..k): one per (query, relevant document), at most
+    `max_positives_per_query` per query, best grade first; `expansion` is left out when `expansions` is None.
+    """
+    rng = random.Random(seed)
+    all_ids = list(collection.corpus)
+    rows = []
+    for i, qid in enumerate(query_ids):
+        judged = set(collection.qrels.get(qid, {}))
+        pool = list(negatives.get(qid, []))
+        for pos in collection.relevant(qid)[: settings.max_positives_per_query]:
+            row = {"query": collection.queries[qid]}
+            if expansions is not None:
+                exps = [e for e in expansions[i] if e.strip()]
+                row["expansion"] = exps[0] if exps else collection.queries[qid]
+            row["document"] = document_text(collection, pos)  # the positive; "positive" would make ST warn
+            picks = rng.sample(pool, min(settings.hard_negatives, len(pool)))
+            while len(picks) < settings.hard_negatives:  # too few mined: random unjudged documents
+                cand = rng.choice(all_ids)
+                if cand not in judged and cand not in picks:
+                    picks.append(cand)
+            for k, neg in enumerate(picks, start=1):
+                row[f"negative_{k}"] = document_text(collection, neg)
+            rows.append(row)
+    rng.shuffle(rows)
+    return rows
+
+
+def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_dir: str | Path,
+                  settings: RetrieverSettings, fused: bool = True, seed: int = 42, device: str | None = None,
+                  progress_bar: bool = True) -> Path:
+    """
+    Train the shared encoder and save it (sentence-transformers format) to `output_dir`, atomically.
+
+    :param fused: True = `FusedInfoNCELoss` on (query, expansion) rows; False = the no-expansion baseline with
+        sentence-transformers' `MultipleNegativesRankingLoss` (same temperature, examples and budget).
+    """
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+
+    from expandr_haystack.models import resolve_device, resolve_encoder_path
+    from expandr_haystack.training.losses import FusedInfoNCELoss
+
+    if not rows:
+        raise ValueError("No training examples: the train split has no query with a judged relevant document.")
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    torch_device = device or resolve_device(None)
+    model = SentenceTransformer(resolve_encoder_path(base_encoder), device=torch_device)
+    model.max_seq_length = settings.max_length
+    if fused:
+        loss = FusedInfoNCELoss(model, temperature=settings.temperature, query_weight=settings.query_weight)
+    else:
+        rows = [{k: v for k, v in r.items() if k != "expansion"} for r in rows]
+        loss = MultipleNegativesRankingLoss(model, scale=1.0 / settings.temperature)
+    dataset = Dataset.from_list(rows)
+    work = Path(tempfile.mkdtemp(prefix=".train-", dir=output_dir.parent))
+    try:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(work / "trainer"),
+            num_train_epochs=settings.epochs,
+            max_steps=settings.max_steps,
+            per_device_train_batch_size=min(settings.batch_size, len(rows)),
+            learning_rate=settings.learning_rate,
+            warmup_ratio=settings.warmup_ratio,
+            batch_sampler=BatchSamplers.NO_DUPLICATES,
+            save_strategy="no",
+            report_to="none",
+            logging_steps=10,
+            seed=seed,
+            bf16=settings.bf16,
+            use_cpu=torch_device == "cpu",
+            disable_tqdm=not progress_bar,
+            dataloader_drop_last=False,
+        )
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+        trainer.train()
+        if is_main_process():  # under accelerate/torchrun every process trains; one saves
+            staged = work / "model"
+            model.save(str(staged))
+            if output_dir.exists():
+                shutil.rmtree(output_dir)
+            staged.rename(output_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return output_dir

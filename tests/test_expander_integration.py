@@ -1,0 +1,94 @@
+"""LLMQueryExpander with the real bundled SmolLM2-135M-Instruct (short generations to stay fast)."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from haystack import Pipeline
+
+from expandr_haystack import ExpandRRetriever, LLMQueryExpander
+from expandr_haystack.components.expander import ANSWER_PROMPT
+
+pytestmark = pytest.mark.integration
+QUERIES = ["what is the lift of a wing in a propeller slipstream .",
+           "what problems of heat conduction in composite slabs have been solved so far ."]
+
+
+@pytest.fixture(scope="module")
+def expander(tmp_path_factory):
+    e = LLMQueryExpander(max_new_tokens=12, n_expansions=2, cache=str(tmp_path_factory.mktemp("c") / "e.sqlite"))
+    e.warm_up()
+    e.warm_up()  # idempotent
+    return e
+
+
+def test_expansions_are_nonempty_cleaned_text(expander):
+    out = expander.expand(QUERIES)
+    assert [len(x) for x in out] == [2, 2]
+    for texts in out:
+        for t in texts:
+            assert isinstance(t, str) and t.strip() == t and t
+            assert not t.lower().startswith(("sure", "here is", "passage:"))
+
+
+def test_cache_hits_cost_no_generation_and_seed_is_batch_independent(expander, tmp_path):
+    first = expander.expand(QUERIES)
+    before = dict(expander.cache_stats)
+    again = expander.expand(QUERIES)
+    after = expander.cache_stats
+    assert again == first
+    assert after["hits"] - before["hits"] == 4 and after["misses"] == before["misses"]
+    # a fresh expander with the same seed and no cache gives the same texts, also one query at a time
+    fresh = LLMQueryExpander(max_new_tokens=12, n_expansions=2, batch_size=1)
+    assert [fresh.expand([q])[0] for q in QUERIES] == first
+    other_seed = LLMQueryExpander(max_new_tokens=12, n_expansions=2, seed=7)
+    assert other_seed.expand(QUERIES) != first
+
+
+def test_run_and_run_async(expander):
+    out = expander.run(query=QUERIES[0])
+    assert out["query"] == QUERIES[0] and len(out["expansions"]) == 2
+    assert asyncio.run(expander.run_async(query=QUERIES[0])) == out
+
+
+def test_answer_prompt_uses_the_document():
+    answerer = LLMQueryExpander(prompt=ANSWER_PROMPT, temperature=0.0, max_new_tokens=12)
+    a = answerer.expand(QUERIES[:1], documents=["The lift increase due to slipstream is about 20 percent."])
+    b = answerer.expand(QUERIES[:1], documents=["The lift increase due to slipstream is about 20 percent."])
+    assert a == b and a[0][0]
+    with pytest.raises(ValueError, match="documents"):
+        answerer.expand(QUERIES[:1])
+
+
+def test_long_query_is_truncated_with_a_warning(caplog):
+    e = LLMQueryExpander(max_new_tokens=4, max_prompt_tokens=64)
+    out = e.run(query="wing lift " * 50_000)
+    assert out["expansions"] and "truncated" in caplog.text
+
+
+def test_pipeline_python_and_yaml(small_store, tmp_path):
+    p = Pipeline()
+    p.add_component("expander", LLMQueryExpander(max_new_tokens=12, cache=str(tmp_path / "p.sqlite")))
+    p.add_component("retriever", ExpandRRetriever(document_store=small_store, top_k=3))
+    p.connect("expander.query", "retriever.query")
+    p.connect("expander.expansions", "retriever.expansions")
+    res = p.run({"expander": {"query": QUERIES[1]}})
+    docs = res["retriever"]["documents"]
+    assert len(docs) == 3 and all(d.score is not None for d in docs)
+    q = Pipeline.loads(p.dumps())
+    assert q.dumps() == p.dumps()
+
+
+def test_yaml_examples_load_and_run(tmp_path, monkeypatch, cranfield_small):
+    import expandr_haystack  # noqa: F401 - adds our module to Haystack's allow-list
+    from expandr_haystack.indexing import use_bundled_encoder
+
+    monkeypatch.chdir(tmp_path)  # the YAML's cache path is relative
+    examples = Path(__file__).parents[1] / "examples"
+    indexing = use_bundled_encoder(Pipeline.loads((examples / "indexing.yaml").read_text()))
+    search = Pipeline.loads((examples / "search.yaml").read_text())
+    search.get_component("expander").max_new_tokens = 12
+    indexing.run({"embedder": {"documents": cranfield_small[1][:40]}})
+    docs = search.run({"expander": {"query": QUERIES[0]}})["retriever"]["documents"]
+    assert len(docs) == 5 and {d.id for d in docs} <= {d.id for d in cranfield_small[1][:40]}
+    assert (tmp_path / "expansions.sqlite").exists()

@@ -1,0 +1,270 @@
+"""DPO pair construction: format, resume, statistics, CLI arguments (fast, stub models); then the real flow + DPO."""
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from haystack import Pipeline
+
+import expandr_haystack  # noqa: F401 - allow-list for the YAML test
+from expandr_haystack import ANSWER_PROMPT, EXPANSION_PROMPT, LLMQueryExpander, RewardScorer
+from expandr_haystack.data import bundled_path, load_collection
+from expandr_haystack.training.pairs import PairConfig, build_pairs, sidecar_paths
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeExpander(LLMQueryExpander):
+    """An LLMQueryExpander whose `expand` returns canned texts and records which queries it was asked for."""
+
+    def __init__(self, prompt=EXPANSION_PROMPT, duplicate=False):
+        super().__init__(prompt=prompt)
+        self.asked: list[str] = []
+        self.duplicate = duplicate
+
+    def warm_up(self):
+        pass
+
+    def expand(self, queries, n=None, documents=None, temperatures=None):
+        if "{document}" in self.prompt:
+            assert documents is not None and len(documents) == len(queries) and all("\n" in d for d in documents)
+        self.asked.extend(queries)
+        n = n or 1
+        if self.duplicate:
+            return [["the same text"] * n for _ in queries]
+        return [[f"{q} :: candidate {i} at {temperatures[i % len(temperatures)] if temperatures else 0}"
+                 for i in range(n)] for q in queries]
+
+
+class HashEmbedder:
+    """Deterministic pseudo-random unit vectors per text (no model)."""
+
+    def warm_up(self):
+        pass
+
+    def encode(self, texts, progress_bar=None):
+        out = []
+        for t in texts:
+            rng = np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16))
+            v = rng.normal(size=16) + 3.0  # shared offset: cosines are positive, mostly 0.8-1
+            out.append(v / np.linalg.norm(v))
+        return np.asarray(out, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def train_collection():
+    return load_collection(bundled_path("cranfield"), split="train")
+
+
+def _parts(threshold=-10.0, duplicate=False):
+    scorer = RewardScorer(threshold=threshold)
+    scorer._embedder = HashEmbedder()
+    return FakeExpander(duplicate=duplicate), FakeExpander(prompt=ANSWER_PROMPT), scorer
+
+
+def _read(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def test_pair_file_format_and_stats(tmp_path, train_collection):
+    expander, answerer, scorer = _parts()
+    out = tmp_path / "pairs.jsonl"
+    ids = list(train_collection.queries)[:3]
+    stats = build_pairs(train_collection, out, expander, answerer, scorer, PairConfig(n_candidates=4, chunk_size=2),
+                        query_ids=ids, progress_bar=False)
+    rows = _read(out)
+    assert [r["query_id"] for r in rows] == ids and stats.kept == 3 and stats.kept_fraction == 1.0
+    r = rows[0]
+    query = train_collection.queries[ids[0]]
+    assert r["prompt"] == [{"role": "user", "content": EXPANSION_PROMPT.replace("{query}", query)}]
+    assert r["chosen"][0]["role"] == r["rejected"][0]["role"] == "assistant"
+    assert r["chosen"][0]["content"] != r["rejected"][0]["content"]
+    assert r["document_id"] == train_collection.relevant(ids[0])[0]
+    assert r["rewards"]["chosen"] >= r["rewards"]["rejected"]
+    assert r["rewards"]["margin"] == pytest.approx(r["rewards"]["chosen"] - r["rewards"]["rejected"])
+    side = sidecar_paths(out)
+    saved = json.loads(side["stats"].read_text())
+    assert saved["queries_seen"] == 3 and saved["kept"] == 3 and sum(saved["margin_histogram"]["counts"]) == 3
+    assert saved["config"]["n_candidates"] == 4 and side["plot"].stat().st_size > 1000
+    assert len(_read(side["seen"])) == 3
+
+    from datasets import load_dataset
+    from trl.data_utils import is_conversational
+
+    ds = load_dataset("json", data_files=str(out), split="train")
+    assert {"prompt", "chosen", "rejected", "query_id", "rewards"} <= set(ds.column_names)
+    assert is_conversational(ds[0])
+
+
+def test_resume_appends_only_missing_queries(tmp_path, train_collection):
+    out = tmp_path / "pairs.jsonl"
+    ids = list(train_collection.queries)[:6]
+    config = PairConfig(n_candidates=3, chunk_size=3)
+    expander, answerer, scorer = _parts()
+    build_pairs(train_collection, out, expander, answerer, scorer, config, query_ids=ids[:2], progress_bar=False)
+    assert len(expander.asked) == 2
+
+    expander, answerer, scorer = _parts()
+    stats = build_pairs(train_collection, out, expander, answerer, scorer, config, query_ids=ids[:4],
+                        progress_bar=False)
+    assert expander.asked == [train_collection.queries[q] for q in ids[2:4]]
+    assert [r["query_id"] for r in _read(out)] == ids[:4]
+    assert (stats.queries_new, stats.queries_seen, stats.kept) == (2, 4, 4)
+
+    # a kill mid-write leaves a partial last line: it is cut off and that query is redone
+    with out.open("a") as f:
+        f.write('{"prompt": [{"role": "user", "content": "trunc')
+    expander, answerer, scorer = _parts()
+    stats = build_pairs(train_collection, out, expander, answerer, scorer, config, query_ids=ids[:5],
+                        progress_bar=False)
+    assert expander.asked == [train_collection.queries[ids[4]]]
+    assert [r["query_id"] for r in _read(out)] == ids[:5]
+    assert out.read_text().endswith("}\n")
+
+    # a pair written without its `seen` record (killed between the two writes) is not redone
+    seen = sidecar_paths(out)["seen"]
+    seen.write_text("".join(line + "\n" for line in seen.read_text().splitlines()[:-1]))
+    expander, answerer, scorer = _parts()
+    stats = build_pairs(train_collection, out, expander, answerer, scorer, config, query_ids=ids[:5],
+                        progress_bar=False)
+    assert expander.asked == [] and stats.queries_seen == 5 and stats.kept == 5
+
+    # overwrite starts afresh
+    expander, answerer, scorer = _parts()
+    build_pairs(train_collection, out, expander, answerer, scorer, config, query_ids=ids[:1], progress_bar=False,
+                overwrite=True)
+    assert [r["query_id"] for r in _read(out)] == ids[:1]
+
+
+def test_dropped_queries_are_recorded_and_skipped(tmp_path, train_collection):
+    out = tmp_path / "pairs.jsonl"
+    ids = list(train_collection.queries)[:3]
+    expander, answerer, scorer = _parts(threshold=5.0)
+    stats = build_pairs(train_collection, out, expander, answerer, scorer, PairConfig(n_candidates=3, threshold=5.0),
+                        query_ids=ids, progress_bar=False)
+    assert out.read_text() == "" and stats.kept == 0 and stats.dropped["below_threshold"] == 3
+    assert stats.kept_fraction == 0.0 and stats.margin_mean is None
+    expander, answerer, scorer = _parts(threshold=5.0)
+    build_pairs(train_collection, out, expander, answerer, scorer, PairConfig(n_candidates=3, threshold=5.0),
+                query_ids=ids, progress_bar=False)
+    assert expander.asked == []
+
+    out2 = tmp_path / "dups.jsonl"
+    expander, answerer, scorer = _parts(duplicate=True)
+    stats = build_pairs(train_collection, out2, expander, answerer, scorer, PairConfig(n_candidates=3),
+                        query_ids=ids[:2], progress_bar=False)
+    assert stats.dropped["fewer_than_two_distinct"] == 2 and stats.kept == 0
+
+
+def test_document_only_ablation_needs_no_answerer(tmp_path, train_collection):
+    expander, _, scorer = _parts()
+    stats = build_pairs(train_collection, tmp_path / "p.jsonl", expander, None, scorer,
+                        PairConfig(n_candidates=3, use_answer=False), query_ids=list(train_collection.queries)[:2],
+                        progress_bar=False)
+    row = _read(tmp_path / "p.jsonl")[0]
+    assert stats.kept == 2 and row["rewards"]["chosen_answer_similarity"] is None
+    assert row["rewards"]["chosen"] == 1.0  # document term only
+
+
+def test_bad_arguments(tmp_path, train_collection):
+    expander, answerer, scorer = _parts()
+    with pytest.raises(TypeError, match="answer_expander"):
+        build_pairs(train_collection, tmp_path / "p.jsonl", expander, None, scorer, PairConfig())
+    with pytest.raises(ValueError, match="document"):
+        build_pairs(train_collection, tmp_path / "p.jsonl", expander, FakeExpander(), scorer, PairConfig())
+    with pytest.raises(ValueError, match="expander.prompt"):
+        build_pairs(train_collection, tmp_path / "p.jsonl", FakeExpander(prompt=ANSWER_PROMPT), answerer, scorer,
+                    PairConfig())
+    with pytest.raises(ValueError, match="query_ids"):
+        build_pairs(train_collection, tmp_path / "p.jsonl", expander, answerer, scorer, PairConfig(),
+                    query_ids=["no-such-query"])
+    with pytest.raises(TypeError, match="scorer"):
+        build_pairs(train_collection, tmp_path / "p.jsonl", expander, answerer, object(), PairConfig())
+    (tmp_path / "bad.jsonl").write_text('{"query_id": "1"}\nnot json\n{"query_id": "2"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        build_pairs(train_collection, tmp_path / "bad.jsonl", expander, answerer, scorer, PairConfig())
+    for kwargs, match in [({"n_candidates": 1}, "n_candidates"), ({"temperatures": ()}, "temperatures"),
+                          ({"temperatures": (0.8, -1)}, "temperatures"), ({"chunk_size": 0}, "chunk_size"),
+                          ({"max_new_tokens": 0}, "max_new_tokens"), ({"threshold": float("inf")}, "threshold")]:
+        with pytest.raises(ValueError, match=match):
+            PairConfig(**kwargs)
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("pairs_cli", ROOT / "training" / "pairs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--data", "cranfield", "--out", "x.jsonl", "--n-candidates", "1"], "n-candidates"),
+    (["--data", "cranfield", "--out", "x.jsonl", "--n-candidates", "zero"], "n-candidates"),
+    (["--data", "cranfield", "--out", "x.jsonl", "--temperatures", "hot,cold"], "temperatures"),
+    (["--data", "/no/such/folder", "--out", "x.jsonl"], "--data"),
+    (["--data", "cranfield", "--out", "x.jsonl", "--llm", "/no/such/llm"], "--llm"),
+    (["--data", "cranfield", "--out", "x.jsonl", "--adapter", "/tmp"], "--adapter"),
+    (["--data", "cranfield"], "--out"),
+])
+def test_cli_argument_errors(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _cli().parse_args(argv)
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cli_unknown_split(tmp_path, capsys):
+    assert _cli().main(["--data", "cranfield", "--split", "dev", "--out", str(tmp_path / "p.jsonl")]) == 2
+    assert "dev" in capsys.readouterr().err
+
+
+def test_pairs_pipeline_yaml_loads():
+    p = Pipeline.loads((ROOT / "examples" / "pairs_pipeline.yaml").read_text())
+    assert isinstance(p.get_component("scorer"), RewardScorer)
+    assert p.get_component("answerer").prompt == ANSWER_PROMPT
+    assert p.get_component("answerer").temperature == 0.0
+    edges = set(p.graph.edges())
+    assert {("expander", "scorer"), ("expander", "answerer"), ("answerer", "scorer")} <= edges
+    spec = importlib.util.spec_from_file_location("pairs_example", ROOT / "examples" / "pairs_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    built, loaded = module.build_pipeline().to_dict(), p.to_dict()  # the YAML is what the script builds
+    assert built["components"] == loaded["components"]
+    key = lambda c: (c["sender"], c["receiver"])
+    assert sorted(built["connections"], key=key) == sorted(loaded["connections"], key=key)
+
+
+# -- real models ------------------------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_cli_pairs_feed_one_dpo_step(tmp_path, capsys):
+    """training/pairs.py on 3 Cranfield train queries -> a file DPOTrainer (LoRA, bundled SmolLM2) trains on."""
+    out = tmp_path / "pairs.jsonl"
+    argv = ["--data", "cranfield", "--split", "train", "--out", str(out), "--n-candidates", "4", "--max-queries",
+            "3", "--max-new-tokens", "16", "--answer-max-new-tokens", "16", "--threshold", "0.0", "--cache",
+            str(tmp_path / "cache.sqlite"), "--device", "cpu", "--no-progress"]
+    assert _cli().main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "kept" in printed and "reward margin histogram" in printed
+    rows = _read(out)
+    assert len(rows) == 3 and len({r["query_id"] for r in rows}) == 3
+    assert Path(str(out) + ".margins.png").exists()
+    # resume: nothing left to do, and the cache answers everything
+    assert _cli().main(argv) == 0
+    assert len(_read(out)) == 3
+
+    from expandr_haystack.training.dpo import DPOSettings, train_dpo
+
+    settings = DPOSettings(max_steps=1, per_device_train_batch_size=1, max_length=128, device="cpu",
+                           logging_steps=1)
+    adapter = train_dpo(None, out, tmp_path / "dpo", settings)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 32, 0.1)
+    assert set(config["target_modules"]) == {"q_proj", "v_proj"}
+    assert (adapter / "adapter_model.safetensors").exists()
+    LLMQueryExpander(adapter=str(adapter))  # the expander accepts it as an adapter directory
+    # the next round continues the same adapter
+    again = train_dpo(None, out, tmp_path / "dpo2", settings, adapter=str(adapter))
+    assert (again / "adapter_model.safetensors").exists()
