@@ -90,6 +90,18 @@ class ExpansionCache:
             self._local.conn = conn
         return conn
 
+    def _error(self, exc: sqlite3.OperationalError, action: str) -> OSError:
+        """An OSError naming the cache file, what failed and what to do (locked, read-only, ...)."""
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            hint = (f"it stayed locked by another process for longer than the timeout ({self.timeout:g} s); "
+                    f"retry later or give each job its own `cache` file")
+        elif "readonly" in text or "read-only" in text:
+            hint = "the file or its folder is read-only: pass a writable `cache` path (or cache=None)"
+        else:
+            hint = text
+        return OSError(f"`cache`: cannot {action} {self.path}: {hint} (sqlite: {text}).")
+
     # -- API -----------------------------------------------------------------------------------------------
     def get_many(self, keys: Iterable[str]) -> dict[str, str]:
         """The cached texts for the keys that are present; counts hits and misses."""
@@ -98,7 +110,11 @@ class ExpansionCache:
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._conn.execute(f"SELECT key, text FROM expansions WHERE key IN ({marks})", chunk).fetchall()
+            try:
+                rows = self._conn.execute(f"SELECT key, text FROM expansions WHERE key IN ({marks})",
+                                          chunk).fetchall()
+            except sqlite3.OperationalError as exc:
+                raise self._error(exc, "read from") from exc
             found.update(rows)
         with self._counter_lock:
             self.hits += sum(1 for k in keys if k in found)
@@ -110,18 +126,26 @@ class ExpansionCache:
         if not items:
             return
         now = time.time()
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise self._error(exc, "write to") from exc
         try:
             conn.executemany("INSERT OR IGNORE INTO expansions (key, text, created) VALUES (?, ?, ?)",
                              [(k, v, now) for k, v in items.items()])
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                raise self._error(exc, "write to") from exc
             raise
 
     def __len__(self) -> int:
-        return self._conn.execute("SELECT count(*) FROM expansions").fetchone()[0]
+        try:
+            return self._conn.execute("SELECT count(*) FROM expansions").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            raise self._error(exc, "read from") from exc
 
     def stats(self) -> dict[str, int]:
         """``{"hits", "misses", "entries"}``."""

@@ -78,7 +78,7 @@ def per_query_path(json_out: str | Path) -> Path:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run `expandr eval` with parsed arguments; returns the exit status."""
-    from expandr_haystack.data import bundled_path, load_collection
+    from expandr_haystack.data import load_collection
     from expandr_haystack.evaluation import evaluate, format_table, parse_methods, plot_metrics
 
     methods = parse_methods(args.methods)  # before any loading: a typo fails at once
@@ -88,15 +88,12 @@ def run_eval(args: argparse.Namespace) -> int:
         raise CommandError(f"--n-expansions must be >= 1; got {args.n_expansions}.")
     if args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}.")
-    data_dir = args.data_dir
-    if data_dir == "cranfield" and not Path(data_dir).exists():
-        data_dir = bundled_path("cranfield")
     for name in ("json_out", "plot"):  # fail before the (long) evaluation, not after it
         out = getattr(args, name)
         if out is not None and Path(out).expanduser().is_dir():
             raise CommandError(f"--{name.replace('_out', '')} {out}: is a directory; give a file name.")
 
-    collection = load_collection(data_dir, split=args.split, max_queries=args.max_queries)
+    collection = load_collection(args.data_dir, split=args.split, max_queries=args.max_queries)
     print(f"{collection.path} [{collection.split}]: {len(collection.corpus)} documents, "
           f"{len(collection.queries)} judged queries; methods: {', '.join(methods)}", flush=True)
     result = evaluate(collection, methods, encoder=args.encoder, llm=args.llm, adapter=args.adapter,

@@ -57,14 +57,19 @@ def clean_generation(text: str, query: str | None = None) -> str:
     return re.sub(r"[ \t]+", " ", re.sub(r"\n{3,}", "\n\n", text)).strip()
 
 
+def clean_text(text: str) -> str:
+    """Drop control characters (except tab/newline: they carry nothing for retrieval) and replace lone surrogates
+    (invalid unicode, which tokenizers reject) with '?'."""
+    cleaned = "".join(ch for ch in text if ch in "\t\n" or (ord(ch) >= 32 and ord(ch) != 127))
+    return cleaned.encode("utf-8", errors="replace").decode("utf-8")
+
+
 def _check_query(query: Any, argument: str = "query") -> str:
     if not isinstance(query, str):
         raise TypeError(f"`{argument}` must be a str; got {type(query).__name__} ({query!r:.80}).")
     if not query.strip():
         raise ValueError(f"`{argument}` must be a non-empty string; got {query!r}.")
-    # control characters (except tab/newline) carry nothing for retrieval; lone surrogates break tokenizers
-    cleaned = "".join(ch for ch in query if ch in "\t\n" or (ord(ch) >= 32 and ord(ch) != 127))
-    cleaned = cleaned.encode("utf-8", errors="replace").decode("utf-8")
+    cleaned = clean_text(query)
     if not cleaned.strip():
         raise ValueError(f"`{argument}` contains only control characters; got {query!r:.80}.")
     return cleaned
@@ -161,6 +166,8 @@ class LLMQueryExpander:
                 raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
         if not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"`max_retries` must be an integer >= 0; got {max_retries!r}.")
+        if not isinstance(retry_backoff, (int, float)) or isinstance(retry_backoff, bool) or retry_backoff < 0:
+            raise ValueError(f"`retry_backoff` must be a number of seconds >= 0; got {retry_backoff!r}.")
         if on_failure not in ("raise", "skip"):
             raise ValueError(f"`on_failure` must be 'raise' or 'skip'; got {on_failure!r}.")
         if chat_generator is not None and (model is not None or adapter is not None):
@@ -257,21 +264,22 @@ class LLMQueryExpander:
         return self._cache.stats() if self._cache else {"hits": 0, "misses": 0, "entries": 0}
 
     # -- public API ------------------------------------------------------------------------------------------
-    @component.output_types(query=str, expansions=list[str])
+    @component.output_types(query=str, expansions=list[str], failures=list[str])
     def run(self, query: str, document: str | None = None) -> dict[str, Any]:
         """
         Expand one query.
 
         :param query: The user query.
         :param document: Text for a `{document}` placeholder (answer prompts); unused by the default prompt.
-        :returns: `query` (unchanged, for wiring to a retriever) and `expansions` (`n_expansions` texts, or none
-            when generation failed and `on_failure="skip"`).
+        :returns: `query` (unchanged, for wiring to a retriever), `expansions` (`n_expansions` texts, fewer or none
+            when generation failed and `on_failure="skip"`) and `failures` (empty, or one line saying how many
+            expansions were skipped and that retrieval then uses the query alone).
         """
         query = _check_query(query)
         expansions = self.expand([query], documents=None if document is None else [document])[0]
-        return {"query": query, "expansions": expansions}
+        return {"query": query, "expansions": expansions, "failures": self._failures(expansions)}
 
-    @component.output_types(query=str, expansions=list[str])
+    @component.output_types(query=str, expansions=list[str], failures=list[str])
     async def run_async(self, query: str, document: str | None = None) -> dict[str, Any]:
         """Async `run`: remote chat generators are called concurrently; a local model runs in a worker thread."""
         query = _check_query(query)
@@ -280,7 +288,16 @@ class LLMQueryExpander:
             expansions = (await asyncio.to_thread(self.expand, [query], None, docs))[0]
         else:
             expansions = (await self.expand_async([query], documents=docs))[0]
-        return {"query": query, "expansions": expansions}
+        return {"query": query, "expansions": expansions, "failures": self._failures(expansions)}
+
+    def _failures(self, expansions: list[str]) -> list[str]:
+        missing = self.n_expansions - len(expansions)
+        if missing <= 0:
+            return []
+        effect = ("retrieval uses the query alone" if not expansions
+                  else "retrieval uses the query and the remaining expansions")
+        return [(f"{missing} of {self.n_expansions} expansion(s) failed after {self.max_retries + 1} attempts and "
+                 f"were skipped (on_failure='skip'); {effect}. The log has the error.")]
 
     def expand(
         self,

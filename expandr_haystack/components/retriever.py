@@ -13,6 +13,7 @@ from haystack.document_stores.types import DocumentStore
 from haystack.utils import ComponentDevice
 
 from expandr_haystack.components.embedder import ExpandRQueryEmbedder
+from expandr_haystack.components.expander import _check_query, clean_text
 from expandr_haystack.models import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,9 @@ class ExpandRRetriever:
     - `fusion="mean"`: one search with the ExpandR fused vector (via `ExpandRQueryEmbedder`).
     - `fusion="rrf"`: one search with the query and one with each expansion, merged by reciprocal rank
       (score = sum 1 / (rrf_k + rank)).
-    Without expansions it is plain dense retrieval. Scores are cosine similarities (mean) or RRF scores (rrf).
+    Without expansions it is plain dense retrieval. Scores: mean fusion, the inner product of the fused vector with
+    the unit document vector, w * cos(q, d) + (1 - w) * mean_i cos(e_i, d) (plain cosine without expansions); rrf,
+    the RRF score.
 
     Documents must already carry embeddings from the same encoder, e.g. written by Haystack's
     `SentenceTransformersDocumentEmbedder(model=<same path>)`. The `faiss` backend keeps an exact FAISS index of the
@@ -226,8 +229,9 @@ class ExpandRRetriever:
         :param filters: Haystack metadata filters; only matching documents are searched.
         :returns: `documents`, best first, each with `score`.
         """
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError(f"`query` must be a non-empty string; got {query!r:.80}.")
+        query = _check_query(query)  # str, not blank; control characters dropped, invalid unicode replaced
+        if expansions is not None and (isinstance(expansions, str) or not isinstance(expansions, Sequence)):
+            raise TypeError(f"`expansions` must be a list of strings (or None); got {type(expansions).__name__}.")
         return {"documents": self.retrieve([query], [expansions or []], top_k=top_k, filters=filters)[0]}
 
     def retrieve(
@@ -240,7 +244,15 @@ class ExpandRRetriever:
         """Batched `run`: one encode call for all queries and expansions, one index search."""
         top_k = self.top_k if top_k is None else top_k
         _check_top_k(top_k)
+        if isinstance(queries, str) or not isinstance(queries, Sequence):
+            raise TypeError(f"`queries` must be a list of strings; got {type(queries).__name__}.")
+        queries = [_check_query(q, f"queries[{i}]") for i, q in enumerate(queries)]
+        if expansions is not None:
+            bad = next((i for i, e in enumerate(expansions) if isinstance(e, str)), None)
+            if bad is not None:
+                raise TypeError(f"`expansions[{bad}]` must be a list of strings, one list per query; got a str.")
         expansions = [list(e or []) for e in expansions] if expansions is not None else [[] for _ in queries]
+        expansions = [[clean_text(e) if isinstance(e, str) else e for e in exps] for exps in expansions]
         if self.fusion == "mean":
             vectors = self.embedder.embed_fused(queries, expansions)
             return self._search(vectors, top_k, filters)

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Validate the config (before loading any model), then run the rounds."""
     from expandr_haystack.training.config import ConfigError, JointConfig
-    from expandr_haystack.training.rounds import JointTrainer
+    from expandr_haystack.training.rounds import JointTrainer, RunFolderError
 
     try:
         config = JointConfig.from_yaml(args.config, {"rounds": args.rounds})
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output or Path("runs") / Path(args.config).stem)
     try:
         JointTrainer(config, output, progress_bar=not args.no_progress).run(resume=args.resume)
-    except (FileExistsError, ValueError) as exc:
+    except (FileExistsError, RunFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"\nrun folder: {output} (metrics.json, metrics.png, round_*/pipeline.yaml)")

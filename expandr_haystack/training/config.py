@@ -61,7 +61,7 @@ class JointConfig:
     """
     One joint-training run: data, models, rounds, and the settings of each step.
 
-    `data` is a BEIR-layout folder, or `cranfield` / `scifact-mini` for a bundled collection. Training reads only
+    `data` is a BEIR-layout folder, or `cranfield` for the bundled collection. Training reads only
     `train_split`; evaluation only `eval_split` (they must differ).
     """
 
@@ -144,9 +144,14 @@ class JointConfig:
         need(0 <= r.hard_negative_skip < r.hard_negative_depth, "retriever.hard_negative_skip",
              "in [0, hard_negative_depth)", r.hard_negative_skip)
         need(0.0 <= r.query_weight <= 1.0, "retriever.query_weight", "in [0, 1]", r.query_weight)
+        for key in ("data", "encoder", "llm", "device"):
+            v = getattr(self, key)
+            need(v is None and key != "data" or isinstance(v, str) and v.strip() != "", key,
+                 "a non-empty string" + ("" if key == "data" else " or null"), v)
         e = self.expansion
-        need(isinstance(e.n_expansions, int) and e.n_expansions >= 1, "expansion.n_expansions", "an integer >= 1",
-             e.n_expansions)
+        need(e.n_expansions == 1, "expansion.n_expansions",
+             "1 for training (the retriever is trained on one expansion per query, as in the paper; evaluate with "
+             "more through `expandr eval --n-expansions`)", e.n_expansions)
         need(e.temperature >= 0, "expansion.temperature", ">= 0", e.temperature)
         need(isinstance(e.max_new_tokens, int) and e.max_new_tokens >= 1, "expansion.max_new_tokens",
              "an integer >= 1", e.max_new_tokens)
@@ -196,7 +201,10 @@ def _build(cls, values: Any, where: str):
         if isinstance(default, tuple) and isinstance(v, (list, str)):
             v = tuple(x.strip() for x in v.split(",")) if isinstance(v, str) else tuple(v)
             if default and isinstance(default[0], float):
-                v = tuple(float(x) for x in v)
+                try:
+                    v = tuple(float(x) for x in v)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{where}: `{k}` must be a list of numbers; got {values[k]!r}.") from None
         elif isinstance(default, bool) and not isinstance(v, bool):
             raise ConfigError(f"{where}: `{k}` must be true or false; got {v!r}.")
         elif isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):

@@ -45,6 +45,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+class RunFolderError(ValueError):
+    """The output folder holds a run that cannot be resumed with this config."""
+
+
 class JointTrainer:
     """
     Runs the rounds of a `JointConfig` into an output folder.
@@ -57,7 +61,7 @@ class JointTrainer:
     ```
 
     Output folder: ``config.json``, ``state.json``, ``metrics.json`` (one row per round and method),
-    ``metrics.png``, ``cache.sqlite`` (all generated text), ``baseline/encoder``, ``round_<r>/{expansions.jsonl,
+    ``metrics.png``, ``cache.sqlite`` (all generated text), ``baseline/encoder``, ``round_<r>/{expansions.json,
     encoder/, pairs.jsonl, adapter/, pipeline.yaml}``.
     """
 
@@ -73,7 +77,6 @@ class JointTrainer:
         self.state: dict[str, Any] = {"done": {}}
         self.metrics: list[dict[str, Any]] = []
         self._stores: dict[str, Any] = {}
-        self._world = int(os.environ.get("WORLD_SIZE", "1"))
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def _load_state(self, resume: bool) -> None:
@@ -88,7 +91,7 @@ class JointTrainer:
             changed = sorted(k for k in new if k != "rounds" and old.get(k) != json.loads(json.dumps(new[k],
                                                                                                     default=str)))
             if changed:
-                raise ValueError(f"--resume: the config differs from the run in {self.output} in {changed}; "
+                raise RunFolderError(f"--resume: the config differs from the run in {self.output} in {changed}; "
                                  f"only `rounds` may change on resume.")
             if self.metrics_path.exists():
                 self.metrics = json.loads(self.metrics_path.read_text())
@@ -101,25 +104,30 @@ class JointTrainer:
 
     def _main_only(self, step: str, work) -> None:
         """
-        Run a generation/evaluation step on the main process only; the others wait, then read its state.
-        (Training steps run on every process: the sentence-transformers and TRL trainers are distributed.)
+        A generation/evaluation step: it runs on the main process only. Under `accelerate launch` / `torchrun` the
+        other ranks poll `state.json` until the step is recorded (no collective call, so no NCCL timeout while
+        rank 0 generates for hours). Training steps run on every rank (the trainers are distributed).
         """
         if self._done(step):
             return
         if is_main_process():
             work()
-        if self._world > 1:
-            import torch.distributed as dist
+        else:
+            self._wait_for(step)
 
-            if dist.is_available() and dist.is_initialized():
-                dist.barrier()
-            self.state = json.loads(self.state_path.read_text())
-
-    def _finish(self, step: str, **info: Any) -> None:
-        self.state["done"][step] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-        if is_main_process():
-            write_json_atomic(self.state_path, self.state)
-        logger.info("finished %s", step)
+    def _wait_for(self, step: str, poll_seconds: float = 10.0) -> None:
+        while True:
+            if self.state_path.exists():
+                try:
+                    state = json.loads(self.state_path.read_text())
+                except json.JSONDecodeError:  # pragma: no cover - written atomically; a reader never sees half
+                    state = {"done": {}}
+                if step in state.get("done", {}):
+                    self.state = state
+                    if self.metrics_path.exists():
+                        self.metrics = json.loads(self.metrics_path.read_text())
+                    return
+            time.sleep(poll_seconds)
 
     def _record(self, round_: int, label: str, result: dict[str, dict[str, float]], series: str | None = None) -> None:
         self.metrics = [m for m in self.metrics if not (m["round"] == round_ and m["label"] == label)]
@@ -223,8 +231,6 @@ class JointTrainer:
         info = work() or {}
         if is_main_process():
             self._finish(step, **info)
-        if self._world > 1:
-            self._main_only(f"{step}.sync", lambda: self._finish(f"{step}.sync"))
 
     def _evaluate(self, encoder: str | None, methods, llm_round: int | None, store=None):
         from expandr_haystack.evaluation import evaluate
@@ -253,8 +259,9 @@ class JointTrainer:
         train_ids = list(self.train_data.queries)
         negatives = mine_hard_negatives(self.train_data, train_ids, None, self._store(c.encoder), c.encoder,
                                         c.retriever, self._device())
-        rows = training_examples(self.train_data, train_ids, None, negatives, c.retriever, c.seed)
-        train_encoder(c.encoder, rows, self.output / "baseline" / "encoder", c.retriever, fused=False, seed=c.seed,
+        # the same queries, positives, loss, temperature, budget and seed as round 1's encoder training
+        rows = training_examples(self.train_data, train_ids, None, negatives, c.retriever, c.seed + 1)
+        train_encoder(c.encoder, rows, self.output / "baseline" / "encoder", c.retriever, fused=False, seed=c.seed + 1,
                       device=self._torch_device(), progress_bar=self.progress_bar)
         return {"examples": len(rows)}
 
@@ -348,7 +355,7 @@ class JointTrainer:
         p.add_component("expander", self._expander(r, adapter=adapter, cache=str(Path(self.cache_path).resolve()),
                                                    progress_bar=False, device=None))
         p.add_component("retriever", ExpandRRetriever(document_store=InMemoryDocumentStore(
-            embedding_similarity_function="cosine"), model=str((rdir / "encoder").resolve()), top_k=10))
+            index=f"expandr-round-{r}", embedding_similarity_function="cosine"), model=str((rdir / "encoder").resolve()), top_k=10))
         p.connect("expander.query", "retriever.query")
         p.connect("expander.expansions", "retriever.expansions")
         tmp = rdir / ".pipeline.yaml.tmp"

@@ -1,0 +1,498 @@
+"""
+Reliability rows of docs/reliability.md that no other test file covers: bad input on the retrieval side, adapters
+for another base model, cache faults (locked, read-only, concurrent expanders), a flaky remote chat generator
+(retries, backoff, skip, cache), secrets, and SIGKILL + --resume of joint training.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from haystack import component, default_to_dict
+from haystack.dataclasses import ChatMessage
+from haystack.utils import Secret
+
+from expandr_haystack import ExpandRQueryEmbedder, ExpandRRetriever, LLMQueryExpander
+from expandr_haystack.cache import ExpansionCache
+
+ROOT = Path(__file__).parents[1]
+QUERIES = ["what is the lift of a wing in a propeller slipstream .",
+           "what problems of heat conduction in composite slabs have been solved so far ."]
+
+
+# -- a scriptable stand-in for a remote ChatGenerator (OpenAIChatGenerator & co.) ----------------------------------
+@component
+class FakeChatGenerator:
+    """
+    Replies from a script: each entry is "ok", "empty", "timeout" or "error" (the last entry repeats).
+    Counts calls; `api_key` is a Secret like the real remote generators'.
+    """
+
+    def __init__(self, script: list[str] | None = None, api_key: Secret | None = None,
+                 text: str = "Lift in a slipstream rises with the dynamic pressure behind the propeller."):
+        self.script = list(script or ["ok"])
+        self.api_key = api_key or Secret.from_env_var("FAKE_API_KEY")
+        self.text = text
+        self.calls = 0
+        self.seen_messages: list[list[ChatMessage]] = []
+
+    def to_dict(self) -> dict[str, Any]:
+        return default_to_dict(self, script=self.script, api_key=self.api_key.to_dict(), text=self.text)
+
+    def _reply(self, messages) -> dict[str, Any]:
+        self.api_key.resolve_value()  # a real client would send it
+        step = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        self.seen_messages.append(messages)
+        if step == "timeout":
+            raise TimeoutError("Request timed out.")
+        if step == "error":
+            raise ConnectionError("HTTP 503 from the remote model")
+        if step == "empty":
+            return {"replies": [ChatMessage.from_assistant("")]}
+        return {"replies": [ChatMessage.from_assistant(f"Sure! Here is a passage: {self.text} ({self.calls})")]}
+
+    @component.output_types(replies=list[ChatMessage])
+    def run(self, messages: list[ChatMessage], generation_kwargs: dict[str, Any] | None = None):
+        return self._reply(messages)
+
+    @component.output_types(replies=list[ChatMessage])
+    async def run_async(self, messages: list[ChatMessage], generation_kwargs: dict[str, Any] | None = None):
+        return self._reply(messages)
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    monkeypatch.setenv("FAKE_API_KEY", "sk-test-0123456789abcdef-SECRET")
+    return "sk-test-0123456789abcdef-SECRET"
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """Record (and skip) every backoff wait, sync and async."""
+    waits: list[float] = []
+
+    async def fake_async_sleep(seconds, *args, **kwargs):
+        waits.append(seconds)
+
+    monkeypatch.setattr(asyncio, "sleep", fake_async_sleep)
+    monkeypatch.setattr(time, "sleep", lambda seconds: waits.append(seconds))
+    return waits
+
+
+# -- query: None / non-string / huge, on the retrieval side (the expander side is in test_bad_input.py) -------------
+@pytest.mark.parametrize("query", [None, 42, ["a list"], b"bytes", "", "   "])
+def test_retriever_and_embedder_reject_bad_queries_naming_query(query):
+    from haystack.document_stores.in_memory import InMemoryDocumentStore
+
+    with pytest.raises((TypeError, ValueError), match="`query`"):
+        ExpandRRetriever(InMemoryDocumentStore()).run(query=query)
+    with pytest.raises((TypeError, ValueError), match="`query`"):
+        ExpandRQueryEmbedder().run(query=query)
+
+
+def test_retriever_bad_expansions_and_top_k_are_named():
+    from haystack.document_stores.in_memory import InMemoryDocumentStore
+
+    r = ExpandRRetriever(InMemoryDocumentStore())
+    with pytest.raises(TypeError, match="`expansions` must be a list"):
+        r.run(query="lift", expansions="one passage, not a list")
+    with pytest.raises(TypeError, match=r"`expansions\[1\]`"):
+        r.retrieve(["lift", "drag"], [["ok"], "not a list"])
+    with pytest.raises(TypeError, match="`queries`"):
+        r.retrieve("lift")
+    with pytest.raises(ValueError, match=r"`queries\[1\]`"):
+        r.retrieve(["lift", " "])
+    for top_k in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="`top_k`"):
+            r.run(query="lift", top_k=top_k)
+
+
+def test_bad_expansions_are_named():
+    with pytest.raises(TypeError, match=r"`expansions\[0\]`"):
+        ExpandRQueryEmbedder().embed_fused(["lift"], ["not a list"])
+    with pytest.raises(TypeError, match=r"`expansions\[0\]\[1\]`"):
+        ExpandRQueryEmbedder().embed_fused(["lift"], [["ok", None]])
+
+
+@pytest.mark.integration
+def test_control_characters_and_invalid_unicode_reach_the_retriever_cleaned(small_store):
+    r = ExpandRRetriever(small_store, top_k=3)
+    clean = r.run(query="heat conduction in composite slabs", expansions=["layered slabs conduct heat"])
+    dirty = r.run(query="heat\x00 conduction\x07 in composite slabs\x1b",
+                  expansions=["layered\x00 slabs conduct heat"])
+    assert [d.id for d in dirty["documents"]] == [d.id for d in clean["documents"]]
+    docs = r.run(query="bad \ud800 unicode about slabs", expansions=["lone \udc80 surrogate"])["documents"]
+    assert len(docs) == 3
+    with pytest.raises(ValueError, match="`query` contains only control characters"):
+        r.run(query="\x00\x01")
+
+
+@pytest.mark.integration
+def test_100k_character_query_through_embedder_and_retriever(small_store):
+    """sentence-transformers cuts the text to the encoder's max_seq_length (256 tokens): no crash, normal result."""
+    long_query = "aeroelastic models of heated high speed aircraft " * 2100
+    assert len(long_query) >= 100_000
+    emb = ExpandRQueryEmbedder()
+    assert emb.encoder.max_seq_length == 256
+    vec = emb.run(query=long_query, expansions=["a passage about flutter"])["embedding"]
+    assert len(vec) == 384
+    docs = ExpandRRetriever(small_store, top_k=3).run(query=long_query, expansions=[long_query])["documents"]
+    assert len(docs) == 3
+
+
+# -- models: an adapter made for another base model --------------------------------------------------------------
+def _fake_adapter(path: Path, base: str, target_modules: list[str], shapes: dict[str, tuple[int, int]] | None = None):
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": 4, "lora_alpha": 8,
+        "lora_dropout": 0.0, "target_modules": target_modules, "bias": "none", "inference_mode": True}))
+    if shapes:
+        save_file({k: torch.zeros(v) for k, v in shapes.items()}, str(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.integration
+def test_adapter_for_another_base_model_is_a_clear_error(tmp_path):
+    from expandr_haystack.models import load_llm
+
+    # 1. target modules the base model does not have (a Falcon adapter: "query_key_value")
+    foreign = tmp_path / "falcon-adapter"
+    _fake_adapter(foreign, "tiiuae/falcon-7b", ["query_key_value"])
+    with pytest.raises(ValueError, match=r"`adapter` .*falcon-adapter.* does not fit the base model"):
+        load_llm(None, str(foreign), "cpu", "float32")
+    # 2. the right module names but the shapes of a bigger model (hidden size 4096, SmolLM2-135M has 576)
+    bigger = tmp_path / "llama-8b-adapter"
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    _fake_adapter(bigger, "meta-llama/Meta-Llama-3-8B-Instruct", ["q_proj"],
+                  {f"{prefix}.lora_A.weight": (4, 4096), f"{prefix}.lora_B.weight": (4096, 4)})
+    with pytest.raises(ValueError, match=r"`adapter` .*llama-8b-adapter.* does not fit the base model"):
+        load_llm(None, str(bigger), "cpu", "float32")
+    # through the component: the same message at warm_up
+    with pytest.raises(ValueError, match="`adapter`"):
+        LLMQueryExpander(adapter=str(bigger), max_new_tokens=4).warm_up()
+
+
+# -- cache faults --------------------------------------------------------------------------------------------------
+_HOLD_LOCK = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("ROLLBACK")
+"""
+
+
+def _locked_by_other_process(path: Path, seconds: float) -> subprocess.Popen:
+    """Another process (plain sqlite3, nothing else imported) holding an exclusive write lock for `seconds`."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path), str(seconds)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_cache_locked_by_another_process_waits_then_succeeds(tmp_path):
+    path = tmp_path / "c.sqlite"
+    cache = ExpansionCache(path)
+    cache.put_many({"a": "x"})
+    proc = _locked_by_other_process(path, 2.0)
+    started = time.monotonic()
+    cache.put_many({"b": "y"})  # waits for the lock (busy timeout), then writes
+    assert time.monotonic() - started > 0.5
+    assert cache.get_many(["a", "b"]) == {"a": "x", "b": "y"}
+    proc.wait(30)
+
+
+def test_cache_locked_longer_than_its_timeout_names_the_file(tmp_path):
+    path = tmp_path / "c.sqlite"
+    cache = ExpansionCache(path, timeout=0.5)
+    cache.put_many({"a": "x"})
+    proc = _locked_by_other_process(path, 4.0)
+    try:
+        with pytest.raises(OSError, match=r"`cache`: cannot write to .*c\.sqlite: it stayed locked .*0\.5 s"):
+            cache.put_many({"b": "y"})
+        # readers are not blocked by a writer (WAL journal): hits are still served, a new handle still opens
+        assert cache.get_many(["a"]) == {"a": "x"}
+        assert ExpansionCache(path, timeout=0.5).get_many(["a"]) == {"a": "x"}
+    finally:
+        proc.wait(30)
+    cache.put_many({"b": "y"})  # usable again once the other process lets go
+    assert cache.get_many(["a", "b"]) == {"a": "x", "b": "y"}
+
+
+def test_cache_in_a_location_that_cannot_be_written(tmp_path):
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    with pytest.raises(OSError, match=r"`cache`: cannot create the folder for .*not-a-folder"):
+        ExpansionCache(a_file / "c.sqlite")
+    with pytest.raises(OSError, match=r"`cache`: cannot .*c\.sqlite"):
+        ExpansionCache("/proc/expandr-no-such-dir/c.sqlite")
+    with pytest.raises(OSError, match=r"`cache`: cannot open .*a-folder"):
+        (tmp_path / "a-folder").mkdir()
+        ExpansionCache(tmp_path / "a-folder")  # the path is a directory
+
+
+def test_read_only_cache_file_names_the_file_on_write(tmp_path):
+    """A read-only database (here opened through sqlite's read-only mode: tests run as root, where chmod does not
+    stop writes): reads work, a write raises an OSError naming the file and the fix."""
+    path = tmp_path / "ro.sqlite"
+    ExpansionCache(path).put_many({"a": "x"})
+    cache = ExpansionCache(path)
+    real_connect = sqlite3.connect
+    cache._local = threading.local()  # drop the open read-write connection
+
+    def read_only_connect(database, *args, **kwargs):
+        return real_connect(f"file:{database}?mode=ro", *args, uri=True, **kwargs)
+
+    import expandr_haystack.cache as cache_module
+
+    original = cache_module.sqlite3.connect
+    cache_module.sqlite3.connect = read_only_connect
+    try:
+        assert cache.get_many(["a"]) == {"a": "x"}
+        with pytest.raises(OSError, match=r"`cache`: cannot write to .*ro\.sqlite: the file or its folder is read-only"):
+            cache.put_many({"b": "y"})
+    finally:
+        cache_module.sqlite3.connect = original
+
+
+# -- remote chat generator: retries, backoff, skip, cache ----------------------------------------------------------
+@pytest.mark.parametrize("fault", ["timeout", "error", "empty"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_remote_fault_is_retried_with_exponential_backoff(api_key, sleeps, tmp_path, fault, mode):
+    gen = FakeChatGenerator([fault, fault, "ok"])
+    exp = LLMQueryExpander(chat_generator=gen, max_retries=3, retry_backoff=0.25, cache=str(tmp_path / "c.sqlite"))
+    if mode == "sync":
+        out = exp.run(query=QUERIES[0])
+    else:
+        out = asyncio.run(exp.run_async(query=QUERIES[0]))
+    assert gen.calls == 3 and sleeps == [0.25, 0.5]
+    assert out["expansions"] == ["Lift in a slipstream rises with the dynamic pressure behind the propeller. (3)"]
+    assert out["failures"] == []
+    assert exp.cache_stats["entries"] == 1
+    # a second call is served by the cache: no remote call
+    again = exp.run(query=QUERIES[0])
+    assert again["expansions"] == out["expansions"] and gen.calls == 3
+
+
+@pytest.mark.parametrize("fault", ["timeout", "error", "empty"])
+def test_remote_failure_raises_after_the_retries(api_key, sleeps, fault):
+    gen = FakeChatGenerator([fault])
+    exp = LLMQueryExpander(chat_generator=gen, max_retries=2, retry_backoff=1.0)
+    with pytest.raises(RuntimeError, match=r"no expansion for query .*after 3 attempts"):
+        exp.run(query=QUERIES[0])
+    assert gen.calls == 3 and sleeps == [1.0, 2.0]
+
+
+def test_remote_failure_skip_retrieves_with_the_query_alone_and_says_so(api_key, sleeps, tmp_path, caplog,
+                                                                         monkeypatch):
+    from haystack import Pipeline
+    from haystack.document_stores.in_memory import InMemoryDocumentStore
+
+    gen = FakeChatGenerator(["error"])
+    cache = str(tmp_path / "c.sqlite")
+    exp = LLMQueryExpander(chat_generator=gen, n_expansions=2, max_retries=1, retry_backoff=0.1, on_failure="skip",
+                           cache=cache)
+    seen = {}
+
+    def fake_retrieve(self, queries, expansions=None, top_k=None, filters=None):
+        seen["queries"], seen["expansions"] = list(queries), [list(e) for e in expansions]
+        return [[] for _ in queries]
+
+    monkeypatch.setattr(ExpandRRetriever, "retrieve", fake_retrieve)
+    monkeypatch.setattr(ExpandRRetriever, "warm_up", lambda self: None)  # no encoder needed to see what it gets
+    p = Pipeline()
+    p.add_component("expander", exp)
+    p.add_component("retriever", ExpandRRetriever(InMemoryDocumentStore()))
+    p.connect("expander.query", "retriever.query")
+    p.connect("expander.expansions", "retriever.expansions")
+    with caplog.at_level(logging.WARNING):
+        res = p.run({"expander": {"query": QUERIES[0]}})
+    assert seen == {"queries": [QUERIES[0]], "expansions": [[]]}  # the query alone
+    assert gen.calls == 4 and sleeps == [0.1, 0.1]  # 2 samples x (1 try + 1 retry)
+    assert len(res["expander"]["failures"]) == 1 and "query alone" in res["expander"]["failures"][0]
+    assert "skipped (on_failure='skip')" in caplog.text and "HTTP 503" in caplog.text
+    assert ExpansionCache(cache).stats()["entries"] == 0  # failures are never cached
+    # once the remote side recovers, the same call generates (not a cached failure) and caches
+    gen.script = ["ok"]
+    out = exp.run(query=QUERIES[0])
+    assert len(out["expansions"]) == 2 and out["failures"] == [] and exp.cache_stats["entries"] == 2
+
+
+def test_partial_failure_keeps_the_successful_samples(api_key, sleeps, tmp_path):
+    gen = FakeChatGenerator(["ok", "error"])  # sample 0 succeeds, sample 1 always fails
+    exp = LLMQueryExpander(chat_generator=gen, n_expansions=2, max_retries=1, retry_backoff=0.0, on_failure="skip",
+                           max_concurrency=1, cache=str(tmp_path / "c.sqlite"))
+    out = exp.run(query=QUERIES[0])
+    assert len(out["expansions"]) == 1 and "1 of 2" in out["failures"][0]
+    assert exp.cache_stats["entries"] == 1
+
+
+def test_backoff_settings_are_checked():
+    with pytest.raises(ValueError, match="max_retries"):
+        LLMQueryExpander(chat_generator=FakeChatGenerator(), max_retries=-1)
+    with pytest.raises(ValueError, match="retry_backoff"):
+        LLMQueryExpander(chat_generator=FakeChatGenerator(), retry_backoff=-1)
+
+
+# -- security: keys only through Secret ----------------------------------------------------------------------------
+def test_api_key_never_reaches_to_dict_yaml_logs_or_cache(api_key, tmp_path, caplog, capsys):
+    from haystack import Pipeline
+
+    cache = tmp_path / "c.sqlite"
+    with caplog.at_level(logging.DEBUG):
+        exp = LLMQueryExpander(chat_generator=FakeChatGenerator(["error", "ok"]), retry_backoff=0.0,
+                               cache=str(cache))
+        out = exp.run(query=QUERIES[0])
+        assert out["expansions"]
+        p = Pipeline()
+        p.add_component("expander", exp)
+        yaml_text = p.dumps()
+    assert "FAKE_API_KEY" in yaml_text and api_key not in yaml_text  # the env var's name, never its value
+    assert api_key not in json.dumps(exp.to_dict())
+    assert api_key not in caplog.text
+    captured = capsys.readouterr()
+    assert api_key not in captured.out + captured.err
+    for f in tmp_path.iterdir():  # the sqlite file and its WAL/SHM side files
+        assert api_key.encode() not in f.read_bytes(), f
+    # a key given as a token (not an env var) refuses to be serialized at all
+    token_exp = LLMQueryExpander(chat_generator=FakeChatGenerator(api_key=Secret.from_token(api_key)))
+    with pytest.raises(ValueError, match="token-based secret"):
+        token_exp.to_dict()
+
+
+# -- concurrent expanders sharing one cache (real bundled LLM, tiny generations) -----------------------------------
+def _expand_in_process(cache: str, queries: list[str]) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    LLMQueryExpander(max_new_tokens=3, n_expansions=2, cache=cache).expand(queries)
+
+
+def _entries(cache: str) -> tuple[int, int]:
+    return sqlite3.connect(cache).execute("SELECT count(*), count(DISTINCT key) FROM expansions").fetchone()
+
+
+@pytest.mark.integration
+def test_concurrent_expanders_from_threads_and_processes_share_one_cache(tmp_path):
+    queries = [f"{q} (variant {i})" for i in range(3) for q in QUERIES]  # 6 queries x 2 samples = 12 rows
+    cache = str(tmp_path / "c.sqlite")
+    # threads: two expanders (one shared model) on overlapping halves
+    a = LLMQueryExpander(max_new_tokens=3, n_expansions=2, cache=cache)
+    b = LLMQueryExpander(max_new_tokens=3, n_expansions=2, cache=cache)
+    a.warm_up()
+    b.warm_up()
+    results: dict[str, Any] = {}
+    threads = [threading.Thread(target=lambda: results.setdefault("a", a.expand(queries[:4]))),
+               threading.Thread(target=lambda: results.setdefault("b", b.expand(queries[2:])))]
+    [t.start() for t in threads]
+    [t.join(300) for t in threads]
+    assert set(results) == {"a", "b"}
+    assert _entries(cache) == (12, 12)
+    assert results["a"][2:] == results["b"][:2]  # the overlap agrees (per-row seeds)
+    # processes: two more on a second cache, overlapping
+    cache2 = str(tmp_path / "c2.sqlite")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_expand_in_process, args=(cache2, part)) for part in (queries[:4], queries[2:])]
+    [p.start() for p in procs]
+    [p.join(600) for p in procs]
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert _entries(cache2) == (12, 12)
+    # the same rows whichever way they were made
+    rows = dict(sqlite3.connect(cache).execute("SELECT key, text FROM expansions").fetchall())
+    rows2 = dict(sqlite3.connect(cache2).execute("SELECT key, text FROM expansions").fetchall())
+    assert rows == rows2
+
+
+# -- training: SIGKILL at every step, then --resume ----------------------------------------------------------------
+def _state(run: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run / "state.json").read_text()).get("done", {})
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _train(run: Path, log: Path, resume: bool) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1",
+           "HAYSTACK_TELEMETRY_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(ROOT / "training" / "joint.py"), "--config", str(ROOT / "training/configs/micro.yaml"),
+           "--output", str(run), "--no-progress"] + (["--resume"] if resume else [])
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
+
+
+def _check_run_folder(run: Path) -> None:
+    """Every JSON/JSONL file parses, the cache passes sqlite's integrity check, the adapter loads."""
+    from safetensors import safe_open
+
+    for f in run.rglob("*.json"):
+        json.loads(f.read_text())
+    for f in run.rglob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            json.loads(line)
+    assert sqlite3.connect(run / "cache.sqlite").execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    for f in run.rglob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            assert list(st.keys())
+
+
+def _pair_counts(run: Path) -> tuple[int, int, int]:
+    r1 = run / "round_1"
+    pairs = [json.loads(x) for x in (r1 / "pairs.jsonl").read_text().splitlines()]
+    seen = [json.loads(x) for x in (r1 / "pairs.jsonl.seen.jsonl").read_text().splitlines()]
+    assert len({p["query_id"] for p in pairs}) == len(pairs), "a query has two pairs"
+    assert len({s["query_id"] for s in seen}) == len(seen), "a query was recorded twice"
+    return len(pairs), len(seen), len(json.loads((run / "metrics.json").read_text()))
+
+
+@pytest.mark.integration
+def test_sigkill_at_every_training_step_then_resume_gives_the_same_pairs(tmp_path):
+    # the uninterrupted reference run goes on in parallel with the killed one
+    ref, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    ref_proc = _train(ref, tmp_path / "ref.log", resume=False)
+    log = tmp_path / "killed.log"
+    # kill as soon as `after` is recorded in state.json, i.e. while `during` runs
+    plan = [("baselines.eval", "round1.expand"), ("round1.expand", "round1.retriever"),
+            ("round1.retriever", "round1.pairs"), ("round1.pairs", "round1.dpo")]
+    interrupted = []
+    for i, (after, during) in enumerate(plan):
+        proc = _train(killed, log, resume=i > 0)
+        deadline = time.monotonic() + 1500
+        while after not in _state(killed):
+            assert proc.poll() is None, f"the run ended before {after} ({log.read_text()[-3000:]})"
+            assert time.monotonic() < deadline, f"timed out waiting for {after}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(60) == -signal.SIGKILL
+        done = _state(killed)
+        assert during not in done, f"{during} finished before the kill landed"
+        interrupted.append(during)
+        _check_run_folder(killed)  # nothing is corrupt, even right after a kill
+    assert interrupted == [d for _, d in plan]
+    final = _train(killed, log, resume=True)
+    assert final.wait(1800) == 0, log.read_text()[-3000:]
+    assert ref_proc.wait(1800) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    for run in (ref, killed):
+        _check_run_folder(run)
+        assert all(s in _state(run) for s in ("round1.dpo", "round1.eval", "round1.save"))
+    assert _pair_counts(killed) == _pair_counts(ref)
+    # the resumed run generated each text once: same cache rows as the uninterrupted run
+    count = "SELECT count(*) FROM expansions"
+    assert sqlite3.connect(killed / "cache.sqlite").execute(count).fetchone() == \
+        sqlite3.connect(ref / "cache.sqlite").execute(count).fetchone()
