@@ -163,7 +163,7 @@ def load_llm(model: str | None, adapter: str | None, device: str, dtype: str = "
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"`dtype` must be 'auto', 'float32', 'bfloat16' or 'float16'; got {dtype!r}.")
-    key = (path, adapter, adapter and _fingerprint(Path(adapter)), device, dtype)
+    key = (path, adapter, adapter and _fingerprint(Path(adapter)), device, dtype)  # a retrained adapter reloads
     with _LOCK:
         if key in _LLMS:
             return _LLMS[key]
@@ -185,29 +185,55 @@ def load_llm(model: str | None, adapter: str | None, device: str, dtype: str = "
 
 
 def _fingerprint(directory: Path) -> str:
-    """Size and modification time of every file in a directory: changes when a checkpoint is rewritten."""
+    """
+    A content fingerprint of a model folder that does not depend on where it lives: file names and sizes, the full
+    content of files up to 64 MiB (configs, tokenizers, LoRA adapters), and the first and last MiB of larger ones.
+    Moving or copying a run folder keeps it; rewriting a checkpoint changes it.
+    """
+    import hashlib
+
     directory = directory.expanduser()
     if not directory.exists():
         return "missing"
-    parts = []
-    for f in sorted(directory.rglob("*")):
-        if f.is_file():
-            st = f.stat()
-            parts.append(f"{f.relative_to(directory)}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(directory)}:{size}|".encode())
+        with f.open("rb") as fh:
+            if size <= 64 * 2**20:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(2**20))
+                fh.seek(size - 2**20)
+                digest.update(fh.read())
+    return digest.hexdigest()[:24]
 
 
 def model_identity(path_or_id: str, adapter: str | None = None) -> str:
     """A string that changes whenever the weights behind a model (and adapter) change; used as a cache key."""
-    ident = path_or_id
-    p = Path(path_or_id)
-    if p.exists():
-        import hashlib
-
-        ident = f"{p.resolve()}#{hashlib.sha256(_fingerprint(p).encode()).hexdigest()[:16]}"
+    if str(path_or_id) == str(dequantised_llm_dir()):
+        ident = "bundled:SmolLM2-135M-Instruct.Q4_1"
+    elif Path(path_or_id).exists():
+        ident = "local:" + _fingerprint(Path(path_or_id))
+    else:
+        ident = "hub:" + path_or_id
     if adapter is not None:
-        import hashlib
-
-        a = Path(adapter).expanduser()
-        ident += f"+lora:{a.resolve()}#{hashlib.sha256(_fingerprint(a).encode()).hexdigest()[:16]}"
+        ident += "+lora:" + _fingerprint(Path(adapter))
     return ident
+
+
+def release_models() -> None:
+    """Forget every memoised encoder and LLM and free their memory (between training rounds, for example)."""
+    import gc
+
+    with _LOCK:
+        _ENCODERS.clear()
+        _LLMS.clear()
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass

@@ -71,3 +71,19 @@ def test_processes_share_one_cache(tmp_path):
     assert all(p.exitcode == 0 for p in procs)
     rows = sqlite3.connect(path).execute("SELECT count(*), count(DISTINCT key) FROM expansions").fetchone()
     assert rows == (200, 200)
+
+
+def test_model_identity_follows_content_not_location(tmp_path):
+    import shutil
+
+    from expandr_haystack.models import model_identity
+
+    a = tmp_path / "a" / "adapter"
+    a.mkdir(parents=True)
+    (a / "adapter_config.json").write_text('{"r": 8}')
+    (a / "adapter_model.safetensors").write_bytes(b"\x00" * 1000)
+    b = tmp_path / "moved" / "adapter"
+    shutil.copytree(a, b)
+    assert model_identity("org/model", str(a)) == model_identity("org/model", str(b))
+    (b / "adapter_model.safetensors").write_bytes(b"\x01" * 1000)
+    assert model_identity("org/model", str(a)) != model_identity("org/model", str(b))

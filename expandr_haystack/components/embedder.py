@@ -9,6 +9,7 @@ import numpy as np
 from haystack import component, default_from_dict, default_to_dict
 from haystack.utils import ComponentDevice
 
+from expandr_haystack.components.expander import clean_text
 from expandr_haystack.models import load_encoder, resolve_device, resolve_encoder_path
 
 
@@ -156,7 +157,8 @@ class ExpandRQueryEmbedder:
                 if not isinstance(e, str):
                     raise TypeError(f"`expansions[{i}][{j}]` must be a string; got {type(e).__name__}.")
             flat.extend(e for e in exps if e.strip())
-        emb = self.encode(list(queries) + flat, progress_bar=progress_bar)
+        texts = [clean_text(t) for t in list(queries) + flat]  # no control characters / lone surrogates
+        emb = self.encode(texts, progress_bar=progress_bar)
         q_emb, e_emb = emb[: len(queries)], emb[len(queries) :]
         fused = np.empty_like(q_emb)
         pos = 0

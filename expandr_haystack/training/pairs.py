@@ -310,7 +310,9 @@ def build_pairs(
         stats.plot_path = str(side["plot"])
     except Exception as exc:  # noqa: BLE001 - a missing plotting backend must not lose the pairs
         logger.warning("Could not draw %s: %s", side["plot"], exc)
-    side["stats"].write_text(json.dumps(stats.to_dict(), indent=2) + "\n", encoding="utf-8")
+    staged = side["stats"].with_name(side["stats"].name + ".tmp")
+    staged.write_text(json.dumps(stats.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(staged, side["stats"])  # atomic: a kill never leaves half a statistics file
     return stats
 
 

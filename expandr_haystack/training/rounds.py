@@ -228,6 +228,12 @@ class JointTrainer:
         """A training step: every process trains (distributed trainers); the main one saves and records it."""
         if self._done(step):
             return
+        from expandr_haystack.models import release_models
+
+        release_models()  # the inference copies of the LLM / encoders are not needed while training
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # leftovers of a run killed inside a trainer
+            for stale in [*self.output.glob("round_*/.dpo-*"), *self.output.glob("*/.train-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
         info = work() or {}
         if is_main_process():
             self._finish(step, **info)
