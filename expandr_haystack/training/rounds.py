@@ -129,6 +129,12 @@ class JointTrainer:
                     return
             time.sleep(poll_seconds)
 
+    def _finish(self, step: str, **info: Any) -> None:
+        self.state["done"][step] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        if is_main_process():
+            write_json_atomic(self.state_path, self.state)
+        logger.info("finished %s", step)
+
     def _record(self, round_: int, label: str, result: dict[str, dict[str, float]], series: str | None = None) -> None:
         self.metrics = [m for m in self.metrics if not (m["round"] == round_ and m["label"] == label)]
         for method, values in result.items():
