@@ -16,9 +16,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from haystack import Document
 from haystack.document_stores.types import DocumentStore
 
 from expandr_haystack.components.retriever import ExpandRRetriever
+from expandr_haystack.components.reward import document_text as embedded_text
 from expandr_haystack.data import Collection
 from expandr_haystack.training.config import RetrieverSettings
 
@@ -31,9 +33,9 @@ def is_main_process() -> bool:
 
 
 def document_text(collection: Collection, doc_id: str) -> str:
-    """The text the encoder sees for a document: title + "\\n" + text (as the indexing pipeline embeds it)."""
+    """The text the encoder sees for a corpus document: the same text the indexing pipeline and the reward embed."""
     d = collection.corpus[doc_id]
-    return f"{d['title']}\n{d['text']}" if d["title"] else d["text"]
+    return embedded_text(Document(id=doc_id, content=d["text"], meta={"title": d["title"]}))
 
 
 def mine_hard_negatives(collection: Collection, query_ids: Sequence[str], expansions: Sequence[Sequence[str]] | None,

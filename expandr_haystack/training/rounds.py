@@ -198,7 +198,7 @@ class JointTrainer:
 
         return resolve_device(self._device())
 
-    def _store(self, encoder: str | None, collection: Collection | None = None):
+    def _store(self, encoder: str | None):
         """The corpus (shared by the train and eval splits) embedded with `encoder`; built once per encoder."""
         from expandr_haystack.indexing import build_document_store
 
