@@ -3,7 +3,7 @@ The `expandr` command line.
 
     expandr eval DATA_DIR [--split test] [--methods bm25,dense,expand,expand-rrf] [--encoder PATH] [--llm PATH]
                  [--adapter PATH] [--n-expansions N] [--cache PATH] [--json OUT] [--plot OUT.png]
-                 [--max-queries N] [--max-new-tokens N]
+                 [--max-queries N] [--max-new-tokens N] [--backend B]
     expandr train ...        (registered by expandr_haystack.training.cli when that module is present)
 
 DATA_DIR is a BEIR-layout folder, or `cranfield` for the bundled collection. `python -m expandr_haystack.eval ...`
@@ -67,6 +67,8 @@ def add_eval_arguments(p: argparse.ArgumentParser, methods: Sequence[str]) -> No
     p.add_argument("--max-new-tokens", type=int, default=96, help="expansion length limit (default: 96)")
     p.add_argument("--batch-size", type=int, default=16, help="LLM generation batch size (default: 16)")
     p.add_argument("--seed", type=int, default=42, help="expansion seed (default: 42)")
+    p.add_argument("--backend", default="auto", choices=["auto", "packed", "transformers", "vllm"],
+                   help="LLM generation engine (default auto: the packed float32 decoder on CPU)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -98,7 +100,8 @@ def run_eval(args: argparse.Namespace) -> int:
           f"{len(collection.queries)} judged queries; methods: {', '.join(methods)}", flush=True)
     result = evaluate(collection, methods, encoder=args.encoder, llm=args.llm, adapter=args.adapter,
                       n_expansions=args.n_expansions, cache=args.cache, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, seed=args.seed, progress_bar=not args.no_progress)
+                      batch_size=args.batch_size, seed=args.seed, progress_bar=not args.no_progress,
+                      backend=args.backend)
     print()
     print(format_table(result, title=f"{collection.path.name} {collection.split} (metrics x100)"))
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())

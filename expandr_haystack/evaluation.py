@@ -113,6 +113,7 @@ def evaluate(
     progress_bar: bool = True,
     store: DocumentStore | None = None,
     device: ComponentDevice | None = None,
+    backend: str = "auto",
 ) -> EvalResult:
     """
     Evaluate retrieval methods on a collection's judged queries with pytrec_eval (nDCG@10, Recall@100, MRR@10).
@@ -133,6 +134,7 @@ def evaluate(
     :param n_expansions: Expansions per query (>= 1).
     :param cache: Path of the persistent expansion cache (sqlite); None = no cache. Ignored with `expander`.
     :param max_new_tokens: Expansion length limit. Ignored with `expander`.
+    :param backend: The expander's generation engine (see `LLMQueryExpander`). Ignored with `expander`.
     :param batch_size: Rows generated together by the LLM. Ignored with `expander`.
     :param seed: Base seed of the expansions. Ignored with `expander`.
     :param expander: An already constructed `LLMQueryExpander` (e.g. the one being trained) to use instead of
@@ -175,7 +177,7 @@ def evaluate(
 
             expander = LLMQueryExpander(model=llm, adapter=adapter, n_expansions=n_expansions, cache=cache,
                                         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                                        device=device, progress_bar=progress_bar)
+                                        device=device, progress_bar=progress_bar, backend=backend)
         started = time.perf_counter()
         expander.warm_up()
         expansions = expander.expand(queries, n=n_expansions)

@@ -25,29 +25,99 @@ def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor, top_p: float, 
     """
     One token per row by temperature + nucleus (top-p) sampling, each row drawing from its own generator.
 
-    The nucleus is found among the `preselect` most likely tokens; a row whose top `preselect` tokens hold less than
-    `top_p` of the mass falls back to a full sort, so the result is exactly nucleus sampling. Temperature 0 = greedy.
+    The nucleus is found among the `preselect` most likely tokens; rows whose top `preselect` tokens hold less than
+    `top_p` of the mass (flat distributions) look again among the top ``16 * preselect``, then the full sorted
+    vocabulary, so the result is exactly nucleus sampling. Temperature 0 = greedy.
     """
     greedy = temperatures <= 0
     probs = (logits / torch.where(greedy, 1.0, temperatures).unsqueeze(-1)).softmax(dim=-1)
-    top_probs, top_ids = probs.topk(min(preselect, probs.shape[-1]), dim=-1)
-    tokens = torch.empty(len(generators), dtype=torch.long, device=logits.device)
-    for r, g in enumerate(generators):
-        if greedy[r]:
-            tokens[r] = top_ids[r, 0]
-            continue
-        p, ids = top_probs[r], top_ids[r]
-        if top_p >= 1.0 or float(p.sum()) < top_p:
+    vocab = probs.shape[-1]
+    top_probs, top_ids = probs.topk(min(preselect, vocab), dim=-1)
+    tokens = top_ids[:, 0].clone()  # greedy rows keep this
+    sampled = (~greedy).nonzero().flatten().tolist()
+    if not sampled:
+        return tokens
+    if top_p >= 1.0:
+        for r in sampled:
             p, ids = probs[r].sort(descending=True)
-        if top_p < 1.0:
-            p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)  # keep tokens until the mass before them >= top_p
-        tokens[r] = ids[torch.multinomial(p, 1, generator=g)[0]]
+            tokens[r] = ids[torch.multinomial(p, 1, generator=generators[r])[0]]
+        return tokens
+    # widen the candidate set only for the rows that need it (exact: the nucleus is inside it)
+    candidates = {r: (top_probs[r], top_ids[r]) for r in sampled}
+    short = [r for r in sampled if float(top_probs[r].sum()) < top_p]
+    for k in (min(16 * preselect, vocab), vocab):
+        if not short:
+            break
+        wide_probs, wide_ids = probs[short].topk(k, dim=-1) if k < vocab else probs[short].sort(-1, descending=True)
+        for j, r in enumerate(short):
+            candidates[r] = (wide_probs[j], wide_ids[j])
+        short = [r for j, r in enumerate(short) if k < vocab and float(wide_probs[j].sum()) < top_p]
+    for r in sampled:
+        p, ids = candidates[r]
+        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)  # keep tokens until the mass before them >= top_p
+        tokens[r] = ids[torch.multinomial(p, 1, generator=generators[r])[0]]
     return tokens
+
+
+class TransformersDecoder:
+    """Prefill / decode steps through the model's own ``forward`` and KV cache (any ``transformers`` causal LM)."""
+
+    def __init__(self, model, pad_id: int = 0):
+        self.model = model
+        self.pad_id = pad_id
+        # transformers >= 5.2x names the KV cache `cache`; earlier releases `past_key_values`
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def prefill(self, prompts: list[list[int]], select: torch.Tensor, max_new_tokens: int):
+        """Run the unique prompts (left-padded); return next-token logits for every row (row i continues prompt
+        select[i]) and the decoding state."""
+        input_ids, attention = left_padded(prompts, self.pad_id, select.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        past = _returned_cache(out)
+        if len(select) > len(input_ids):
+            past.batch_select_indices(select)
+        state = {"past": past, "attention": attention.index_select(0, select),
+                 "next_position": positions.index_select(0, select)[:, -1:] + 1}
+        return out.logits[:, -1, :].float().index_select(0, select), state
+
+    def decode(self, state, tokens):
+        """Feed one token per row; return the next-token logits."""
+        attention = state["attention"]
+        attention = torch.cat([attention, attention.new_ones((len(tokens), 1))], -1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=state["next_position"],
+                         use_cache=True, **{self._cache_arg: state["past"]})
+        state.update(past=_returned_cache(out), attention=attention, next_position=state["next_position"] + 1)
+        return out.logits[:, -1, :].float()
+
+
+def default_decoder(model, backend: str = "auto", pad_id: int = 0):
+    """
+    The decoder for `backend`: "auto" (the packed float32 decoder where the model allows it, else transformers),
+    "packed" (fail if the model does not allow it) or "transformers".
+    """
+    from expandr_haystack.packed_llama import PackedLlamaDecoder, unsupported_reason
+
+    if backend not in ("auto", "packed", "transformers"):
+        raise ValueError(f"`backend` must be 'auto', 'packed' or 'transformers'; got {backend!r}.")
+    if backend == "transformers":
+        return TransformersDecoder(model, pad_id)
+    reason = unsupported_reason(model)
+    if reason is None:
+        return PackedLlamaDecoder(model)
+    if backend == "packed":
+        raise ValueError(f"`backend`='packed' cannot run this model: {reason}. Use 'auto' or 'transformers'.")
+    return TransformersDecoder(model, pad_id)
 
 
 class LocalSampler:
     """
     Batched sampling from a ``transformers`` causal LM with per-row seeds and temperatures.
+
+    The sampling loop is shared; the forward passes come from a decoder: `PackedLlamaDecoder` (fast float32 CPU
+    path for Llama-architecture models) or `TransformersDecoder` (any model, any device).
 
     Usage:
     ```python
@@ -57,7 +127,7 @@ class LocalSampler:
     ```
     """
 
-    def __init__(self, model, tokenizer, max_prompt_tokens: int = 1024):
+    def __init__(self, model, tokenizer, max_prompt_tokens: int = 1024, decoder=None, backend: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
@@ -67,9 +137,13 @@ class LocalSampler:
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        # transformers >= 5.2x names the KV cache `cache`; earlier releases `past_key_values`
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.decoder = decoder if decoder is not None else default_decoder(model, backend, self.pad_id)
+        self.tokens_generated = 0  # running count of sampled tokens (an EOS counts, padding after it does not)
+
+    @property
+    def backend(self) -> str:
+        """Name of the decoder in use: "packed" or "transformers"."""
+        return "transformers" if isinstance(self.decoder, TransformersDecoder) else "packed"
 
     @property
     def device(self) -> torch.device:
@@ -109,53 +183,44 @@ class LocalSampler:
 
     def _sample_batch(self, ids, seeds, temperatures, top_p, max_new_tokens) -> list[str]:
         device = self.device
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(ids), width), dtype=torch.long)
-        for r, row in enumerate(ids):
-            input_ids[r, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            attention[r, width - len(row) :] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        # identical prompts in the batch (several samples of one query) are prefilled once
+        unique: dict[tuple, int] = {}
+        source = [unique.setdefault(tuple(row), len(unique)) for row in ids]
         gen_device = "cpu" if device.type == "mps" else device
         generators = [torch.Generator(device=gen_device).manual_seed(int(s) % (2**63)) for s in seeds]
         temps = torch.tensor(temperatures, dtype=torch.float32, device=device)
         eos_ids = self.eos_ids.to(device)
-
-        # identical prompts in the batch (several samples of one query) are prefilled once, their cache shared
-        unique: dict[tuple, int] = {}
-        source = [unique.setdefault(tuple(row), len(unique)) for row in ids]
-        firsts = [source.index(u) for u in range(len(unique))]
-        out = self.model(input_ids=input_ids[firsts], attention_mask=attention[firsts], position_ids=positions[firsts],
-                         use_cache=True, logits_to_keep=1)
-        past = _returned_cache(out)
         select = torch.tensor(source, device=device)
-        if len(firsts) < len(ids):
-            past.batch_select_indices(select)
-        logits = out.logits[:, -1, :].float()[select]
+        logits, state = self.decoder.prefill([list(p) for p in unique], select, max_new_tokens)
         finished = torch.zeros(len(ids), dtype=torch.bool, device=device)
         generated = []
-        next_pos = positions[:, -1:] + 1
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             next_tokens = sample_rows(logits, temps, top_p, generators)
             next_tokens = torch.where(finished, torch.full_like(next_tokens, self.pad_id), next_tokens)
             generated.append(next_tokens)
             finished |= torch.isin(next_tokens, eos_ids)
-            if bool(finished.all()):
+            if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            attention = torch.cat([attention, torch.ones((len(ids), 1), dtype=attention.dtype, device=device)], -1)
-            out = self.model(input_ids=next_tokens[:, None], attention_mask=attention, position_ids=next_pos,
-                             use_cache=True, **{self._cache_arg: past})
-            past = _returned_cache(out)
-            logits = out.logits[:, -1, :].float()
-            next_pos = next_pos + 1
+            logits = self.decoder.decode(state, next_tokens)
         tokens = torch.stack(generated, dim=1).cpu().tolist() if generated else [[] for _ in ids]
         texts = []
         eos_set = set(self.eos_ids.tolist())
         for row in tokens:
             cut = next((k for k, t in enumerate(row) if t in eos_set), len(row))
+            self.tokens_generated += min(cut + 1, len(row))
             texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
         return texts
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as a left-padded id tensor and its attention mask."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, row in enumerate(prompts):
+        input_ids[r, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention[r, width - len(row) :] = 1
+    return input_ids.to(device), attention.to(device)
 
 
 def _returned_cache(out):

@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -229,6 +230,9 @@ def release_models() -> None:
     with _LOCK:
         _ENCODERS.clear()
         _LLMS.clear()
+    vllm_sampler = sys.modules.get("expandr_haystack.vllm_sampler")
+    if vllm_sampler is not None:
+        vllm_sampler.release_engines()
     gc.collect()
     try:
         import torch

@@ -15,6 +15,7 @@ from expandr_haystack.components.expander import _check_query
     ({"prompt": "no placeholder"}, r"\{query\}"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"on_failure": "ignore"}, "on_failure"),
+    ({"backend": "onnx"}, "backend"),
 ])
 def test_expander_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -45,6 +45,18 @@ def test_cache_hits_cost_no_generation_and_seed_is_batch_independent(expander, t
     assert other_seed.expand(QUERIES) != first
 
 
+def test_packed_and_transformers_backends_agree_on_the_bundled_model(expander):
+    assert expander._sampler.backend == "packed"  # the CPU default for the bundled float32 Llama model
+    reference = LLMQueryExpander(max_new_tokens=12, n_expansions=2, backend="transformers")
+    reference.warm_up()
+    assert reference._sampler.backend == "transformers"
+    assert (reference._engine, expander._engine) == ("", "packed")  # same row seeds, cached apart
+    packed, plain = expander.expand(QUERIES), reference.expand(QUERIES)
+    # same float32 math and seeds: the texts agree except where a draw falls within rounding of a nucleus edge
+    same = sum(a == b for x, y in zip(packed, plain) for a, b in zip(x, y))
+    assert same >= 3, (packed, plain)
+
+
 def test_run_and_run_async(expander):
     out = expander.run(query=QUERIES[0])
     assert out["query"] == QUERIES[0] and len(out["expansions"]) == 2

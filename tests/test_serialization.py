@@ -11,7 +11,7 @@ def _pipeline():
     store = InMemoryDocumentStore(embedding_similarity_function="cosine")
     p = Pipeline()
     p.add_component("expander", LLMQueryExpander(n_expansions=2, temperature=0.7, cache="x.sqlite",
-                                                 device=ComponentDevice.from_str("cpu")))
+                                                 device=ComponentDevice.from_str("cpu"), backend="transformers"))
     p.add_component("embedder", ExpandRQueryEmbedder(query_weight=0.6))
     p.add_component("retriever", ExpandRRetriever(document_store=store, top_k=5, fusion="rrf"))
     p.connect("expander.query", "retriever.query")
@@ -26,7 +26,7 @@ def test_yaml_round_trip_keeps_every_setting():
     q = Pipeline.loads(text)
     assert q.dumps() == text
     exp = q.get_component("expander")
-    assert (exp.n_expansions, exp.temperature, exp.cache) == (2, 0.7, "x.sqlite")
+    assert (exp.n_expansions, exp.temperature, exp.cache, exp.backend) == (2, 0.7, "x.sqlite", "transformers")
     assert exp.device == ComponentDevice.from_str("cpu")
     assert q.get_component("retriever").fusion == "rrf"
     assert q.get_component("embedder").query_weight == 0.6

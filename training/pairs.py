@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-answer", action="store_true", help="document-only reward (ablation; no answers generated)")
     p.add_argument("--device", default=None, help='"cpu", "cuda:0", ... (default: best available)')
+    p.add_argument("--backend", default="auto", choices=["auto", "packed", "transformers", "vllm"],
+                   help="LLM generation engine (default auto: the packed float32 decoder on CPU)")
     p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = ComponentDevice.from_str(args.device) if args.device else None
     expander, answerer, scorer = make_components(config, llm=args.llm, adapter=args.adapter, encoder=args.encoder,
-                                                 cache=args.cache, device=device, progress_bar=False)
+                                                 cache=args.cache, device=device, progress_bar=False,
+                                                 backend=args.backend)
     print(f"{data}: split {args.split!r}, {len(collection.queries)} judged queries; "
           f"{config.n_candidates} candidates at temperatures {list(config.temperatures)}; "
           f"threshold {config.threshold}; answer term {'on' if config.use_answer else 'off (ablation)'}")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from expandr_haystack.models import DEFAULT_LLM, load_llm, model_identity, resol
 logger = logging.getLogger(__name__)
 
 #: The ExpandR query-to-document prompt (paper, q2d).
+BACKENDS = ("auto", "packed", "transformers", "vllm")
+
 EXPANSION_PROMPT = "Please write a passage to answer the question.\nQuestion: {query}\nPassage:"
 #: The ExpandR query-to-answer prompt used for the reward's self-consistency term (paper, q2a): sees the gold document.
 ANSWER_PROMPT = (
@@ -126,6 +130,7 @@ class LLMQueryExpander:
         max_concurrency: int = 8,
         on_failure: str = "raise",
         progress_bar: bool = False,
+        backend: str = "auto",
     ):
         """
         Create the expander.
@@ -151,6 +156,10 @@ class LLMQueryExpander:
         :param max_concurrency: Remote calls in flight at once (async).
         :param on_failure: "raise", or "skip" (return no expansions for that query; retrieval then uses the query).
         :param progress_bar: Show a progress bar while generating.
+        :param backend: Local generation engine. "auto": the packed float32 CPU decoder for Llama-architecture models
+            in float32 on CPU (same math as transformers, about 2x faster), else transformers; "packed" (fail if the
+            model does not allow it); "transformers"; "vllm" (GPU, in-process vLLM with the LoRA `adapter`; needs
+            the `vllm` extra). Unused with `chat_generator`.
         """
         if not isinstance(prompt, str) or "{query}" not in prompt:
             raise ValueError(f"`prompt` must be a string containing the placeholder '{{query}}'; got {prompt!r:.120}.")
@@ -168,6 +177,8 @@ class LLMQueryExpander:
             raise ValueError(f"`max_retries` must be an integer >= 0; got {max_retries!r}.")
         if not isinstance(retry_backoff, (int, float)) or isinstance(retry_backoff, bool) or retry_backoff < 0:
             raise ValueError(f"`retry_backoff` must be a number of seconds >= 0; got {retry_backoff!r}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}.")
         if on_failure not in ("raise", "skip"):
             raise ValueError(f"`on_failure` must be 'raise' or 'skip'; got {on_failure!r}.")
         if chat_generator is not None and (model is not None or adapter is not None):
@@ -197,9 +208,11 @@ class LLMQueryExpander:
         self.max_concurrency = max_concurrency
         self.on_failure = on_failure
         self.progress_bar = progress_bar
+        self.backend = backend
         self._sampler = None
         self._cache: ExpansionCache | None = None
-        self._identity: str | None = None
+        self._identity: str | None = None  # model + adapter + dtype (or the chat generator's settings)
+        self._engine = ""  # the local generation engine when it is not transformers (part of the cache key)
         self._warm = False
 
     # -- Haystack plumbing ---------------------------------------------------------------------------------
@@ -227,6 +240,7 @@ class LLMQueryExpander:
             max_concurrency=self.max_concurrency,
             on_failure=self.on_failure,
             progress_bar=self.progress_bar,
+            backend=self.backend,
         )
 
     @classmethod
@@ -248,12 +262,24 @@ class LLMQueryExpander:
                 self.chat_generator.warm_up()
             cfg = component_to_dict(self.chat_generator, "chat_generator")
             self._identity = "chat:" + cache_key(**cfg)
+        elif self.backend == "vllm":
+            from expandr_haystack.vllm_sampler import VLLMSampler
+
+            self._sampler = VLLMSampler(resolve_llm_path(self.model), self.adapter, dtype=self.dtype,
+                                        max_prompt_tokens=self.max_prompt_tokens)
+            self._identity = model_identity(resolve_llm_path(self.model), self.adapter) + f"@{self.dtype}"
+            self._engine = "vllm"
         else:
             from expandr_haystack.generation import LocalSampler
 
             model, tokenizer = load_llm(self.model, self.adapter, resolve_device(self.device), self.dtype)
-            self._sampler = LocalSampler(model, tokenizer, max_prompt_tokens=self.max_prompt_tokens)
+            self._sampler = LocalSampler(model, tokenizer, max_prompt_tokens=self.max_prompt_tokens,
+                                         backend=self.backend)
             self._identity = model_identity(resolve_llm_path(self.model), self.adapter) + f"@{self.dtype}"
+            # the packed decoder is the same float32 math with the same row seeds, but a draw within rounding of a
+            # nucleus boundary can differ: its texts are cached apart from the transformers path's, so that a cache
+            # hit is always exactly what this configuration generates
+            self._engine = "" if self._sampler.backend == "transformers" else self._sampler.backend
         if self.cache is not None and self._cache is None:
             self._cache = ExpansionCache(self.cache)
         self._warm = True
@@ -362,8 +388,11 @@ class LLMQueryExpander:
                 key = cache_key(model=self._identity, prompt=self.prompt, system=self.system_prompt, query=query,
                                 document=doc, index=i, temperature=t, top_p=self.top_p,
                                 max_new_tokens=self.max_new_tokens, seed=self.seed)
+                seed_key = key  # a row's random stream does not depend on the engine that samples it
+                if self._engine:
+                    key = cache_key(row=seed_key, engine=self._engine)
                 rows.append({"q": qi, "i": i, "query": query, "user": text, "temperature": t, "key": key,
-                             "text": None})
+                             "seed_key": seed_key, "text": None})
         return rows
 
     def _truncate(self, text: str, argument: str = "query") -> str:
@@ -412,7 +441,7 @@ class LLMQueryExpander:
         texts = [""] * len(rows)
         todo = list(range(len(rows)))
         for attempt in range(self.max_retries + 1):
-            seeds = [_row_seed(self.seed, rows[k]["key"], attempt) for k in todo]
+            seeds = [_row_seed(self.seed, rows[k]["seed_key"], attempt) for k in todo]
             outs = self._sampler.sample([prompts[k] for k in todo], seeds, [rows[k]["temperature"] for k in todo],
                                         self.top_p, self.max_new_tokens, self.batch_size,
                                         progress_bar=self.progress_bar and attempt == 0, desc="Expanding")
@@ -447,17 +476,27 @@ class LLMQueryExpander:
     async def _remote_rows_async(self, rows) -> list[str]:
         sem = asyncio.Semaphore(self.max_concurrency)
         has_async = hasattr(self.chat_generator, "run_async")
+        if not has_async:  # a sync-only generator runs in threads: max_concurrency of them, not asyncio's default
+            pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="expandr-remote")
+            try:
+                return await self._remote_rows_gather(rows, sem, pool)
+            finally:
+                pool.shutdown(wait=False)
+        return await self._remote_rows_gather(rows, sem, None)
+
+    async def _remote_rows_gather(self, rows, sem, pool) -> list[str]:
+        loop = asyncio.get_running_loop()
 
         async def one(r):
             async with sem:
                 for attempt in range(self.max_retries + 1):
                     try:
-                        if has_async:
+                        if pool is None:
                             reply = await self.chat_generator.run_async(messages=self._messages(r),
                                                                          **self._remote_kwargs(r))
                         else:
-                            reply = await asyncio.to_thread(self.chat_generator.run, messages=self._messages(r),
-                                                            **self._remote_kwargs(r))
+                            reply = await loop.run_in_executor(pool, functools.partial(
+                                self.chat_generator.run, messages=self._messages(r), **self._remote_kwargs(r)))
                         text = _reply_text(reply, r["query"])
                         if text:
                             return text

@@ -74,6 +74,7 @@ class JointConfig:
     rounds: int = 2
     encoder: str | None = None
     llm: str | None = None
+    llm_backend: str = "auto"
     device: str | None = None
     seed: int = 42
     eval_methods: tuple[str, ...] = ("dense", "expand")
@@ -148,6 +149,16 @@ class JointConfig:
             v = getattr(self, key)
             need(v is None and key != "data" or isinstance(v, str) and v.strip() != "", key,
                  "a non-empty string" + ("" if key == "data" else " or null"), v)
+        from expandr_haystack.components.expander import BACKENDS
+
+        need(self.llm_backend in BACKENDS, "llm_backend", f"one of {', '.join(BACKENDS)}", self.llm_backend)
+        if self.llm_backend == "vllm":
+            from expandr_haystack.vllm_sampler import vllm_unavailable_reason
+
+            reason = vllm_unavailable_reason()
+            if reason is not None:
+                raise ConfigError(f"{source}: `llm_backend` is 'vllm' but {reason}; this setting is meant for GPU "
+                                  f"machines. Use llm_backend: auto here.")
         e = self.expansion
         need(e.n_expansions == 1, "expansion.n_expansions",
              "1 for training (the retriever is trained on one expansion per query, as in the paper; evaluate with "

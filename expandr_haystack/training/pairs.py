@@ -142,7 +142,8 @@ def sidecar_paths(out_path: str | Path) -> dict[str, Path]:
 
 def make_components(config: PairConfig | None = None, llm: str | None = None, adapter: str | None = None,
                     encoder: str | None = None, cache: str | None = None, device=None,
-                    progress_bar: bool = False) -> tuple[LLMQueryExpander, LLMQueryExpander | None, RewardScorer]:
+                    progress_bar: bool = False,
+                    backend: str = "auto") -> tuple[LLMQueryExpander, LLMQueryExpander | None, RewardScorer]:
     """
     The three components `build_pairs` uses: candidate expander (q2d prompt, sampling), answer expander
     (`ANSWER_PROMPT`, greedy; None when `config.use_answer` is False) and scorer, sharing one LLM and one cache.
@@ -151,13 +152,13 @@ def make_components(config: PairConfig | None = None, llm: str | None = None, ad
     expander = LLMQueryExpander(model=llm, adapter=adapter, prompt=EXPANSION_PROMPT, n_expansions=config.n_candidates,
                                 temperature=config.temperatures[0], top_p=config.top_p,
                                 max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed,
-                                cache=cache, device=device, progress_bar=progress_bar)
+                                cache=cache, device=device, progress_bar=progress_bar, backend=backend)
     answerer = None
     if config.use_answer:
         answerer = LLMQueryExpander(model=llm, adapter=adapter, prompt=ANSWER_PROMPT, n_expansions=1, temperature=0.0,
                                     max_new_tokens=config.answer_max_new_tokens, batch_size=config.batch_size,
                                     seed=config.seed, cache=cache, device=device, on_failure="skip",
-                                    progress_bar=progress_bar)
+                                    progress_bar=progress_bar, backend=backend)
     scorer = RewardScorer(model=encoder, threshold=config.threshold, device=device)
     return expander, answerer, scorer
 

@@ -184,7 +184,7 @@ class JointTrainer:
         kwargs = {"model": self.config.llm, "adapter": self._adapter(r), "n_expansions": e.n_expansions,
                       "temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens,
                       "batch_size": e.batch_size, "seed": self.config.seed, "cache": self.cache_path, "device": self._device(),
-                      "progress_bar": self.progress_bar}
+                      "progress_bar": self.progress_bar, "backend": self.config.llm_backend}
         kwargs.update(overrides)
         return LLMQueryExpander(**kwargs)
 
@@ -314,7 +314,8 @@ class JointTrainer:
         c = self.config
         expander, answerer, scorer = make_components(c.pairs, llm=c.llm, adapter=self._adapter(r - 1),
                                                      encoder=self._encoder(r), cache=self.cache_path,
-                                                     device=self._device(), progress_bar=self.progress_bar)
+                                                     device=self._device(), progress_bar=self.progress_bar,
+                                                     backend=c.llm_backend)
         stats = build_pairs(self.train_data, self._round_dir(r) / "pairs.jsonl", expander, answerer, scorer, c.pairs,
                             query_ids=list(self.train_data.queries), progress_bar=self.progress_bar)
         self._finish(f"round{r}.pairs", kept=stats.kept, seen=stats.queries_seen)

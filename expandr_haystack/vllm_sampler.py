@@ -1,0 +1,99 @@
+"""
+GPU sampling through an in-process ``vllm.LLM``, with the LoRA adapter from training (optional extra ``vllm``).
+
+Same interface as ``LocalSampler.sample``: one completion per templated prompt, each row with its own seed and
+temperature (vLLM's per-request ``SamplingParams(seed=...)``), so a row's text does not depend on its batch. Several
+samples of one query are separate requests with their own seeds; vLLM's prefix caching computes their shared prompt
+once, which is what ``SamplingParams(n=k)`` would save, without tying a sample's text to its siblings.
+
+The engine takes ``gpu_memory_utilization`` of the GPU (default 0.4, leaving room for the retriever and DPO steps of
+joint training) and is memoised per (model, dtype); ``models.release_models()`` frees it. The adapter is not merged:
+vLLM applies it per request (``LoRARequest``), so a new round's adapter needs no new engine.
+
+Usage:
+```python
+sampler = VLLMSampler("meta-llama/Meta-Llama-3-8B-Instruct", adapter="runs/paper/round_1/adapter")
+texts = sampler.sample(prompts, seeds=[1, 2], temperatures=[1.0, 0.8], top_p=0.9, max_new_tokens=512)
+```
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+_ENGINES: dict[tuple, object] = {}
+_LOCK = threading.Lock()
+
+
+def vllm_unavailable_reason() -> str | None:
+    """Why the vLLM backend cannot run here (None when it can)."""
+    if importlib.util.find_spec("vllm") is None:
+        return "the `vllm` package is not installed (pip install 'expandr-haystack[vllm]' on a CUDA machine)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"no CUDA GPU is visible to torch {torch.__version__} (vLLM needs one)"
+    return None
+
+
+def release_engines() -> None:
+    """Drop the memoised vLLM engines (their GPU memory is returned once nothing else refers to them)."""
+    with _LOCK:
+        _ENGINES.clear()
+
+
+class VLLMSampler:
+    """Per-row-seeded sampling with ``vllm.LLM`` (see the module docstring)."""
+
+    def __init__(self, model: str, adapter: str | None = None, dtype: str = "auto",
+                 gpu_memory_utilization: float = 0.4, max_model_len: int | None = 4096, max_prompt_tokens: int = 1024):
+        reason = vllm_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"`backend`='vllm' cannot run: {reason}. Use backend 'auto' on CPU.")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"`gpu_memory_utilization` must be in (0, 1]; got {gpu_memory_utilization!r}.")
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.max_prompt_tokens = max_prompt_tokens
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.lora = None
+        max_lora_rank = 16
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            adapter_dir = Path(adapter).expanduser().resolve()
+            rank = json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 16)
+            max_lora_rank = max(8, 1 << (int(rank) - 1).bit_length())  # vLLM accepts powers of two
+            self.lora = LoRARequest("expandr", abs(hash(str(adapter_dir))) % (2**31) + 1, str(adapter_dir))
+        key = (model, dtype, max_model_len)
+        with _LOCK:
+            if key not in _ENGINES:
+                _ENGINES[key] = LLM(model=model, dtype="bfloat16" if dtype == "auto" else dtype, enable_lora=True,
+                                    max_lora_rank=max(64, max_lora_rank), enable_prefix_caching=True,
+                                    gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+            self.engine = _ENGINES[key]
+
+    backend = "vllm"
+
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of already-templated prompts (the chat template adds its own special tokens)."""
+        return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], temperatures: Sequence[float], top_p: float,
+               max_new_tokens: int, batch_size: int = 16, progress_bar: bool = False,
+               desc: str = "Generating") -> list[str]:
+        """One completion per prompt; vLLM schedules the batches itself (`batch_size` is not used)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(temperature=float(t), top_p=top_p if t > 0 else 1.0, max_tokens=max_new_tokens,
+                                 seed=int(s) % (2**63), skip_special_tokens=True)
+                  for s, t in zip(seeds, temperatures)]
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in self.tokenize(prompts)]
+        outputs = self.engine.generate(requests, params, use_tqdm=progress_bar, lora_request=self.lora)
+        return [out.outputs[0].text for out in outputs]

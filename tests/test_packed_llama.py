@@ -1,0 +1,110 @@
+"""The packed float32 decoder against transformers' own forward, on a tiny random Llama (fast, no downloads)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from expandr_haystack.generation import LocalSampler, TransformersDecoder, default_decoder
+from expandr_haystack.packed_llama import PackedLlamaDecoder, unsupported_reason
+
+
+class CharTokenizer:
+    """Byte-level tokenizer for the tiny model: ids 3..130 are bytes, 2 is EOS/pad."""
+
+    eos_token_id = 2
+    pad_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + (b % 128) for b in text.encode()]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i - 3) for i in ids if i >= 3)
+
+
+def tiny_llama(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=2, pad_token_id=2, bos_token_id=1, tie_word_embeddings=True, **overrides)
+    model = LlamaForCausalLM(config).eval()
+    for p in model.parameters():  # larger weights than the init, so the logits are far from uniform
+        p.data.normal_(0, 0.2)
+    return model
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("prompts", [
+    [[5, 9, 17, 33, 40, 41], [7, 8], [50, 51, 52, 53]],             # nothing shared
+    [[5, 9, 17, 33, 40, 41], [5, 9, 17, 8], [5, 9, 17, 33, 52, 53]],  # a common prefix of 3 tokens
+    [[5, 9, 17], [5, 9, 17, 33], [5, 9, 17, 33, 40, 41, 42]],        # one prompt is the common prefix itself
+])
+def test_prefill_and_decode_logits_match_transformers(prompts):
+    model = tiny_llama()
+    select = torch.tensor([0, 0, 1, 2, 2])  # prompts 0 and 2 sampled twice: one prefill each
+    fed = torch.tensor([[11, 12, 13, 14, 15], [21, 22, 23, 24, 25], [31, 32, 33, 34, 35],
+                        [41, 42, 43, 44, 45], [61, 62, 63, 64, 65]])
+    outputs = []
+    for decoder in (TransformersDecoder(model, pad_id=2), PackedLlamaDecoder(model)):
+        logits, state = decoder.prefill(prompts, select, max_new_tokens=6)
+        steps = [logits]
+        for t in range(fed.shape[1]):
+            steps.append(decoder.decode(state, fed[:, t]))
+        outputs.append(torch.stack(steps, 1))
+    reference, packed = outputs
+    assert reference.shape == packed.shape == (5, 6, 131)
+    assert torch.allclose(reference, packed, atol=1e-4, rtol=1e-4), (reference - packed).abs().max()
+    # and both equal a plain full-sequence forward (no cache), row by row
+    for row, prompt in enumerate(select.tolist()):
+        full = torch.tensor([prompts[prompt] + fed[row].tolist()])
+        plain = model(input_ids=full).logits[0, len(prompts[prompt]) - 1:]
+        assert torch.allclose(plain, packed[row], atol=1e-4, rtol=1e-4), (row, (plain - packed[row]).abs().max())
+
+
+def test_same_seeds_give_the_same_text_on_both_decoders():
+    model, tok = tiny_llama(seed=1), CharTokenizer()
+    prompts = ["Q: what is lift", "Q: heat", "Q: what is lift", "Q: boundary layer flow", "no prefix"]
+    kwargs = {"seeds": [1, 2, 3, 4, 5], "temperatures": [1.0, 0.7, 1.0, 0.0, 1.0], "top_p": 0.9,
+              "max_new_tokens": 12, "batch_size": 3}
+    reference = LocalSampler(model, tok, backend="transformers").sample(prompts, **kwargs)
+    packed_sampler = LocalSampler(model, tok, backend="packed")
+    assert packed_sampler.backend == "packed"
+    assert packed_sampler.sample(prompts, **kwargs) == reference
+    assert any(reference), "the tiny model should generate something"
+
+
+def test_unsupported_models_fall_back_or_fail_clearly():
+    model = tiny_llama(attention_bias=True)
+    assert "bias" in unsupported_reason(model)
+    assert isinstance(default_decoder(model, "auto"), TransformersDecoder)
+    with pytest.raises(ValueError, match="backend.*packed.*bias"):
+        default_decoder(model, "packed")
+    with pytest.raises(ValueError, match="`backend` must be"):
+        default_decoder(model, "fastest")
+    assert "float32" in unsupported_reason(tiny_llama().to(torch.bfloat16))
+
+
+def _reference_nucleus(logits, temperature, top_p, generator):
+    """Textbook temperature + nucleus sampling over the fully sorted vocabulary."""
+    p, ids = (logits / temperature).softmax(-1).sort(descending=True)
+    if top_p < 1.0:
+        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
+    return int(ids[torch.multinomial(p, 1, generator=generator)[0]])
+
+
+@pytest.mark.parametrize("top_p", [0.9, 0.5, 1.0])
+def test_sample_rows_is_exact_nucleus_sampling(top_p):
+    from expandr_haystack.generation import sample_rows
+
+    torch.manual_seed(0)
+    vocab = 5000
+    # peaked rows (nucleus inside the top 8), flat rows (nucleus beyond the top 128 and beyond 16 x 8), a greedy row
+    logits = torch.cat([torch.randn(3, vocab) * 8, torch.randn(3, vocab) * 0.1, torch.randn(1, vocab)])
+    temperatures = torch.tensor([1.0, 0.7, 1.3, 1.0, 0.8, 1.1, 0.0])
+    def generators(seed):
+        return [torch.Generator().manual_seed(seed * 100 + r) for r in range(len(logits))]
+
+    for seed in range(5):
+        got = sample_rows(logits, temperatures, top_p, generators(seed), preselect=8).tolist()
+        reference = [_reference_nucleus(logits[r], float(t), top_p, g) if t > 0 else int(logits[r].argmax())
+                     for r, (t, g) in enumerate(zip(temperatures, generators(seed)))]
+        assert got == reference

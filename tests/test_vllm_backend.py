@@ -1,0 +1,54 @@
+"""The vLLM backend: a clear refusal where it cannot run; real generation on a CUDA machine with vllm installed."""
+
+import json
+
+import pytest
+
+from expandr_haystack import LLMQueryExpander
+from expandr_haystack.vllm_sampler import vllm_unavailable_reason
+
+REASON = vllm_unavailable_reason()
+QUERIES = ["what is the lift of a wing in a propeller slipstream .",
+           "what problems of heat conduction in composite slabs have been solved so far ."]
+
+
+@pytest.mark.skipif(REASON is None, reason="vllm and a GPU are present: the refusal cannot be shown here")
+def test_vllm_backend_says_why_it_cannot_run():
+    expander = LLMQueryExpander(backend="vllm")  # construction and serialization need no GPU
+    assert LLMQueryExpander.from_dict(expander.to_dict()).backend == "vllm"
+    with pytest.raises(RuntimeError, match=r"`backend`='vllm' cannot run: .*(vllm|CUDA)"):
+        expander.warm_up()
+
+
+def test_vllm_training_config_is_refused_with_the_reason():
+    from expandr_haystack.training.config import ConfigError, JointConfig
+
+    if REASON is None:
+        assert JointConfig.from_dict({"llm_backend": "vllm"}).llm_backend == "vllm"
+        return
+    with pytest.raises(ConfigError, match="llm_backend"):
+        JointConfig.from_dict({"llm_backend": "vllm"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(REASON is not None, reason=f"vLLM backend not runnable here: {REASON}")
+def test_vllm_generates_per_row_seeded_text_with_a_lora_adapter(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from expandr_haystack.models import resolve_llm_path
+
+    base = LLMQueryExpander(backend="vllm", max_new_tokens=24, n_expansions=2)
+    first = base.expand(QUERIES)
+    assert [len(x) for x in first] == [2, 2] and all(t for x in first for t in x)
+    # per-row seeds: one query at a time gives the same texts as the batch
+    assert [base.expand([q])[0] for q in QUERIES] == first
+    # a LoRA adapter with random (non-zero) weights changes the text; vLLM applies it per request
+    model = AutoModelForCausalLM.from_pretrained(resolve_llm_path(None), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    tuned = LLMQueryExpander(backend="vllm", adapter=str(tmp_path / "adapter"), max_new_tokens=24, n_expansions=2)
+    assert tuned.expand(QUERIES) != first
