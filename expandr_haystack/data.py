@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -64,18 +65,27 @@ def resolve_collection_path(data: str | Path) -> Path:
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     if not path.exists():
         raise DataError(f"Missing file {path} (BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv).")
-    rows = []
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}).") from exc
-            if not isinstance(row, dict) or any(k not in row for k in required):
-                raise DataError(f"{path}:{lineno}: expected an object with keys {list(required)}; got {line[:120]!r}.")
-            rows.append(row)
+        return parse_jsonl(f, path, required, DataError)
+
+
+def parse_jsonl(lines: Iterable[str], path: Path, required: tuple[str, ...], error: type[Exception] = DataError,
+                advice: str = "") -> list[dict]:
+    """
+    JSON objects from the lines of a JSONL file (blank lines skipped). A line that is not JSON, not an object or
+    lacks a `required` key raises `error` naming the file and line (`advice` is appended to the message).
+    """
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{path}:{lineno}: not valid JSON ({exc.msg}){advice}.") from exc
+        if not isinstance(row, dict) or any(k not in row for k in required):
+            raise error(f"{path}:{lineno}: expected an object with keys {list(required)}; got {line[:120]!r}.")
+        rows.append(row)
     return rows
 
 

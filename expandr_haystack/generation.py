@@ -14,6 +14,8 @@ hold less than `top_p` fall back to a full sort).
 from __future__ import annotations
 
 import inspect
+import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -57,6 +59,10 @@ def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor, top_p: float, 
         p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)  # keep tokens until the mass before them >= top_p
         tokens[r] = ids[torch.multinomial(p, 1, generator=generators[r])[0]]
     return tokens
+
+
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its PackedLlamaDecoder
+_LOCK = threading.Lock()
 
 
 class TransformersDecoder:
@@ -106,7 +112,10 @@ def default_decoder(model, backend: str = "auto", pad_id: int = 0):
         return TransformersDecoder(model, pad_id)
     reason = unsupported_reason(model)
     if reason is None:
-        return PackedLlamaDecoder(model)
+        with _LOCK:  # one packed copy per model, however many expanders share it (the candidates and the answers)
+            if model not in _PACKED:
+                _PACKED[model] = PackedLlamaDecoder(model)
+            return _PACKED[model]
     if backend == "packed":
         raise ValueError(f"`backend`='packed' cannot run this model: {reason}. Use 'auto' or 'transformers'.")
     return TransformersDecoder(model, pad_id)

@@ -57,6 +57,7 @@ class _Linear:
         if torch.backends.mkldnn.is_available():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+                self.weight = None  # the packed copy is all that is used (fused weights are not kept twice)
             except (RuntimeError, AttributeError):
                 self.packed = None
 

@@ -49,3 +49,18 @@ def test_clean_generation_drops_echoed_query():
 def test_clean_generation_keeps_normal_text():
     text = "The boundary layer on a heated plate thickens downstream."
     assert clean_generation(text) == text
+
+
+def test_scored_hits_equal_dataclasses_replace_and_leave_the_stored_document_alone():
+    from dataclasses import replace
+
+    from haystack import Document
+
+    from expandr_haystack.components.retriever import _with_score
+
+    stored = Document(content="lift of a wing", meta={"title": "t"}, embedding=[0.1, 0.2])
+    scored = _with_score(stored, 0.75)
+    assert scored == replace(stored, score=0.75) and scored.id == stored.id
+    assert stored.score is None and scored.score == 0.75
+    scored.score = 0.5  # a caller mutating its hit does not touch the store's document
+    assert stored.score is None

@@ -145,6 +145,7 @@ class JointConfig:
         need(0 <= r.hard_negative_skip < r.hard_negative_depth, "retriever.hard_negative_skip",
              "in [0, hard_negative_depth)", r.hard_negative_skip)
         need(0.0 <= r.query_weight <= 1.0, "retriever.query_weight", "in [0, 1]", r.query_weight)
+        need(0.0 <= r.warmup_ratio < 1.0, "retriever.warmup_ratio", "in [0, 1)", r.warmup_ratio)
         for key in ("data", "encoder", "llm", "device"):
             v = getattr(self, key)
             need(v is None and key != "data" or isinstance(v, str) and v.strip() != "", key,

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from expandr_haystack.components.expander import ANSWER_PROMPT, EXPANSION_PROMPT, LLMQueryExpander
 from expandr_haystack.components.reward import REASON_KEPT, RewardScorer, document_text
-from expandr_haystack.data import Collection
+from expandr_haystack.data import Collection, parse_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -178,18 +178,8 @@ def _read_jsonl_repairing(path: Path) -> list[dict[str, Any]]:
             f.flush()
             os.fsync(f.fileno())
         data = data[:keep]
-    rows = []
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or delete the file.") from exc
-        if not isinstance(row, dict) or "query_id" not in row:
-            raise ValueError(f"{path}:{lineno}: expected an object with a 'query_id'; got {line[:100]!r}.")
-        rows.append(row)
-    return rows
+    return parse_jsonl(data.decode("utf-8").splitlines(), path, ("query_id",), ValueError,
+                       "; fix or delete the file")
 
 
 def _append_line(f, row: dict[str, Any]) -> None:

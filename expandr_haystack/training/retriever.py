@@ -127,7 +127,7 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
             max_steps=settings.max_steps,
             per_device_train_batch_size=min(settings.batch_size, len(rows)),
             learning_rate=settings.learning_rate,
-            warmup_ratio=settings.warmup_ratio,
+            warmup_steps=float(settings.warmup_ratio),  # transformers 5: a float in [0, 1) is a fraction of steps
             batch_sampler=BatchSamplers.NO_DUPLICATES,
             save_strategy="no",
             report_to="none",
