@@ -5,6 +5,8 @@ Same interface as ``LocalSampler.sample``: one completion per templated prompt, 
 temperature (vLLM's per-request ``SamplingParams(seed=...)``), so a row's text does not depend on its batch. Several
 samples of one query are separate requests with their own seeds; vLLM's prefix caching computes their shared prompt
 once, which is what ``SamplingParams(n=k)`` would save, without tying a sample's text to its siblings.
+Checked against the vLLM 0.33 API (``LLM.generate(prompts, sampling_params, use_tqdm=, lora_request=)``,
+``TokensPrompt``, ``LoRARequest``); vLLM 0.33 requires torch 2.14.0.
 
 The engine takes ``gpu_memory_utilization`` of the GPU (default 0.4, leaving room for the retriever and DPO steps of
 joint training) and is memoised per (model, dtype); ``models.release_models()`` frees it. The adapter is not merged:
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 _ENGINES: dict[tuple, object] = {}
+_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed `max_lora_rank` values (1 aside)
 _LOCK = threading.Lock()
 
 
@@ -62,19 +65,26 @@ class VLLMSampler:
         self.max_prompt_tokens = max_prompt_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.lora = None
-        max_lora_rank = 16
+        rank = 16
         if adapter is not None:
             from vllm.lora.request import LoRARequest
 
+            from expandr_haystack.models import _fingerprint
+
             adapter_dir = Path(adapter).expanduser().resolve()
-            rank = json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 16)
-            max_lora_rank = max(8, 1 << (int(rank) - 1).bit_length())  # vLLM accepts powers of two
-            self.lora = LoRARequest("expandr", abs(hash(str(adapter_dir))) % (2**31) + 1, str(adapter_dir))
-        key = (model, dtype, max_model_len)
+            rank = int(json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 16))
+            # vLLM caches an adapter by its integer id: derive it from the content, so a retrained adapter in the
+            # same folder is loaded afresh rather than served from the cache
+            self.lora = LoRARequest("expandr", int(_fingerprint(adapter_dir)[:8], 16) % (2**31 - 1) + 1,
+                                    str(adapter_dir))
+        max_lora_rank = next((r for r in _LORA_RANKS if r >= rank), None)
+        if max_lora_rank is None:
+            raise ValueError(f"`adapter`: LoRA rank {rank} is above what vLLM supports ({_LORA_RANKS[-1]}).")
+        key = (model, dtype, max_model_len, max_lora_rank)
         with _LOCK:
             if key not in _ENGINES:
                 _ENGINES[key] = LLM(model=model, dtype="bfloat16" if dtype == "auto" else dtype, enable_lora=True,
-                                    max_lora_rank=max(64, max_lora_rank), enable_prefix_caching=True,
+                                    max_lora_rank=max_lora_rank, enable_prefix_caching=True,
                                     gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
             self.engine = _ENGINES[key]
 
