@@ -49,6 +49,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_eval_arguments(p: argparse.ArgumentParser, methods: Sequence[str]) -> None:
     """The arguments of `expandr eval` (shared with `python -m expandr_haystack.eval`)."""
+    from expandr_haystack.components.expander import BACKENDS
+
     p.add_argument("data_dir", metavar="DATA_DIR",
                    help="BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), or 'cranfield' for "
                         "the bundled collection")
@@ -67,7 +69,7 @@ def add_eval_arguments(p: argparse.ArgumentParser, methods: Sequence[str]) -> No
     p.add_argument("--max-new-tokens", type=int, default=96, help="expansion length limit (default: 96)")
     p.add_argument("--batch-size", type=int, default=16, help="LLM generation batch size (default: 16)")
     p.add_argument("--seed", type=int, default=42, help="expansion seed (default: 42)")
-    p.add_argument("--backend", default="auto", choices=["auto", "packed", "transformers", "vllm"],
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="LLM generation engine (default auto: the packed float32 decoder on CPU)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

@@ -6,9 +6,10 @@ which other rows share its batch, on the batch size, or on which rows were alrea
 "same seed => same expansions" hold across cache hits and reruns.
 
 The loop is the plain KV-cached decode of ``transformers.generate`` with nucleus sampling, written out so that
-per-row seeds and temperatures are possible. It computes only the last position's logits at prefill, prefills a
-prompt once however many samples it has, and finds the nucleus among the top 256 tokens (exact: rows whose top 256
-hold less than `top_p` fall back to a full sort).
+per-row seeds and temperatures are possible; its forward passes come from a decoder (`TransformersDecoder`, or the
+faster `packed_llama.PackedLlamaDecoder`). A prompt is prefilled once however many samples it has, only the last
+position's logits are computed at prefill, and the nucleus is found among the top 256 tokens, widened for the rows
+that need it (exact; see `sample_rows`).
 """
 
 from __future__ import annotations

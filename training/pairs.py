@@ -45,6 +45,7 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from expandr_haystack.components.expander import BACKENDS
     from expandr_haystack.models import expandr_home
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-answer", action="store_true", help="document-only reward (ablation; no answers generated)")
     p.add_argument("--device", default=None, help='"cpu", "cuda:0", ... (default: best available)')
-    p.add_argument("--backend", default="auto", choices=["auto", "packed", "transformers", "vllm"],
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="LLM generation engine (default auto: the packed float32 decoder on CPU)")
     p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
