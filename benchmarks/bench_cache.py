@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, verdict
 
 from expandr_haystack import LLMQueryExpander
-from expandr_haystack.data import bundled_path, load_collection
+from expandr_haystack.evaluation.data import bundled_path, load_collection
 
 GOAL_MS = 1.0
 
@@ -66,7 +66,7 @@ def main() -> None:
         stats = expander.cache_stats
         assert stats["misses"] == len(queries), stats  # every timed lookup was a hit
 
-        keys = [r["key"] for r in expander._plan(queries, None, None, None)]
+        keys = [r.key for r in expander._plan(queries, None, None, None)]
         conn = sqlite3.connect(str(path))
         conn.execute("SELECT text FROM expansions WHERE key = ?", (keys[0],)).fetchone()
         started = time.perf_counter()

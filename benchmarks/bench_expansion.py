@@ -49,9 +49,9 @@ def main(argv=None) -> int:
     import torch
 
     from expandr_haystack import LLMQueryExpander
-    from expandr_haystack.components.expander import EXPANSION_PROMPT
-    from expandr_haystack.data import bundled_path, load_collection
-    from expandr_haystack.generation import LocalSampler
+    from expandr_haystack.core.text import EXPANSION_PROMPT
+    from expandr_haystack.evaluation.data import bundled_path, load_collection
+    from expandr_haystack.generation.local import LocalSampler
     from expandr_haystack.models import load_llm
 
     if args.threads:
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         return sampler.tokens_generated - before
 
     variants = {"raw generate": raw, "sampler/transformers": lambda s: sampler_run("transformers", s),
-                "sampler/packed": lambda s: sampler_run("packed", s), f"expander ({expander._sampler.backend})":
+                "sampler/packed": lambda s: sampler_run("packed", s), f"expander ({expander.engine})":
                 expander_run}
     for fn in variants.values():  # warm-up: first-call allocations, oneDNN primitive creation
         fn(10_000) if fn is not raw else None
@@ -134,8 +134,8 @@ def main(argv=None) -> int:
     print(f"same seeds, packed vs transformers sampler: {same}/{len(prompts)} texts identical (last repeat)")
 
     if args.quality:
-        from expandr_haystack.evaluation import evaluate
-        from expandr_haystack.indexing import build_document_store
+        from expandr_haystack.evaluation.indexing import build_document_store
+        from expandr_haystack.evaluation.runner import evaluate
 
         collection = load_collection(bundled_path("cranfield"), split="test")
         store = build_document_store(collection.documents(), progress_bar=False)

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, machine, median, summary, verdict
 from haystack.document_stores.in_memory import InMemoryDocumentStore
 
-from expandr_haystack.data import bundled_path, load_collection
-from expandr_haystack.indexing import indexing_pipeline
+from expandr_haystack.evaluation.data import bundled_path, load_collection
+from expandr_haystack.evaluation.indexing import indexing_pipeline
 
 GOAL = 0.9
 

@@ -49,7 +49,7 @@ def rss_mib() -> float:
 
 
 def make_queries(n: int) -> list[str]:
-    from expandr_haystack.data import bundled_path, load_collection
+    from expandr_haystack.evaluation.data import bundled_path, load_collection
 
     base = []
     for split in ("train", "test"):
@@ -74,8 +74,8 @@ def main() -> None:
     from haystack import Pipeline
 
     from expandr_haystack import ExpandRRetriever, LLMQueryExpander
-    from expandr_haystack.data import bundled_path, load_collection
-    from expandr_haystack.indexing import build_document_store
+    from expandr_haystack.evaluation.data import bundled_path, load_collection
+    from expandr_haystack.evaluation.indexing import build_document_store
 
     print(f"machine: {machine()}")
     cache = args.cache or str(Path(tempfile.mkdtemp(prefix="bench-load-")) / "expansions.sqlite")

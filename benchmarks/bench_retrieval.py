@@ -37,7 +37,7 @@ from haystack import Document
 from haystack.document_stores.in_memory import InMemoryDocumentStore
 
 from expandr_haystack import ExpandRRetriever
-from expandr_haystack.data import bundled_path, load_collection
+from expandr_haystack.evaluation.data import bundled_path, load_collection
 from expandr_haystack.models import load_encoder, resolve_device
 
 GOAL = 1.15

@@ -25,9 +25,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from expandr_haystack import LLMQueryExpander
-    from expandr_haystack.data import bundled_path, load_collection
-    from expandr_haystack.evaluation import evaluate
-    from expandr_haystack.indexing import build_document_store
+    from expandr_haystack.evaluation.data import bundled_path, load_collection
+    from expandr_haystack.evaluation.indexing import build_document_store
+    from expandr_haystack.evaluation.runner import evaluate
 
     print(machine())
     collection = load_collection(bundled_path("cranfield"), split="test")

@@ -18,8 +18,8 @@ from haystack.components.generators.chat import OpenAIChatGenerator
 from haystack.utils import Secret
 
 from expandr_haystack import ExpandRRetriever, LLMQueryExpander
-from expandr_haystack.data import bundled_path, load_collection
-from expandr_haystack.indexing import build_document_store
+from expandr_haystack.evaluation.data import bundled_path, load_collection
+from expandr_haystack.evaluation.indexing import build_document_store
 
 
 def main() -> None:

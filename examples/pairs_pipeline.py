@@ -23,8 +23,8 @@ from haystack import Pipeline
 
 import expandr_haystack  # noqa: F401 - adds our module to Haystack's deserialization allow-list
 from expandr_haystack import ANSWER_PROMPT, LLMQueryExpander, RewardScorer
-from expandr_haystack.components.reward import document_text
-from expandr_haystack.data import bundled_path, load_collection
+from expandr_haystack.core.text import document_text
+from expandr_haystack.evaluation.data import bundled_path, load_collection
 
 
 def build_pipeline(n_candidates: int = 4, max_new_tokens: int = 64, threshold: float = 0.6,

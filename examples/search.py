@@ -2,11 +2,16 @@
 ExpandR search over the bundled Cranfield collection (the `make run` job).
 
 1. Index the corpus with Haystack's stock SentenceTransformersDocumentEmbedder (bundled all-MiniLM-L6-v2).
-2. Build the pipeline  LLMQueryExpander (bundled SmolLM2-135M-Instruct) -> ExpandRRetriever.
-3. Expand the test queries in batches (this fills the persistent cache), then run the pipeline on each query
-   (cache hits), print a few queries with their expansion and top documents, and nDCG@10 with/without expansion.
+2. Choose the fusion settings on a validation split carved from the *train* queries (never the test split): the
+   query weight w of each ExpandR mode and Rocchio's (k, f).
+3. Build two Haystack pipelines with the bundled SmolLM2-135M-Instruct:
+   - q2d (the paper's):    LLMQueryExpander -> ExpandRRetriever
+   - grounded (ours):      ExpandRRetriever (first pass) -> LLMQueryExpander(GROUNDED_PROMPT) -> ExpandRRetriever
+4. Expand the test queries in batches (this fills the persistent cache), run both pipelines on each query (cache
+   hits), print a few queries with their expansions and top documents, then nDCG@10 of dense retrieval (no
+   expansion), PRF and each ExpandR mode.
 
-    python examples/search.py [--max-queries N] [--n-expansions N] [--cache PATH]
+    python examples/search.py [--max-queries N] [--n-expansions 4] [--temperature 0.7] [--validation-size 30]
 """
 
 from __future__ import annotations
@@ -19,57 +24,99 @@ os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 
 from haystack import Pipeline
 
-from expandr_haystack import ExpandRRetriever, LLMQueryExpander
-from expandr_haystack.data import bundled_path, load_collection
-from expandr_haystack.indexing import build_document_store
-from expandr_haystack.metrics import evaluate_run, run_from_documents
+from expandr_haystack import GROUNDED_PROMPT, ExpandRRetriever, LLMQueryExpander
+from expandr_haystack.evaluation.data import bundled_path, load_collection
+from expandr_haystack.evaluation.indexing import build_document_store
+from expandr_haystack.evaluation.metrics import evaluate_run, run_from_documents
+from expandr_haystack.evaluation.protocol import select_settings
 from expandr_haystack.models import expandr_home
+
+
+def q2d_pipeline(store, expander: LLMQueryExpander, query_weight: float) -> Pipeline:
+    """LLMQueryExpander -> ExpandRRetriever (the paper's query-to-document expansion)."""
+    p = Pipeline()
+    p.add_component("expander", expander)
+    p.add_component("retriever", ExpandRRetriever(document_store=store, top_k=100, query_weight=query_weight))
+    p.connect("expander.query", "retriever.query")
+    p.connect("expander.expansions", "retriever.expansions")
+    return p
+
+
+def grounded_pipeline(store, expander: LLMQueryExpander, query_weight: float) -> Pipeline:
+    """ExpandRRetriever -> LLMQueryExpander(GROUNDED_PROMPT) -> ExpandRRetriever: the expander reads the first
+    pass's top hits (the query goes to the first retriever and to the expander)."""
+    p = Pipeline()
+    p.add_component("first_pass", ExpandRRetriever(document_store=store, top_k=expander.passages_k))
+    p.add_component("expander", expander)
+    p.add_component("retriever", ExpandRRetriever(document_store=store, top_k=100, query_weight=query_weight))
+    p.connect("first_pass.documents", "expander.documents")
+    p.connect("expander.query", "retriever.query")
+    p.connect("expander.expansions", "retriever.expansions")
+    return p
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-queries", type=int, default=None, help="evaluate on the first N test queries")
-    parser.add_argument("--n-expansions", type=int, default=1)
+    parser.add_argument("--n-expansions", type=int, default=4, help="expansions averaged per query")
+    parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--validation-size", type=int, default=30, help="train queries carved for validation")
     parser.add_argument("--cache", default=str(expandr_home() / "cache" / "expansions.sqlite"))
-    parser.add_argument("--show", type=int, default=3, help="queries to print in full")
+    parser.add_argument("--show", type=int, default=2, help="queries to print in full")
     args = parser.parse_args()
 
     started = time.time()
-    collection = load_collection(bundled_path("cranfield"), split="test", max_queries=args.max_queries)
-    print(f"Cranfield: {len(collection.corpus)} documents, {len(collection.queries)} test queries")
-    store = build_document_store(collection.documents(), progress_bar=True)
+    test = load_collection(bundled_path("cranfield"), split="test", max_queries=args.max_queries)
+    _, validation = load_collection(bundled_path("cranfield"), split="train").split_validation(
+        args.validation_size, seed=0)
+    print(f"Cranfield: {len(test.corpus)} documents, {len(test.queries)} test queries, "
+          f"{len(validation.queries)} validation queries carved from train")
+    store = build_document_store(test.documents(), progress_bar=True)
+    settings = {"n_expansions": args.n_expansions, "temperature": args.temperature,
+                "max_new_tokens": args.max_new_tokens, "batch_size": 32, "cache": args.cache, "progress_bar": True}
+    q2d = LLMQueryExpander(**settings)
+    grounded = LLMQueryExpander(prompt=GROUNDED_PROMPT, **settings)
 
-    expander = LLMQueryExpander(n_expansions=args.n_expansions, max_new_tokens=args.max_new_tokens,
-                                cache=args.cache, progress_bar=True)
-    retriever = ExpandRRetriever(document_store=store, top_k=100)
-    pipeline = Pipeline()
-    pipeline.add_component("expander", expander)
-    pipeline.add_component("retriever", retriever)
-    pipeline.connect("expander.query", "retriever.query")
-    pipeline.connect("expander.expansions", "retriever.expansions")
-    pipeline.warm_up()
+    chosen = select_settings(validation, ["prf", "expand", "grounded"], expander=q2d, grounded_expander=grounded,
+                             store=store)
+    w = chosen.query_weight
+    print(f"chosen on validation: w(q2d) {w['expand']:g}, w(grounded) {w['grounded']:g}, "
+          f"PRF k {chosen.feedback_k} f {chosen.feedback_weight:g}")
 
-    query_ids, queries = list(collection.queries), list(collection.queries.values())
-    expander.expand(queries)  # batched generation; the pipeline runs below are cache hits
-    expanded_results, plain_results = [], []
+    pipelines = {"q2d": q2d_pipeline(store, q2d, w["expand"]), "grounded": grounded_pipeline(store, grounded,
+                                                                                             w["grounded"])}
+    for p in pipelines.values():
+        p.warm_up()
+    query_ids, queries = list(test.queries), list(test.queries.values())
+    dense = ExpandRRetriever(document_store=store, top_k=100)
+    dense.warm_up()
+    plain = dense.retrieve(queries, None)
+    q2d.expand(queries)  # batched generation: the pipeline runs below are cache hits
+    grounded.expand(queries, passages=dense.retrieve(queries, None, top_k=grounded.passages_k))
+    results = {"q2d": [], "grounded": []}
     for i, (qid, query) in enumerate(zip(query_ids, queries)):
-        out = pipeline.run({"expander": {"query": query}}, include_outputs_from={"expander"})
-        docs = out["retriever"]["documents"]
-        expanded_results.append(docs)
-        if i < args.show:
-            print(f"\n[{qid}] {query}")
-            print(f"  expansion: {out['expander']['expansions'][0][:300]!r}")
-            for rank, d in enumerate(docs[:3], start=1):
-                mark = "*" if d.id in collection.qrels[qid] else " "
-                print(f"  {rank}.{mark} {d.id:>5} {d.score:.3f} {d.meta.get('title', '')[:90]}")
-    plain_results = retriever.retrieve(queries, None, top_k=100)
+        for mode, pipeline in pipelines.items():
+            inputs = {"expander": {"query": query}} | ({"first_pass": {"query": query}} if mode == "grounded" else {})
+            out = pipeline.run(inputs, include_outputs_from={"expander"})
+            docs = out["retriever"]["documents"]
+            results[mode].append(docs)
+            if i < args.show:
+                print(f"\n[{qid}] {query}\n  {mode} expansion: {out['expander']['expansions'][0][:240]!r}")
+                for rank, d in enumerate(docs[:3], start=1):
+                    mark = "*" if d.id in test.qrels[qid] else " "
+                    print(f"  {rank}.{mark} {d.id:>5} {d.score:.3f} {d.meta.get('title', '')[:90]}")
+    prf = dense.retrieve(queries, None, feedback_k=chosen.feedback_k, feedback_weight=chosen.feedback_weight)
 
-    print(f"\nnDCG@10 on Cranfield test ({len(queries)} queries; * = judged relevant above)")
-    for name, results in (("dense, no expansion", plain_results), ("ExpandR fused (mean)", expanded_results)):
-        means, _ = evaluate_run(collection.qrels, run_from_documents(query_ids, results))
-        print(f"  {name:<22} nDCG@10 {100 * means['ndcg@10']:6.2f}   Recall@100 {100 * means['recall@100']:6.2f}")
-    print(f"\ncache: {expander.cache_stats}; total {time.time() - started:.0f} s")
+    print(f"\nnDCG@10 on Cranfield test ({len(queries)} queries; * = judged relevant above; one expansion seed — "
+          f"`expandr eval --seeds` gives mean ± sd)")
+    rows = (("dense, no expansion", plain), (f"PRF (Rocchio k={chosen.feedback_k}), no LLM", prf),
+            (f"ExpandR q2d (n={args.n_expansions}, w={w['expand']:g})", results["q2d"]),
+            (f"ExpandR grounded (n={args.n_expansions}, w={w['grounded']:g})", results["grounded"]))
+    for name, hits in rows:
+        means, _ = evaluate_run(test.qrels, run_from_documents(query_ids, hits))
+        print(f"  {name:<36} nDCG@10 {100 * means['ndcg@10']:6.2f}   Recall@100 {100 * means['recall@100']:6.2f}")
+    print(f"\ncache: {q2d.cache_stats}; total {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 from haystack import Pipeline
 
 import expandr_haystack  # noqa: F401 - adds `expandr_haystack` (only) to Haystack's deserialization allow-list
-from expandr_haystack.data import bundled_path, load_collection
-from expandr_haystack.indexing import use_bundled_encoder
+from expandr_haystack.evaluation.data import bundled_path, load_collection
+from expandr_haystack.evaluation.indexing import use_bundled_encoder
 
 HERE = Path(__file__).parent
 

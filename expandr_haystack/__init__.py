@@ -7,15 +7,8 @@ pipelines naming our components load with `Pipeline.loads` while every other mod
 
 from haystack.core.serialization import allow_deserialization_module
 
-from expandr_haystack.components import (
-    ANSWER_PROMPT,
-    EXPANSION_PROMPT,
-    ExpandRQueryEmbedder,
-    ExpandRRetriever,
-    LLMQueryExpander,
-    RewardScorer,
-    fuse,
-)
+from expandr_haystack.components import ExpandRQueryEmbedder, ExpandRRetriever, LLMQueryExpander, RewardScorer
+from expandr_haystack.core import ANSWER_PROMPT, EXPANSION_PROMPT, GROUNDED_PROMPT, fuse
 
 allow_deserialization_module("expandr_haystack")
 
@@ -23,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ANSWER_PROMPT",
     "EXPANSION_PROMPT",
+    "GROUNDED_PROMPT",
     "ExpandRQueryEmbedder",
     "ExpandRRetriever",
     "LLMQueryExpander",

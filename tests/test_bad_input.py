@@ -4,7 +4,7 @@ import pytest
 from haystack.document_stores.in_memory import InMemoryDocumentStore
 
 from expandr_haystack import ExpandRQueryEmbedder, ExpandRRetriever, LLMQueryExpander
-from expandr_haystack.components.expander import _check_query
+from expandr_haystack.core.text import check_query as _check_query
 
 
 @pytest.mark.parametrize("kwargs,match", [

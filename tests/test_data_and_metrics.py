@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from expandr_haystack.data import DataError, bundled_path, load_collection
-from expandr_haystack.metrics import evaluate_run
+from expandr_haystack.evaluation.data import DataError, bundled_path, load_collection
+from expandr_haystack.evaluation.metrics import evaluate_run
 
 
 def _write(root, corpus, queries, qrels_text, split="test"):

@@ -7,7 +7,7 @@ import pytest
 from haystack import Pipeline
 
 from expandr_haystack import ExpandRRetriever, LLMQueryExpander
-from expandr_haystack.components.expander import ANSWER_PROMPT
+from expandr_haystack.core.text import ANSWER_PROMPT
 
 pytestmark = pytest.mark.integration
 QUERIES = ["what is the lift of a wing in a propeller slipstream .",
@@ -46,11 +46,14 @@ def test_cache_hits_cost_no_generation_and_seed_is_batch_independent(expander, t
 
 
 def test_packed_and_transformers_backends_agree_on_the_bundled_model(expander):
-    assert expander._sampler.backend == "packed"  # the CPU default for the bundled float32 Llama model
+    assert expander.engine == "packed"  # the CPU default for the bundled float32 Llama model
     reference = LLMQueryExpander(max_new_tokens=12, n_expansions=2, backend="transformers")
-    reference.warm_up()
-    assert reference._sampler.backend == "transformers"
-    assert (reference._engine, expander._engine) == ("", "packed")  # same row seeds, cached apart
+    assert reference.engine == "transformers"
+    # same row seeds, cached apart: the packed engine's texts are keyed with its name
+    packed_rows, plain_rows = expander._plan(QUERIES, None, None, None), reference._plan(QUERIES, None, None, None)
+    assert [r.seed_key for r in packed_rows] == [r.seed_key for r in plain_rows]
+    assert all(a.key != b.key for a, b in zip(packed_rows, plain_rows))
+    assert all(r.key == r.seed_key for r in plain_rows)
     packed, plain = expander.expand(QUERIES), reference.expand(QUERIES)
     # same float32 math and seeds: the texts agree except where a draw falls within rounding of a nucleus edge
     same = sum(a == b for x, y in zip(packed, plain) for a, b in zip(x, y))
@@ -93,7 +96,7 @@ def test_pipeline_python_and_yaml(small_store, tmp_path):
 
 def test_yaml_examples_load_and_run(tmp_path, monkeypatch, cranfield_small):
     import expandr_haystack  # noqa: F401 - adds our module to Haystack's allow-list
-    from expandr_haystack.indexing import use_bundled_encoder
+    from expandr_haystack.evaluation.indexing import use_bundled_encoder
 
     monkeypatch.chdir(tmp_path)  # the YAML's cache path is relative
     examples = Path(__file__).parents[1] / "examples"

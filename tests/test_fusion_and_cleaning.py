@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from expandr_haystack import fuse
-from expandr_haystack.components.expander import clean_generation
+from expandr_haystack.core.text import clean_generation
 
 
 def test_fuse_is_mean_of_unit_vectors_for_one_expansion():
@@ -64,3 +64,11 @@ def test_scored_hits_equal_dataclasses_replace_and_leave_the_stored_document_alo
     assert stored.score is None and scored.score == 0.75
     scored.score = 0.5  # a caller mutating its hit does not touch the store's document
     assert stored.score is None
+
+
+def test_a_claim_restated_verbatim_is_kept_not_emptied():
+    """SmolLM2 often answers a SciFact claim by restating it: that was cleaned to "" and failed the row."""
+    claim = "A deficiency of folate increases blood levels of homocysteine."
+    assert clean_generation(claim, claim) == claim
+    assert clean_generation(f"Sure! Here is a passage: {claim}", claim) == claim
+    assert clean_generation(f"{claim} Folate is a B vitamin.", claim) == "Folate is a B vitamin."

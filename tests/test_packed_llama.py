@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from expandr_haystack.generation import LocalSampler, TransformersDecoder, default_decoder
-from expandr_haystack.packed_llama import PackedLlamaDecoder, unsupported_reason
+from expandr_haystack.generation.local import LocalSampler, TransformersDecoder, default_decoder
+from expandr_haystack.generation.packed_llama import PackedLlamaDecoder, unsupported_reason
 
 
 class CharTokenizer:
@@ -93,7 +93,7 @@ def _reference_nucleus(logits, temperature, top_p, generator):
 
 @pytest.mark.parametrize("top_p", [0.9, 0.5, 1.0])
 def test_sample_rows_is_exact_nucleus_sampling(top_p):
-    from expandr_haystack.generation import sample_rows
+    from expandr_haystack.generation.local import sample_rows
 
     torch.manual_seed(0)
     vocab = 5000

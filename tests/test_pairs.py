@@ -1,5 +1,6 @@
 """DPO pair construction: format, resume, statistics, CLI arguments (fast, stub models); then the real flow + DPO."""
 
+import argparse
 import hashlib
 import importlib.util
 import json
@@ -11,7 +12,8 @@ from haystack import Pipeline
 
 import expandr_haystack  # noqa: F401 - allow-list for the YAML test
 from expandr_haystack import ANSWER_PROMPT, EXPANSION_PROMPT, LLMQueryExpander, RewardScorer
-from expandr_haystack.data import bundled_path, load_collection
+from expandr_haystack.evaluation.data import bundled_path, load_collection
+from expandr_haystack.training.cli import add_pairs_parser, pair_config
 from expandr_haystack.training.pairs import PairConfig, build_pairs, sidecar_paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,32 +195,70 @@ def test_bad_arguments(tmp_path, train_collection):
             PairConfig(**kwargs)
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("pairs_cli", ROOT / "training" / "pairs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _parse(argv):
+    """`expandr pairs ARGV` parsed by the parser `add_pairs_parser` registers."""
+    parser = argparse.ArgumentParser(prog="expandr")
+    add_pairs_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["pairs", *argv])
+
+
+def _pairs_main(argv):
+    args = _parse(argv)
+    return args.func(args)
 
 
 @pytest.mark.parametrize("argv,match", [
     (["--data", "cranfield", "--out", "x.jsonl", "--n-candidates", "1"], "n-candidates"),
     (["--data", "cranfield", "--out", "x.jsonl", "--n-candidates", "zero"], "n-candidates"),
     (["--data", "cranfield", "--out", "x.jsonl", "--temperatures", "hot,cold"], "temperatures"),
+    (["--data", "cranfield", "--out", "x.jsonl", "--temperatures", "0.8,-1"], "temperatures"),
     (["--data", "/no/such/folder", "--out", "x.jsonl"], "--data"),
     (["--data", "cranfield", "--out", "x.jsonl", "--llm", "/no/such/llm"], "--llm"),
+    (["--data", "cranfield", "--out", "x.jsonl", "--encoder", "org/sub/no-such-model"], "--encoder"),
     (["--data", "cranfield", "--out", "x.jsonl", "--adapter", "/tmp"], "--adapter"),
+    (["--data", "cranfield", "--out", "x.jsonl", "--backend", "magic"], "--backend"),
+    (["--data", "cranfield", "--out", "/tmp"], "--out"),
     (["--data", "cranfield"], "--out"),
 ])
 def test_cli_argument_errors(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
-        _cli().parse_args(argv)
+        _parse(argv)
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
 
 
+def test_cli_defaults_are_pair_config_defaults():
+    args = _parse(["--data", "cranfield", "--out", "x.jsonl"])
+    assert pair_config(args) == PairConfig()
+    assert args.cache is None and args.backend == "auto" and args.func is not None
+    args = _parse(["--data", "cranfield", "--out", "x.jsonl", "--n-candidates", "4", "--temperatures", "0.7,1.2",
+                   "--no-answer", "--seed", "7"])
+    assert pair_config(args) == PairConfig(n_candidates=4, temperatures=(0.7, 1.2), use_answer=False, seed=7)
+
+
+def test_cli_backend_choices_are_the_generation_backends():
+    from expandr_haystack.generation import BACKENDS
+
+    for backend in BACKENDS:
+        assert _parse(["--data", "cranfield", "--out", "x.jsonl", "--backend", backend]).backend == backend
+
+
 def test_cli_unknown_split(tmp_path, capsys):
-    assert _cli().main(["--data", "cranfield", "--split", "dev", "--out", str(tmp_path / "p.jsonl")]) == 2
+    assert _pairs_main(["--data", "cranfield", "--split", "dev", "--out", str(tmp_path / "p.jsonl")]) == 2
     assert "dev" in capsys.readouterr().err
+
+
+def test_expandr_pairs_is_the_same_command(capsys):
+    from expandr_haystack.cli import main
+
+    assert main(["pairs", "--data", "cranfield", "--out", "x.jsonl", "--n-candidates", "1"]) == 2
+    assert "--n-candidates: must be an integer >= 2; got 1." in capsys.readouterr().err
+
+
+def test_root_script_is_a_shim_of_expandr_pairs():
+    text = (ROOT / "training" / "pairs.py").read_text()
+    assert 'main(["pairs", *sys.argv[1:]])' in text and "HAYSTACK_TELEMETRY_ENABLED" not in text
+    assert len(text.splitlines()) < 20
 
 
 def test_pairs_pipeline_yaml_loads():
@@ -240,19 +280,19 @@ def test_pairs_pipeline_yaml_loads():
 # -- real models ------------------------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_cli_pairs_feed_one_dpo_step(tmp_path, capsys):
-    """training/pairs.py on 3 Cranfield train queries -> a file DPOTrainer (LoRA, bundled SmolLM2) trains on."""
+    """`expandr pairs` on 3 Cranfield train queries -> a file DPOTrainer (LoRA, bundled SmolLM2) trains on."""
     out = tmp_path / "pairs.jsonl"
     argv = ["--data", "cranfield", "--split", "train", "--out", str(out), "--n-candidates", "4", "--max-queries",
             "3", "--max-new-tokens", "16", "--answer-max-new-tokens", "16", "--threshold", "0.0", "--cache",
             str(tmp_path / "cache.sqlite"), "--device", "cpu", "--no-progress"]
-    assert _cli().main(argv) == 0
+    assert _pairs_main(argv) == 0
     printed = capsys.readouterr().out
     assert "kept" in printed and "reward margin histogram" in printed
     rows = _read(out)
     assert len(rows) == 3 and len({r["query_id"] for r in rows}) == 3
     assert Path(str(out) + ".margins.png").exists()
     # resume: nothing left to do, and the cache answers everything
-    assert _cli().main(argv) == 0
+    assert _pairs_main(argv) == 0
     assert len(_read(out)) == 3
 
     from expandr_haystack.training.dpo import DPOSettings, train_dpo

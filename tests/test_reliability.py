@@ -294,7 +294,7 @@ def test_remote_fault_is_retried_with_exponential_backoff(api_key, sleeps, tmp_p
 @pytest.mark.parametrize("fault", ["timeout", "error", "empty"])
 def test_remote_failure_raises_after_the_retries(api_key, sleeps, fault):
     gen = FakeChatGenerator([fault])
-    exp = LLMQueryExpander(chat_generator=gen, max_retries=2, retry_backoff=1.0)
+    exp = LLMQueryExpander(chat_generator=gen, max_retries=2, retry_backoff=1.0, on_failure="raise")
     with pytest.raises(RuntimeError, match=r"no expansion for query .*after 3 attempts"):
         exp.run(query=QUERIES[0])
     assert gen.calls == 3 and sleeps == [1.0, 2.0]

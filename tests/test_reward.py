@@ -9,7 +9,8 @@ from haystack.utils import ComponentDevice
 
 import expandr_haystack
 from expandr_haystack import RewardScorer
-from expandr_haystack.components.reward import competition_ranks, document_text, expandr_reward, select_pair
+from expandr_haystack.core.reward import competition_ranks, expandr_reward, select_pair
+from expandr_haystack.core.text import document_text
 
 
 class StubEmbedder:

@@ -1,10 +1,17 @@
-"""JointConfig validation: clear errors before any model loads."""
+"""Training settings (`expandr_haystack.training.config`): clear errors before any model loads."""
 
 from pathlib import Path
 
 import pytest
 
-from expandr_haystack.training.config import ConfigError, JointConfig
+from expandr_haystack.training.config import (
+    ConfigError,
+    DPOSettings,
+    ExpansionSettings,
+    JointConfig,
+    PairConfig,
+    RetrieverSettings,
+)
 
 CONFIGS = Path(__file__).parents[1] / "training" / "configs"
 
@@ -36,11 +43,21 @@ def test_paper_gpu_config_explains_why_it_cannot_run_here():
     ({"retriever": {"temprature": 0.02}}, "unknown key"),
     ({"retriever": {"batch_size": 1}}, "in-batch"),
     ({"pairs": {"n_candidates": 1}}, "n_candidates"),
+    ({"pairs": {"temperatures": [0.8, -1]}}, r"temperatures\[1\]"),
     ({"dpo": {"beta": -1}}, "beta"),
+    ({"dpo": {"lora_dropout": 1.0}}, r"`dpo\.lora_dropout` must be a number in \[0, 1\)"),
+    ({"dpo": {"max_steps": 0}}, r"`dpo\.max_steps` must be -1"),
+    ({"expansion": {"n_expansions": 2}}, r"expansion\.n_expansions"),
+    ({"expansion": {"max_new_tokens": 0}}, r"`expansion\.max_new_tokens` must be an integer >= 1"),
+    ({"retriever": {"hard_negative_skip": 30}}, r"retriever\.hard_negative_skip"),
+    ({"retriever": {"query_weight": 1.5}}, r"`retriever\.query_weight` must be a number in \[0, 1\]"),
+    ({"max_train_queries": 0}, "`max_train_queries` must be an integer >= 1"),
+    ({"llm_backend": "magic"}, "`llm_backend` must be one of"),
     ({"data": "/no/such/folder"}, "data"),
     ({"eval_methods": ["dense", "magic"]}, "eval_methods"),
     ({"eval_split": "validation"}, "validation"),
     ({"llm": "./no/such/llm"}, "llm"),
+    ({"encoder": "~/no/such/encoder"}, "`encoder`: no model directory"),
     ({"retriever": {"restart_each_round": "yes"}}, "true or false"),
 ])
 def test_bad_settings_are_named(raw, match):
@@ -51,3 +68,51 @@ def test_bad_settings_are_named(raw, match):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="--config"):
         JointConfig.from_yaml("/no/such.yaml")
+
+
+def test_local_looking_model_path_that_does_not_exist_is_refused():
+    # "org/name" is a hub id; with two or more slashes it can only be a local folder (checks.looks_like_local_path)
+    with pytest.raises(ConfigError, match=r"`llm`: no model directory at 'org/sub/model'"):
+        JointConfig.from_dict({"llm": "org/sub/model"})
+    with pytest.raises(ConfigError, match=r"`encoder`: no model directory at 'org/sub/model'"):
+        JointConfig.from_dict({"encoder": "org/sub/model"})
+
+
+def test_messages_start_with_the_source_and_errors_are_value_errors():
+    with pytest.raises(ValueError, match=r"^my.yaml: `retriever\.temperature` must be a number > 0; got 0"):
+        JointConfig.from_dict({"retriever": {"temperature": 0}}, "my.yaml")
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_every_settings_class_validates_in_one_style():
+    assert PairConfig().validate() is None and DPOSettings().validate() is None
+    assert RetrieverSettings().validate() is None and ExpansionSettings().validate() is None
+    with pytest.raises(ConfigError, match=r"^`n_candidates` must be an integer >= 2; got 1\."):
+        PairConfig(n_candidates=1)
+    with pytest.raises(ConfigError, match=r"^`per_device_train_batch_size` must be an integer >= 1; got 0\."):
+        DPOSettings(per_device_train_batch_size=0).validate()
+    with pytest.raises(ConfigError, match=r"^`retriever\.batch_size` must be an integer >= 2; got 1\."):
+        RetrieverSettings(batch_size=1).validate()
+    config = PairConfig()
+    config.top_p = 0.0
+    with pytest.raises(ConfigError, match=r"^`pairs\.top_p` must be a number in \(0, 1\]; got 0\.0\."):
+        config.validate("pairs")
+
+
+def test_settings_have_one_definition_reexported():
+    from expandr_haystack import training
+    from expandr_haystack.training import dpo, pairs
+
+    assert pairs.PairConfig is PairConfig is training.PairConfig
+    assert dpo.DPOSettings is DPOSettings is training.DPOSettings
+
+
+def test_config_module_imports_no_training_code():
+    import ast
+
+    import expandr_haystack.training.config as config_module
+
+    tree = ast.parse(Path(config_module.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m.startswith("expandr_haystack.training") or m in ("trl", "peft")}

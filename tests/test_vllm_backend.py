@@ -5,7 +5,7 @@ import json
 import pytest
 
 from expandr_haystack import LLMQueryExpander
-from expandr_haystack.vllm_sampler import vllm_unavailable_reason
+from expandr_haystack.generation.vllm import vllm_unavailable_reason
 
 REASON = vllm_unavailable_reason()
 QUERIES = ["what is the lift of a wing in a propeller slipstream .",

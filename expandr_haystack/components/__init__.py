@@ -1,16 +1,12 @@
-"""The ExpandR components, one a file: expander, embedder (fused query), retriever."""
+"""The ExpandR components, one a file: expander, embedder (fused query), retriever, reward scorer.
 
-from expandr_haystack.components.embedder import ExpandRQueryEmbedder, fuse
-from expandr_haystack.components.expander import ANSWER_PROMPT, EXPANSION_PROMPT, LLMQueryExpander
+They are thin Haystack shells: the method's equations live in `expandr_haystack.core`, the generation engines in
+`expandr_haystack.generation`.
+"""
+
+from expandr_haystack.components.embedder import ExpandRQueryEmbedder
+from expandr_haystack.components.expander import LLMQueryExpander
 from expandr_haystack.components.retriever import ExpandRRetriever
 from expandr_haystack.components.reward import RewardScorer
 
-__all__ = [
-           "ANSWER_PROMPT",
-           "EXPANSION_PROMPT",
-           "ExpandRQueryEmbedder",
-           "ExpandRRetriever",
-           "LLMQueryExpander",
-           "RewardScorer",
-           "fuse",
-]
+__all__ = ["ExpandRQueryEmbedder", "ExpandRRetriever", "LLMQueryExpander", "RewardScorer"]

@@ -9,35 +9,10 @@ import numpy as np
 from haystack import component, default_from_dict, default_to_dict
 from haystack.utils import ComponentDevice
 
-from expandr_haystack.components.expander import clean_text
+from expandr_haystack.checks import check_int, check_number
+from expandr_haystack.core.fusion import fuse
+from expandr_haystack.core.text import check_expansions, check_query, clean_text
 from expandr_haystack.models import load_encoder, resolve_device, resolve_encoder_path
-
-
-def fuse(query_embedding, expansion_embeddings, query_weight: float = 0.5):
-    """
-    The ExpandR fused query vector.
-
-        q~ = w * q^ + (1 - w) * mean_i e^_i        (x^ = x / ||x||)
-
-    With one expansion and w = 0.5 this is the paper's mean of the normalised query and expansion embeddings;
-    with several expansions the query keeps weight w however many there are. With no expansion q~ = q^.
-    Works on numpy arrays and torch tensors alike (training uses the same function with gradients).
-
-    :param query_embedding: shape (d,) or (batch, d).
-    :param expansion_embeddings: shape (n, d) or (batch, n, d); n may be 0.
-    :param query_weight: w in [0, 1].
-    """
-    q = _unit(query_embedding)
-    if expansion_embeddings is None or expansion_embeddings.shape[-2] == 0:
-        return q
-    e = _unit(expansion_embeddings).mean(-2)
-    return query_weight * q + (1.0 - query_weight) * e
-
-
-def _unit(x):
-    if isinstance(x, np.ndarray):
-        return x / np.clip(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12, None)
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 @component
@@ -80,10 +55,8 @@ class ExpandRQueryEmbedder:
         :param batch_size: Texts encoded together.
         :param progress_bar: Show a progress bar when encoding many texts.
         """
-        if not isinstance(query_weight, (int, float)) or not 0.0 <= query_weight <= 1.0:
-            raise ValueError(f"`query_weight` must be a number in [0, 1]; got {query_weight!r}.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
+        check_number(query_weight, "query_weight", 0.0, 1.0)
+        check_int(batch_size, "batch_size")
         resolve_encoder_path(model)  # a missing local path fails here, naming `model`
         self.model = model
         self.query_weight = float(query_weight)
@@ -94,16 +67,12 @@ class ExpandRQueryEmbedder:
 
     def to_dict(self) -> dict[str, Any]:
         """Serialize to a dictionary."""
-        return default_to_dict(self, model=self.model, query_weight=self.query_weight,
-                               device=self.device.to_dict() if self.device else None, batch_size=self.batch_size,
-                               progress_bar=self.progress_bar)
+        return default_to_dict(self, model=self.model, query_weight=self.query_weight, device=self.device,
+                               batch_size=self.batch_size, progress_bar=self.progress_bar)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExpandRQueryEmbedder:
-        """Deserialize from a dictionary made by `to_dict`."""
-        params = data.get("init_parameters", {})
-        if params.get("device") is not None:
-            params["device"] = ComponentDevice.from_dict(params["device"])
+        """Deserialize from a dictionary made by `to_dict` (the input is not modified)."""
         return default_from_dict(cls, data)
 
     def warm_up(self) -> None:
@@ -134,37 +103,32 @@ class ExpandRQueryEmbedder:
         return emb.astype(np.float32, copy=False)
 
     def embed_fused(self, queries: Sequence[str], expansions: Sequence[Sequence[str]] | None = None,
-                    progress_bar: bool | None = None) -> np.ndarray:
+                    progress_bar: bool | None = None, query_weight: float | None = None) -> np.ndarray:
         """
         Fused vectors for many queries, with one `encode` call for all queries and expansions.
 
         :param queries: The queries.
         :param expansions: For each query its expansions (may be empty); None = no expansion anywhere.
+        :param query_weight: Overrides `query_weight` for this call.
         :returns: float32 array (len(queries), dimension).
         """
-        for i, q in enumerate(queries):
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"`queries[{i}]` must be a non-empty string; got {q!r:.80}.")
+        queries = [check_query(q, f"queries[{i}]") for i, q in enumerate(queries)]
         if expansions is None:
             expansions = [[] for _ in queries]
         if len(expansions) != len(queries):
             raise ValueError(f"`expansions` must have one list per query ({len(queries)}); got {len(expansions)}.")
-        flat = []
-        for i, exps in enumerate(expansions):
-            if isinstance(exps, str) or not isinstance(exps, Sequence):
-                raise TypeError(f"`expansions[{i}]` must be a list of strings; got {type(exps).__name__}.")
-            for j, e in enumerate(exps):
-                if not isinstance(e, str):
-                    raise TypeError(f"`expansions[{i}][{j}]` must be a string; got {type(e).__name__}.")
-            flat.extend(e for e in exps if e.strip())
-        texts = [clean_text(t) for t in list(queries) + flat]  # no control characters / lone surrogates
+        expansions = [[e for e in check_expansions(exps, f"expansions[{i}]") if e.strip()]
+                      for i, exps in enumerate(expansions)]
+        flat = [clean_text(e) for exps in expansions for e in exps]  # no control characters / lone surrogates
+        texts = queries + flat
         emb = self.encode(texts, progress_bar=progress_bar)
+        query_weight = self.query_weight if query_weight is None else check_number(query_weight, "query_weight", 0.0, 1.0)
         q_emb, e_emb = emb[: len(queries)], emb[len(queries) :]
         fused = np.empty_like(q_emb)
         pos = 0
         for i, exps in enumerate(expansions):
-            k = sum(1 for e in exps if e.strip())
-            fused[i] = fuse(q_emb[i], e_emb[pos : pos + k], self.query_weight)
+            k = len(exps)
+            fused[i] = fuse(q_emb[i], e_emb[pos : pos + k], query_weight)
             pos += k
         return fused
 
@@ -177,6 +141,5 @@ class ExpandRQueryEmbedder:
         :param expansions: Its LLM expansions (None or [] = plain query embedding).
         :returns: `embedding`, the fused query vector.
         """
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError(f"`query` must be a non-empty string; got {query!r:.80}.")
+        query = check_query(query)
         return {"embedding": self.embed_fused([query], [expansions or []])[0].tolist()}

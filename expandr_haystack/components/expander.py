@@ -3,80 +3,51 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
+import inspect
 import logging
-import re
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from haystack import component, default_from_dict, default_to_dict
-from haystack.core.serialization import component_to_dict
-from haystack.dataclasses import ChatMessage
+from haystack import Document, component, default_from_dict, default_to_dict
 from haystack.utils import ComponentDevice
-from haystack.utils.deserialization import deserialize_chatgenerator_inplace
 
 from expandr_haystack.cache import ExpansionCache, cache_key
-from expandr_haystack.models import DEFAULT_LLM, load_llm, model_identity, resolve_device, resolve_llm_path
+from expandr_haystack.checks import check_adapter_dir, check_choice, check_int, check_number
+from expandr_haystack.core.text import (
+    ANSWER_PROMPT,
+    EXPANSION_PROMPT,
+    GROUNDED_PROMPT,
+    chat_messages,
+    check_query,
+    clean_generation,
+    format_passages,
+)
+from expandr_haystack.generation import BACKENDS, PLAIN_CACHE_ENGINES, make_sampler
+from expandr_haystack.models import DEFAULT_LLM, resolve_device, resolve_llm_path
 
 logger = logging.getLogger(__name__)
 
-#: The ExpandR query-to-document prompt (paper, q2d).
-BACKENDS = ("auto", "packed", "transformers", "vllm")
-
-EXPANSION_PROMPT = "Please write a passage to answer the question.\nQuestion: {query}\nPassage:"
-#: The ExpandR query-to-answer prompt used for the reward's self-consistency term (paper, q2a): sees the gold document.
-ANSWER_PROMPT = (
-    "Answer the question directly using the passage.\nPassage: {document}\nQuestion: {query}\nAnswer:"
-)
-
-_PREAMBLE = re.compile(
-    r"^\s*(?:(?:sure|certainly|of course|okay|ok|absolutely|great)\b[!,.]*\s*)?"
-    r"(?:(?:i(?:'d| would| am|'m) (?:be )?(?:happy|glad|here) to help|i can help)[^.!:\n]{0,60}[.!:]\s*)?"
-    r"(?:here(?:'s| is| are)\b[^:\n]{0,100}[:.]\s*)?"
-    r"(?:(?:passage|answer|response)\s*:\s*)?",
-    re.IGNORECASE,
-)
-_QUOTES = "\"'“”‘’`"
+ON_FAILURE = ("skip", "raise")
+#: Settings the loaded engine depends on (`with_settings` keeps the engine when none of them changes).
+_ENGINE_SETTINGS = ("model", "adapter", "chat_generator", "device", "dtype", "backend", "max_prompt_tokens",
+                    "max_retries", "retry_backoff", "max_concurrency")
 
 
-def clean_generation(text: str, query: str | None = None) -> str:
-    """
-    Strip chat preambles ("Sure! Here is a passage:"), labels ("Passage:"), an echoed prompt, quotes and whitespace.
+@dataclass
+class ExpansionRow:
+    """One text to generate: sample `sample` of query `query_index`, with its cache key and its seed's key."""
 
-    :returns: The cleaned text; may be "" when nothing but boilerplate was generated.
-    """
-    text = text.replace("\r", "").strip()
-    lines = [ln for ln in text.split("\n") if not re.match(r"^\s*(question|please write a passage)\b", ln, re.IGNORECASE)]
-    text = "\n".join(lines).strip()
-    if query and text.lower().startswith(query.strip().lower()):
-        text = text[len(query.strip()):].lstrip(" :.-\n")
-    for _ in range(2):
-        text = _PREAMBLE.sub("", text, count=1).strip()
-    if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
-        text = text[1:-1].strip()
-    return re.sub(r"[ \t]+", " ", re.sub(r"\n{3,}", "\n\n", text)).strip()
-
-
-def clean_text(text: str) -> str:
-    """Drop control characters (except tab/newline: they carry nothing for retrieval) and replace lone surrogates
-    (invalid unicode, which tokenizers reject) with '?'."""
-    cleaned = "".join(ch for ch in text if ch in "\t\n" or (ord(ch) >= 32 and ord(ch) != 127))
-    return cleaned.encode("utf-8", errors="replace").decode("utf-8")
-
-
-def _check_query(query: Any, argument: str = "query") -> str:
-    if not isinstance(query, str):
-        raise TypeError(f"`{argument}` must be a str; got {type(query).__name__} ({query!r:.80}).")
-    if not query.strip():
-        raise ValueError(f"`{argument}` must be a non-empty string; got {query!r}.")
-    cleaned = clean_text(query)
-    if not cleaned.strip():
-        raise ValueError(f"`{argument}` contains only control characters; got {query!r:.80}.")
-    return cleaned
+    query_index: int
+    sample: int
+    query: str
+    messages: list[dict[str, str]]
+    temperature: float
+    key: str  # the cache key (the seed key plus the engine where the engine's texts are cached apart)
+    seed_key: str  # the row's random stream: does not depend on the engine that samples it
+    text: str | None = None
+    error: Exception | None = None
 
 
 def _row_seed(*parts: Any) -> int:
@@ -88,14 +59,19 @@ class LLMQueryExpander:
     """
     Writes pseudo-documents (expansions) for a query with an LLM, as in ExpandR.
 
-    The prompt (default: the ExpandR q2d prompt) is applied through the model's chat template. The local backend
-    is a ``transformers`` causal LM (bundled SmolLM2-135M-Instruct by default, any HF id or path, plus an optional
-    PEFT LoRA ``adapter`` from training); alternatively any Haystack ChatGenerator (``OpenAIChatGenerator``,
-    ``TransformersChatGenerator``, ...) can be passed as ``chat_generator``.
+    The prompt (default: the ExpandR q2d prompt) is applied through the model's chat template. The local model is a
+    ``transformers`` causal LM (bundled SmolLM2-135M-Instruct by default, any HF id or path, plus an optional PEFT
+    LoRA ``adapter`` from training); alternatively any Haystack ChatGenerator (``OpenAIChatGenerator``,
+    ``TransformersChatGenerator``, ...) can be passed as ``chat_generator``. The engines live in
+    `expandr_haystack.generation`; this component plans the rows, serves them from the cache and cleans the text.
 
     Every generated row (query x sample index) has its own seed, so the same seed gives the same expansions no
     matter how queries are batched or which ones were already cached. Outputs are cleaned of chat preambles; an
-    empty generation is retried with a new seed and, if still empty, reported (error or skip), never returned as "".
+    empty generation is retried with a new seed. A row that still fails never costs the batch: with
+    ``on_failure="skip"`` (default) the query keeps its other expansions (or none: retrieval then uses the query
+    alone, as Haystack's own ``QueryExpander`` falls back to the original query), with a warning, and the failure is
+    counted in ``failures`` and ``last_failures``; ``on_failure="raise"`` raises after the batch (the rows that
+    worked are cached).
 
     Usage:
     ```python
@@ -128,9 +104,11 @@ class LLMQueryExpander:
         max_retries: int = 2,
         retry_backoff: float = 1.0,
         max_concurrency: int = 8,
-        on_failure: str = "raise",
+        on_failure: str = "skip",
         progress_bar: bool = False,
         backend: str = "auto",
+        passages_k: int = 3,
+        passage_words: int = 50,
     ):
         """
         Create the expander.
@@ -138,7 +116,9 @@ class LLMQueryExpander:
         :param model: None for the bundled SmolLM2-135M-Instruct, or a Hugging Face model id or local directory.
         :param adapter: Directory of a PEFT LoRA adapter (e.g. from `training/joint.py`), merged into `model`.
         :param chat_generator: A Haystack ChatGenerator to use instead of a local model (remote APIs).
-        :param prompt: Template with a `{query}` placeholder (and optionally `{document}`), sent as the user turn.
+        :param prompt: Template with a `{query}` placeholder, sent as the user turn; optionally `{document}` (the
+            answer prompt, `ANSWER_PROMPT`) or `{passages}` (grounded expansion, `GROUNDED_PROMPT`: the expander then
+            reads the `documents` of a first retrieval).
         :param system_prompt: Optional system message.
         :param n_expansions: Expansions per query (>= 1).
         :param temperature: Sampling temperature (>= 0; 0 = greedy).
@@ -150,42 +130,40 @@ class LLMQueryExpander:
         :param cache: Path of a persistent sqlite cache; None = no cache.
         :param device: Device for the local model (None = best available).
         :param dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16".
-        :param max_prompt_tokens: Longer queries are truncated (with a warning) so the prompt fits.
-        :param max_retries: Retries for empty generations and failing remote calls.
+        :param max_prompt_tokens: Longer queries (and documents) are truncated, with a warning, so the prompt fits.
+        :param max_retries: Retries for empty generations (new seed) and failing remote calls (with backoff).
         :param retry_backoff: First wait in seconds between remote retries; doubles each time.
-        :param max_concurrency: Remote calls in flight at once (async).
-        :param on_failure: "raise", or "skip" (return no expansions for that query; retrieval then uses the query).
+        :param max_concurrency: Remote calls in flight at once.
+        :param on_failure: "skip" (a row that fails every attempt is left out, with a warning; retrieval uses the
+            query and its remaining expansions) or "raise".
         :param progress_bar: Show a progress bar while generating.
         :param backend: Local generation engine. "auto": the packed float32 CPU decoder for Llama-architecture models
             in float32 on CPU (same math as transformers, about 2x faster), else transformers; "packed" (fail if the
             model does not allow it); "transformers"; "vllm" (GPU, in-process vLLM with the LoRA `adapter`; needs
             the `vllm` extra). Unused with `chat_generator`.
+        :param passages_k: Grounded prompts: how many of the given documents go into `{passages}`.
+        :param passage_words: Grounded prompts: words kept of each passage (title first).
         """
         if not isinstance(prompt, str) or "{query}" not in prompt:
             raise ValueError(f"`prompt` must be a string containing the placeholder '{{query}}'; got {prompt!r:.120}.")
-        if not isinstance(n_expansions, int) or isinstance(n_expansions, bool) or n_expansions < 1:
-            raise ValueError(f"`n_expansions` must be an integer >= 1; got {n_expansions!r}.")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"`temperature` must be a number >= 0 (0 = greedy); got {temperature!r}.")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1]; got {top_p!r}.")
+        check_int(n_expansions, "n_expansions")
+        check_number(temperature, "temperature", 0.0)
+        check_number(top_p, "top_p", 0.0, 1.0, low_open=True)
         for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
                             ("max_prompt_tokens", max_prompt_tokens), ("max_concurrency", max_concurrency)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"`max_retries` must be an integer >= 0; got {max_retries!r}.")
-        if not isinstance(retry_backoff, (int, float)) or isinstance(retry_backoff, bool) or retry_backoff < 0:
-            raise ValueError(f"`retry_backoff` must be a number of seconds >= 0; got {retry_backoff!r}.")
-        if backend not in BACKENDS:
-            raise ValueError(f"`backend` must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}.")
-        if on_failure not in ("raise", "skip"):
-            raise ValueError(f"`on_failure` must be 'raise' or 'skip'; got {on_failure!r}.")
+            check_int(value, name)
+        check_int(max_retries, "max_retries", minimum=0)
+        check_number(retry_backoff, "retry_backoff", 0.0)
+        check_choice(backend, "backend", BACKENDS)
+        check_choice(on_failure, "on_failure", ON_FAILURE)
+        check_int(passages_k, "passages_k")
+        check_int(passage_words, "passage_words")
+        if "{document}" in prompt and "{passages}" in prompt:
+            raise ValueError("`prompt` may hold '{document}' (answer prompt) or '{passages}' (grounded expansion), "
+                             "not both.")
         if chat_generator is not None and (model is not None or adapter is not None):
             raise ValueError("Pass either `chat_generator` or a local `model`/`adapter`, not both.")
-        if adapter is not None and not (Path(adapter).expanduser() / "adapter_config.json").exists():
-            raise FileNotFoundError(f"`adapter`: {adapter!r} is not a PEFT adapter directory "
-                                    f"(no adapter_config.json there).")
+        check_adapter_dir(adapter)
         if model is not None and chat_generator is None:
             resolve_llm_path(model)  # fails early, with the argument's name, on a missing local path
         self.model = model
@@ -209,121 +187,101 @@ class LLMQueryExpander:
         self.on_failure = on_failure
         self.progress_bar = progress_bar
         self.backend = backend
+        self.passages_k = passages_k
+        self.passage_words = passage_words
         self._sampler = None
         self._cache: ExpansionCache | None = None
-        self._identity: str | None = None  # model + adapter + dtype (or the chat generator's settings)
-        self._engine = ""  # the local generation engine when it is not transformers (part of the cache key)
-        self._warm = False
+        #: ``{query index: failed samples}`` of the last `expand` call (empty when every row worked).
+        self.last_failures: dict[int, int] = {}
 
     # -- Haystack plumbing ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Serialize to a dictionary (secrets of a chat generator stay as environment-variable references)."""
         return default_to_dict(
-            self,
-            model=self.model,
-            adapter=self.adapter,
-            chat_generator=component_to_dict(self.chat_generator, "chat_generator") if self.chat_generator else None,
-            prompt=self.prompt,
-            system_prompt=self.system_prompt,
-            n_expansions=self.n_expansions,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            cache=self.cache,
-            device=self.device.to_dict() if self.device is not None else None,
-            dtype=self.dtype,
-            max_prompt_tokens=self.max_prompt_tokens,
-            max_retries=self.max_retries,
-            retry_backoff=self.retry_backoff,
-            max_concurrency=self.max_concurrency,
-            on_failure=self.on_failure,
-            progress_bar=self.progress_bar,
-            backend=self.backend,
+            self, model=self.model, adapter=self.adapter, chat_generator=self.chat_generator, prompt=self.prompt,
+            system_prompt=self.system_prompt, n_expansions=self.n_expansions, temperature=self.temperature,
+            top_p=self.top_p, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=self.seed,
+            cache=self.cache, device=self.device, dtype=self.dtype, max_prompt_tokens=self.max_prompt_tokens,
+            max_retries=self.max_retries, retry_backoff=self.retry_backoff, max_concurrency=self.max_concurrency,
+            on_failure=self.on_failure, progress_bar=self.progress_bar, backend=self.backend,
+            passages_k=self.passages_k, passage_words=self.passage_words,
         )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LLMQueryExpander:
-        """Deserialize from a dictionary made by `to_dict`."""
-        params = data.get("init_parameters", {})
-        if params.get("device") is not None:
-            params["device"] = ComponentDevice.from_dict(params["device"])
-        if params.get("chat_generator") is not None:
-            deserialize_chatgenerator_inplace(params, key="chat_generator")
+        """Deserialize from a dictionary made by `to_dict` (the input is not modified)."""
         return default_from_dict(cls, data)
 
     def warm_up(self) -> None:
         """Load the local model (or warm the chat generator) and open the cache; calling it again does nothing."""
-        if self._warm:
-            return
-        if self.chat_generator is not None:
-            if hasattr(self.chat_generator, "warm_up"):
-                self.chat_generator.warm_up()
-            cfg = component_to_dict(self.chat_generator, "chat_generator")
-            self._identity = "chat:" + cache_key(**cfg)
-        elif self.backend == "vllm":
-            from expandr_haystack.vllm_sampler import VLLMSampler
-
-            self._sampler = VLLMSampler(resolve_llm_path(self.model), self.adapter, dtype=self.dtype,
-                                        max_prompt_tokens=self.max_prompt_tokens)
-            self._identity = model_identity(resolve_llm_path(self.model), self.adapter) + f"@{self.dtype}"
-            self._engine = "vllm"
-        else:
-            from expandr_haystack.generation import LocalSampler
-
-            model, tokenizer = load_llm(self.model, self.adapter, resolve_device(self.device), self.dtype)
-            self._sampler = LocalSampler(model, tokenizer, max_prompt_tokens=self.max_prompt_tokens,
-                                         backend=self.backend)
-            self._identity = model_identity(resolve_llm_path(self.model), self.adapter) + f"@{self.dtype}"
-            # the packed decoder is the same float32 math with the same row seeds, but a draw within rounding of a
-            # nucleus boundary can differ: its texts are cached apart from the transformers path's, so that a cache
-            # hit is always exactly what this configuration generates
-            self._engine = "" if self._sampler.backend == "transformers" else self._sampler.backend
+        if self._sampler is None:
+            self._sampler = make_sampler(
+                self.model, self.adapter, self.chat_generator, backend=self.backend,
+                device=resolve_device(self.device) if self.chat_generator is None else "cpu", dtype=self.dtype,
+                max_prompt_tokens=self.max_prompt_tokens, max_retries=self.max_retries,
+                retry_backoff=self.retry_backoff, max_concurrency=self.max_concurrency)
         if self.cache is not None and self._cache is None:
             self._cache = ExpansionCache(self.cache)
-        self._warm = True
+
+    def with_settings(self, **changes: Any) -> LLMQueryExpander:
+        """
+        A copy with some init settings changed (validated like `__init__`), e.g. another `seed` or `prompt`. The copy
+        shares this expander's loaded engine (unless an engine setting changed) and its open cache.
+        """
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise ValueError(f"`with_settings`: unknown setting(s) {unknown}; valid: {names}.")
+        copy = type(self)(**({n: getattr(self, n) for n in names} | changes))
+        if not set(changes) & set(_ENGINE_SETTINGS):
+            copy._sampler = self._sampler
+        if copy.cache == self.cache:
+            copy._cache = self._cache
+        return copy
 
     @property
     def cache_stats(self) -> dict[str, int]:
         """Hits, misses and entries of the persistent cache (zeros when there is none)."""
         return self._cache.stats() if self._cache else {"hits": 0, "misses": 0, "entries": 0}
 
+    @property
+    def engine(self) -> str:
+        """The generation engine in use after `warm_up`: "packed", "transformers", "vllm" or "remote"."""
+        self.warm_up()
+        return self._sampler.engine
+
     # -- public API ------------------------------------------------------------------------------------------
+    @property
+    def grounded(self) -> bool:
+        """Whether the prompt reads retrieved passages (`{passages}`): `run` then needs `documents`."""
+        return "{passages}" in self.prompt
+
     @component.output_types(query=str, expansions=list[str], failures=list[str])
-    def run(self, query: str, document: str | None = None) -> dict[str, Any]:
+    def run(self, query: str, document: str | None = None, documents: list[Document] | None = None) -> dict[str, Any]:
         """
         Expand one query.
 
         :param query: The user query.
         :param document: Text for a `{document}` placeholder (answer prompts); unused by the default prompt.
+        :param documents: The hits of a first retrieval, for a `{passages}` placeholder (grounded expansion; the
+            first `passages_k` are used); unused by the default prompt.
         :returns: `query` (unchanged, for wiring to a retriever), `expansions` (`n_expansions` texts, fewer or none
-            when generation failed and `on_failure="skip"`) and `failures` (empty, or one line saying how many
-            expansions were skipped and that retrieval then uses the query alone).
+            when generation failed) and `failures` (empty, or one line saying how many expansions were skipped and
+            that retrieval then uses the query alone).
         """
-        query = _check_query(query)
-        expansions = self.expand([query], documents=None if document is None else [document])[0]
-        return {"query": query, "expansions": expansions, "failures": self._failures(expansions)}
+        query = check_query(query)
+        expansions = self.expand([query], documents=None if document is None else [document],
+                                 passages=None if documents is None else [documents])[0]
+        return {"query": query, "expansions": expansions, "failures": self._failure_lines(expansions)}
 
     @component.output_types(query=str, expansions=list[str], failures=list[str])
-    async def run_async(self, query: str, document: str | None = None) -> dict[str, Any]:
+    async def run_async(self, query: str, document: str | None = None,
+                        documents: list[Document] | None = None) -> dict[str, Any]:
         """Async `run`: remote chat generators are called concurrently; a local model runs in a worker thread."""
-        query = _check_query(query)
-        docs = None if document is None else [document]
-        if self.chat_generator is None:
-            expansions = (await asyncio.to_thread(self.expand, [query], None, docs))[0]
-        else:
-            expansions = (await self.expand_async([query], documents=docs))[0]
-        return {"query": query, "expansions": expansions, "failures": self._failures(expansions)}
-
-    def _failures(self, expansions: list[str]) -> list[str]:
-        missing = self.n_expansions - len(expansions)
-        if missing <= 0:
-            return []
-        effect = ("retrieval uses the query alone" if not expansions
-                  else "retrieval uses the query and the remaining expansions")
-        return [(f"{missing} of {self.n_expansions} expansion(s) failed after {self.max_retries + 1} attempts and "
-                 f"were skipped (on_failure='skip'); {effect}. The log has the error.")]
+        query = check_query(query)
+        expansions = (await self.expand_async([query], documents=None if document is None else [document],
+                                              passages=None if documents is None else [documents]))[0]
+        return {"query": query, "expansions": expansions, "failures": self._failure_lines(expansions)}
 
     def expand(
         self,
@@ -331,6 +289,7 @@ class LLMQueryExpander:
         n: int | None = None,
         documents: Sequence[str] | None = None,
         temperatures: Sequence[float] | None = None,
+        passages: Sequence[Sequence[Document | str]] | None = None,
     ) -> list[list[str]]:
         """
         Expand many queries at once (batched; cached rows cost nothing). `run` and the training code use this.
@@ -340,225 +299,147 @@ class LLMQueryExpander:
         :param documents: One text per query for a `{document}` placeholder in the prompt.
         :param temperatures: Sample i of every query uses `temperatures[i % len(temperatures)]`
             (default: `temperature` for all), e.g. `[0.8, 0.9, 1.0, 1.1]` for DPO candidates.
-        :returns: For each query, its expansions in sample order.
+        :param passages: One list of retrieved documents per query, for a grounded (`{passages}`) prompt.
+        :returns: For each query, its expansions in sample order (failed samples left out; see `on_failure`).
         """
-        rows = self._plan(queries, n, documents, temperatures)
-        self._fill(rows, self._generate_rows)
+        rows = self._plan(queries, n, documents, temperatures, passages)
+        missing = self._lookup(rows)
+        if missing:
+            self._generate(missing)
+            self._store(missing)
         return self._collect(rows, len(queries))
 
     async def expand_async(self, queries: Sequence[str], n: int | None = None,
                            documents: Sequence[str] | None = None,
-                           temperatures: Sequence[float] | None = None) -> list[list[str]]:
-        """Like `expand`, with up to `max_concurrency` remote calls in flight."""
-        rows = self._plan(queries, n, documents, temperatures)
+                           temperatures: Sequence[float] | None = None,
+                           passages: Sequence[Sequence[Document | str]] | None = None) -> list[list[str]]:
+        """Like `expand`, awaited: a remote generator gets up to `max_concurrency` calls in flight; a local model
+        runs in a worker thread."""
+        if self.chat_generator is None:
+            return await asyncio.to_thread(self.expand, queries, n, documents, temperatures, passages)
+        rows = self._plan(queries, n, documents, temperatures, passages)
         missing = self._lookup(rows)
         if missing:
-            texts = await self._remote_rows_async(missing)
-            self._store(missing, texts)
+            outs = await self._sampler.sample_async([r.messages for r in missing], [0] * len(missing),
+                                                    [r.temperature for r in missing], self.top_p,
+                                                    self.max_new_tokens, clean=self._cleaner(missing))
+            self._take(missing, outs)
+            self._store(missing)
         return self._collect(rows, len(queries))
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _plan(self, queries, n, documents, temperatures) -> list[dict[str, Any]]:
+    def _plan(self, queries, n, documents, temperatures, passages=None) -> list[ExpansionRow]:
         self.warm_up()
         if isinstance(queries, str) or not isinstance(queries, Sequence):
             raise TypeError(f"`queries` must be a list of strings; got {type(queries).__name__}.")
-        n = self.n_expansions if n is None else n
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"`n` must be an integer >= 1; got {n!r}.")
+        n = check_int(self.n_expansions if n is None else n, "n")
         needs_doc = "{document}" in self.prompt
         if needs_doc and (documents is None or len(documents) != len(queries)):
             raise ValueError("This expander's `prompt` has a '{document}' placeholder: pass `documents`, one "
                              "string per query.")
         if documents is not None and len(documents) != len(queries):
             raise ValueError(f"`documents` must have one entry per query ({len(queries)}); got {len(documents)}.")
+        if self.grounded and (passages is None or len(passages) != len(queries)):
+            raise ValueError("This expander's `prompt` has a '{passages}' placeholder (grounded expansion): pass the "
+                             "first retrieval's `documents` (`passages`), one list per query.")
         temps = [self.temperature] if temperatures is None else [float(t) for t in temperatures]
         if not temps or any(t < 0 for t in temps):
             raise ValueError(f"`temperatures` must be a non-empty list of numbers >= 0; got {temperatures!r}.")
+        cache_engine = "" if self._sampler.engine in PLAIN_CACHE_ENGINES else self._sampler.engine
         rows = []
         for qi, query in enumerate(queries):
-            query = self._truncate(_check_query(query, f"queries[{qi}]"))
+            query = self._sampler.truncate(check_query(query, f"queries[{qi}]"), "query")
             doc = None
             if needs_doc:
                 if not isinstance(documents[qi], str) or not documents[qi].strip():
                     raise ValueError(f"`documents[{qi}]` must be a non-empty string.")
-                doc = self._truncate(documents[qi], "documents")
-            text = self.prompt.replace("{query}", query).replace("{document}", doc or "")
+                doc = self._sampler.truncate(documents[qi], "documents")
+            fields = {}
+            if self.grounded:
+                if isinstance(passages[qi], (str, Document)) or not isinstance(passages[qi], Sequence):
+                    raise TypeError(f"`passages[{qi}]` must be a list of Documents (the first retrieval's hits).")
+                fields["passages"] = format_passages(passages[qi], self.passages_k, self.passage_words)
+            messages = chat_messages(self.prompt, query, self.system_prompt, doc, **fields)
             for i in range(n):
                 t = temps[i % len(temps)]
-                key = cache_key(model=self._identity, prompt=self.prompt, system=self.system_prompt, query=query,
-                                document=doc, index=i, temperature=t, top_p=self.top_p,
-                                max_new_tokens=self.max_new_tokens, seed=self.seed)
-                seed_key = key  # a row's random stream does not depend on the engine that samples it
-                if self._engine:
-                    key = cache_key(row=seed_key, engine=self._engine)
-                rows.append({"q": qi, "i": i, "query": query, "user": text, "temperature": t, "key": key,
-                             "seed_key": seed_key, "text": None})
+                seed_key = cache_key(model=self._sampler.identity, prompt=self.prompt, system=self.system_prompt,
+                                     query=query, document=doc, index=i, temperature=t, top_p=self.top_p,
+                                     max_new_tokens=self.max_new_tokens, seed=self.seed, **fields)
+                key = cache_key(row=seed_key, engine=cache_engine) if cache_engine else seed_key
+                rows.append(ExpansionRow(qi, i, query, messages, t, key, seed_key))
         return rows
 
-    def _truncate(self, text: str, argument: str = "query") -> str:
-        if self._sampler is None:
-            limit = self.max_prompt_tokens * 4  # remote: ~4 characters a token
-            if len(text) > limit:
-                logger.warning("`%s` of %d characters truncated to %d for the prompt.", argument, len(text), limit)
-                return text[:limit]
-            return text
-        tok = self._sampler.tokenizer
-        if len(text) < self.max_prompt_tokens:  # fewer characters than tokens allowed: cannot be too long
-            return text
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= self.max_prompt_tokens:
-            return text
-        logger.warning("`%s` of %d tokens truncated to max_prompt_tokens=%d.", argument, len(ids),
-                       self.max_prompt_tokens)
-        return tok.decode(ids[: self.max_prompt_tokens], skip_special_tokens=True)
-
-    def _lookup(self, rows) -> list[dict[str, Any]]:
+    def _lookup(self, rows: list[ExpansionRow]) -> list[ExpansionRow]:
         if self._cache is not None:
-            found = self._cache.get_many([r["key"] for r in rows])
+            found = self._cache.get_many([r.key for r in rows])
             for r in rows:
-                r["text"] = found.get(r["key"])
-        return [r for r in rows if r["text"] is None]
+                r.text = found.get(r.key)
+        return [r for r in rows if r.text is None]
 
-    def _store(self, rows, texts) -> None:
-        done = {}
-        for r, t in zip(rows, texts):
-            r["text"] = t
-            if t and self._cache is not None:
-                done[r["key"]] = t
+    def _store(self, rows: list[ExpansionRow]) -> None:
         if self._cache is not None:
-            self._cache.put_many(done)
+            self._cache.put_many({r.key: r.text for r in rows if r.text})
 
-    def _fill(self, rows, generate) -> None:
-        missing = self._lookup(rows)
-        if missing:
-            self._store(missing, generate(missing))
+    def _cleaner(self, rows: list[ExpansionRow]):
+        return lambda k, text: clean_generation(text, rows[k].query)
 
-    def _generate_rows(self, rows) -> list[str]:
+    def _take(self, rows: list[ExpansionRow], outs: list[str | Exception]) -> None:
+        for r, out in zip(rows, outs):
+            if isinstance(out, Exception):
+                r.text, r.error = "", out
+            else:
+                r.text, r.error = out, (None if out else ValueError("the model produced only empty text"))
+
+    def _generate(self, rows: list[ExpansionRow]) -> None:
+        """Fill `text` of every row: remote rows are retried inside the sampler (with backoff); local rows whose
+        cleaned text is empty are sampled again with a new seed, up to `max_retries` times."""
         if self.chat_generator is not None:
-            return asyncio.run(self._remote_rows_async(rows)) if not _in_event_loop() else self._remote_rows(rows)
-        tok = self._sampler.tokenizer
-        prompts = [self._chat_text(tok, r["user"]) for r in rows]
-        texts = [""] * len(rows)
-        todo = list(range(len(rows)))
+            outs = self._sampler.sample([r.messages for r in rows], [0] * len(rows), [r.temperature for r in rows],
+                                        self.top_p, self.max_new_tokens, clean=self._cleaner(rows))
+            self._take(rows, outs)
+            return
+        todo = rows
         for attempt in range(self.max_retries + 1):
-            seeds = [_row_seed(self.seed, rows[k]["seed_key"], attempt) for k in todo]
-            outs = self._sampler.sample([prompts[k] for k in todo], seeds, [rows[k]["temperature"] for k in todo],
-                                        self.top_p, self.max_new_tokens, self.batch_size,
-                                        progress_bar=self.progress_bar and attempt == 0, desc="Expanding")
-            for k, out in zip(todo, outs):
-                texts[k] = clean_generation(out, rows[k]["query"])
-            todo = [k for k in todo if not texts[k]]
+            outs = self._sampler.sample([r.messages for r in todo],
+                                        [_row_seed(self.seed, r.seed_key, attempt) for r in todo],
+                                        [r.temperature for r in todo], self.top_p, self.max_new_tokens,
+                                        self.batch_size, progress_bar=self.progress_bar and attempt == 0,
+                                        desc="Expanding")
+            self._take(todo, [clean_generation(out, r.query) for r, out in zip(todo, outs)])
+            todo = [r for r in todo if not r.text]
             if not todo:
                 break
-        return texts
 
-    def _chat_text(self, tokenizer, user: str) -> str:
-        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
-            {"role": "user", "content": user}]
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return (self.system_prompt + "\n\n" if self.system_prompt else "") + user + "\n"
-
-    def _messages(self, row) -> list[ChatMessage]:
-        msgs = [ChatMessage.from_system(self.system_prompt)] if self.system_prompt else []
-        return msgs + [ChatMessage.from_user(row["user"])]
-
-    def _remote_kwargs(self, row) -> dict[str, Any]:
-        return {"generation_kwargs": {"temperature": row["temperature"], "top_p": self.top_p}}
-
-    def _remote_rows(self, rows) -> list[str]:
-        texts = []
-        for r in rows:
-            texts.append(self._call_with_retries(lambda r=r: self.chat_generator.run(
-                messages=self._messages(r), **self._remote_kwargs(r)), r, time.sleep))
-        return texts
-
-    async def _remote_rows_async(self, rows) -> list[str]:
-        sem = asyncio.Semaphore(self.max_concurrency)
-        has_async = hasattr(self.chat_generator, "run_async")
-        if not has_async:  # a sync-only generator runs in threads: max_concurrency of them, not asyncio's default
-            pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="expandr-remote")
-            try:
-                return await self._remote_rows_gather(rows, sem, pool)
-            finally:
-                pool.shutdown(wait=False)
-        return await self._remote_rows_gather(rows, sem, None)
-
-    async def _remote_rows_gather(self, rows, sem, pool) -> list[str]:
-        loop = asyncio.get_running_loop()
-
-        async def one(r):
-            async with sem:
-                for attempt in range(self.max_retries + 1):
-                    try:
-                        if pool is None:
-                            reply = await self.chat_generator.run_async(messages=self._messages(r),
-                                                                         **self._remote_kwargs(r))
-                        else:
-                            reply = await loop.run_in_executor(pool, functools.partial(
-                                self.chat_generator.run, messages=self._messages(r), **self._remote_kwargs(r)))
-                        text = _reply_text(reply, r["query"])
-                        if text:
-                            return text
-                        error: Exception = ValueError("empty reply")
-                    except Exception as exc:  # noqa: BLE001 - any remote failure is retried, then reported
-                        error = exc
-                    if attempt < self.max_retries:
-                        await asyncio.sleep(self.retry_backoff * 2**attempt)
-                return self._failed(r, error)
-
-        return list(await asyncio.gather(*(one(r) for r in rows)))
-
-    def _call_with_retries(self, call, row, sleep) -> str:
-        error: Exception = ValueError("empty reply")
-        for attempt in range(self.max_retries + 1):
-            try:
-                text = _reply_text(call(), row["query"])
-                if text:
-                    return text
-                error = ValueError("empty reply")
-            except Exception as exc:  # noqa: BLE001
-                error = exc
-            if attempt < self.max_retries:
-                sleep(self.retry_backoff * 2**attempt)
-        return self._failed(row, error)
-
-    def _failed(self, row, error: Exception) -> str:
-        message = (f"LLMQueryExpander: no expansion for query {row['query']!r:.80} (sample {row['i']}) after "
-                   f"{self.max_retries + 1} attempts: {error}")
-        if self.on_failure == "raise":
-            raise RuntimeError(message) from error
-        logger.warning("%s; skipped (on_failure='skip').", message)
-        return ""
-
-    def _collect(self, rows, n_queries) -> list[list[str]]:
+    def _collect(self, rows: list[ExpansionRow], n_queries: int) -> list[list[str]]:
         out: list[list[str]] = [[] for _ in range(n_queries)]
+        failed = [r for r in rows if not r.text]
         for r in rows:
-            if r["text"]:
-                out[r["q"]].append(r["text"])
-            elif self.on_failure == "raise":
-                raise RuntimeError(f"LLMQueryExpander: the model produced only empty text for query "
-                                   f"{r['query']!r:.80} (sample {r['i']}) after {self.max_retries + 1} attempts.")
-            else:
-                logger.warning("No expansion for query %r (sample %d); skipped.", r["query"][:80], r["i"])
+            if r.text:
+                out[r.query_index].append(r.text)
+        self.last_failures = {}
+        for r in failed:
+            self.last_failures[r.query_index] = self.last_failures.get(r.query_index, 0) + 1
+        if failed:
+            first = failed[0]
+            message = (f"LLMQueryExpander: no expansion for query {first.query!r:.80} (sample {first.sample}) after "
+                       f"{self.max_retries + 1} attempts: {first.error}")
+            if self.on_failure == "raise":
+                raise RuntimeError(message + (f" ({len(failed)} rows failed in all; the others are cached)"
+                                              if len(failed) > 1 else "")) from first.error
+            for r in failed:
+                logger.warning("LLMQueryExpander: no expansion for query %r (sample %d) after %d attempts: %s; "
+                               "skipped (on_failure='skip').", r.query[:80], r.sample, self.max_retries + 1, r.error)
         return out
 
-
-def _reply_text(reply: dict[str, Any], query: str) -> str:
-    replies = reply.get("replies") or []
-    if not replies:
-        return ""
-    first = replies[0]
-    text = getattr(first, "text", None) if not isinstance(first, str) else first
-    return clean_generation(text or "", query)
-
-
-def _in_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False
+    def _failure_lines(self, expansions: list[str]) -> list[str]:
+        missing = self.n_expansions - len(expansions)
+        if missing <= 0:
+            return []
+        effect = ("retrieval uses the query alone" if not expansions
+                  else "retrieval uses the query and the remaining expansions")
+        return [(f"{missing} of {self.n_expansions} expansion(s) failed after {self.max_retries + 1} attempts and "
+                 f"were skipped (on_failure='skip'); {effect}. The log has the error.")]
 
 
-__all__ = ["ANSWER_PROMPT", "DEFAULT_LLM", "EXPANSION_PROMPT", "LLMQueryExpander", "clean_generation"]
+__all__ = ["ANSWER_PROMPT", "DEFAULT_LLM", "EXPANSION_PROMPT", "GROUNDED_PROMPT", "ExpansionRow", "LLMQueryExpander",
+           "clean_generation"]

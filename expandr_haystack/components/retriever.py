@@ -8,11 +8,14 @@ from typing import Any
 
 import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict
+from haystack.core.errors import DeserializationError
 from haystack.document_stores.types import DocumentStore
 from haystack.utils import ComponentDevice
 
+from expandr_haystack.checks import check_choice, check_int, check_number
 from expandr_haystack.components.embedder import ExpandRQueryEmbedder
-from expandr_haystack.components.expander import _check_query, clean_text
+from expandr_haystack.core.fusion import fuse
+from expandr_haystack.core.text import check_query, clean_text
 from expandr_haystack.models import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -121,6 +124,9 @@ class ExpandRRetriever:
         device: ComponentDevice | None = None,
         batch_size: int = 32,
         progress_bar: bool = False,
+        query_embedder: ExpandRQueryEmbedder | None = None,
+        feedback_k: int = 0,
+        feedback_weight: float = 0.7,
     ):
         """
         :param document_store: A Haystack document store holding embedded documents.
@@ -134,58 +140,69 @@ class ExpandRRetriever:
         :param device: Device for the encoder (and the FAISS index with faiss-gpu).
         :param batch_size: Texts encoded together.
         :param progress_bar: Show progress bars for batched retrieval.
+        :param query_embedder: An `ExpandRQueryEmbedder` to embed queries with (shared with other components);
+            None builds one from `model`, `query_weight`, `device`, `batch_size`. When given, its encoder and device
+            are used, and `query_weight` here is the weight this retriever fuses with.
+        :param feedback_k: Rocchio pseudo-relevance feedback (mean fusion): 0 = off; k > 0 searches once, then again
+            with v' = f·v̂ + (1-f)·mean(top-k document vectors), f = `feedback_weight`, where v is the (fused) query
+            vector. A corpus-grounded baseline that needs no LLM, and combines with expansions.
+        :param feedback_weight: f above, in [0, 1].
         """
         if not all(hasattr(document_store, m) for m in ("filter_documents", "count_documents", "to_dict")):
             raise TypeError(f"`document_store` must be a Haystack DocumentStore; got {type(document_store).__name__}.")
-        if fusion not in FUSIONS:
-            raise ValueError(f"`fusion` must be one of {FUSIONS}; got {fusion!r}.")
-        if backend not in BACKENDS:
-            raise ValueError(f"`backend` must be one of {BACKENDS}; got {backend!r}.")
+        check_choice(fusion, "fusion", FUSIONS)
+        check_choice(backend, "backend", BACKENDS)
         if backend == "store" and not hasattr(document_store, "embedding_retrieval"):
             raise ValueError(f"`backend='store'` needs a document store with `embedding_retrieval`; "
                              f"{type(document_store).__name__} has none. Use backend='faiss'.")
-        _check_top_k(top_k)
-        for name, value in (("rrf_k", rrf_k), ("rrf_depth", rrf_depth)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+        check_int(top_k, "top_k")
+        check_int(rrf_k, "rrf_k")
+        check_int(rrf_depth, "rrf_depth")
+        check_number(query_weight, "query_weight", 0.0, 1.0)
+        check_int(feedback_k, "feedback_k", minimum=0)
+        check_number(feedback_weight, "feedback_weight", 0.0, 1.0)
+        if query_embedder is not None:
+            if not isinstance(query_embedder, ExpandRQueryEmbedder):
+                raise TypeError(f"`query_embedder` must be an ExpandRQueryEmbedder or None; got "
+                                f"{type(query_embedder).__name__}.")
+            if model is not None and model != query_embedder.model:
+                raise ValueError(f"`model` ({model!r}) differs from `query_embedder.model` "
+                                 f"({query_embedder.model!r}): pass one of them.")
         self.document_store = document_store
         self.model = model
         self.top_k = top_k
         self.fusion = fusion
-        self.query_weight = query_weight
+        self.query_weight = float(query_weight)
         self.rrf_k = rrf_k
         self.rrf_depth = rrf_depth
         self.backend = backend
         self.device = device  # None = best available (keeps YAML portable)
         self.batch_size = batch_size
         self.progress_bar = progress_bar
-        self.embedder = ExpandRQueryEmbedder(model=model, query_weight=query_weight, device=self.device,
-                                             batch_size=batch_size, progress_bar=progress_bar)
+        self.query_embedder = query_embedder
+        self.feedback_k = feedback_k
+        self.feedback_weight = float(feedback_weight)
+        self.embedder = query_embedder or ExpandRQueryEmbedder(model=model, query_weight=query_weight,
+                                                               device=self.device, batch_size=batch_size,
+                                                               progress_bar=progress_bar)
         self._index: DocumentIndex | None = None
         self._index_state: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Serialize to a dictionary (the document store is serialized with its own `to_dict`)."""
+        """Serialize to a dictionary (the document store and a passed `query_embedder` with their own `to_dict`)."""
         return default_to_dict(
-            self, document_store=self.document_store.to_dict(), model=self.model, top_k=self.top_k,
-            fusion=self.fusion, query_weight=self.query_weight, rrf_k=self.rrf_k, rrf_depth=self.rrf_depth,
-            backend=self.backend, device=self.device.to_dict() if self.device else None, batch_size=self.batch_size,
-            progress_bar=self.progress_bar,
+            self, document_store=self.document_store, model=self.model, top_k=self.top_k, fusion=self.fusion,
+            query_weight=self.query_weight, rrf_k=self.rrf_k, rrf_depth=self.rrf_depth, backend=self.backend,
+            device=self.device, batch_size=self.batch_size, progress_bar=self.progress_bar,
+            query_embedder=self.query_embedder, feedback_k=self.feedback_k, feedback_weight=self.feedback_weight,
         )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExpandRRetriever:
-        """Deserialize from a dictionary made by `to_dict`."""
-        from haystack.core.serialization import import_class_by_name
-
-        params = data.get("init_parameters", {})
-        store = params.get("document_store")
+        """Deserialize from a dictionary made by `to_dict` (the input is not modified)."""
+        store = data.get("init_parameters", {}).get("document_store")
         if not isinstance(store, dict) or "type" not in store:
-            raise ValueError("`document_store` must be a serialized document store with a 'type' key.")
-        store_cls = import_class_by_name(store["type"])
-        params["document_store"] = store_cls.from_dict(store)
-        if params.get("device") is not None:
-            params["device"] = ComponentDevice.from_dict(params["device"])
+            raise DeserializationError("`document_store` must be a serialized document store with a 'type' key.")
         return default_from_dict(cls, data)
 
     def warm_up(self) -> None:
@@ -228,7 +245,7 @@ class ExpandRRetriever:
         :param filters: Haystack metadata filters; only matching documents are searched.
         :returns: `documents`, best first, each with `score`.
         """
-        query = _check_query(query)  # str, not blank; control characters dropped, invalid unicode replaced
+        query = check_query(query)  # str, not blank; control characters dropped, invalid unicode replaced
         if expansions is not None and (isinstance(expansions, str) or not isinstance(expansions, Sequence)):
             raise TypeError(f"`expansions` must be a list of strings (or None); got {type(expansions).__name__}.")
         return {"documents": self.retrieve([query], [expansions or []], top_k=top_k, filters=filters)[0]}
@@ -239,21 +256,38 @@ class ExpandRRetriever:
         expansions: Sequence[Sequence[str]] | None = None,
         top_k: int | None = None,
         filters: dict[str, Any] | None = None,
+        fusion: str | None = None,
+        query_weight: float | None = None,
+        feedback_k: int | None = None,
+        feedback_weight: float | None = None,
     ) -> list[list[Document]]:
-        """Batched `run`: one encode call for all queries and expansions, one index search."""
-        top_k = self.top_k if top_k is None else top_k
-        _check_top_k(top_k)
+        """
+        Batched `run`: one encode call for all queries and expansions, one index search (two with feedback).
+
+        :param fusion: Overrides the init `fusion` for this call ("mean" or "rrf").
+        :param query_weight: Overrides the init `query_weight` for this call (mean fusion).
+        :param feedback_k: Overrides the init `feedback_k` for this call (mean fusion).
+        :param feedback_weight: Overrides the init `feedback_weight` for this call.
+        """
+        top_k = check_int(self.top_k if top_k is None else top_k, "top_k")
+        fusion = check_choice(self.fusion if fusion is None else fusion, "fusion", FUSIONS)
+        query_weight = self.query_weight if query_weight is None else query_weight
         if isinstance(queries, str) or not isinstance(queries, Sequence):
             raise TypeError(f"`queries` must be a list of strings; got {type(queries).__name__}.")
-        queries = [_check_query(q, f"queries[{i}]") for i, q in enumerate(queries)]
+        queries = [check_query(q, f"queries[{i}]") for i, q in enumerate(queries)]
         if expansions is not None:
             bad = next((i for i, e in enumerate(expansions) if isinstance(e, str)), None)
             if bad is not None:
                 raise TypeError(f"`expansions[{bad}]` must be a list of strings, one list per query; got a str.")
         expansions = [list(e or []) for e in expansions] if expansions is not None else [[] for _ in queries]
         expansions = [[clean_text(e) if isinstance(e, str) else e for e in exps] for exps in expansions]
-        if self.fusion == "mean":
-            vectors = self.embedder.embed_fused(queries, expansions)
+        if fusion == "mean":
+            vectors = self.embedder.embed_fused(queries, expansions, query_weight=query_weight)
+            feedback_k = check_int(self.feedback_k if feedback_k is None else feedback_k, "feedback_k", minimum=0)
+            if feedback_k:
+                weight = self.feedback_weight if feedback_weight is None else feedback_weight
+                vectors = self._feedback(vectors, feedback_k, check_number(weight, "feedback_weight", 0.0, 1.0),
+                                         filters)
             return self._search(vectors, top_k, filters)
         return self._rrf(queries, expansions, top_k, filters)
 
@@ -272,6 +306,16 @@ class ExpandRRetriever:
         scores, hits = index.search(vectors, top_k, rows)
         return [[_with_score(index.documents[h], float(s)) for s, h in zip(srow, hrow) if h >= 0]
                 for srow, hrow in zip(scores, hits)]
+
+    def _feedback(self, vectors: np.ndarray, k: int, weight: float, filters) -> np.ndarray:
+        """Rocchio: each vector moved towards the mean of its top-k hits' unit vectors (`core.fusion.fuse`)."""
+        hits = self._search(vectors, k, filters)
+        moved = np.empty_like(vectors)
+        for i, docs in enumerate(hits):
+            embedded = [d.embedding for d in docs if d.embedding is not None]
+            feedback = np.asarray(embedded, dtype=np.float32).reshape(len(embedded), vectors.shape[1])
+            moved[i] = fuse(vectors[i], feedback, weight)
+        return moved
 
     def _rrf(self, queries, expansions, top_k, filters) -> list[list[Document]]:
         texts, owner = [], []
@@ -303,8 +347,3 @@ def _with_score(document: Document, score: float) -> Document:
     scored.__dict__.update(document.__dict__)
     scored.__dict__["score"] = score
     return scored
-
-
-def _check_top_k(top_k: Any) -> None:
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise ValueError(f"`top_k` must be an integer >= 1; got {top_k!r}.")

@@ -1,6 +1,27 @@
-"""Training: DPO pair construction for the expander (`pairs`) and one DPO + LoRA round (`dpo`)."""
+"""
+Training: every setting (`config`), DPO pair construction for the expander (`pairs`), one DPO + LoRA round (`dpo`),
+the retriever step (`retriever`, `losses`), the run folder (`runfiles`) and the joint-training rounds (`rounds`).
 
-from expandr_haystack.training.dpo import DPOSettings, train_dpo
-from expandr_haystack.training.pairs import PairConfig, PairStats, build_pairs, make_components
+Usage:
+```python
+from expandr_haystack.training import JointConfig, JointTrainer
 
-__all__ = ["DPOSettings", "PairConfig", "PairStats", "build_pairs", "make_components", "train_dpo"]
+JointTrainer(JointConfig.from_yaml("training/configs/tiny-cpu.yaml"), "runs/tiny-cpu").run(resume=True)
+```
+"""
+
+from expandr_haystack.training.config import (
+    ConfigError,
+    DPOSettings,
+    ExpansionSettings,
+    JointConfig,
+    PairConfig,
+    RetrieverSettings,
+)
+from expandr_haystack.training.dpo import train_dpo
+from expandr_haystack.training.pairs import PairStats, build_pairs, make_components
+from expandr_haystack.training.rounds import JointTrainer
+from expandr_haystack.training.runfiles import RunFolder, RunFolderError
+
+__all__ = ["ConfigError", "DPOSettings", "ExpansionSettings", "JointConfig", "JointTrainer", "PairConfig", "PairStats",
+           "RetrieverSettings", "RunFolder", "RunFolderError", "build_pairs", "make_components", "train_dpo"]

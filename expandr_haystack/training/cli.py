@@ -1,26 +1,64 @@
-"""`expandr train` / `python training/joint.py`: run ExpandR joint training from a YAML config."""
+"""
+The training subcommands of the `expandr` command line (registered by `expandr_haystack.cli`):
+
+    expandr train --config training/configs/tiny-cpu.yaml [--output runs/tiny-cpu] [--resume] [--rounds K]
+    expandr pairs --data cranfield --split train --out pairs.jsonl [--n-candidates 8]
+        [--temperatures 0.8,0.9,1.0,1.1] [--threshold 0.6] [--llm PATH --adapter PATH --encoder PATH]
+        [--max-queries N] [--cache PATH] [--max-new-tokens N] [--no-answer] [--overwrite]
+
+`python training/joint.py ...` and `python training/pairs.py ...` are the same commands. The defaults of
+`expandr pairs` are `PairConfig`'s; argument errors use the wording of `expandr_haystack.checks`.
+
+Usage:
+```python
+import argparse
+from expandr_haystack.training.cli import add_pairs_parser, add_train_parser
+
+subparsers = argparse.ArgumentParser(prog="expandr").add_subparsers(dest="command")
+add_train_parser(subparsers)
+add_pairs_parser(subparsers)
+```
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from expandr_haystack.checks import check_adapter_dir, check_int, check_model_name, check_number
+from expandr_haystack.training.config import PairConfig
 
 
+def _verbose() -> None:
+    """Show the package's INFO messages (steps finished, pairs resumed, ...) under `expandr`'s WARNING default."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("expandr_haystack").setLevel(logging.INFO)
+
+
+# -- expandr train ---------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `expandr train`."""
     parser.add_argument("--config", required=True, help="YAML config, e.g. training/configs/tiny-cpu.yaml")
     parser.add_argument("--output", default=None, help="run folder (default runs/<config name>)")
     parser.add_argument("--resume", action="store_true", help="continue a run in --output from its last finished step")
-    parser.add_argument("--rounds", type=int, default=None, help="override the config's number of rounds")
+    parser.add_argument("--rounds", type=_arg(check_int, "--rounds"), default=None,
+                        help="override the config's number of rounds")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate the config (before loading any model), then run the rounds."""
+    """Validate the config (before loading any model), then run the rounds; returns the exit status."""
     from expandr_haystack.training.config import ConfigError, JointConfig
-    from expandr_haystack.training.rounds import JointTrainer, RunFolderError
+    from expandr_haystack.training.rounds import JointTrainer
+    from expandr_haystack.training.runfiles import RunFolderError
 
+    _verbose()
     try:
         config = JointConfig.from_yaml(args.config, {"rounds": args.rounds})
     except ConfigError as exc:
@@ -36,15 +74,181 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_parser(subparsers) -> None:
-    """Register `expandr train` (used by `expandr_haystack.cli`)."""
-    p = subparsers.add_parser("train", help="ExpandR joint training (retriever InfoNCE + LLM DPO, k rounds)")
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `expandr train` on an argparse subparsers object (used by `expandr_haystack.cli`)."""
+    p = subparsers.add_parser("train", help="ExpandR joint training (retriever InfoNCE + LLM DPO, k rounds)",
+                              description="ExpandR joint training: k alternating rounds of retriever contrastive "
+                                          "training and LLM DPO, from a YAML config.")
     add_arguments(p)
     p.set_defaults(func=run)
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="training/joint.py", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+# -- argument types: the checks' rules, as argparse errors ------------------------------------------------------------
+def _arg(check: Callable[..., Any], option: str, *args: Any, convert: Callable[[str], Any] = int) -> Callable:
+    """
+    An argparse `type` that converts the text, then applies a `expandr_haystack.checks` rule.
+
+    :param check: e.g. `check_int` or `check_model_name` (called as ``check(value, option, *args)``).
+    :param option: The option, e.g. ``--n-candidates`` (argparse prefixes the message with it).
+    :param convert: Text -> value (`int`, `float`, or `str`).
+    """
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = text  # the check below names it with its expected type
+        try:
+            check(value, option, *args)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            message = str(exc)
+            for prefix in (f"`{option}`: ", f"`{option}` "):
+                message = message.removeprefix(prefix)
+            raise argparse.ArgumentTypeError(message) from None
+        return value
+
+    parse.__name__ = option.lstrip("-").replace("-", "_")
+    return parse
+
+
+def _temperatures(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers >= 0, e.g. ``0.8,0.9,1.0,1.1``."""
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.8,0.9,1.0,1.1; got {text!r}") \
+            from None
+    try:
+        if not values:
+            raise ValueError(text)
+        for v in values:
+            check_number(v, "--temperatures", 0.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one or more numbers >= 0; got {text!r}") from None
+    return values
+
+
+def _collection(text: str) -> str:
+    """A BEIR-layout folder or a bundled collection name (checked now; loaded later)."""
+    from expandr_haystack.evaluation.data import DataError, resolve_collection_path
+
+    try:
+        resolve_collection_path(text)
+    except DataError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} Pass a BEIR-layout folder or \"cranfield\".") from None
+    return text
+
+
+def _out_file(text: str) -> str:
+    if Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; pass a file path such as pairs.jsonl")
+    return text
+
+
+# -- expandr pairs ---------------------------------------------------------------------------------------------------
+def add_pairs_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `expandr pairs`; their defaults are `PairConfig`'s."""
+    from expandr_haystack.generation import BACKENDS
+
+    d = {f.name: f.default for f in dataclasses.fields(PairConfig)}
+    p.add_argument("--data", required=True, type=_collection,
+                   help='BEIR-layout folder, or "cranfield" for the bundled collection')
+    p.add_argument("--split", default="train", help="qrels split whose judged queries are used (default: train)")
+    p.add_argument("--out", required=True, type=_out_file, help="output JSONL pair file (appended to when it exists)")
+    p.add_argument("--n-candidates", type=_arg(check_int, "--n-candidates", 2), default=d["n_candidates"],
+                   help=f"candidate expansions per query, >= 2 (default {d['n_candidates']})")
+    p.add_argument("--temperatures", type=_temperatures, default=d["temperatures"],
+                   help="sampling temperatures, sample i uses the (i mod k)-th "
+                        f"(default {','.join(f'{t:g}' for t in d['temperatures'])})")
+    p.add_argument("--threshold", type=_arg(check_number, "--threshold", convert=float), default=d["threshold"],
+                   help=f"min of max(cos_doc + cos_answer) to keep a pair (default {d['threshold']:g})")
+    p.add_argument("--llm", default=None, type=_arg(check_model_name, "--llm", convert=str),
+                   help="expander LLM: HF id or local folder (default: bundled SmolLM2)")
+    p.add_argument("--adapter", default=None, type=_arg(check_adapter_dir, "--adapter", convert=str),
+                   help="PEFT LoRA adapter folder for --llm")
+    p.add_argument("--encoder", default=None, type=_arg(check_model_name, "--encoder", convert=str),
+                   help="reward encoder: sentence-transformers id or folder (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--max-queries", type=_arg(check_int, "--max-queries"), default=None,
+                   help="use the first N judged queries")
+    p.add_argument("--cache", default=None,
+                   help='expansion cache (sqlite; default <expandr home>/cache/expansions.sqlite); "none" disables it')
+    for name, what in (("max_new_tokens", "length limit of a candidate"),
+                       ("answer_max_new_tokens", "length limit of the answer"),
+                       ("chunk_size", "queries processed and saved together"),
+                       ("batch_size", "rows the LLM generates at once")):
+        option = "--" + name.replace("_", "-")
+        p.add_argument(option, type=_arg(check_int, option), default=d[name], help=f"{what} (default {d[name]})")
+    p.add_argument("--seed", type=_arg(check_int, "--seed", 0), default=d["seed"],
+                   help=f"base seed of the candidates (default {d['seed']})")
+    p.add_argument("--no-answer", dest="use_answer", action="store_false", default=d["use_answer"],
+                   help="document-only reward (ablation; no answers generated)")
+    p.add_argument("--device", default=None, help='"cpu", "cuda:0", ... (default: best available)')
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="LLM generation engine (default auto: the packed float32 decoder on CPU)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def pair_config(args: argparse.Namespace) -> PairConfig:
+    """The `PairConfig` of parsed `expandr pairs` arguments (every field of it is an option)."""
+    return PairConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PairConfig)
+                         if hasattr(args, f.name)})
+
+
+def run_pairs(args: argparse.Namespace) -> int:
+    """Build (or complete) a pair file from parsed `expandr pairs` arguments; returns the exit status."""
+    from haystack.utils import ComponentDevice
+
+    from expandr_haystack.evaluation.data import DataError, load_collection
+    from expandr_haystack.models import expandr_home
+    from expandr_haystack.training.config import ConfigError
+    from expandr_haystack.training.pairs import build_pairs, make_components
+
+    _verbose()
+    cache = args.cache if args.cache is not None else str(expandr_home() / "cache" / "expansions.sqlite")
+    cache = None if cache.lower() == "none" else cache
+    try:
+        collection = load_collection(args.data, split=args.split, max_queries=args.max_queries)
+    except DataError as exc:
+        print(f"error: --data/--split: {exc}", file=sys.stderr)
+        return 2
+    try:
+        config = pair_config(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = ComponentDevice.from_str(args.device) if args.device else None
+    expander, answerer, scorer = make_components(config, llm=args.llm, adapter=args.adapter, encoder=args.encoder,
+                                                 cache=cache, device=device, progress_bar=False,
+                                                 backend=args.backend)
+    print(f"{collection.path}: split {args.split!r}, {len(collection.queries)} judged queries; "
+          f"{config.n_candidates} candidates at temperatures {list(config.temperatures)}; "
+          f"threshold {config.threshold}; answer term {'on' if config.use_answer else 'off (ablation)'}")
+    stats = build_pairs(collection, args.out, expander, answerer, scorer, config,
+                        progress_bar=not args.no_progress, overwrite=args.overwrite)
+    print(stats.summary())
+    if stats.margin_histogram.get("counts"):
+        edges, counts = stats.margin_histogram["edges"], stats.margin_histogram["counts"]
+        print("reward margin histogram:")
+        for lo, hi, c in zip(edges, edges[1:], counts):
+            if c:
+                print(f"  [{lo:5.2f}, {hi:5.2f})  {c:5d}  {'#' * min(c, 60)}")
+    print(json.dumps({"stats": stats.stats_path, "plot": stats.plot_path, "expansion_cache": expander.cache_stats}))
+    return 0
+
+
+def add_pairs_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `expandr pairs` on an argparse subparsers object (used by `expandr_haystack.cli`)."""
+    p = subparsers.add_parser(
+        "pairs", help="build ExpandR DPO preference pairs for the expander (TRL conversational JSONL)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build ExpandR DPO preference pairs for the expander (TRL conversational format, JSONL).\n\n"
+                    "Rerunning with the same --out appends only the queries not yet recorded (the expansion cache "
+                    "makes\nregeneration free). Writes <out>, <out>.seen.jsonl, <out>.stats.json and "
+                    "<out>.margins.png.")
+    add_pairs_arguments(p)
+    p.set_defaults(func=run_pairs)
+    return p
+
+
+__all__ = ["add_pairs_parser", "add_train_parser", "pair_config", "run", "run_pairs"]

@@ -1,32 +1,202 @@
-"""JointConfig: every setting of `training/joint.py`, validated before any model loads."""
+"""
+Every training setting, validated before any model loads: `PairConfig` (DPO pair construction), `DPOSettings`
+(one DPO + LoRA round), `RetrieverSettings`, `ExpansionSettings`, and `JointConfig` (a joint-training run, which
+holds one of each).
+
+Each dataclass has `validate()`, built on `expandr_haystack.checks`; a bad value is a `ConfigError` (a ValueError)
+naming the key (``pairs.n_candidates`` inside a `JointConfig`) and what was expected. This module imports no
+training code, so reading a config never loads a model or a trainer.
+
+Usage:
+```python
+from expandr_haystack.training.config import ConfigError, JointConfig, PairConfig
+
+config = JointConfig.from_yaml("training/configs/tiny-cpu.yaml", {"rounds": 1})
+config.pairs.n_candidates                      # 4
+PairConfig(n_candidates=1)                     # ConfigError: `n_candidates` must be an integer >= 2; got 1. ...
+```
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from expandr_haystack.training.dpo import DPOSettings
-from expandr_haystack.training.pairs import PairConfig
+from expandr_haystack.checks import check_choice, check_int, check_model_name, check_number
 
 
 class ConfigError(ValueError):
     """A training configuration is invalid; the message names the key and what was expected."""
 
 
+# -- one validation style -------------------------------------------------------------------------------------------
+def _key(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+def _fail(key: str, expected: str, value: Any) -> None:
+    """Raise the `ConfigError` of a rule `expandr_haystack.checks` has no helper for, in the same wording."""
+    raise ConfigError(f"`{key}` must be {expected}; got {value!r}.")
+
+
+def _checked(check, value: Any, key: str, *args: Any, hint: str = "", **kwargs: Any) -> Any:
+    """``check(value, key, *args)`` (a `expandr_haystack.checks` helper); its error as a `ConfigError` + `hint`."""
+    try:
+        return check(value, key, *args, **kwargs)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise ConfigError(f"{exc} {hint}".strip()) from None
+
+
+def _check_steps(value: Any, key: str) -> None:
+    if value != -1 and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        _fail(key, "-1 (no limit) or an integer >= 1", value)
+
+
+def _check_fraction(value: Any, key: str) -> None:  # [0, 1)
+    _checked(check_number, value, key, 0.0, 1.0)
+    if value >= 1:
+        _fail(key, "a number in [0, 1)", value)
+
+
+# -- pair construction ----------------------------------------------------------------------------------------------
+@dataclass
+class PairConfig:
+    """
+    Settings of pair construction (ExpandR paper defaults where it has them).
+
+    :param n_candidates: Candidate expansions sampled per query.
+    :param temperatures: Sample i uses temperatures[i % len(temperatures)].
+    :param threshold: Minimum of max_e (cos_doc + cos_answer) (max_e cos_doc when `use_answer` is False).
+    :param max_new_tokens: Length limit of a candidate expansion (the paper uses 512; 96 is CPU-friendly).
+    :param answer_max_new_tokens: Length limit of the q2a answer.
+    :param top_p: Nucleus mass for the candidates.
+    :param chunk_size: Queries generated, scored and saved together (progress is saved after each chunk).
+    :param batch_size: Rows the LLM generates at once.
+    :param seed: Base seed of the candidates (each row's seed derives from it, the query and the sample index).
+    :param use_answer: False = document-only reward (an ablation of the paper's reward); no answers are generated.
+    """
+
+    n_candidates: int = 8
+    temperatures: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1)
+    threshold: float = 0.6
+    max_new_tokens: int = 96
+    answer_max_new_tokens: int = 96
+    top_p: float = 0.9
+    chunk_size: int = 16
+    batch_size: int = 16
+    seed: int = 42
+    use_answer: bool = True
+
+    def __post_init__(self):
+        try:
+            self.temperatures = tuple(float(t) for t in self.temperatures)
+        except (TypeError, ValueError):
+            pass  # `validate` names it
+        self.validate()
+
+    def validate(self, section: str = "") -> None:
+        """
+        Raise a `ConfigError` naming the first bad setting.
+
+        :param section: Prefix of the keys in messages (``pairs`` inside a `JointConfig`).
+        """
+        for name in ("max_new_tokens", "answer_max_new_tokens", "chunk_size", "batch_size"):
+            _checked(check_int, getattr(self, name), _key(section, name))
+        _checked(check_int, self.n_candidates, _key(section, "n_candidates"), 2, hint="Two candidates form a pair.")
+        key = _key(section, "temperatures")
+        if not isinstance(self.temperatures, tuple) or not self.temperatures:
+            _fail(key, "a non-empty list of numbers >= 0", self.temperatures)
+        for i, t in enumerate(self.temperatures):
+            _checked(check_number, t, f"{key}[{i}]", 0.0)
+        _checked(check_number, self.threshold, _key(section, "threshold"))
+        _checked(check_number, self.top_p, _key(section, "top_p"), 0.0, 1.0, low_open=True)
+        _checked(check_int, self.seed, _key(section, "seed"), 0)
+        if not isinstance(self.use_answer, bool):
+            _fail(_key(section, "use_answer"), "true or false", self.use_answer)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (temperatures as a list), as in ``<pairs>.stats.json``."""
+        d = asdict(self)
+        d["temperatures"] = list(self.temperatures)
+        return d
+
+
+# -- DPO ------------------------------------------------------------------------------------------------------------
+@dataclass
+class DPOSettings:
+    """
+    DPO + LoRA settings (ExpandR paper defaults).
+
+    :param device: "cpu", "cuda", "cuda:0", ... or None (CUDA when available).
+    :param bf16: bfloat16 mixed precision; None = on when training on a CUDA GPU that supports it.
+    :param max_length: Tokens of prompt + completion (longer pairs are truncated at the end).
+    :param max_steps: Stop after this many optimizer steps (-1 = run `num_train_epochs`).
+    :param gradient_checkpointing: Activation checkpointing: saves memory, ~20% slower.
+    :param warmup_steps: An integer (steps) or a float in [0, 1) (fraction of all steps).
+    """
+
+    beta: float = 0.1
+    learning_rate: float = 2e-5
+    num_train_epochs: float = 2.0
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512
+    max_steps: int = -1
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    seed: int = 42
+    device: str | None = None
+    bf16: bool | None = None
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    warmup_steps: float = 0
+
+    def validate(self, section: str = "") -> None:
+        """
+        Raise a `ConfigError` naming the first bad setting.
+
+        :param section: Prefix of the keys in messages (``dpo`` inside a `JointConfig`).
+        """
+        for name in ("beta", "learning_rate", "num_train_epochs"):
+            _checked(check_number, getattr(self, name), _key(section, name), 0.0, low_open=True)
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "lora_r",
+                     "lora_alpha", "logging_steps"):
+            _checked(check_int, getattr(self, name), _key(section, name))
+        _check_steps(self.max_steps, _key(section, "max_steps"))
+        _check_fraction(self.lora_dropout, _key(section, "lora_dropout"))
+        _checked(check_number, self.warmup_steps, _key(section, "warmup_steps"), 0.0)
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            _fail(_key(section, "target_modules"), "a non-empty list of module names", self.target_modules)
+        _checked(check_int, self.seed, _key(section, "seed"), 0)
+        if self.device is not None and (not isinstance(self.device, str) or not self.device.strip()):
+            _fail(_key(section, "device"), "a device name such as 'cpu' or 'cuda:0', or null", self.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+# -- joint training -------------------------------------------------------------------------------------------------
 @dataclass
 class RetrieverSettings:
     """
     Encoder training on fused queries (FusedInfoNCELoss) through sentence-transformers' trainer.
 
-    - `temperature`: InfoNCE temperature tau (paper 0.02).
-    - `hard_negatives`: negatives per example mined with the current encoder from ranks
-      [`hard_negative_skip`, `hard_negative_depth`) of the fused query's ranking, judged documents excluded.
-    - `restart_each_round`: train every round from the base encoder (so every round, and the no-expansion baseline,
-      gets the same budget and a round's gain comes from its LLM); False continues from the previous round.
+    :param temperature: InfoNCE temperature tau (paper 0.02).
+    :param hard_negatives: Negatives per example mined with the current encoder from ranks
+        [`hard_negative_skip`, `hard_negative_depth`) of the fused query's ranking, judged documents excluded.
+    :param query_weight: w of the fused query vector, in training and in evaluation.
+    :param restart_each_round: Train every round from the base encoder (so every round, and the no-expansion
+        baseline, gets the same budget and a round's gain comes from its LLM); False continues from the previous
+        round.
+    :param max_steps: Stop after this many optimizer steps (-1 = run `epochs`).
     """
 
     learning_rate: float = 2e-5
@@ -44,16 +214,59 @@ class RetrieverSettings:
     bf16: bool = False
     max_steps: int = -1
 
+    def validate(self, section: str = "retriever") -> None:
+        """Raise a `ConfigError` naming the first bad setting (keys prefixed with `section`)."""
+        for name in ("temperature", "learning_rate"):
+            _checked(check_number, getattr(self, name), _key(section, name), 0.0, low_open=True)
+        _check_steps(self.max_steps, _key(section, "max_steps"))
+        _checked(check_number, self.epochs, _key(section, "epochs"), 0.0)
+        if self.epochs == 0 and self.max_steps < 1:
+            _fail(_key(section, "epochs"), "> 0 (or max_steps > 0)", self.epochs)
+        _checked(check_int, self.batch_size, _key(section, "batch_size"), 2,
+                 hint="A batch needs two rows for in-batch negatives.")
+        for name in ("max_length", "max_positives_per_query", "hard_negative_depth"):
+            _checked(check_int, getattr(self, name), _key(section, name))
+        _checked(check_int, self.hard_negatives, _key(section, "hard_negatives"), 0)
+        _checked(check_int, self.hard_negative_skip, _key(section, "hard_negative_skip"), 0)
+        if self.hard_negative_skip >= self.hard_negative_depth:
+            _fail(_key(section, "hard_negative_skip"), f"in [0, hard_negative_depth) = [0, {self.hard_negative_depth})",
+                  self.hard_negative_skip)
+        _checked(check_number, self.query_weight, _key(section, "query_weight"), 0.0, 1.0)
+        _check_fraction(self.warmup_ratio, _key(section, "warmup_ratio"))
+
 
 @dataclass
 class ExpansionSettings:
-    """How training queries are expanded for the retriever step (and for evaluation)."""
+    """
+    How training queries are expanded for the retriever step (and for evaluation).
+
+    :param n_expansions: Expansions per query; 1 in training, as in the paper.
+    :param temperature: Sampling temperature (0 = greedy).
+    :param top_p: Nucleus mass.
+    :param max_new_tokens: Length limit of an expansion.
+    :param batch_size: Rows the LLM generates at once.
+    """
 
     n_expansions: int = 1
     temperature: float = 1.0
     top_p: float = 0.9
     max_new_tokens: int = 96
     batch_size: int = 16
+
+    def validate(self, section: str = "expansion") -> None:
+        """Raise a `ConfigError` naming the first bad setting (keys prefixed with `section`)."""
+        if self.n_expansions != 1:
+            _fail(_key(section, "n_expansions"), "1 for training (the retriever is trained on one expansion per "
+                  "query, as in the paper; evaluate with more through `expandr eval --n-expansions`)",
+                  self.n_expansions)
+        _checked(check_number, self.temperature, _key(section, "temperature"), 0.0)
+        _checked(check_number, self.top_p, _key(section, "top_p"), 0.0, 1.0, low_open=True)
+        _checked(check_int, self.max_new_tokens, _key(section, "max_new_tokens"))
+        _checked(check_int, self.batch_size, _key(section, "batch_size"))
+
+
+#: The sections of a `JointConfig` and their settings classes.
+SECTIONS = {"expansion": ExpansionSettings, "retriever": RetrieverSettings, "pairs": PairConfig, "dpo": DPOSettings}
 
 
 @dataclass
@@ -90,14 +303,9 @@ class JointConfig:
         """Build and validate; unknown keys and wrong types are `ConfigError`s naming the key."""
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping of settings; got {type(raw).__name__}.")
-        sections = {"expansion": ExpansionSettings, "retriever": RetrieverSettings, "pairs": PairConfig,
-                    "dpo": DPOSettings}
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
-            if key in sections:
-                kwargs[key] = _build(sections[key], value, f"{source}: {key}")
-            else:
-                kwargs[key] = value
+            kwargs[key] = _build(SECTIONS[key], value, f"{source}: {key}") if key in SECTIONS else value
         config = _build(cls, kwargs, source)
         config.validate(source)
         return config
@@ -112,7 +320,8 @@ class JointConfig:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc}).") from exc
-        raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        if isinstance(raw, dict):
+            raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls.from_dict(raw, str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,83 +329,66 @@ class JointConfig:
         return dataclasses.asdict(self)
 
     def validate(self, source: str = "config") -> None:
-        """Raise `ConfigError` for impossible values (before any model loads)."""
-        from expandr_haystack.data import DataError, resolve_collection_path
-        from expandr_haystack.evaluation import parse_methods
+        """Raise `ConfigError` for impossible values (before any model loads); the message starts with `source`."""
+        try:
+            self._validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
-        def need(cond: bool, key: str, expected: str, value: Any) -> None:
-            if not cond:
-                raise ConfigError(f"{source}: `{key}` must be {expected}; got {value!r}.")
+    def _validate(self) -> None:
+        from expandr_haystack.evaluation.data import DataError, resolve_collection_path
+        from expandr_haystack.evaluation.runner import parse_methods
+        from expandr_haystack.generation import BACKENDS
 
-        need(isinstance(self.rounds, int) and self.rounds >= 1, "rounds", "an integer >= 1", self.rounds)
-        need(self.train_split != self.eval_split, "eval_split", f"different from train_split ({self.train_split!r})",
-             self.eval_split)
+        _checked(check_int, self.rounds, "rounds")
+        if self.train_split == self.eval_split:
+            _fail("eval_split", f"different from train_split ({self.train_split!r})", self.eval_split)
         for key in ("max_train_queries", "max_eval_queries", "max_corpus_documents"):
-            v = getattr(self, key)
-            need(v is None or (isinstance(v, int) and v >= 1), key, "null or an integer >= 1", v)
-        r = self.retriever
-        need(r.temperature > 0, "retriever.temperature", "> 0", r.temperature)
-        need(r.learning_rate > 0, "retriever.learning_rate", "> 0", r.learning_rate)
-        need(r.epochs > 0 or r.max_steps > 0, "retriever.epochs", "> 0 (or max_steps > 0)", r.epochs)
-        need(isinstance(r.batch_size, int) and r.batch_size >= 2, "retriever.batch_size",
-             "an integer >= 2 (in-batch negatives)", r.batch_size)
-        need(isinstance(r.hard_negatives, int) and r.hard_negatives >= 0, "retriever.hard_negatives",
-             "an integer >= 0", r.hard_negatives)
-        need(0 <= r.hard_negative_skip < r.hard_negative_depth, "retriever.hard_negative_skip",
-             "in [0, hard_negative_depth)", r.hard_negative_skip)
-        need(0.0 <= r.query_weight <= 1.0, "retriever.query_weight", "in [0, 1]", r.query_weight)
-        need(0.0 <= r.warmup_ratio < 1.0, "retriever.warmup_ratio", "in [0, 1)", r.warmup_ratio)
-        for key in ("data", "encoder", "llm", "device"):
-            v = getattr(self, key)
-            need(v is None and key != "data" or isinstance(v, str) and v.strip() != "", key,
-                 "a non-empty string" + ("" if key == "data" else " or null"), v)
-        from expandr_haystack.components.expander import BACKENDS
-
-        need(self.llm_backend in BACKENDS, "llm_backend", f"one of {', '.join(BACKENDS)}", self.llm_backend)
+            if getattr(self, key) is not None:
+                _checked(check_int, getattr(self, key), key, hint="Use null for no limit.")
+        _checked(check_int, self.seed, "seed", 0)
+        if not isinstance(self.baselines, bool):
+            _fail("baselines", "true or false", self.baselines)
+        for key in ("data", "train_split", "eval_split", "device"):
+            value = getattr(self, key)
+            if (value is not None or key != "device") and (not isinstance(value, str) or not value.strip()):
+                _fail(key, "a non-empty string" + (" or null" if key == "device" else ""), value)
+        _checked(check_choice, self.llm_backend, "llm_backend", BACKENDS)
         if self.llm_backend == "vllm":
-            from expandr_haystack.vllm_sampler import vllm_unavailable_reason
+            from expandr_haystack.generation.vllm import vllm_unavailable_reason
 
             reason = vllm_unavailable_reason()
             if reason is not None:
-                raise ConfigError(f"{source}: `llm_backend` is 'vllm' but {reason}; this setting is meant for GPU "
-                                  f"machines. Use llm_backend: auto here.")
-        e = self.expansion
-        need(e.n_expansions == 1, "expansion.n_expansions",
-             "1 for training (the retriever is trained on one expansion per query, as in the paper; evaluate with "
-             "more through `expandr eval --n-expansions`)", e.n_expansions)
-        need(e.temperature >= 0, "expansion.temperature", ">= 0", e.temperature)
-        need(isinstance(e.max_new_tokens, int) and e.max_new_tokens >= 1, "expansion.max_new_tokens",
-             "an integer >= 1", e.max_new_tokens)
-        try:
-            self.pairs.validate()
-            self.dpo.validate()
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{source}: {exc}") from exc
+                raise ConfigError(f"`llm_backend` is 'vllm' but {reason}; this setting is meant for GPU machines. "
+                                  f"Use llm_backend: auto here.")
+        self.expansion.validate("expansion")
+        self.retriever.validate("retriever")
+        self.pairs.validate("pairs")
+        self.dpo.validate("dpo")
         try:
             parse_methods(self.eval_methods)
         except ValueError as exc:
-            raise ConfigError(f"{source}: `eval_methods`: {exc}") from exc
+            raise ConfigError(f"`eval_methods`: {exc}") from None
         try:
             root = resolve_collection_path(self.data)
         except DataError as exc:
-            raise ConfigError(f"{source}: `data`: {exc}") from exc
+            raise ConfigError(f"`data`: {exc}") from None
         for split in (self.train_split, self.eval_split):
             if not (root / "qrels" / f"{split}.tsv").exists():
-                raise ConfigError(f"{source}: split {split!r}: no file {root / 'qrels' / f'{split}.tsv'}.")
+                raise ConfigError(f"split {split!r}: no file {root / 'qrels' / f'{split}.tsv'}.")
         if self.device and str(self.device).startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
-                raise ConfigError(f"{source}: `device` is {self.device!r} but this machine has no CUDA GPU (torch "
+                raise ConfigError(f"`device` is {self.device!r} but this machine has no CUDA GPU (torch "
                                   f"{torch.__version__}); this config is meant for GPU machines. Use "
                                   f"training/configs/tiny-cpu.yaml here, or set device: cpu.")
-        for key in ("encoder", "llm"):
-            v = getattr(self, key)
-            if v is not None and (str(v).startswith((".", "/", "~")) and not Path(v).expanduser().exists()):
-                raise ConfigError(f"{source}: `{key}`: no model directory at {v!r}.")
+        for key in ("encoder", "llm"):  # hub ids pass; a local-looking path must exist
+            _checked(check_model_name, getattr(self, key), key)
 
 
 def _build(cls, values: Any, where: str):
+    """An instance of the dataclass `cls` from a mapping, with YAML-friendly conversions; errors name the key."""
     if isinstance(values, cls):
         return values
     if values is None:
@@ -226,5 +418,11 @@ def _build(cls, values: Any, where: str):
         converted[k] = v
     try:
         return cls(**converted)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+__all__ = ["SECTIONS", "ConfigError", "DPOSettings", "ExpansionSettings", "JointConfig", "PairConfig",
+           "RetrieverSettings"]

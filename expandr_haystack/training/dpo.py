@@ -11,73 +11,22 @@ from expandr_haystack.training.dpo import DPOSettings, train_dpo
 
 adapter_dir = train_dpo(None, "pairs.jsonl", "runs/dpo-round1", DPOSettings())   # None = bundled SmolLM2
 ```
+
+`DPOSettings` is defined in `expandr_haystack.training.config` (with every other training setting).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+
+from expandr_haystack.checks import check_adapter_dir
+from expandr_haystack.training.config import DPOSettings
 
 logger = logging.getLogger(__name__)
 
 #: The columns DPOTrainer reads; the pair file's metadata columns (query_id, rewards, ...) are dropped before training.
 DPO_COLUMNS = ("prompt", "chosen", "rejected")
-
-
-@dataclass
-class DPOSettings:
-    """
-    DPO + LoRA settings (ExpandR paper defaults).
-
-    :param device: "cpu", "cuda", "cuda:0", ... or None (CUDA when available).
-    :param bf16: bfloat16 mixed precision; None = on when training on a CUDA GPU that supports it.
-    :param max_length: Tokens of prompt + completion (longer pairs are truncated at the end).
-    :param max_steps: Stop after this many optimizer steps (-1 = run `num_train_epochs`).
-    """
-
-    beta: float = 0.1
-    learning_rate: float = 2e-5
-    num_train_epochs: float = 2.0
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512
-    max_steps: int = -1
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    seed: int = 42
-    device: str | None = None
-    bf16: bool | None = None
-    gradient_checkpointing: bool = False  # activation checkpointing: saves memory, ~20% slower
-    logging_steps: int = 10
-    warmup_steps: float = 0  # an integer (steps) or a float in [0, 1) (fraction of all steps)
-
-    def validate(self) -> None:
-        """Raise a ValueError naming the first bad setting."""
-        for name in ("beta", "learning_rate", "num_train_epochs"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"`{name}` must be a number > 0; got {value!r}.")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "lora_r",
-                     "lora_alpha", "logging_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
-        if not isinstance(self.max_steps, int) or (self.max_steps < 1 and self.max_steps != -1):
-            raise ValueError(f"`max_steps` must be -1 or an integer >= 1; got {self.max_steps!r}.")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"`lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
-        if not self.target_modules or not all(isinstance(m, str) for m in self.target_modules):
-            raise ValueError(f"`target_modules` must be a non-empty list of module names; got {self.target_modules!r}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
 
 
 def load_pairs_dataset(pairs_path: str | Path):
@@ -86,9 +35,10 @@ def load_pairs_dataset(pairs_path: str | Path):
 
     path = Path(pairs_path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"`pairs_path`: no pair file at {str(path)!r} (write one with training/pairs.py).")
+        raise FileNotFoundError(f"`pairs_path`: no pair file at {str(path)!r} (write one with `expandr pairs`).")
     if path.stat().st_size == 0:
-        raise ValueError(f"`pairs_path`: {str(path)!r} is empty: no pair was kept (lower the threshold or add queries).")
+        raise ValueError(f"`pairs_path`: {str(path)!r} is empty: no pair was kept (lower the threshold or add "
+                         f"queries).")
     dataset = load_dataset("json", data_files=str(path), split="train")
     missing = [c for c in DPO_COLUMNS if c not in dataset.column_names]
     if missing:
@@ -119,8 +69,7 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
 
     settings = settings or DPOSettings()
     settings.validate()
-    if adapter is not None and not (Path(adapter).expanduser() / "adapter_config.json").exists():
-        raise FileNotFoundError(f"`adapter`: {adapter!r} is not a PEFT adapter directory (no adapter_config.json).")
+    check_adapter_dir(adapter, "adapter")
     dataset = load_pairs_dataset(pairs_path)
 
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -8,7 +8,8 @@ from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from torch import Tensor
 
-from expandr_haystack.components.embedder import fuse
+from expandr_haystack.checks import check_number
+from expandr_haystack.core.fusion import fuse
 
 
 class FusedInfoNCELoss(MultipleNegativesRankingLoss):
@@ -35,10 +36,8 @@ class FusedInfoNCELoss(MultipleNegativesRankingLoss):
     """
 
     def __init__(self, model, temperature: float = 0.02, query_weight: float = 0.5, **kwargs: Any):
-        if not temperature > 0:
-            raise ValueError(f"`temperature` must be > 0; got {temperature!r}.")
-        if not 0.0 <= query_weight <= 1.0:
-            raise ValueError(f"`query_weight` must be in [0, 1]; got {query_weight!r}.")
+        check_number(temperature, "temperature", 0.0, low_open=True)
+        check_number(query_weight, "query_weight", 0.0, 1.0)
         super().__init__(model, scale=1.0 / temperature, **kwargs)  # its `temperature` property is 1 / scale
         self.query_weight = query_weight
 

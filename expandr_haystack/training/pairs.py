@@ -20,7 +20,7 @@ Statistics go to ``<out>.stats.json`` and a histogram plot to ``<out>.margins.pn
 
 Usage:
 ```python
-from expandr_haystack.data import bundled_path, load_collection
+from expandr_haystack.evaluation.data import bundled_path, load_collection
 from expandr_haystack.training.pairs import PairConfig, build_pairs, make_components
 
 config = PairConfig(n_candidates=8)
@@ -35,72 +35,28 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from haystack import Document
 from tqdm.auto import tqdm
 
-from expandr_haystack.components.expander import ANSWER_PROMPT, EXPANSION_PROMPT, LLMQueryExpander
-from expandr_haystack.components.reward import REASON_KEPT, RewardScorer, document_text
-from expandr_haystack.data import Collection, parse_jsonl
+from expandr_haystack.components.expander import LLMQueryExpander
+from expandr_haystack.components.reward import RewardScorer
+from expandr_haystack.core.reward import REASON_KEPT
+from expandr_haystack.core.reward import REASONS as SCORER_REASONS
+from expandr_haystack.core.text import ANSWER_PROMPT, EXPANSION_PROMPT, chat_messages, document_text
+from expandr_haystack.evaluation.data import Collection, parse_jsonl
+from expandr_haystack.files import append_jsonl, atomic_write_json, cut_partial_last_line
+from expandr_haystack.training.config import PairConfig
 
 logger = logging.getLogger(__name__)
 
+#: Why a query gave no pair: the scorer's reasons, plus "no_answer" (the q2a answer could not be generated).
 REASON_NO_ANSWER = "no_answer"
-REASONS = (REASON_KEPT, "fewer_than_two_distinct", "below_threshold", REASON_NO_ANSWER)
-
-
-@dataclass
-class PairConfig:
-    """
-    Settings of pair construction (ExpandR paper defaults where it has them).
-
-    :param n_candidates: Candidate expansions sampled per query.
-    :param temperatures: Sample i uses temperatures[i % len(temperatures)].
-    :param threshold: Minimum of max_e (cos_doc + cos_answer) (max_e cos_doc when `use_answer` is False).
-    :param max_new_tokens: Length limit of a candidate expansion (the paper uses 512; 96 is CPU-friendly).
-    :param answer_max_new_tokens: Length limit of the q2a answer.
-    :param top_p: Nucleus mass for the candidates.
-    :param chunk_size: Queries generated, scored and saved together (progress is saved after each chunk).
-    :param batch_size: Rows the LLM generates at once.
-    :param seed: Base seed of the candidates (each row's seed derives from it, the query and the sample index).
-    :param use_answer: False = document-only reward (an ablation of the paper's reward); no answers are generated.
-    """
-
-    n_candidates: int = 8
-    temperatures: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1)
-    threshold: float = 0.6
-    max_new_tokens: int = 96
-    answer_max_new_tokens: int = 96
-    top_p: float = 0.9
-    chunk_size: int = 16
-    batch_size: int = 16
-    seed: int = 42
-    use_answer: bool = True
-
-    def __post_init__(self):
-        self.temperatures = tuple(float(t) for t in self.temperatures)
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise a ValueError naming the first bad setting."""
-        for name in ("n_candidates", "max_new_tokens", "answer_max_new_tokens", "chunk_size", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
-        if self.n_candidates < 2:
-            raise ValueError(f"`n_candidates` must be >= 2 to form a pair; got {self.n_candidates}.")
-        if not self.temperatures or any(not math.isfinite(t) or t < 0 for t in self.temperatures):
-            raise ValueError(f"`temperatures` must be a non-empty list of numbers >= 0; got {self.temperatures!r}.")
-        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
-            raise ValueError(f"`threshold` must be a finite number; got {self.threshold!r}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1]; got {self.top_p!r}.")
+REASONS = (*SCORER_REASONS, REASON_NO_ANSWER)
 
 
 @dataclass
@@ -166,26 +122,8 @@ def make_components(config: PairConfig | None = None, llm: str | None = None, ad
 # -- files --------------------------------------------------------------------------------------------------------
 def _read_jsonl_repairing(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file written by this module; a partial last line (a kill mid-write) is cut off the file."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        logger.warning("%s: removing a partial last line (%d bytes) left by an interrupted run.", path,
-                       len(data) - keep)
-        with path.open("r+b") as f:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        data = data[:keep]
-    return parse_jsonl(data.decode("utf-8").splitlines(), path, ("query_id",), ValueError,
+    return parse_jsonl(cut_partial_last_line(path).splitlines(), path, ("query_id",), ValueError,
                        "; fix or delete the file")
-
-
-def _append_line(f, row: dict[str, Any]) -> None:
-    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def pair_row(query_id: str, prompt_messages: list[dict[str, str]], result: dict[str, Any],
@@ -208,12 +146,6 @@ def pair_row(query_id: str, prompt_messages: list[dict[str, str]], result: dict[
             "document_id": document_id, "rewards": rewards}
 
 
-def prompt_messages(expander: LLMQueryExpander, query: str) -> list[dict[str, str]]:
-    """The chat messages the expander sends for `query` (its prompt, and its system prompt if any)."""
-    messages = [{"role": "system", "content": expander.system_prompt}] if expander.system_prompt else []
-    return messages + [{"role": "user", "content": expander.prompt.replace("{query}", query)}]
-
-
 # -- the loop -----------------------------------------------------------------------------------------------------
 def build_pairs(
     collection: Collection,
@@ -229,7 +161,8 @@ def build_pairs(
     """
     Build (or complete) a DPO pair file for a collection's judged queries.
 
-    :param collection: Queries, corpus and qrels (`expandr_haystack.data.load_collection(..., split="train")`).
+    :param collection: Queries, corpus and qrels
+        (`expandr_haystack.evaluation.data.load_collection(..., split="train")`).
     :param out_path: The JSONL pair file; appended to when it exists (queries already recorded are skipped).
     :param expander: Candidate expander (q2d prompt); its `prompt`/`system_prompt` also form each pair's `prompt`.
     :param answer_expander: Expander whose prompt has `{document}` and `{query}` (`ANSWER_PROMPT`; greedy);
@@ -244,7 +177,8 @@ def build_pairs(
     config = config or PairConfig()
     config.validate()
     if not isinstance(collection, Collection):
-        raise TypeError(f"`collection` must be an expandr_haystack.data.Collection; got {type(collection).__name__}.")
+        raise TypeError(f"`collection` must be an expandr_haystack.evaluation.data.Collection; "
+                        f"got {type(collection).__name__}.")
     if not isinstance(expander, LLMQueryExpander):
         raise TypeError(f"`expander` must be an LLMQueryExpander; got {type(expander).__name__}.")
     if "{document}" in expander.prompt:
@@ -286,9 +220,9 @@ def build_pairs(
             chunk = todo[start:start + config.chunk_size]
             for record, row in _process_chunk(chunk, collection, expander, answer_expander, scorer, config):
                 if row is not None:
-                    _append_line(pair_file, row)  # the pair first: a kill between the two writes loses nothing
+                    append_jsonl(pair_file, row)  # the pair first: a kill between the two writes loses nothing
                     pairs.append(row)
-                _append_line(seen_file, record)
+                append_jsonl(seen_file, record)
                 new_records.append(record)
             bar.update(len(chunk))
     bar.close()
@@ -297,13 +231,13 @@ def build_pairs(
                         time.time() - started)
     stats.stats_path = str(side["stats"])
     try:
-        _plot(stats, pairs, seen + new_records, side["plot"], config.threshold)
+        from expandr_haystack.evaluation.report import plot_pair_margins
+
+        plot_pair_margins(stats, pairs, seen + new_records, side["plot"], config.threshold)
         stats.plot_path = str(side["plot"])
     except Exception as exc:  # noqa: BLE001 - a missing plotting backend must not lose the pairs
         logger.warning("Could not draw %s: %s", side["plot"], exc)
-    staged = side["stats"].with_name(side["stats"].name + ".tmp")
-    staged.write_text(json.dumps(stats.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(staged, side["stats"])  # atomic: a kill never leaves half a statistics file
+    atomic_write_json(side["stats"], stats.to_dict())  # a kill never leaves half a statistics file
     return stats
 
 
@@ -329,24 +263,17 @@ def _check_previous_config(stats_path: Path, config: PairConfig) -> None:
         previous = json.loads(stats_path.read_text(encoding="utf-8")).get("config", {})
     except (OSError, json.JSONDecodeError):
         return
-    now = _config_dict(config)
+    now = config.to_dict()
     differing = sorted(k for k in now if k in previous and previous[k] != now[k])
     if differing:
         logger.warning("Resuming %s with different settings (%s) than the earlier run; pass overwrite=True "
                        "(--overwrite) to start afresh.", stats_path, ", ".join(differing))
 
 
-def _config_dict(config: PairConfig) -> dict[str, Any]:
-    d = asdict(config)
-    d["temperatures"] = list(config.temperatures)
-    return d
-
-
 def _process_chunk(chunk: Sequence[str], collection: Collection, expander, answer_expander, scorer, config):
     queries = [collection.queries[q] for q in chunk]
     doc_ids = [collection.relevant(q)[0] for q in chunk]
-    documents = [Document(id=d, content=collection.corpus[d]["text"], meta={"title": collection.corpus[d]["title"]})
-                 for d in doc_ids]
+    documents = [collection.document(d) for d in doc_ids]
     candidates = expander.expand(queries, n=config.n_candidates, temperatures=list(config.temperatures))
     answers: list[str | None] | None = None
     if config.use_answer:
@@ -370,7 +297,8 @@ def _process_chunk(chunk: Sequence[str], collection: Collection, expander, answe
             record.update(kept=res["kept"], reason=res["reason"],
                           best_score=None if not math.isfinite(res["best_score"]) else res["best_score"])
             if res["kept"]:
-                row = pair_row(qid, prompt_messages(expander, queries[k]), res, doc_ids[k])
+                row = pair_row(qid, chat_messages(expander.prompt, queries[k], expander.system_prompt), res,
+                               doc_ids[k])
                 record["margin"] = row["rewards"]["margin"]
             else:
                 record["margin"] = None
@@ -408,37 +336,8 @@ def _statistics(out: Path, selected: list[str], pairs: list[dict], records: list
         margin_mean=sum(margins) / len(margins) if margins else None,
         margin_histogram=_histogram(margins, 0.0, 2.0 if config.use_answer else 1.0),
         best_score_histogram=_histogram(best, 0.0, 2.0 if config.use_answer else 1.0),
-        seconds=round(seconds, 2), config=_config_dict(config))
+        seconds=round(seconds, 2), config=config.to_dict())
 
 
-def _plot(stats: PairStats, pairs: list[dict], records: list[dict], path: Path, threshold: float) -> None:
-    """Reward-margin histogram of the kept pairs and best-score histogram of all queries (Agg, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    margins = [float(p["rewards"]["margin"]) for p in pairs]
-    best = [float(r["best_score"]) for r in records if r.get("best_score") is not None]
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    if margins:
-        ax1.hist(margins, bins=stats.margin_histogram["edges"], color="tab:blue")
-    ax1.set_title(f"reward margin (chosen - rejected), {stats.kept} pairs")
-    ax1.set_xlabel("margin")
-    ax1.set_ylabel("pairs")
-    if best:
-        ax2.hist(best, bins=stats.best_score_histogram["edges"], color="tab:gray")
-    ax2.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:g}")
-    ax2.set_title(f"max cos_doc{' + cos_answer' if stats.config.get('use_answer', True) else ''}, "
-                  f"{stats.queries_seen} queries")
-    ax2.set_xlabel("best score")
-    ax2.legend()
-    fig.suptitle(f"{Path(stats.out_path).name}: kept {stats.kept_fraction:.1%}")
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-
-
-__all__ = ["PairConfig", "PairStats", "build_pairs", "make_components", "pair_row", "prompt_messages",
+__all__ = ["REASONS", "REASON_NO_ANSWER", "PairConfig", "PairStats", "build_pairs", "make_components", "pair_row",
            "sidecar_paths"]

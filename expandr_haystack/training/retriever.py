@@ -3,39 +3,37 @@ Retriever step of a round: mine hard negatives with the current encoder, then tr
 `FusedInfoNCELoss` on fused queries through sentence-transformers' trainer.
 
 The no-expansion supervised baseline uses the same examples, trainer and budget with sentence-transformers' own
-`MultipleNegativesRankingLoss` (same temperature) on the query alone.
+`MultipleNegativesRankingLoss` (same temperature) on the query alone. The encoder sees a corpus document as the
+index and the reward embed it: `document_text(collection.document(doc_id))` (title + "\\n" + text).
+
+Usage:
+```python
+from expandr_haystack.training.retriever import mine_hard_negatives, train_encoder, training_examples
+
+negatives = mine_hard_negatives(collection, query_ids, expansions, store, encoder, settings)
+rows = training_examples(collection, query_ids, expansions, negatives, settings, seed=43)
+train_encoder(encoder, rows, "runs/x/round_1/encoder", settings)
+```
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from haystack import Document
 from haystack.document_stores.types import DocumentStore
 
 from expandr_haystack.components.retriever import ExpandRRetriever
-from expandr_haystack.components.reward import document_text as embedded_text
-from expandr_haystack.data import Collection
+from expandr_haystack.core.text import document_text
+from expandr_haystack.evaluation.data import Collection
 from expandr_haystack.training.config import RetrieverSettings
+from expandr_haystack.training.runfiles import is_main_process, replace_dir
 
 logger = logging.getLogger(__name__)
-
-
-def is_main_process() -> bool:
-    """True on the single process of a plain run, and on rank 0 under `accelerate launch` / `torchrun`."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def document_text(collection: Collection, doc_id: str) -> str:
-    """The text the encoder sees for a corpus document: the same text the indexing pipeline and the reward embed."""
-    d = collection.corpus[doc_id]
-    return embedded_text(Document(id=doc_id, content=d["text"], meta={"title": d["title"]}))
 
 
 def mine_hard_negatives(collection: Collection, query_ids: Sequence[str], expansions: Sequence[Sequence[str]] | None,
@@ -75,14 +73,14 @@ def training_examples(collection: Collection, query_ids: Sequence[str], expansio
             if expansions is not None:
                 exps = [e for e in expansions[i] if e.strip()]
                 row["expansion"] = exps[0] if exps else collection.queries[qid]
-            row["document"] = document_text(collection, pos)  # the positive; "positive" would make ST warn
+            row["document"] = document_text(collection.document(pos))  # the positive; "positive" would make ST warn
             picks = rng.sample(pool, min(settings.hard_negatives, len(pool)))
             while len(picks) < settings.hard_negatives:  # too few mined: random unjudged documents
                 cand = rng.choice(all_ids)
                 if cand not in judged and cand not in picks:
                     picks.append(cand)
             for k, neg in enumerate(picks, start=1):
-                row[f"negative_{k}"] = document_text(collection, neg)
+                row[f"negative_{k}"] = document_text(collection.document(neg))
             rows.append(row)
     rng.shuffle(rows)
     return rows
@@ -143,9 +141,7 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
         if is_main_process():  # under accelerate/torchrun every process trains; one saves
             staged = work / "model"
             model.save(str(staged))
-            if output_dir.exists():
-                shutil.rmtree(output_dir)
-            staged.rename(output_dir)
+            replace_dir(staged, output_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return output_dir

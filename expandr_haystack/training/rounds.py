@@ -11,42 +11,73 @@ Round r (LLM_{r-1} = base LLM + adapter of round r-1; encoder_{r-1} likewise):
 Before round 1 ("baselines"): zero-shot dense, zero-shot with the untrained LLM's expansions, and the supervised
 baseline (same examples and budget, no expansion).
 
-Every step writes its outputs atomically and is recorded in ``state.json``; ``resume=True`` skips finished steps.
-Expansions and answers live in one sqlite cache, pair building is itself resumable, so a killed run never
-regenerates text it already has.
+Every step writes its outputs atomically and is recorded in ``state.json`` (`runfiles.RunFolder`); ``resume=True``
+skips finished steps. Expansions and answers live in one sqlite cache, pair building is itself resumable, so a killed
+run never regenerates text it already has.
+
+Usage:
+```python
+from expandr_haystack.training.config import JointConfig
+from expandr_haystack.training.rounds import JointTrainer
+
+config = JointConfig.from_yaml("training/configs/tiny-cpu.yaml")
+rows = JointTrainer(config, "runs/tiny-cpu").run(resume=True)   # the rows of metrics.json
+```
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from expandr_haystack.data import Collection, load_collection
+from expandr_haystack.checks import is_adapter_dir
+from expandr_haystack.evaluation.data import Collection, load_collection
+from expandr_haystack.files import atomic_write_json, atomic_write_text
 from expandr_haystack.training.config import JointConfig
-from expandr_haystack.training.retriever import is_main_process
+from expandr_haystack.training.runfiles import RunFolder, RunFolderError, is_main_process, replace_dir
 
 logger = logging.getLogger(__name__)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def round_pipeline_yaml(round_: int, expander, encoder: str | Path, query_weight: float = 0.5,
+                        top_k: int = 10) -> str:
+    """
+    The YAML of a ready search pipeline for one round's models: `expander` -> `ExpandRRetriever(encoder)` over an
+    in-memory store (index the documents with `SentenceTransformersDocumentEmbedder(model=encoder)`, as the header
+    comment says).
 
+    Usage:
+    ```python
+    text = round_pipeline_yaml(1, LLMQueryExpander(adapter="runs/x/round_1/adapter"), "runs/x/round_1/encoder")
+    Pipeline.loads(text)
+    ```
 
-class RunFolderError(ValueError):
-    """The output folder holds a run that cannot be resumed with this config."""
+    :param round_: The round (names the store's index and the header comment).
+    :param expander: An `LLMQueryExpander` (serialised with its settings: model, adapter, cache, ...).
+    :param encoder: The round's encoder folder (written as an absolute path).
+    :param query_weight: w of the fused query vector.
+    :param top_k: Documents the retriever returns.
+    :returns: A comment line, then `Pipeline.dumps()`.
+    """
+    from haystack import Pipeline
+    from haystack.document_stores.in_memory import InMemoryDocumentStore
+
+    from expandr_haystack.components.retriever import ExpandRRetriever
+
+    encoder = str(Path(encoder).resolve())
+    p = Pipeline()
+    p.add_component("expander", expander)
+    store = InMemoryDocumentStore(index=f"expandr-round-{round_}", embedding_similarity_function="cosine")
+    p.add_component("retriever", ExpandRRetriever(document_store=store, model=encoder, top_k=top_k,
+                                                  query_weight=query_weight))
+    p.connect("expander.query", "retriever.query")
+    p.connect("expander.expansions", "retriever.expansions")
+    return (f"# Search pipeline of round {round_}: index documents with SentenceTransformersDocumentEmbedder("
+            f"model={encoder!r}), then run this.\n{p.dumps()}")
 
 
 class JointTrainer:
@@ -60,6 +91,10 @@ class JointTrainer:
     JointTrainer(config, "runs/tiny-cpu").run(resume=True)
     ```
 
+    :param config: The run's settings (validated).
+    :param output: The run folder (`runfiles.RunFolder` keeps its bookkeeping files).
+    :param progress_bar: Show progress bars.
+
     Output folder: ``config.json``, ``state.json``, ``metrics.json`` (one row per round and method),
     ``metrics.png``, ``cache.sqlite`` (all generated text), ``baseline/encoder``, ``round_<r>/{expansions.json,
     encoder/, pairs.jsonl, adapter/, pipeline.yaml}``.
@@ -69,77 +104,21 @@ class JointTrainer:
         self.config = config
         self.output = Path(output)
         self.progress_bar = progress_bar
-        self.state_path = self.output / "state.json"
-        self.metrics_path = self.output / "metrics.json"
+        self.folder = RunFolder(self.output)
         self.cache_path = str(self.output / "cache.sqlite")
         self._train: Collection | None = None
         self._eval: Collection | None = None
-        self.state: dict[str, Any] = {"done": {}}
-        self.metrics: list[dict[str, Any]] = []
         self._stores: dict[str, Any] = {}
 
-    # -- bookkeeping ---------------------------------------------------------------------------------------
-    def _load_state(self, resume: bool) -> None:
-        self.output.mkdir(parents=True, exist_ok=True)
-        if self.state_path.exists() and not resume:
-            raise FileExistsError(f"--output {self.output} already holds a run (state.json); pass --resume to "
-                                  f"continue it, or choose another folder. Nothing was changed.")
-        if resume and self.state_path.exists():
-            self.state = json.loads(self.state_path.read_text())
-            old = self.state.get("config", {})
-            new = self.config.to_dict()
-            changed = sorted(k for k in new if k != "rounds" and old.get(k) != json.loads(json.dumps(new[k],
-                                                                                                    default=str)))
-            if changed:
-                raise RunFolderError(f"--resume: the config differs from the run in {self.output} in {changed}; "
-                                 f"only `rounds` may change on resume.")
-            if self.metrics_path.exists():
-                self.metrics = json.loads(self.metrics_path.read_text())
-        self.state["config"] = json.loads(json.dumps(self.config.to_dict(), default=str))
-        write_json_atomic(self.output / "config.json", self.state["config"])
-        write_json_atomic(self.state_path, self.state)
+    @property
+    def state(self) -> dict[str, Any]:
+        """``state.json``: the config and the finished steps."""
+        return self.folder.state
 
-    def _done(self, step: str) -> bool:
-        return step in self.state["done"]
-
-    def _main_only(self, step: str, work) -> None:
-        """
-        A generation/evaluation step: it runs on the main process only. Under `accelerate launch` / `torchrun` the
-        other ranks poll `state.json` until the step is recorded (no collective call, so no NCCL timeout while
-        rank 0 generates for hours). Training steps run on every rank (the trainers are distributed).
-        """
-        if self._done(step):
-            return
-        if is_main_process():
-            work()
-        else:
-            self._wait_for(step)
-
-    def _wait_for(self, step: str, poll_seconds: float = 10.0) -> None:
-        while True:
-            if self.state_path.exists():
-                try:
-                    state = json.loads(self.state_path.read_text())
-                except json.JSONDecodeError:  # pragma: no cover - written atomically; a reader never sees half
-                    state = {"done": {}}
-                if step in state.get("done", {}):
-                    self.state = state
-                    if self.metrics_path.exists():
-                        self.metrics = json.loads(self.metrics_path.read_text())
-                    return
-            time.sleep(poll_seconds)
-
-    def _finish(self, step: str, **info: Any) -> None:
-        self.state["done"][step] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-        if is_main_process():
-            write_json_atomic(self.state_path, self.state)
-        logger.info("finished %s", step)
-
-    def _record(self, round_: int, label: str, result: dict[str, dict[str, float]], series: str | None = None) -> None:
-        self.metrics = [m for m in self.metrics if not (m["round"] == round_ and m["label"] == label)]
-        for method, values in result.items():
-            self.metrics.append({"round": round_, "label": label, "series": series, "method": method, **values})
-        write_json_atomic(self.metrics_path, self.metrics)
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.json`` so far."""
+        return self.folder.metrics
 
     # -- data ----------------------------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -170,7 +149,7 @@ class JointTrainer:
     def _adapter(self, r: int) -> str | None:
         """LLM_r's adapter: round r's, or the latest earlier one when round r kept no pair (None = the base LLM)."""
         for k in range(r, 0, -1):
-            if (self._round_dir(k) / "adapter" / "adapter_config.json").exists():
+            if is_adapter_dir(self._round_dir(k) / "adapter"):
                 return str(self._round_dir(k) / "adapter")
         return None
 
@@ -182,9 +161,9 @@ class JointTrainer:
 
         e = self.config.expansion
         kwargs = {"model": self.config.llm, "adapter": self._adapter(r), "n_expansions": e.n_expansions,
-                      "temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens,
-                      "batch_size": e.batch_size, "seed": self.config.seed, "cache": self.cache_path, "device": self._device(),
-                      "progress_bar": self.progress_bar, "backend": self.config.llm_backend}
+                  "temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens,
+                  "batch_size": e.batch_size, "seed": self.config.seed, "cache": self.cache_path,
+                  "device": self._device(), "progress_bar": self.progress_bar, "backend": self.config.llm_backend}
         kwargs.update(overrides)
         return LLMQueryExpander(**kwargs)
 
@@ -200,7 +179,7 @@ class JointTrainer:
 
     def _store(self, encoder: str | None):
         """The corpus (shared by the train and eval splits) embedded with `encoder`; built once per encoder."""
-        from expandr_haystack.indexing import build_document_store
+        from expandr_haystack.evaluation.indexing import build_document_store
 
         key = str(encoder)
         if key not in self._stores:
@@ -212,19 +191,20 @@ class JointTrainer:
     # -- the run ---------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
         """Run (or continue) every round; returns the metrics rows."""
-        self._load_state(resume)
+        self.folder.open(self.config.to_dict(), resume)
+        main_only = self.folder.run_on_main  # generation/evaluation: rank 0 works, the other ranks wait
         if self.config.baselines:
-            self._main_only("baselines.zero-shot", self._zero_shot)
+            main_only("baselines.zero-shot", self._zero_shot)
             self._train_step("baselines.supervised", self._supervised_baseline)
-            self._main_only("baselines.eval", self._supervised_eval)
+            main_only("baselines.eval", self._supervised_eval)
         for r in range(1, self.config.rounds + 1):
             (self._round_dir(r)).mkdir(parents=True, exist_ok=True)
-            self._main_only(f"round{r}.expand", lambda r=r: self._expand(r))
+            main_only(f"round{r}.expand", lambda r=r: self._expand(r))
             self._train_step(f"round{r}.retriever", lambda r=r: self._train_retriever(r))
-            self._main_only(f"round{r}.pairs", lambda r=r: self._pairs(r))
+            main_only(f"round{r}.pairs", lambda r=r: self._pairs(r))
             self._train_step(f"round{r}.dpo", lambda r=r: self._dpo(r))
-            self._main_only(f"round{r}.eval", lambda r=r: self._eval_round(r))
-            self._main_only(f"round{r}.save", lambda r=r: self._save(r))
+            main_only(f"round{r}.eval", lambda r=r: self._eval_round(r))
+            main_only(f"round{r}.save", lambda r=r: self._save(r))
         if is_main_process():
             self._plot()
             print(self.summary())
@@ -232,25 +212,23 @@ class JointTrainer:
 
     def _train_step(self, step: str, work) -> None:
         """A training step: every process trains (distributed trainers); the main one saves and records it."""
-        if self._done(step):
+        if self.folder.is_done(step):
             return
         from expandr_haystack.models import release_models
 
         release_models()  # the inference copies of the LLM / encoders are not needed while training
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # leftovers of a run killed inside a trainer
-            for stale in [*self.output.glob("round_*/.dpo-*"), *self.output.glob("*/.train-*")]:
-                shutil.rmtree(stale, ignore_errors=True)
+        self.folder.remove_stale_work()  # leftovers of a run killed inside a trainer
         info = work() or {}
         if is_main_process():
-            self._finish(step, **info)
+            self.folder.finish(step, **info)
 
     def _evaluate(self, encoder: str | None, methods, llm_round: int | None, store=None):
-        from expandr_haystack.evaluation import evaluate
+        from expandr_haystack.evaluation.runner import evaluate
 
         expander = self._expander(llm_round) if llm_round is not None else None
         return evaluate(self.eval_data, methods=methods, encoder=encoder, expander=expander,
-                        n_expansions=self.config.expansion.n_expansions,
-                        progress_bar=self.progress_bar, store=store, device=self._device())
+                        query_weight=self.config.retriever.query_weight, store=store, device=self._device(),
+                        progress_bar=self.progress_bar)
 
     @property
     def _methods(self) -> list[str]:
@@ -260,9 +238,9 @@ class JointTrainer:
     def _zero_shot(self) -> None:
         c = self.config
         methods = list(c.eval_methods)  # bm25 is encoder-independent: reported once, here
-        self._record(0, "zero-shot (untrained LLM)", self._evaluate(c.encoder, methods, 0, self._store(c.encoder))
+        self.folder.record(0, "zero-shot (untrained LLM)", self._evaluate(c.encoder, methods, 0, self._store(c.encoder))
                      .metrics)
-        self._finish("baselines.zero-shot")
+        self.folder.finish("baselines.zero-shot")
 
     def _supervised_baseline(self) -> dict[str, Any]:
         from expandr_haystack.training.retriever import mine_hard_negatives, train_encoder, training_examples
@@ -280,16 +258,16 @@ class JointTrainer:
     def _supervised_eval(self) -> None:
         encoder = str(self.output / "baseline" / "encoder")
         result = self._evaluate(encoder, ["dense"], None, self._store(encoder))
-        self._record(0, "supervised, no expansion", {"dense": result.metrics["dense"]})
-        self._finish("baselines.eval")
+        self.folder.record(0, "supervised, no expansion", {"dense": result.metrics["dense"]})
+        self.folder.finish("baselines.eval")
 
     # -- round steps -------------------------------------------------------------------------------------------
     def _expand(self, r: int) -> None:
         """1. Expand the training queries with LLM_{r-1}."""
         train_ids = list(self.train_data.queries)
         expansions = self._expander(r - 1).expand([self.train_data.queries[q] for q in train_ids])
-        write_json_atomic(self._round_dir(r) / "expansions.json", dict(zip(train_ids, expansions)))
-        self._finish(f"round{r}.expand")
+        atomic_write_json(self._round_dir(r) / "expansions.json", dict(zip(train_ids, expansions)))
+        self.folder.finish(f"round{r}.expand")
 
     def _train_retriever(self, r: int) -> dict[str, Any]:
         """2. Mine hard negatives with the starting encoder, train on fused queries -> encoder_r."""
@@ -318,13 +296,13 @@ class JointTrainer:
                                                      backend=c.llm_backend)
         stats = build_pairs(self.train_data, self._round_dir(r) / "pairs.jsonl", expander, answerer, scorer, c.pairs,
                             query_ids=list(self.train_data.queries), progress_bar=self.progress_bar)
-        self._finish(f"round{r}.pairs", kept=stats.kept, seen=stats.queries_seen)
+        self.folder.finish(f"round{r}.pairs", kept=stats.kept, seen=stats.queries_seen)
 
     def _dpo(self, r: int) -> dict[str, Any]:
         """4. LoRA DPO on the pairs -> LLM_r (continues LLM_{r-1}'s adapter)."""
         from expandr_haystack.training.dpo import train_dpo
 
-        kept = self.state["done"][f"round{r}.pairs"].get("kept", 0)
+        kept = self.folder.step_info(f"round{r}.pairs").get("kept", 0)
         if kept == 0:
             logger.warning("Round %d: no DPO pair was kept; LLM_%d = LLM_%d.", r, r, r - 1)
             return {"pairs": 0}
@@ -334,7 +312,7 @@ class JointTrainer:
             adapter = train_dpo(self.config.llm, rdir / "pairs.jsonl", work, self.config.dpo,
                                 adapter=self._adapter(r - 1))
             if is_main_process():
-                _replace_dir(adapter, rdir / "adapter")
+                replace_dir(adapter, rdir / "adapter")
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return {"pairs": kept}
@@ -343,39 +321,23 @@ class JointTrainer:
         """5. encoder_r with LLM_r's expansions, with LLM_{r-1}'s, and without expansion."""
         store = self._store(self._encoder(r))
         now = self._evaluate(self._encoder(r), self._methods, r, store)
-        self._record(r, f"round {r}: encoder_{r} + LLM_{r}", now.metrics, series="LLM_r")
+        self.folder.record(r, f"round {r}: encoder_{r} + LLM_{r}", now.metrics, series="LLM_r")
         expand_methods = [m for m in self._methods if m != "dense"]
         if expand_methods and self._adapter(r) != self._adapter(r - 1):
             before = self._evaluate(self._encoder(r), expand_methods, r - 1, store)
-            self._record(r, f"round {r}: encoder_{r} + LLM_{r - 1}", before.metrics, series="LLM_r-1")
+            self.folder.record(r, f"round {r}: encoder_{r} + LLM_{r - 1}", before.metrics, series="LLM_r-1")
         self._plot()
-        self._finish(f"round{r}.eval")
+        self.folder.finish(f"round{r}.eval")
 
     def _save(self, r: int) -> None:
         """6. A ready YAML search pipeline for round r's models."""
-        self._save_pipeline(r)
-        self._finish(f"round{r}.save")
-
-    def _save_pipeline(self, r: int) -> None:
-        from haystack import Pipeline
-        from haystack.document_stores.in_memory import InMemoryDocumentStore
-
-        from expandr_haystack.components.retriever import ExpandRRetriever
-
-        rdir = self._round_dir(r)
         adapter = str(Path(self._adapter(r)).resolve()) if self._adapter(r) else None
-        p = Pipeline()
-        p.add_component("expander", self._expander(r, adapter=adapter, cache=str(Path(self.cache_path).resolve()),
-                                                   progress_bar=False, device=None))
-        p.add_component("retriever", ExpandRRetriever(document_store=InMemoryDocumentStore(
-            index=f"expandr-round-{r}", embedding_similarity_function="cosine"), model=str((rdir / "encoder").resolve()), top_k=10))
-        p.connect("expander.query", "retriever.query")
-        p.connect("expander.expansions", "retriever.expansions")
-        tmp = rdir / ".pipeline.yaml.tmp"
-        encoder = str((rdir / "encoder").resolve())
-        tmp.write_text(f"# Search pipeline of round {r}: index documents with SentenceTransformersDocumentEmbedder("
-                       f"model={encoder!r}), then run this.\n{p.dumps()}")
-        os.replace(tmp, rdir / "pipeline.yaml")
+        expander = self._expander(r, adapter=adapter, cache=str(Path(self.cache_path).resolve()), progress_bar=False,
+                                  device=None)
+        rdir = self._round_dir(r)
+        atomic_write_text(rdir / "pipeline.yaml", round_pipeline_yaml(r, expander, rdir / "encoder",
+                                                                      self.config.retriever.query_weight))
+        self.folder.finish(f"round{r}.save")
 
     # -- reporting ---------------------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -387,47 +349,12 @@ class JointTrainer:
         return "\n".join(lines)
 
     def _plot(self) -> None:
-        if not self.metrics:
-            return
-        import matplotlib
+        """``metrics.png``: nDCG@10 by round (`expandr_haystack.evaluation.report.plot_rounds`)."""
+        from expandr_haystack.evaluation.report import plot_rounds
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        colors = iter(["0.45", "tab:purple", "tab:brown", "tab:olive"])
-        for m in self.metrics:
-            if m["round"] == 0:
-                supervised = m["label"].startswith("supervised")
-                ax.axhline(100 * m["ndcg@10"], linestyle="--" if supervised else ":",
-                           color="black" if supervised else next(colors, "0.6"), label=f"{m['label']}: {m['method']}")
-        series: dict[str, list[tuple[int, float]]] = {}
-        for m in self.metrics:
-            if m["round"] > 0:
-                name = "encoder_r, no expansion" if m["method"] == "dense" else f"encoder_r + {m['series']} ({m['method']})"
-                if m["method"] == "dense" and m["series"] != "LLM_r":
-                    continue
-                series.setdefault(name, []).append((m["round"], 100 * m["ndcg@10"]))
-        for name, pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xlabel("round")
-        ax.set_ylabel(f"nDCG@10 x100 ({self.config.eval_split})")
-        ax.set_title(f"ExpandR joint training on {self.config.data}")
-        ax.set_xticks(sorted({m["round"] for m in self.metrics if m["round"] > 0}) or [1])
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        tmp = self.output / ".metrics.png.tmp.png"
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        os.replace(tmp, self.output / "metrics.png")
+        if self.metrics:
+            plot_rounds(self.metrics, self.output / "metrics.png", self.config.eval_split,
+                        title=f"ExpandR joint training on {self.config.data}")
 
 
-def _replace_dir(source: Path, target: Path) -> None:
-    """Put `source` at `target` atomically (stage next to the target, then rename)."""
-    staging = target.with_name(f".{target.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.move(str(source), str(staging))
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+__all__ = ["JointTrainer", "RunFolderError", "round_pipeline_yaml"]

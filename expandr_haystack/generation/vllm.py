@@ -27,6 +27,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from expandr_haystack.generation.local import Prompt, template, truncate_tokens
+
 _ENGINES: dict[tuple, object] = {}
 _LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed `max_lora_rank` values (1 aside)
 _LOCK = threading.Lock()
@@ -69,13 +71,13 @@ class VLLMSampler:
         if adapter is not None:
             from vllm.lora.request import LoRARequest
 
-            from expandr_haystack.models import _fingerprint
+            from expandr_haystack.models import fingerprint
 
             adapter_dir = Path(adapter).expanduser().resolve()
             rank = int(json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 16))
             # vLLM caches an adapter by its integer id: derive it from the content, so a retrained adapter in the
             # same folder is loaded afresh rather than served from the cache
-            self.lora = LoRARequest("expandr", int(_fingerprint(adapter_dir)[:8], 16) % (2**31 - 1) + 1,
+            self.lora = LoRARequest("expandr", int(fingerprint(adapter_dir)[:8], 16) % (2**31 - 1) + 1,
                                     str(adapter_dir))
         max_lora_rank = next((r for r in _LORA_RANKS if r >= rank), None)
         if max_lora_rank is None:
@@ -88,13 +90,17 @@ class VLLMSampler:
                                     gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
             self.engine = _ENGINES[key]
 
-    backend = "vllm"
+    backend = engine = "vllm"
 
-    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids of already-templated prompts (the chat template adds its own special tokens)."""
-        return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    def truncate(self, text: str, argument: str = "query") -> str:
+        """`text` cut to `max_prompt_tokens` tokens (with a warning naming `argument` when it is cut)."""
+        return truncate_tokens(self.tokenizer, text, self.max_prompt_tokens, argument)
 
-    def sample(self, prompts: Sequence[str], seeds: Sequence[int], temperatures: Sequence[float], top_p: float,
+    def tokenize(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Token ids of prompts, templated first when given as chat messages."""
+        return [self.tokenizer(template(self.tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+
+    def sample(self, prompts: Sequence[Prompt], seeds: Sequence[int], temperatures: Sequence[float], top_p: float,
                max_new_tokens: int, batch_size: int = 16, progress_bar: bool = False,
                desc: str = "Generating") -> list[str]:
         """One completion per prompt; vLLM schedules the batches itself (`batch_size` is not used)."""

@@ -15,8 +15,8 @@ comes from doing less, not from lower precision:
 
 Usage (``LocalSampler`` picks it by itself for a float32 Llama model on CPU):
 ```python
-from expandr_haystack.generation import LocalSampler
-from expandr_haystack.packed_llama import PackedLlamaDecoder
+from expandr_haystack.generation.local import LocalSampler
+from expandr_haystack.generation.packed_llama import PackedLlamaDecoder
 
 sampler = LocalSampler(model, tokenizer, decoder=PackedLlamaDecoder(model))
 ```

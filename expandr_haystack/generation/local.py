@@ -15,12 +15,39 @@ that need it (exact; see `sample_rows`).
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 import weakref
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+#: A prompt: a templated string, or chat messages (``[{"role": ..., "content": ...}]``) templated by the tokenizer.
+Prompt = str | list[dict[str, str]]
+
+
+def template(tokenizer, prompt: Prompt) -> str:
+    """The model's input text for `prompt`: its chat template with the generation prompt (a plain "system\n\nuser"
+    layout for tokenizers without one); a str is taken as already templated."""
+    if isinstance(prompt, str):
+        return prompt
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in prompt) + "\n"
+
+
+def truncate_tokens(tokenizer, text: str, limit: int, argument: str = "query") -> str:
+    """`text` cut to `limit` tokens of `tokenizer` (with a warning naming `argument` when it is cut)."""
+    if len(text) < limit:  # fewer characters than tokens allowed: cannot be too long
+        return text
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= limit:
+        return text
+    logger.warning("`%s` of %d tokens truncated to max_prompt_tokens=%d.", argument, len(ids), limit)
+    return tokenizer.decode(ids[:limit], skip_special_tokens=True)
 
 
 def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor, top_p: float, generators: list,
@@ -105,7 +132,7 @@ def default_decoder(model, backend: str = "auto", pad_id: int = 0):
     The decoder for `backend`: "auto" (the packed float32 decoder where the model allows it, else transformers),
     "packed" (fail if the model does not allow it) or "transformers".
     """
-    from expandr_haystack.packed_llama import PackedLlamaDecoder, unsupported_reason
+    from expandr_haystack.generation.packed_llama import PackedLlamaDecoder, unsupported_reason
 
     if backend not in ("auto", "packed", "transformers"):
         raise ValueError(f"`backend` must be 'auto', 'packed' or 'transformers'; got {backend!r}.")
@@ -155,18 +182,25 @@ class LocalSampler:
         """Name of the decoder in use: "packed" or "transformers"."""
         return "transformers" if isinstance(self.decoder, TransformersDecoder) else "packed"
 
+    engine = backend
+
+    def truncate(self, text: str, argument: str = "query") -> str:
+        """`text` cut to `max_prompt_tokens` tokens (with a warning naming `argument` when it is cut)."""
+        return truncate_tokens(self.tokenizer, text, self.max_prompt_tokens, argument)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids of already-templated prompts (the chat template adds its own special tokens)."""
-        return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    def tokenize(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Token ids of prompts, templated first when given as chat messages (the template adds its own special
+        tokens)."""
+        return [self.tokenizer(template(self.tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
 
     @torch.inference_mode()
     def sample(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         seeds: Sequence[int],
         temperatures: Sequence[float],
         top_p: float,
@@ -175,7 +209,8 @@ class LocalSampler:
         progress_bar: bool = False,
         desc: str = "Generating",
     ) -> list[str]:
-        """One completion per prompt; ``seeds[i]`` and ``temperatures[i]`` (0 = greedy) drive row ``i``."""
+        """One completion per prompt (a templated string or chat messages); ``seeds[i]`` and ``temperatures[i]``
+        (0 = greedy) drive row ``i``."""
         token_ids = self.tokenize(prompts)
         # length-sorted (less padding); identical prompts adjacent (shared prefill)
         order = sorted(range(len(prompts)), key=lambda i: (len(token_ids[i]), token_ids[i]))

@@ -1,0 +1,219 @@
+"""
+The run folder of joint training, and the process-rank helpers of distributed runs.
+
+`RunFolder` keeps the bookkeeping files of a run: ``config.json`` (the settings), ``state.json`` (the config and
+every finished step, so a resumed run skips them) and ``metrics.json`` (one row per round, setting and method).
+Every write is atomic (`expandr_haystack.files`), so a kill never leaves half a file. Under `accelerate launch` /
+`torchrun` the main process writes, and the other ranks poll ``state.json`` (`RunFolder.wait_for`).
+
+Usage:
+```python
+from expandr_haystack.training.runfiles import RunFolder, is_main_process
+
+folder = RunFolder("runs/tiny-cpu")
+folder.open(config.to_dict(), resume=True)   # RunFolderError when the config differs from the run's
+if not folder.is_done("round1.expand"):
+    ...                                        # do the step
+    folder.finish("round1.expand")
+folder.record(1, "round 1: encoder_1 + LLM_1", {"dense": {"ndcg@10": 0.31, "recall@100": 0.8}}, series="LLM_r")
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from expandr_haystack.files import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+class RunFolderError(ValueError):
+    """The output folder holds a run that cannot be resumed with this config."""
+
+
+# -- ranks ------------------------------------------------------------------------------------------------------------
+def rank() -> int:
+    """This process's rank: 0 in a plain run; ``$RANK`` under `accelerate launch` / `torchrun`."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """The number of processes of the run: 1 in a plain run; ``$WORLD_SIZE`` under `accelerate launch` / `torchrun`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """True on the single process of a plain run, and on rank 0 under `accelerate launch` / `torchrun`."""
+    return rank() == 0
+
+
+# -- folders ----------------------------------------------------------------------------------------------------------
+def replace_dir(source: str | Path, target: str | Path) -> Path:
+    """
+    Put the folder `source` at `target`, replacing what is there: stage it next to the target, then rename.
+
+    :param source: A finished folder (e.g. a trainer's saved model), moved away.
+    :param target: Where it goes; an existing folder there is removed first.
+    :returns: `target`.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.move(str(source), str(staging))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target
+
+
+def _plain(data: Any) -> Any:
+    """`data` as it reads back from JSON (tuples become lists, other values strings), for comparisons."""
+    return json.loads(json.dumps(data, default=str))
+
+
+class RunFolder:
+    """
+    ``config.json``, ``state.json`` and ``metrics.json`` of one run folder.
+
+    :param path: The run folder (created by `open`).
+    """
+
+    CONFIG = "config.json"
+    STATE = "state.json"
+    METRICS = "metrics.json"
+    #: Work folders a trainer leaves behind when it is killed (removed before the next training step).
+    STALE_WORK = ("round_*/.dpo-*", "*/.train-*")
+    #: Seconds between reads of ``state.json`` while another process finishes a step.
+    poll_seconds = 10.0
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.state: dict[str, Any] = {"done": {}}
+        self.metrics: list[dict[str, Any]] = []
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / self.STATE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / self.METRICS
+
+    def open(self, config: dict[str, Any], resume: bool) -> None:
+        """
+        Start a run in the folder, or continue the one there.
+
+        :param config: The run's settings as plain data (`JointConfig.to_dict()`); only ``rounds`` may differ from
+            the saved run's on resume.
+        :param resume: Continue the run in the folder (its finished steps and metrics are loaded).
+        :raises FileExistsError: The folder holds a run and `resume` is False (nothing is changed).
+        :raises RunFolderError: `resume` is True and the config differs from the run's in more than ``rounds``.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.state_path.exists() and not resume:
+            raise FileExistsError(f"--output {self.path} already holds a run (state.json); pass --resume to "
+                                  f"continue it, or choose another folder. Nothing was changed.")
+        config = _plain(config)
+        if resume and self.state_path.exists():
+            self.state = json.loads(self.state_path.read_text())
+            old = self.state.get("config", {})
+            changed = sorted(k for k in config if k != "rounds" and old.get(k) != config[k])
+            if changed:
+                raise RunFolderError(f"--resume: the config differs from the run in {self.path} in {changed}; "
+                                     f"only `rounds` may change on resume.")
+            self.state.setdefault("done", {})
+            self._load_metrics()
+        self.state["config"] = config
+        atomic_write_json(self.path / self.CONFIG, config)
+        atomic_write_json(self.state_path, self.state)
+
+    def _load_metrics(self) -> None:
+        if self.metrics_path.exists():
+            self.metrics = json.loads(self.metrics_path.read_text())
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    def is_done(self, step: str) -> bool:
+        """Whether `step` (e.g. ``round1.pairs``) is recorded as finished."""
+        return step in self.state["done"]
+
+    def step_info(self, step: str) -> dict[str, Any]:
+        """What `finish` recorded for a finished step (``at`` and its `info`)."""
+        return self.state["done"][step]
+
+    def finish(self, step: str, **info: Any) -> None:
+        """
+        Record `step` as finished (on every rank); the main process writes ``state.json``.
+
+        :param info: Extra values kept with the step (e.g. ``kept=12`` pairs), read back with `step_info`.
+        """
+        self.state["done"][step] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        if is_main_process():
+            atomic_write_json(self.state_path, self.state)
+        logger.info("finished %s", step)
+
+    def run_on_main(self, step: str, work: Callable[[], Any]) -> None:
+        """
+        Run a generation/evaluation step on the main process only (unless it is finished). Under
+        `accelerate launch` / `torchrun` the other ranks poll ``state.json`` until the step is recorded (no collective
+        call, so no NCCL timeout while rank 0 generates for hours). `work` calls `finish` itself.
+        """
+        if self.is_done(step):
+            return
+        if is_main_process():
+            work()
+        else:
+            self.wait_for(step)
+
+    def wait_for(self, step: str, poll_seconds: float | None = None) -> None:
+        """
+        Block until another process records `step` in ``state.json``; then take its state and metrics.
+
+        :param poll_seconds: Seconds between reads of ``state.json`` (default `RunFolder.poll_seconds`).
+        """
+        poll_seconds = self.poll_seconds if poll_seconds is None else poll_seconds
+        while True:
+            if self.state_path.exists():
+                try:
+                    state = json.loads(self.state_path.read_text())
+                except json.JSONDecodeError:  # pragma: no cover - written atomically; a reader never sees half
+                    state = {"done": {}}
+                if step in state.get("done", {}):
+                    self.state = state
+                    self._load_metrics()
+                    return
+            time.sleep(poll_seconds)
+
+    def remove_stale_work(self) -> None:
+        """Remove the work folders of a trainer killed mid-step (only in a single-process run: never another's)."""
+        if world_size() != 1:
+            return
+        for pattern in self.STALE_WORK:
+            for stale in self.path.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
+
+    # -- metrics ---------------------------------------------------------------------------------------------------
+    def record(self, round_: int, label: str, result: dict[str, dict[str, float]], series: str | None = None) -> None:
+        """
+        Replace the rows of (`round_`, `label`) in ``metrics.json`` by one row per method of `result`.
+
+        :param round_: 0 for the baselines, else the round.
+        :param label: The setting, e.g. ``"round 1: encoder_1 + LLM_1"``.
+        :param result: ``{method: {"ndcg@10", "recall@100", ...}}`` (e.g. an `EvalResult`'s `metrics`).
+        :param series: Which LLM's expansions (``"LLM_r"`` or ``"LLM_r-1"``), None for the baselines.
+        """
+        self.metrics = [m for m in self.metrics if not (m["round"] == round_ and m["label"] == label)]
+        for method, values in result.items():
+            self.metrics.append({"round": round_, "label": label, "series": series, "method": method, **values})
+        atomic_write_json(self.metrics_path, self.metrics)
+
+
+__all__ = ["RunFolder", "RunFolderError", "is_main_process", "rank", "replace_dir", "world_size"]

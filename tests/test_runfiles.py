@@ -1,0 +1,154 @@
+"""The run folder of joint training (state, resume, ranks), its plots and pipeline YAML: fast, no model loads."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from expandr_haystack.training.config import JointConfig
+from expandr_haystack.training.runfiles import RunFolder, RunFolderError, is_main_process, replace_dir
+
+CONFIG = {"data": "cranfield", "rounds": 2, "seed": 42, "pairs": {"temperatures": (0.8, 1.0)}}
+
+
+def test_new_run_then_resume(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    folder.open(CONFIG, resume=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["pairs"]["temperatures"] == [0.8, 1.0]
+    folder.finish("round1.pairs", kept=3)
+    folder.record(1, "round 1", {"dense": {"ndcg@10": 0.2}}, series="LLM_r")
+    folder.record(1, "round 1", {"dense": {"ndcg@10": 0.3}}, series="LLM_r")  # replaces the row
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        RunFolder(tmp_path / "run").open(CONFIG, resume=False)
+    with pytest.raises(RunFolderError, match=r"\['seed'\]"):
+        RunFolder(tmp_path / "run").open({**CONFIG, "seed": 7}, resume=True)
+    again = RunFolder(tmp_path / "run")
+    again.open({**CONFIG, "rounds": 3}, resume=True)  # only `rounds` may change
+    assert again.is_done("round1.pairs") and again.step_info("round1.pairs")["kept"] == 3
+    assert not again.is_done("round1.dpo")
+    assert again.metrics == [{"round": 1, "label": "round 1", "series": "LLM_r", "method": "dense", "ndcg@10": 0.3}]
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["config"]["rounds"] == 3
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_a_run_folder_written_before_the_restructure_resumes(tmp_path):
+    """state.json / metrics.json exactly as the 0.1.0 JointTrainer wrote them (json.dump, no final newline)."""
+    config = json.loads(json.dumps(JointConfig().to_dict(), default=str))
+    done = {"baselines.zero-shot": {"at": "2026-11-25T10:00:00"}, "round1.pairs": {"at": "x", "kept": 5, "seen": 6}}
+    (tmp_path / "state.json").write_text(json.dumps({"done": done, "config": config}, indent=2))
+    rows = [{"round": 0, "label": "zero-shot (untrained LLM)", "series": None, "method": "dense", "ndcg@10": 0.25,
+             "recall@100": 0.7, "mrr@10": 0.3, "queries": 4}]
+    (tmp_path / "metrics.json").write_text(json.dumps(rows, indent=2))
+    folder = RunFolder(tmp_path)
+    folder.open(JointConfig().to_dict(), resume=True)
+    assert folder.is_done("baselines.zero-shot") and folder.step_info("round1.pairs")["kept"] == 5
+    assert folder.metrics == rows
+
+
+def test_other_ranks_wait_for_the_main_process(tmp_path, monkeypatch):
+    folder = RunFolder(tmp_path)
+    folder.open(CONFIG, resume=False)
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main_process()
+    ran = []
+    other = RunFolder(tmp_path)
+    other.poll_seconds = 0.02
+
+    def main_process_finishes():
+        time.sleep(0.2)
+        main = RunFolder(tmp_path)
+        main.state = json.loads((tmp_path / "state.json").read_text())
+        main.state["done"]["round1.expand"] = {"at": "now"}
+        (tmp_path / "state.json").write_text(json.dumps(main.state))
+
+    thread = threading.Thread(target=main_process_finishes)
+    thread.start()
+    other.run_on_main("round1.expand", lambda: ran.append(1))  # rank 1 does not work: it polls state.json
+    thread.join()
+    assert ran == [] and other.is_done("round1.expand")
+
+
+def test_wait_for_polls(tmp_path, monkeypatch):
+    folder = RunFolder(tmp_path)
+    folder.open(CONFIG, resume=False)
+    writer = RunFolder(tmp_path)
+    writer.state = json.loads((tmp_path / "state.json").read_text())
+    timer = threading.Timer(0.1, lambda: writer.finish("round1.eval"))
+    timer.start()
+    folder.wait_for("round1.eval", poll_seconds=0.02)
+    assert folder.is_done("round1.eval")
+
+
+def test_stale_work_and_replace_dir(tmp_path, monkeypatch):
+    (tmp_path / "round_1" / ".dpo-abc").mkdir(parents=True)
+    (tmp_path / "baseline" / ".train-xyz").mkdir(parents=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    RunFolder(tmp_path).remove_stale_work()  # another process may be using them
+    assert (tmp_path / "round_1" / ".dpo-abc").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    RunFolder(tmp_path).remove_stale_work()
+    assert not (tmp_path / "round_1" / ".dpo-abc").exists() and not (tmp_path / "baseline" / ".train-xyz").exists()
+
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "weights").write_text("2")
+    target = tmp_path / "round_1" / "adapter"
+    target.mkdir()
+    (target / "weights").write_text("1")
+    assert replace_dir(new, target) == target
+    assert (target / "weights").read_text() == "2" and not new.exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["adapter"]
+
+
+def test_plots_are_written_atomically(tmp_path):
+    from expandr_haystack.evaluation.report import plot_pair_margins, plot_rounds
+    from expandr_haystack.training.pairs import PairStats
+
+    rows = [{"round": 0, "label": "supervised, no expansion", "series": None, "method": "dense", "ndcg@10": 0.3},
+            {"round": 0, "label": "zero-shot (untrained LLM)", "series": None, "method": "expand", "ndcg@10": 0.2},
+            {"round": 1, "label": "round 1", "series": "LLM_r", "method": "dense", "ndcg@10": 0.32},
+            {"round": 1, "label": "round 1", "series": "LLM_r", "method": "expand", "ndcg@10": 0.35},
+            {"round": 1, "label": "round 1 old", "series": "LLM_r-1", "method": "expand", "ndcg@10": 0.34}]
+    assert plot_rounds(rows, tmp_path / "metrics.png", "test").stat().st_size > 1000
+    with pytest.raises(ValueError, match="empty"):
+        plot_rounds([], tmp_path / "none.png")
+    stats = PairStats(out_path="pairs.jsonl", kept=2, queries_seen=3, kept_fraction=2 / 3,
+                      margin_histogram={"edges": [0.0, 1.0, 2.0], "counts": [1, 1]},
+                      best_score_histogram={"edges": [0.0, 1.0, 2.0], "counts": [1, 2]}, config={"use_answer": True})
+    pairs = [{"rewards": {"margin": 0.5}}, {"rewards": {"margin": 1.5}}]
+    records = [{"best_score": 0.9}, {"best_score": 1.4}, {"best_score": None}]
+    assert plot_pair_margins(stats, pairs, records, tmp_path / "m.png", 0.6).stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png", "metrics.png"]
+
+
+def test_round_pipeline_yaml_loads(tmp_path):
+    from haystack import Pipeline
+
+    import expandr_haystack  # noqa: F401 - allow-list
+    from expandr_haystack import LLMQueryExpander
+    from expandr_haystack.training.rounds import round_pipeline_yaml
+
+    (tmp_path / "encoder").mkdir()
+    text = round_pipeline_yaml(2, LLMQueryExpander(max_new_tokens=8), tmp_path / "encoder", query_weight=0.3)
+    assert text.startswith("# Search pipeline of round 2: index documents with SentenceTransformersDocumentEmbedder(")
+    p = Pipeline.loads(text)
+    assert p.get_component("retriever").query_weight == 0.3
+    assert p.get_component("expander").max_new_tokens == 8
+
+
+def test_evaluation_uses_the_configured_query_weight(tmp_path, monkeypatch):
+    from expandr_haystack.evaluation import runner
+    from expandr_haystack.training.rounds import JointTrainer
+
+    seen = {}
+
+    def fake_evaluate(collection, **kwargs):
+        seen.update(kwargs)
+        return {}
+
+    monkeypatch.setattr(runner, "evaluate", fake_evaluate)
+    config = JointConfig.from_dict({"max_eval_queries": 2, "retriever": {"query_weight": 0.3}})
+    JointTrainer(config, tmp_path, progress_bar=False)._evaluate(None, ["dense"], None)
+    assert seen["query_weight"] == 0.3 and seen["expander"] is None
