@@ -1,6 +1,7 @@
 """
 Load the indexing and search pipelines from YAML with Haystack's own loader, index a slice of the bundled Cranfield
-collection and search it.
+collection and search it: with the paper's q2d expansion (search.yaml) and with grounded expansion
+(grounded_search.yaml: first pass -> expander reading its hits -> retriever).
 
     python examples/yaml_pipelines.py [--docs 300] [--query "..."]
 """
@@ -28,12 +29,18 @@ def main() -> None:
 
     indexing = use_bundled_encoder(Pipeline.loads((HERE / "indexing.yaml").read_text()))
     search = Pipeline.loads((HERE / "search.yaml").read_text())
+    grounded = Pipeline.loads((HERE / "grounded_search.yaml").read_text())
     documents = load_collection(bundled_path("cranfield"), "test").documents()[: args.docs]
     indexing.run({"embedder": {"documents": documents}})
 
     result = search.run({"expander": {"query": args.query}}, include_outputs_from={"expander"})
     print("query:    ", args.query)
     print("expansion:", result["expander"]["expansions"][0][:300])
+    for d in result["retriever"]["documents"]:
+        print(f"  {d.id:>5} {d.score:.3f} {d.meta['title'][:90]}")
+    result = grounded.run({"first_pass": {"query": args.query}, "expander": {"query": args.query}},
+                          include_outputs_from={"expander"})
+    print("grounded expansion:", result["expander"]["expansions"][0][:300])
     for d in result["retriever"]["documents"]:
         print(f"  {d.id:>5} {d.score:.3f} {d.meta['title'][:90]}")
 

@@ -7,7 +7,7 @@ import pytest
 from haystack import Pipeline
 
 from expandr_haystack import ExpandRRetriever, LLMQueryExpander
-from expandr_haystack.core.text import ANSWER_PROMPT
+from expandr_haystack.core.text import ANSWER_PROMPT, GROUNDED_PROMPT
 
 pytestmark = pytest.mark.integration
 QUERIES = ["what is the lift of a wing in a propeller slipstream .",
@@ -99,7 +99,7 @@ def test_yaml_examples_load_and_run(tmp_path, monkeypatch, cranfield_small):
     from expandr_haystack.evaluation.indexing import use_bundled_encoder
 
     monkeypatch.chdir(tmp_path)  # the YAML's cache path is relative
-    examples = Path(__file__).parents[1] / "examples"
+    examples = Path(__file__).parents[2] / "examples"
     indexing = use_bundled_encoder(Pipeline.loads((examples / "indexing.yaml").read_text()))
     search = Pipeline.loads((examples / "search.yaml").read_text())
     search.get_component("expander").max_new_tokens = 12
@@ -107,3 +107,10 @@ def test_yaml_examples_load_and_run(tmp_path, monkeypatch, cranfield_small):
     docs = search.run({"expander": {"query": QUERIES[0]}})["retriever"]["documents"]
     assert len(docs) == 5 and {d.id for d in docs} <= {d.id for d in cranfield_small[1][:40]}
     assert (tmp_path / "expansions.sqlite").exists()
+    grounded = Pipeline.loads((examples / "grounded_search.yaml").read_text())
+    expander = grounded.get_component("expander")
+    assert expander.grounded and expander.prompt == GROUNDED_PROMPT
+    expander.max_new_tokens, expander.n_expansions = 12, 1
+    out = grounded.run({"first_pass": {"query": QUERIES[0]}, "expander": {"query": QUERIES[0]}},
+                       include_outputs_from={"expander"})
+    assert len(out["retriever"]["documents"]) == 5 and out["expander"]["expansions"][0]

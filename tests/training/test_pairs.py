@@ -16,7 +16,7 @@ from expandr_haystack.evaluation.data import bundled_path, load_collection
 from expandr_haystack.training.cli import add_pairs_parser, pair_config
 from expandr_haystack.training.pairs import PairConfig, build_pairs, sidecar_paths
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeExpander(LLMQueryExpander):

@@ -74,7 +74,7 @@ def test_from_dict_leaves_its_input_unchanged():
 def test_pipeline_yaml_written_by_0_1_0_still_loads():
     from pathlib import Path
 
-    text = (Path(__file__).parent / "data" / "pipeline_v0.1.0.yaml").read_text()
+    text = (Path(__file__).parents[1] / "data" / "pipeline_v0.1.0.yaml").read_text()
     p = Pipeline.loads(text)
     expander = p.get_component("expander")
     assert (expander.n_expansions, expander.temperature, expander.on_failure, expander.system_prompt) == (

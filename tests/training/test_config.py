@@ -13,7 +13,7 @@ from expandr_haystack.training.config import (
     RetrieverSettings,
 )
 
-CONFIGS = Path(__file__).parents[1] / "training" / "configs"
+CONFIGS = Path(__file__).parents[2] / "training" / "configs"
 
 
 @pytest.mark.parametrize("name", ["micro.yaml", "tiny-cpu.yaml"])

@@ -10,7 +10,7 @@ from expandr_haystack.training.config import JointConfig
 from expandr_haystack.training.rounds import JointTrainer
 
 pytestmark = pytest.mark.integration
-MICRO = Path(__file__).parents[1] / "training" / "configs" / "micro.yaml"
+MICRO = Path(__file__).parents[2] / "training" / "configs" / "micro.yaml"
 
 
 @pytest.fixture(scope="module")
