@@ -34,8 +34,12 @@ def main(argv=None) -> int:
     parser.add_argument("--validation-size", type=int, default=40)
     parser.add_argument("--methods", default="dense,prf,expand,grounded")
     parser.add_argument("--cache", default=None, help="expansion cache (sqlite); default: next to --out")
-    parser.add_argument("--out", default=None, help="JSON report")
+    parser.add_argument("--out", default=None, help="JSON report (and a bar chart with the suffix .png)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the chart of an existing --out report")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        print(f"wrote {plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix('.png'))}")
+        return 0
 
     from expandr_haystack import LLMQueryExpander
     from expandr_haystack.evaluation.data import load_collection
@@ -67,8 +71,40 @@ def main(argv=None) -> int:
                "machine": machine(), "date": time.strftime("%Y-%m-%d")}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out} and {plot(out, Path(args.out).with_suffix('.png'))}")
     return 0
+
+
+def plot(report: dict, path: Path) -> Path:
+    """nDCG@10 per method, mean ± sd over the seeds (one dot per seed), with the dense level as a line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = report["methods"]
+    names = list(rows)
+    fig = Figure(figsize=(1.6 + 1.3 * len(names), 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    means = [100 * rows[m]["ndcg@10"] for m in names]
+    sds = [100 * rows[m]["ndcg@10_sd"] for m in names]
+    ax.bar(range(len(names)), means, yerr=sds, capsize=4, color=["0.6" if rows[m]["seeds"] == 0 else "tab:blue"
+                                                              for m in names])
+    for i, m in enumerate(names):
+        values = [100 * v for v in rows[m]["per_seed"]["ndcg@10"]]
+        ax.plot([i] * len(values), values, "k.", markersize=4)
+        ax.annotate(f"{means[i]:.2f}", (i, means[i] + sds[i] + 0.3), ha="center", fontsize=8)
+    if "dense" in rows:
+        ax.axhline(100 * rows["dense"]["ndcg@10"], color="black", linestyle=":", linewidth=1)
+    ax.set_xticks(range(len(names)), names)
+    low = min(m - s for m, s in zip(means, sds))
+    ax.set_ylim(max(0.0, low - 4), max(m + s for m, s in zip(means, sds)) + 2)
+    ax.set_ylabel(f"nDCG@10 x100 ({report['eval_split']})")
+    seeds = max(r["seeds"] for r in rows.values())
+    ax.set_title(f"{Path(str(report['data'])).name}: zero-shot, n={report['n_expansions']}, T={report['temperature']}, "
+                 f"{seeds} seeds (grey: no LLM)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
 
 
 if __name__ == "__main__":

@@ -86,9 +86,12 @@ class ExpandRRetriever:
     - `fusion="mean"`: one search with the ExpandR fused vector (via `ExpandRQueryEmbedder`).
     - `fusion="rrf"`: one search with the query and one with each expansion, merged by reciprocal rank
       (score = sum 1 / (rrf_k + rank)).
+    - `feedback_k > 0` (mean fusion): Rocchio pseudo-relevance feedback, a second search with
+      v' = f * v^ + (1 - f) * mean(top-k document vectors) — the corpus-grounded baseline that needs no LLM.
     Without expansions it is plain dense retrieval. Scores: mean fusion, the inner product of the fused vector with
     the unit document vector, w * cos(q, d) + (1 - w) * mean_i cos(e_i, d) (plain cosine without expansions); rrf,
-    the RRF score.
+    the RRF score. The first retrieval of a grounded pipeline is this component too (`top_k=3`, no expansions),
+    its `documents` wired to `LLMQueryExpander(prompt=GROUNDED_PROMPT).documents`.
 
     Documents must already carry embeddings from the same encoder, e.g. written by Haystack's
     `SentenceTransformersDocumentEmbedder(model=<same path>)`. The `faiss` backend keeps an exact FAISS index of the
