@@ -11,11 +11,12 @@ ExpandR search over the bundled Cranfield collection (the `make run` job).
    hits), print a few queries with their expansions and top documents, then nDCG@10 of dense retrieval (no
    expansion), PRF and each ExpandR mode.
 
-    python examples/search.py [--max-queries N] [--n-expansions 2] [--temperature 0.7] [--max-new-tokens 64]
-                               [--validation-size 20]
+    python examples/search.py [--max-queries N] [--n-expansions 1] [--temperature 0.7] [--max-new-tokens 48]
+                               [--passage-words 30] [--validation-size 16]
 
-The defaults keep `make run` within 10 minutes on 2 CPU cores; `expandr eval --tune-on train --seeds 1,2,3` is the
-full protocol (docs/training.md).
+The defaults are small so that `make run` stays near 10 minutes on 2 CPU cores (grounded prompts are long: their
+prefill dominates); `expandr eval --tune-on train --seeds 1,2,3 --n-expansions 4` is the full protocol
+(docs/training.md).
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ def grounded_pipeline(store, expander: LLMQueryExpander, query_weight: float) ->
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-queries", type=int, default=None, help="evaluate on the first N test queries")
-    parser.add_argument("--n-expansions", type=int, default=2, help="expansions averaged per query")
+    parser.add_argument("--n-expansions", type=int, default=1, help="expansions averaged per query")
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--validation-size", type=int, default=20, help="train queries carved for validation")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--passage-words", type=int, default=30, help="grounded: words of each first-pass hit")
+    parser.add_argument("--validation-size", type=int, default=16, help="train queries carved for validation")
     parser.add_argument("--cache", default=str(expandr_home() / "cache" / "expansions.sqlite"))
     parser.add_argument("--show", type=int, default=2, help="queries to print in full")
     args = parser.parse_args(argv)
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"n_expansions": args.n_expansions, "temperature": args.temperature,
                 "max_new_tokens": args.max_new_tokens, "batch_size": 32, "cache": args.cache, "progress_bar": True}
     q2d = LLMQueryExpander(**settings)
-    grounded = LLMQueryExpander(prompt=GROUNDED_PROMPT, **settings)
+    grounded = LLMQueryExpander(prompt=GROUNDED_PROMPT, passage_words=args.passage_words, **settings)
 
     chosen = select_settings(validation, ["prf", "expand", "grounded"], expander=q2d, grounded_expander=grounded,
                              store=store)
