@@ -80,8 +80,10 @@ def _agg_figure(figsize: tuple[float, float]):
 def plot_rounds(metrics_rows: list[dict[str, Any]], path: str | Path, eval_split: str = "test",
                 title: str | None = None) -> Path:
     """
-    Save the nDCG@10 of a joint-training run by round: one line per expansion setting over the rounds, the baselines
-    (round 0) as horizontal lines. Written atomically (a kill never leaves half an image).
+    Save the nDCG@10 of a joint-training run by round: the baselines (round 0: BM25, zero-shot dense, PRF, the
+    untrained LLM's q2d and grounded expansions, the supervised no-expansion retriever) as horizontal lines, and one
+    line per round setting (encoder_r without expansion, with PRF, with LLM_r's and LLM_{r-1}'s expansions), with
+    ± sd error bars where a row has several expansion seeds. Written atomically (a kill never leaves half an image).
 
     Usage:
     ```python
@@ -90,7 +92,8 @@ def plot_rounds(metrics_rows: list[dict[str, Any]], path: str | Path, eval_split
     ```
 
     :param metrics_rows: The rows of a run's ``metrics.json``: ``{"round", "label", "series", "method", "ndcg@10",
-        ...}``; round 0 = baselines, ``series`` = which LLM's expansions (``"LLM_r"`` or ``"LLM_r-1"``).
+        ...}`` (optionally ``"ndcg@10_sd"``); round 0 = baselines, ``series`` = which LLM's expansions (``"LLM_r"``
+        or ``"LLM_r-1"``).
     :param path: Output image (format from its suffix).
     :param eval_split: The split the numbers are from (y-axis label).
     :param title: Chart title (default "ExpandR joint training").
@@ -100,29 +103,41 @@ def plot_rounds(metrics_rows: list[dict[str, Any]], path: str | Path, eval_split
 
     if not metrics_rows:
         raise ValueError("`metrics_rows` is empty: nothing to plot.")
-    figure = _agg_figure((7, 4.2))
+    figure = _agg_figure((10, 4.6))
     ax = figure.subplots()
-    colors = iter(["0.45", "tab:purple", "tab:brown", "tab:olive"])
+    colors = iter(["0.45", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink", "0.7", "tab:gray"])
+    styles = {"bm25": (0, (1, 1)), "prf": (0, (5, 2, 1, 2)), "grounded": (0, (3, 1, 1, 1, 1, 1))}
+    zero_shot = {"bm25": "BM25", "dense": "zero-shot dense", "prf": "PRF, zero-shot encoder",
+                 "expand": "untrained LLM, q2d (zero-shot encoder)",
+                 "grounded": "untrained LLM, grounded (zero-shot encoder)"}
     for m in metrics_rows:
         if m["round"] == 0:
             supervised = m["label"].startswith("supervised")
-            ax.axhline(100 * m["ndcg@10"], linestyle="--" if supervised else ":",
-                       color="black" if supervised else next(colors, "0.6"), label=f"{m['label']}: {m['method']}")
-    series: dict[str, list[tuple[int, float]]] = {}
+            name = zero_shot.get(m["method"]) if m["label"].startswith("zero-shot") else None
+            ax.axhline(100 * m["ndcg@10"], linestyle="--" if supervised else styles.get(m["method"], ":"),
+                       color="black" if supervised else next(colors, "0.6"), linewidth=1.2,
+                       label=name or f"{m['label']}: {m['method']}")
+    series: dict[str, list[tuple[int, float, float]]] = {}
     for m in metrics_rows:
         if m["round"] > 0:
-            if m["method"] == "dense" and m["series"] != "LLM_r":
+            if m["method"] in ("dense", "prf") and m["series"] != "LLM_r":
                 continue
-            name = "encoder_r, no expansion" if m["method"] == "dense" else f"encoder_r + {m['series']} ({m['method']})"
-            series.setdefault(name, []).append((m["round"], 100 * m["ndcg@10"]))
+            if m["method"] == "dense":
+                name = "encoder_r, no expansion"
+            elif m["method"] == "prf":
+                name = "encoder_r + PRF (no LLM)"
+            else:
+                name = f"encoder_r + {m['series']} ({m['method']})"
+            series.setdefault(name, []).append((m["round"], 100 * m["ndcg@10"], 100 * (m.get("ndcg@10_sd") or 0.0)))
     for name, points in sorted(series.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        xs, ys, sds = [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+        ax.errorbar(xs, ys, yerr=sds if any(sds) else None, marker="o", capsize=3, label=name)
     ax.set_xlabel("round")
     ax.set_ylabel(f"nDCG@10 x100 ({eval_split})")
     ax.set_title(title or "ExpandR joint training")
     ax.set_xticks(sorted({m["round"] for m in metrics_rows if m["round"] > 0}) or [1])
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     return atomic_save_figure(figure, Path(path).expanduser(), dpi=120)
 

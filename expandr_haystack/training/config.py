@@ -192,7 +192,8 @@ class RetrieverSettings:
     :param temperature: InfoNCE temperature tau (paper 0.02).
     :param hard_negatives: Negatives per example mined with the current encoder from ranks
         [`hard_negative_skip`, `hard_negative_depth`) of the fused query's ranking, judged documents excluded.
-    :param query_weight: w of the fused query vector, in training and in evaluation.
+    :param query_weight: w of the fused query vector in training (the loss and hard-negative mining), and in
+        evaluation when there is no validation split (`validation_queries`) to choose w on.
     :param restart_each_round: Train every round from the base encoder (so every round, and the no-expansion
         baseline, gets the same budget and a round's gain comes from its LLM); False continues from the previous
         round.
@@ -235,16 +236,29 @@ class RetrieverSettings:
         _check_fraction(self.warmup_ratio, _key(section, "warmup_ratio"))
 
 
+#: Expansion modes of training: the paper's query-to-document prompt, or the grounded prompt that reads the top hits
+#: of a first dense pass (`expandr_haystack.core.text.GROUNDED_PROMPT`).
+EXPANSION_MODES = ("q2d", "grounded")
+#: The evaluation method of each expansion mode (`expandr_haystack.evaluation.runner.METHODS`).
+MODE_METHODS = {"q2d": "expand", "grounded": "grounded"}
+
+
 @dataclass
 class ExpansionSettings:
     """
-    How training queries are expanded for the retriever step (and for evaluation).
+    How queries are expanded for the retriever step and for evaluation (the DPO candidates use the same prompt).
 
-    :param n_expansions: Expansions per query; 1 in training, as in the paper.
-    :param temperature: Sampling temperature (0 = greedy).
+    :param n_expansions: Expansions per query. The retriever is trained on w * q^ + (1 - w) * mean of the n
+        expansion embeddings (`FusedInfoNCELoss`), and every evaluation averages n samples; the paper uses 1.
+    :param temperature: Sampling temperature of these expansions (0 = greedy); the DPO candidates use
+        `pairs.temperatures` instead.
     :param top_p: Nucleus mass.
     :param max_new_tokens: Length limit of an expansion.
     :param batch_size: Rows the LLM generates at once.
+    :param mode: "q2d" (the paper's query-to-document prompt) or "grounded" (`GROUNDED_PROMPT`: the LLM also reads
+        the top `passages_k` hits of a first dense pass, in training, in the DPO candidates and in evaluation).
+    :param passages_k: First-pass hits shown to a grounded prompt.
+    :param passage_words: Words kept of each of those hits.
     """
 
     n_expansions: int = 1
@@ -252,17 +266,25 @@ class ExpansionSettings:
     top_p: float = 0.9
     max_new_tokens: int = 96
     batch_size: int = 16
+    mode: str = "q2d"
+    passages_k: int = 3
+    passage_words: int = 50
+
+    @property
+    def method(self) -> str:
+        """The evaluation method of this mode: "expand" (q2d) or "grounded"."""
+        return MODE_METHODS[self.mode]
 
     def validate(self, section: str = "expansion") -> None:
         """Raise a `ConfigError` naming the first bad setting (keys prefixed with `section`)."""
-        if self.n_expansions != 1:
-            _fail(_key(section, "n_expansions"), "1 for training (the retriever is trained on one expansion per "
-                  "query, as in the paper; evaluate with more through `expandr eval --n-expansions`)",
-                  self.n_expansions)
+        _checked(check_int, self.n_expansions, _key(section, "n_expansions"))
         _checked(check_number, self.temperature, _key(section, "temperature"), 0.0)
         _checked(check_number, self.top_p, _key(section, "top_p"), 0.0, 1.0, low_open=True)
         _checked(check_int, self.max_new_tokens, _key(section, "max_new_tokens"))
         _checked(check_int, self.batch_size, _key(section, "batch_size"))
+        _checked(check_choice, self.mode, _key(section, "mode"), EXPANSION_MODES)
+        _checked(check_int, self.passages_k, _key(section, "passages_k"))
+        _checked(check_int, self.passage_words, _key(section, "passage_words"))
 
 
 #: The sections of a `JointConfig` and their settings classes.
@@ -276,6 +298,16 @@ class JointConfig:
 
     `data` is a BEIR-layout folder, or `cranfield` for the bundled collection. Training reads only
     `train_split`; evaluation only `eval_split` (they must differ).
+
+    :param validation_queries: Queries carved out of `train_split` (`Collection.split_validation` with `seed`) on
+        which every evaluation chooses its fusion settings (w of the expansion methods, PRF's k and f); an integer
+        (a number of queries) or a fraction in (0, 1). They are never used to train the retriever or for DPO pairs;
+        `max_train_queries` then limits the remaining training queries. 0 or null = no validation split: the
+        evaluations use `retriever.query_weight` and PRF's k = 3, f = 0.7.
+    :param eval_seeds: Expansion seeds of every evaluation: each expansion method is evaluated once per seed and
+        reported as mean, standard deviation and per-seed values; null = one evaluation with `seed`.
+    :param eval_methods: Methods evaluated besides those every report has (round 0: bm25, dense, prf, expand and
+        grounded; each round: dense, prf and the ExpandR method of `expansion.mode`), e.g. expand-rrf.
     """
 
     data: str = "cranfield"
@@ -292,6 +324,8 @@ class JointConfig:
     seed: int = 42
     eval_methods: tuple[str, ...] = ("dense", "expand")
     baselines: bool = True
+    validation_queries: int | float | None = None
+    eval_seeds: list[int] | None = None
     expansion: ExpansionSettings = field(default_factory=ExpansionSettings)
     retriever: RetrieverSettings = field(default_factory=RetrieverSettings)
     pairs: PairConfig = field(default_factory=PairConfig)
@@ -328,6 +362,21 @@ class JointConfig:
         """Plain data (for `config.json` in the run folder and for resume checks)."""
         return dataclasses.asdict(self)
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """`to_dict` of the default config: the values a run folder written before a key existed ran with."""
+        return dataclasses.asdict(cls())
+
+    @property
+    def validation_size(self) -> int | float | None:
+        """`validation_queries` as `Collection.split_validation`'s size, or None when there is no validation split."""
+        return self.validation_queries or None
+
+    @property
+    def seeds(self) -> list[int]:
+        """The expansion seeds of every evaluation (`eval_seeds`, or `[seed]`)."""
+        return list(self.eval_seeds) if self.eval_seeds else [self.seed]
+
     def validate(self, source: str = "config") -> None:
         """Raise `ConfigError` for impossible values (before any model loads); the message starts with `source`."""
         try:
@@ -349,6 +398,21 @@ class JointConfig:
         _checked(check_int, self.seed, "seed", 0)
         if not isinstance(self.baselines, bool):
             _fail("baselines", "true or false", self.baselines)
+        v = self.validation_queries
+        if v is not None and v != 0:
+            if isinstance(v, float):
+                if not 0 < v < 1:
+                    _fail("validation_queries", "an integer >= 0, a fraction in (0, 1), or null", v)
+            else:
+                _checked(check_int, v, "validation_queries", 0, hint="Use a fraction in (0, 1), or 0/null for none.")
+        if self.eval_seeds is not None:
+            if isinstance(self.eval_seeds, (str, bytes)) or not isinstance(self.eval_seeds, (list, tuple)) \
+                    or not self.eval_seeds:
+                _fail("eval_seeds", "a non-empty list of integers >= 0, or null (one seed: `seed`)", self.eval_seeds)
+            for i, s in enumerate(self.eval_seeds):
+                _checked(check_int, s, f"eval_seeds[{i}]", 0)
+            if len(set(self.eval_seeds)) != len(self.eval_seeds):
+                _fail("eval_seeds", "distinct seeds", self.eval_seeds)
         for key in ("data", "train_split", "eval_split", "device"):
             value = getattr(self, key)
             if (value is not None or key != "device") and (not isinstance(value, str) or not value.strip()):
@@ -424,5 +488,5 @@ def _build(cls, values: Any, where: str):
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-__all__ = ["SECTIONS", "ConfigError", "DPOSettings", "ExpansionSettings", "JointConfig", "PairConfig",
-           "RetrieverSettings"]
+__all__ = ["EXPANSION_MODES", "MODE_METHODS", "SECTIONS", "ConfigError", "DPOSettings", "ExpansionSettings",
+           "JointConfig", "PairConfig", "RetrieverSettings"]

@@ -2,7 +2,8 @@
 DPO preference pairs for the ExpandR expander, built from the package's own components.
 
 For each training query with a judged relevant document (its best-graded one):
-1. `LLMQueryExpander.expand(queries, n=n_candidates, temperatures=...)` samples the candidate expansions;
+1. `LLMQueryExpander.expand(queries, n=n_candidates, temperatures=...)` samples the candidate expansions (with a
+   grounded expander, `GROUNDED_PROMPT`, also from the query's first-pass hits: `passages`);
 2. the same class with `ANSWER_PROMPT` (greedy) answers the query from the gold document (q2a, self-consistency);
 3. `RewardScorer.score_many` computes reward(e) = 1/rank_doc(e) + 1/rank_answer(e) and keeps or drops the pair.
 
@@ -12,7 +13,9 @@ Kept pairs are appended to a JSONL file in TRL's conversational preference forma
      "chosen": [{"role": "assistant", "content": "..."}], "rejected": [{"role": "assistant", "content": "..."}],
      "query_id": "12", "document_id": "184", "rewards": {"chosen": 2.0, "rejected": 0.375, "margin": 1.625, ...}}
 
-so `datasets.load_dataset("json", data_files=out)` feeds `trl.DPOTrainer` directly (see `training/dpo.py`).
+so `datasets.load_dataset("json", data_files=out)` feeds `trl.DPOTrainer` directly (see `training/dpo.py`). The
+``prompt`` column is exactly the chat messages the expander sampled the candidates from (`core.text.chat_messages`;
+for a grounded expander the rendered prompt holds the query's passages), so DPO trains the policy inference uses.
 Every processed query (kept or dropped) is also recorded in ``<out>.seen.jsonl``; a rerun skips the queries found in
 either file, so it appends only missing ones (and the expansion cache makes repeated generation free). Each line is
 written with flush + fsync, and a partial last line left by a kill is cut off on resume.
@@ -27,6 +30,12 @@ config = PairConfig(n_candidates=8)
 expander, answerer, scorer = make_components(config, cache="expansions.sqlite")
 stats = build_pairs(load_collection(bundled_path("cranfield"), split="train"), "pairs.jsonl",
                     expander, answerer, scorer, config)
+
+# grounded candidates: each query's top-3 first-pass hits (`retriever`: an ExpandRRetriever over the corpus)
+expander, answerer, scorer = make_components(config, prompt=GROUNDED_PROMPT, cache="expansions.sqlite")
+first_pass = dict(zip(query_ids, retriever.retrieve([collection.queries[q] for q in query_ids], top_k=3)))
+stats = build_pairs(collection, "grounded-pairs.jsonl", expander, answerer, scorer, config, query_ids=query_ids,
+                    passages=first_pass)
 ```
 """
 
@@ -36,7 +45,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +56,7 @@ from expandr_haystack.components.expander import LLMQueryExpander
 from expandr_haystack.components.reward import RewardScorer
 from expandr_haystack.core.reward import REASON_KEPT
 from expandr_haystack.core.reward import REASONS as SCORER_REASONS
-from expandr_haystack.core.text import ANSWER_PROMPT, EXPANSION_PROMPT, chat_messages, document_text
+from expandr_haystack.core.text import ANSWER_PROMPT, EXPANSION_PROMPT, chat_messages, document_text, format_passages
 from expandr_haystack.evaluation.data import Collection, parse_jsonl
 from expandr_haystack.files import append_jsonl, atomic_write_json, cut_partial_last_line
 from expandr_haystack.training.config import PairConfig
@@ -98,17 +107,24 @@ def sidecar_paths(out_path: str | Path) -> dict[str, Path]:
 
 def make_components(config: PairConfig | None = None, llm: str | None = None, adapter: str | None = None,
                     encoder: str | None = None, cache: str | None = None, device=None,
-                    progress_bar: bool = False,
-                    backend: str = "auto") -> tuple[LLMQueryExpander, LLMQueryExpander | None, RewardScorer]:
+                    progress_bar: bool = False, backend: str = "auto", prompt: str = EXPANSION_PROMPT,
+                    passages_k: int = 3,
+                    passage_words: int = 50) -> tuple[LLMQueryExpander, LLMQueryExpander | None, RewardScorer]:
     """
     The three components `build_pairs` uses: candidate expander (q2d prompt, sampling), answer expander
     (`ANSWER_PROMPT`, greedy; None when `config.use_answer` is False) and scorer, sharing one LLM and one cache.
+
+    :param prompt: The candidates' prompt: `EXPANSION_PROMPT` (the paper's q2d) or `GROUNDED_PROMPT` (the candidates
+        also read each query's first-pass hits, given to `build_pairs` as `passages`).
+    :param passages_k: First-pass hits a grounded prompt shows.
+    :param passage_words: Words kept of each hit.
     """
     config = config or PairConfig()
-    expander = LLMQueryExpander(model=llm, adapter=adapter, prompt=EXPANSION_PROMPT, n_expansions=config.n_candidates,
+    expander = LLMQueryExpander(model=llm, adapter=adapter, prompt=prompt, n_expansions=config.n_candidates,
                                 temperature=config.temperatures[0], top_p=config.top_p,
                                 max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed,
-                                cache=cache, device=device, progress_bar=progress_bar, backend=backend)
+                                cache=cache, device=device, progress_bar=progress_bar, backend=backend,
+                                passages_k=passages_k, passage_words=passage_words)
     answerer = None
     if config.use_answer:
         answerer = LLMQueryExpander(model=llm, adapter=adapter, prompt=ANSWER_PROMPT, n_expansions=1, temperature=0.0,
@@ -157,6 +173,7 @@ def build_pairs(
     query_ids: Iterable[str] | None = None,
     progress_bar: bool = True,
     overwrite: bool = False,
+    passages: Mapping[str, Sequence[Any]] | None = None,
 ) -> PairStats:
     """
     Build (or complete) a DPO pair file for a collection's judged queries.
@@ -164,7 +181,8 @@ def build_pairs(
     :param collection: Queries, corpus and qrels
         (`expandr_haystack.evaluation.data.load_collection(..., split="train")`).
     :param out_path: The JSONL pair file; appended to when it exists (queries already recorded are skipped).
-    :param expander: Candidate expander (q2d prompt); its `prompt`/`system_prompt` also form each pair's `prompt`.
+    :param expander: Candidate expander (q2d prompt, or a grounded one: `GROUNDED_PROMPT`); its `prompt`,
+        `system_prompt` (and, grounded, `passages_k`/`passage_words`) also form each pair's `prompt`.
     :param answer_expander: Expander whose prompt has `{document}` and `{query}` (`ANSWER_PROMPT`; greedy);
         None only when `config.use_answer` is False.
     :param scorer: The `RewardScorer` (its `threshold` is overridden by `config.threshold`).
@@ -172,6 +190,9 @@ def build_pairs(
     :param query_ids: Restrict to these query ids (default: every judged query of the collection).
     :param progress_bar: Show a progress bar over queries.
     :param overwrite: Delete an existing pair file and its sidecars first instead of resuming.
+    :param passages: ``{query_id: [Document, ...]}``, the first-pass hits of every selected query, required by (and
+        only allowed with) a grounded expander: its candidates read the first `expander.passages_k` of them, and the
+        pair's `prompt` is ``chat_messages(prompt, query, system_prompt, passages=format_passages(...))``.
     :returns: `PairStats` over everything recorded in the file (also saved as ``<out>.stats.json``).
     """
     config = config or PairConfig()
@@ -184,6 +205,14 @@ def build_pairs(
     if "{document}" in expander.prompt:
         raise ValueError("`expander.prompt` has a '{document}' placeholder: candidates are written from the query "
                          "alone (use EXPANSION_PROMPT); the document goes to `answer_expander`.")
+    if expander.grounded and passages is None:
+        raise ValueError("`passages` is required: `expander.prompt` has a '{passages}' placeholder (grounded "
+                         "candidates); pass {query_id: first-pass documents}.")
+    if passages is not None and not expander.grounded:
+        raise ValueError("`passages` was given but `expander.prompt` has no '{passages}' placeholder; use "
+                         "GROUNDED_PROMPT for grounded candidates, or leave `passages` out.")
+    if passages is not None and not isinstance(passages, Mapping):
+        raise TypeError(f"`passages` must be a mapping {{query_id: [Document, ...]}}; got {type(passages).__name__}.")
     if config.use_answer:
         if not isinstance(answer_expander, LLMQueryExpander):
             raise TypeError("`answer_expander` must be an LLMQueryExpander with ANSWER_PROMPT (or set "
@@ -207,6 +236,11 @@ def build_pairs(
     seen = _read_jsonl_repairing(side["seen"])
     done = {str(r["query_id"]) for r in pairs} | {str(r["query_id"]) for r in seen}
     todo = [q for q in selected if q not in done]
+    if passages is not None:
+        missing = [q for q in todo if q not in passages]
+        if missing:
+            raise ValueError(f"`passages`: no first-pass documents for {len(missing)} selected query id(s) "
+                             f"(e.g. {missing[0]!r}).")
     _check_previous_config(side["stats"], config)
     logger.info("%s: %d of %d selected queries already recorded; %d to do.", out, len(selected) - len(todo),
                 len(selected), len(todo))
@@ -218,7 +252,8 @@ def build_pairs(
     with out.open("a", encoding="utf-8") as pair_file, side["seen"].open("a", encoding="utf-8") as seen_file:
         for start in range(0, len(todo), config.chunk_size):
             chunk = todo[start:start + config.chunk_size]
-            for record, row in _process_chunk(chunk, collection, expander, answer_expander, scorer, config):
+            for record, row in _process_chunk(chunk, collection, expander, answer_expander, scorer, config,
+                                              passages):
                 if row is not None:
                     append_jsonl(pair_file, row)  # the pair first: a kill between the two writes loses nothing
                     pairs.append(row)
@@ -270,11 +305,13 @@ def _check_previous_config(stats_path: Path, config: PairConfig) -> None:
                        "(--overwrite) to start afresh.", stats_path, ", ".join(differing))
 
 
-def _process_chunk(chunk: Sequence[str], collection: Collection, expander, answer_expander, scorer, config):
+def _process_chunk(chunk: Sequence[str], collection: Collection, expander, answer_expander, scorer, config,
+                   passages: Mapping[str, Sequence[Any]] | None = None):
     queries = [collection.queries[q] for q in chunk]
     doc_ids = [collection.relevant(q)[0] for q in chunk]
     documents = [collection.document(d) for d in doc_ids]
-    candidates = expander.expand(queries, n=config.n_candidates, temperatures=list(config.temperatures))
+    grounded = {"passages": [passages[q] for q in chunk]} if passages is not None else {}
+    candidates = expander.expand(queries, n=config.n_candidates, temperatures=list(config.temperatures), **grounded)
     answers: list[str | None] | None = None
     if config.use_answer:
         answered = answer_expander.expand(queries, n=1, documents=[document_text(d) for d in documents])
@@ -297,7 +334,9 @@ def _process_chunk(chunk: Sequence[str], collection: Collection, expander, answe
             record.update(kept=res["kept"], reason=res["reason"],
                           best_score=None if not math.isfinite(res["best_score"]) else res["best_score"])
             if res["kept"]:
-                row = pair_row(qid, chat_messages(expander.prompt, queries[k], expander.system_prompt), res,
+                fields = {} if passages is None else {
+                    "passages": format_passages(passages[qid], expander.passages_k, expander.passage_words)}
+                row = pair_row(qid, chat_messages(expander.prompt, queries[k], expander.system_prompt, **fields), res,
                                doc_ids[k])
                 record["margin"] = row["rewards"]["margin"]
             else:

@@ -11,13 +11,14 @@ Usage:
 from expandr_haystack.training.retriever import mine_hard_negatives, train_encoder, training_examples
 
 negatives = mine_hard_negatives(collection, query_ids, expansions, store, encoder, settings)
-rows = training_examples(collection, query_ids, expansions, negatives, settings, seed=43)
-train_encoder(encoder, rows, "runs/x/round_1/encoder", settings)
+rows = training_examples(collection, query_ids, expansions, negatives, settings, seed=43, n_expansions=4)
+train_encoder(encoder, rows, "runs/x/round_1/encoder", settings)   # FusedInfoNCELoss over the rows' n expansions
 ```
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import shutil
@@ -56,11 +57,27 @@ def mine_hard_negatives(collection: Collection, query_ids: Sequence[str], expans
     return negatives
 
 
-def training_examples(collection: Collection, query_ids: Sequence[str], expansions: Sequence[Sequence[str]] | None,
-                      negatives: dict[str, list[str]], settings: RetrieverSettings, seed: int) -> list[dict[str, str]]:
+def expansion_columns(query: str, expansions: Sequence[str], n: int) -> list[str]:
     """
-    Rows (query, [expansion], document, negative_1..k): one per (query, relevant document), at most
-    `max_positives_per_query` per query, best grade first; `expansion` is left out when `expansions` is None.
+    Exactly `n` expansion texts for one training row: the query's non-blank expansions in sample order; a query
+    with fewer than `n` repeats them cyclically (3 expansions for n = 4: e1, e2, e3, e1, so e1 weighs twice in the
+    mean), and a query with none uses the query itself `n` times (its fused query is then the query alone).
+    """
+    exps = [e for e in expansions if e.strip()] or [query]
+    return [exps[j % len(exps)] for j in range(n)]
+
+
+def training_examples(collection: Collection, query_ids: Sequence[str], expansions: Sequence[Sequence[str]] | None,
+                      negatives: dict[str, list[str]], settings: RetrieverSettings, seed: int,
+                      n_expansions: int = 1) -> list[dict[str, str]]:
+    """
+    Rows (query, [expansion_1, ..., expansion_n], document, negative_1..k): one per (query, relevant document), at
+    most `max_positives_per_query` per query, best grade first; the expansion columns are left out when
+    `expansions` is None.
+
+    :param expansions: One list of expansions per query id (as many as were generated; `expansion_columns` fills
+        or cuts them to `n_expansions`), or None for the no-expansion baseline.
+    :param n_expansions: n, the expansion columns of every row (`FusedInfoNCELoss(n_expansions=n)`).
     """
     rng = random.Random(seed)
     all_ids = list(collection.corpus)
@@ -71,8 +88,8 @@ def training_examples(collection: Collection, query_ids: Sequence[str], expansio
         for pos in collection.relevant(qid)[: settings.max_positives_per_query]:
             row = {"query": collection.queries[qid]}
             if expansions is not None:
-                exps = [e for e in expansions[i] if e.strip()]
-                row["expansion"] = exps[0] if exps else collection.queries[qid]
+                texts = expansion_columns(collection.queries[qid], expansions[i], n_expansions)
+                row.update({f"expansion_{m}": text for m, text in enumerate(texts, start=1)})
             row["document"] = document_text(collection.document(pos))  # the positive; "positive" would make ST warn
             picks = rng.sample(pool, min(settings.hard_negatives, len(pool)))
             while len(picks) < settings.hard_negatives:  # too few mined: random unjudged documents
@@ -92,11 +109,13 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
     """
     Train the shared encoder and save it (sentence-transformers format) to `output_dir`, atomically.
 
-    :param fused: True = `FusedInfoNCELoss` on (query, expansion) rows; False = the no-expansion baseline with
-        sentence-transformers' `MultipleNegativesRankingLoss` (same temperature, examples and budget).
+    :param fused: True = `FusedInfoNCELoss` on (query, expansion_1..n, document, negatives) rows (n = the rows'
+        expansion columns); False = the no-expansion baseline with sentence-transformers'
+        `MultipleNegativesRankingLoss` (same temperature, examples and budget; expansion columns are dropped).
     """
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.base.losses.merged_forward import column_merging_disabled
     from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
@@ -111,10 +130,14 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
     torch_device = device or resolve_device(None)
     model = SentenceTransformer(resolve_encoder_path(base_encoder), device=torch_device)
     model.max_seq_length = settings.max_length
+    n_expansions = sum(1 for k in rows[0] if k.startswith("expansion"))
     if fused:
-        loss = FusedInfoNCELoss(model, temperature=settings.temperature, query_weight=settings.query_weight)
+        if n_expansions == 0:
+            raise ValueError("`fused=True` needs rows with expansion columns (training_examples with expansions).")
+        loss = FusedInfoNCELoss(model, temperature=settings.temperature, query_weight=settings.query_weight,
+                                n_expansions=n_expansions)
     else:
-        rows = [{k: v for k, v in r.items() if k != "expansion"} for r in rows]
+        rows = [{k: v for k, v in r.items() if not k.startswith("expansion")} for r in rows]
         loss = MultipleNegativesRankingLoss(model, scale=1.0 / settings.temperature)
     dataset = Dataset.from_list(rows)
     work = Path(tempfile.mkdtemp(prefix=".train-", dir=output_dir.parent))
@@ -137,7 +160,11 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
             dataloader_drop_last=False,
         )
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
-        trainer.train()
+        # sentence-transformers embeds all columns in one forward padded to the longest column (256-token documents):
+        # on a CPU the short query and expansion columns then cost as much as documents. Per-column forwards give the
+        # same loss and gradients (its own note) and train n = 4 expansions ~30% faster here; GPUs keep the merge.
+        with column_merging_disabled() if torch_device == "cpu" else contextlib.nullcontext():
+            trainer.train()
         if is_main_process():  # under accelerate/torchrun every process trains; one saves
             staged = work / "model"
             model.save(str(staged))

@@ -2,14 +2,25 @@
 ExpandR joint training: K alternating rounds of retriever training and LLM DPO, with per-round evaluation.
 
 Round r (LLM_{r-1} = base LLM + adapter of round r-1; encoder_{r-1} likewise):
-  1. expand     train queries with LLM_{r-1}                                   (LLMQueryExpander, cached)
+  1. expand     train queries with LLM_{r-1}, `expansion.n_expansions` each     (LLMQueryExpander, cached)
   2. retriever  mine hard negatives, train the encoder on fused queries         (FusedInfoNCELoss)  -> encoder_r
   3. pairs      candidates + answers from LLM_{r-1}, rewards from encoder_r     (RewardScorer)      -> pairs.jsonl
   4. dpo        LoRA DPO on the pairs                                           (trl.DPOTrainer)    -> LLM_r
-  5. eval       encoder_r with LLM_r expansions (and with LLM_{r-1}'s, and no expansion) on the eval split
-  6. save       a ready YAML search pipeline pointing at encoder_r and LLM_r
-Before round 1 ("baselines"): zero-shot dense, zero-shot with the untrained LLM's expansions, and the supervised
-baseline (same examples and budget, no expansion).
+  5. eval       encoder_r with LLM_r: no expansion, PRF and ExpandR (and ExpandR with LLM_{r-1}) on the eval split
+  6. save       a ready YAML search pipeline pointing at encoder_r and LLM_r, with the round's chosen w
+Before round 1 ("baselines"): BM25, zero-shot dense, PRF on the zero-shot encoder, the untrained LLM's q2d and grounded
+expansions, and the supervised baseline (same examples and budget, no expansion).
+
+The evaluation protocol (`expandr_haystack.evaluation.protocol`): every evaluation first chooses its fusion settings
+(w of each expansion method, PRF's k and f) by nDCG@10 on a validation split carved out of the training queries
+(`validation_queries`; those queries never train the retriever or build pairs), with that evaluation's encoder and
+LLM; then each expansion method runs once per seed of `eval_seeds` (mean, sd and per-seed values in
+``metrics.json``), and each round tests ExpandR against the supervised no-expansion retriever and against PRF on the
+same encoder (paired randomization test on per-query nDCG@10).
+
+`expansion.mode` picks the prompt of steps 1, 3 and 5: "q2d" (the paper's) or "grounded" (`GROUNDED_PROMPT`, which
+also shows the LLM the top `expansion.passages_k` hits of a first dense pass: in step 1 by encoder_{r-1}, in steps 3
+and 5 by encoder_r), so DPO teaches the LLM what to take from the passages.
 
 Every step writes its outputs atomically and is recorded in ``state.json`` (`runfiles.RunFolder`); ``resume=True``
 skips finished steps. Expansions and answers live in one sqlite cache, pair building is itself resumable, so a killed
@@ -37,10 +48,20 @@ from typing import Any
 from expandr_haystack.checks import is_adapter_dir
 from expandr_haystack.evaluation.data import Collection, load_collection
 from expandr_haystack.files import atomic_write_json, atomic_write_text
-from expandr_haystack.training.config import JointConfig
+from expandr_haystack.training.config import ConfigError, JointConfig
 from expandr_haystack.training.runfiles import RunFolder, RunFolderError, is_main_process, replace_dir
 
 logger = logging.getLogger(__name__)
+
+#: Labels of the round-0 rows in ``metrics.json``.
+ZERO_SHOT = "zero-shot (untrained LLM)"
+SUPERVISED = "supervised, no expansion"
+#: What every round-0 report evaluates with the base encoder and the untrained LLM (plus `eval_methods`).
+BASELINE_METHODS = ("bm25", "dense", "prf", "expand", "grounded")
+#: What every round evaluates with its encoder (plus the ExpandR method of `expansion.mode`, and `eval_methods`).
+ROUND_METHODS = ("dense", "prf")
+#: Rocchio settings of `prf` when there is no validation split (`evaluation.runner.evaluate`'s defaults).
+DEFAULT_FEEDBACK = {"feedback_k": 3, "feedback_weight": 0.7}
 
 
 def round_pipeline_yaml(round_: int, expander, encoder: str | Path, query_weight: float = 0.5,
@@ -48,7 +69,8 @@ def round_pipeline_yaml(round_: int, expander, encoder: str | Path, query_weight
     """
     The YAML of a ready search pipeline for one round's models: `expander` -> `ExpandRRetriever(encoder)` over an
     in-memory store (index the documents with `SentenceTransformersDocumentEmbedder(model=encoder)`, as the header
-    comment says).
+    comment says). A grounded `expander` (`GROUNDED_PROMPT`) gets a first pass: `ExpandRRetriever(encoder,
+    top_k=expander.passages_k)` over the same store, its documents wired to the expander.
 
     Usage:
     ```python
@@ -59,7 +81,7 @@ def round_pipeline_yaml(round_: int, expander, encoder: str | Path, query_weight
     :param round_: The round (names the store's index and the header comment).
     :param expander: An `LLMQueryExpander` (serialised with its settings: model, adapter, cache, ...).
     :param encoder: The round's encoder folder (written as an absolute path).
-    :param query_weight: w of the fused query vector.
+    :param query_weight: w of the fused query vector (the round's, chosen on validation).
     :param top_k: Documents the retriever returns.
     :returns: A comment line, then `Pipeline.dumps()`.
     """
@@ -70,14 +92,22 @@ def round_pipeline_yaml(round_: int, expander, encoder: str | Path, query_weight
 
     encoder = str(Path(encoder).resolve())
     p = Pipeline()
-    p.add_component("expander", expander)
     store = InMemoryDocumentStore(index=f"expandr-round-{round_}", embedding_similarity_function="cosine")
+
+    inputs = '{"expander": {"query": q}}'
+    if expander.grounded:
+        p.add_component("first_pass", ExpandRRetriever(document_store=store, model=encoder,
+                                                       top_k=expander.passages_k))
+        inputs = '{"first_pass": {"query": q}, "expander": {"query": q}}'
+    p.add_component("expander", expander)
     p.add_component("retriever", ExpandRRetriever(document_store=store, model=encoder, top_k=top_k,
                                                   query_weight=query_weight))
+    if expander.grounded:
+        p.connect("first_pass.documents", "expander.documents")
     p.connect("expander.query", "retriever.query")
     p.connect("expander.expansions", "retriever.expansions")
     return (f"# Search pipeline of round {round_}: index documents with SentenceTransformersDocumentEmbedder("
-            f"model={encoder!r}), then run this.\n{p.dumps()}")
+            f"model={encoder!r}), then run this with inputs {inputs}.\n{p.dumps()}")
 
 
 class JointTrainer:
@@ -95,9 +125,12 @@ class JointTrainer:
     :param output: The run folder (`runfiles.RunFolder` keeps its bookkeeping files).
     :param progress_bar: Show progress bars.
 
-    Output folder: ``config.json``, ``state.json``, ``metrics.json`` (one row per round and method),
-    ``metrics.png``, ``cache.sqlite`` (all generated text), ``baseline/encoder``, ``round_<r>/{expansions.json,
-    encoder/, pairs.jsonl, adapter/, pipeline.yaml}``.
+    Output folder: ``config.json``, ``state.json``, ``metrics.json`` (one row per round, setting and method: the
+    metrics' mean over `eval_seeds`, ``<metric>_sd``, ``per_seed``, ``seeds``, the fusion ``settings`` it ran with
+    and, for ExpandR, ``comparisons`` and ``dpo``), ``metrics.png``, ``cache.sqlite`` (all generated text),
+    ``baseline/{encoder/, zero-shot.json, supervised.json}``, ``round_<r>/{expansions.json, encoder/, pairs.jsonl,
+    adapter/, dpo_log.json, eval.json, pipeline.yaml}`` (the ``.json`` evaluation files hold the settings, the seed
+    report and per-query nDCG@10).
     """
 
     def __init__(self, config: JointConfig, output: str | Path, progress_bar: bool = True):
@@ -108,6 +141,7 @@ class JointTrainer:
         self.cache_path = str(self.output / "cache.sqlite")
         self._train: Collection | None = None
         self._eval: Collection | None = None
+        self._validation: Collection | None = None
         self._stores: dict[str, Any] = {}
 
     @property
@@ -123,16 +157,29 @@ class JointTrainer:
     # -- data ----------------------------------------------------------------------------------------------
     def _load_data(self) -> None:
         c = self.config
-        self._train = load_collection(c.data, c.train_split, c.max_train_queries)
+        if c.validation_size is None:
+            self._train = load_collection(c.data, c.train_split, c.max_train_queries)
+            self._validation = None
+        else:  # the validation split comes from the whole train split; max_train_queries limits the rest
+            try:
+                rest, self._validation = load_collection(c.data, c.train_split).split_validation(c.validation_size,
+                                                                                                 seed=c.seed)
+            except ValueError as exc:
+                raise ConfigError(f"`validation_queries`: {exc}") from None
+            ids = list(rest.queries)[: c.max_train_queries] if c.max_train_queries else list(rest.queries)
+            self._train = rest.subset(ids)
         self._eval = load_collection(c.data, c.eval_split, c.max_eval_queries)
         if c.max_corpus_documents is not None:  # judged documents of the chosen queries + the first N others
-            keep = {d for col in (self._train, self._eval) for j in col.qrels.values() for d in j}
+            splits = [s for s in (self._train, self._eval, self._validation) if s is not None]
+            keep = {d for col in splits for j in col.qrels.values() for d in j}
             keep.update(list(self._train.corpus)[: c.max_corpus_documents])
             corpus = {d: v for d, v in self._train.corpus.items() if d in keep}
-            self._train.corpus = self._eval.corpus = corpus
+            for col in splits:
+                col.corpus = corpus
 
     @property
     def train_data(self) -> Collection:
+        """The training queries (the train split less the validation queries)."""
         if self._train is None:
             self._load_data()
         return self._train
@@ -142,6 +189,13 @@ class JointTrainer:
         if self._eval is None:
             self._load_data()
         return self._eval
+
+    @property
+    def validation_data(self) -> Collection | None:
+        """The validation queries carved out of the train split (None without `validation_queries`)."""
+        if self._train is None:
+            self._load_data()
+        return self._validation
 
     def _round_dir(self, r: int) -> Path:
         return self.output / f"round_{r}"
@@ -157,15 +211,38 @@ class JointTrainer:
         return self.config.encoder if r == 0 else str(self._round_dir(r) / "encoder")
 
     def _expander(self, r: int, **overrides: Any):
+        """LLM_r as the q2d expander of the config (`expansion` settings; its grounded twin: `_grounded`)."""
         from expandr_haystack.components.expander import LLMQueryExpander
 
         e = self.config.expansion
         kwargs = {"model": self.config.llm, "adapter": self._adapter(r), "n_expansions": e.n_expansions,
                   "temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens,
                   "batch_size": e.batch_size, "seed": self.config.seed, "cache": self.cache_path,
-                  "device": self._device(), "progress_bar": self.progress_bar, "backend": self.config.llm_backend}
+                  "device": self._device(), "progress_bar": self.progress_bar, "backend": self.config.llm_backend,
+                  "passages_k": e.passages_k, "passage_words": e.passage_words}
         kwargs.update(overrides)
         return LLMQueryExpander(**kwargs)
+
+    @staticmethod
+    def _grounded(expander):
+        """`expander` with `GROUNDED_PROMPT` (same model, samples, passages_k, cache; it shares the loaded engine)."""
+        from expandr_haystack.evaluation.runner import grounded_like
+
+        return grounded_like(expander)
+
+    def _mode_expander(self, r: int, **overrides: Any):
+        """LLM_r with the prompt of `expansion.mode` (q2d or grounded)."""
+        expander = self._expander(r, **overrides)
+        return self._grounded(expander) if self._is_grounded else expander
+
+    @property
+    def _is_grounded(self) -> bool:
+        return self.config.expansion.mode == "grounded"
+
+    @property
+    def _mode_method(self) -> str:
+        """The evaluation method of ExpandR in this run: "expand" (q2d) or "grounded"."""
+        return self.config.expansion.method
 
     def _device(self):
         from haystack.utils import ComponentDevice
@@ -178,7 +255,8 @@ class JointTrainer:
         return resolve_device(self._device())
 
     def _store(self, encoder: str | None):
-        """The corpus (shared by the train and eval splits) embedded with `encoder`; built once per encoder."""
+        """The corpus (shared by the train, validation and eval splits) embedded with `encoder`; built once per
+        encoder (the base encoder's and the latest other one are kept)."""
         from expandr_haystack.evaluation.indexing import build_document_store
 
         key = str(encoder)
@@ -188,10 +266,19 @@ class JointTrainer:
                                                      device=self._device(), progress_bar=self.progress_bar)
         return self._stores[key]
 
+    def _first_pass(self, encoder: str | None, queries: list[str]):
+        """The top `expansion.passages_k` hits of each query by `encoder` (the passages of a grounded prompt)."""
+        from expandr_haystack.components.retriever import ExpandRRetriever
+
+        k = self.config.expansion.passages_k
+        retriever = ExpandRRetriever(self._store(encoder), model=encoder, top_k=k, device=self._device(),
+                                     progress_bar=False)
+        return retriever.retrieve(queries, None, top_k=k)
+
     # -- the run ---------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
         """Run (or continue) every round; returns the metrics rows."""
-        self.folder.open(self.config.to_dict(), resume)
+        self.folder.open(self.config.to_dict(), resume, defaults=JointConfig.defaults())
         main_only = self.folder.run_on_main  # generation/evaluation: rank 0 works, the other ranks wait
         if self.config.baselines:
             main_only("baselines.zero-shot", self._zero_shot)
@@ -222,25 +309,110 @@ class JointTrainer:
         if is_main_process():
             self.folder.finish(step, **info)
 
-    def _evaluate(self, encoder: str | None, methods, llm_round: int | None, store=None):
-        from expandr_haystack.evaluation.runner import evaluate
+    # -- evaluation protocol ----------------------------------------------------------------------------------
+    @property
+    def _baseline_methods(self) -> list[str]:
+        from expandr_haystack.evaluation.runner import parse_methods
 
-        expander = self._expander(llm_round) if llm_round is not None else None
-        return evaluate(self.eval_data, methods=methods, encoder=encoder, expander=expander,
-                        query_weight=self.config.retriever.query_weight, store=store, device=self._device(),
-                        progress_bar=self.progress_bar)
+        return parse_methods([*BASELINE_METHODS, *self.config.eval_methods])
 
     @property
     def _methods(self) -> list[str]:
-        return [m for m in self.config.eval_methods if m != "bm25"] or ["dense"]
+        """The methods of every round (bm25 is encoder-independent: reported once, with the baselines)."""
+        from expandr_haystack.evaluation.runner import parse_methods
+
+        return parse_methods([*ROUND_METHODS, self._mode_method,
+                              *(m for m in self.config.eval_methods if m != "bm25")])
+
+    def _settings(self, encoder: str | None, llm_round: int | None, methods: list[str], store=None) -> dict[str, Any]:
+        """
+        The fusion settings of `methods` for (encoder, LLM_llm_round): w of each expansion method and PRF's (k, f),
+        chosen by nDCG@10 on the validation split (`protocol.select_settings`), or the config's
+        (`retriever.query_weight`, k = 3, f = 0.7) without one. ``chosen_on`` says which.
+        """
+        from expandr_haystack.evaluation.protocol import select_settings
+        from expandr_haystack.evaluation.runner import WEIGHTED_METHODS
+
+        w = self.config.retriever.query_weight
+        tunable = [m for m in methods if m == "prf" or m in WEIGHTED_METHODS]
+        validation = self.validation_data
+        if validation is None or not tunable:
+            return {"chosen_on": "config", "query_weight": dict.fromkeys(WEIGHTED_METHODS, w), **DEFAULT_FEEDBACK,
+                    "validation_queries": 0, "validation_ndcg@10": {}}
+        expander = self._expander(llm_round) if llm_round is not None else None
+        chosen = select_settings(validation, tunable, encoder=encoder, expander=expander,
+                                 grounded_expander=None if expander is None else self._grounded(expander),
+                                 store=store, device=self._device())
+        settings = {"chosen_on": "validation", **chosen.to_dict()}
+        settings["query_weight"] = {m: chosen.query_weight.get(m, w) for m in WEIGHTED_METHODS}
+        return settings
+
+    def _evaluate(self, encoder: str | None, methods: list[str], llm_round: int | None, store=None,
+                  settings: dict[str, Any] | None = None):
+        """
+        `protocol.evaluate_seeds` of `methods` on the eval split: encoder + LLM_llm_round's expansions (q2d, and
+        grounded with the same settings), once per seed of `eval_seeds` for the expansion methods.
+        """
+        from expandr_haystack.evaluation.protocol import evaluate_seeds
+
+        settings = settings or self._settings(encoder, llm_round, [], store)
+        expander = self._expander(llm_round) if llm_round is not None else None
+        return evaluate_seeds(self.eval_data, methods, self.config.seeds, expander=expander,
+                              grounded_expander=None if expander is None else self._grounded(expander),
+                              encoder=encoder, store=store, device=self._device(), progress_bar=self.progress_bar,
+                              query_weight=settings["query_weight"], feedback_k=settings["feedback_k"],
+                              feedback_weight=settings["feedback_weight"])
+
+    def _record(self, round_: int, label: str, report, settings: dict[str, Any], series: str | None = None,
+                extra: dict[str, dict[str, Any]] | None = None) -> None:
+        """
+        One ``metrics.json`` row per method of a `SeedReport`: the metrics' means (x1, as `evaluate` reports them),
+        ``<metric>_sd`` over the seeds, ``per_seed`` values, ``seeds`` (the expansion seeds; [] for a method
+        without an LLM), ``queries``, the ``settings`` the method ran with (and how they were chosen), and `extra`.
+        """
+        from expandr_haystack.evaluation.metrics import METRICS
+        from expandr_haystack.evaluation.runner import EXPANSION_METHODS
+
+        rows = {}
+        for method, row in report.rows.items():
+            values: dict[str, Any] = {m: row[m] for m in METRICS}
+            values["queries"] = len(self.eval_data.queries)
+            values.update({f"{m}_sd": row[f"{m}_sd"] for m in METRICS})
+            values["seeds"] = list(self.config.seeds) if method in EXPANSION_METHODS else []
+            values["per_seed"] = row["per_seed"]
+            values["settings"] = self._method_settings(method, report, settings)
+            values.update((extra or {}).get(method, {}))
+            rows[method] = values
+        self.folder.record(round_, label, rows, series=series)
+
+    @staticmethod
+    def _method_settings(method: str, report, settings: dict[str, Any]) -> dict[str, Any]:
+        """What `method` ran with (`evaluate`'s settings), how it was chosen, and its validation scores (x100)."""
+        out = dict(report.settings.get(method, {}))
+        if method == "prf" or method in settings["query_weight"]:
+            out["chosen_on"] = settings["chosen_on"]
+            if settings.get("validation_ndcg@10", {}).get(method):
+                out["validation_queries"] = settings["validation_queries"]
+                out["validation_ndcg@10"] = settings["validation_ndcg@10"][method]
+        return out
+
+    @staticmethod
+    def _report_file(path: Path, settings: dict[str, Any], report, **extra: Any) -> None:
+        atomic_write_json(path, {"settings": settings, "report": report.to_dict(), "per_query": report.per_query,
+                                 **extra})
 
     # -- baselines -------------------------------------------------------------------------------------------
     def _zero_shot(self) -> None:
+        """BM25, the base encoder without expansion, with PRF, and with the untrained LLM's q2d and grounded
+        expansions (settings chosen on validation with these models)."""
         c = self.config
-        methods = list(c.eval_methods)  # bm25 is encoder-independent: reported once, here
-        self.folder.record(0, "zero-shot (untrained LLM)", self._evaluate(c.encoder, methods, 0, self._store(c.encoder))
-                     .metrics)
-        self.folder.finish("baselines.zero-shot")
+        store = self._store(c.encoder)
+        methods = self._baseline_methods
+        settings = self._settings(c.encoder, 0, methods, store)
+        report = self._evaluate(c.encoder, methods, 0, store, settings)
+        self._record(0, ZERO_SHOT, report, settings)
+        self._report_file(self.output / "baseline" / "zero-shot.json", settings, report)
+        self.folder.finish("baselines.zero-shot", settings=settings)
 
     def _supervised_baseline(self) -> dict[str, Any]:
         from expandr_haystack.training.retriever import mine_hard_negatives, train_encoder, training_examples
@@ -256,16 +428,29 @@ class JointTrainer:
         return {"examples": len(rows)}
 
     def _supervised_eval(self) -> None:
+        """The supervised encoder without expansion; its per-query nDCG@10 is what each round's ExpandR is tested
+        against."""
         encoder = str(self.output / "baseline" / "encoder")
-        result = self._evaluate(encoder, ["dense"], None, self._store(encoder))
-        self.folder.record(0, "supervised, no expansion", {"dense": result.metrics["dense"]})
+        settings = self._settings(encoder, None, [])
+        report = self._evaluate(encoder, ["dense"], None, self._store(encoder), settings)
+        self._record(0, SUPERVISED, report, settings)
+        self._report_file(self.output / "baseline" / "supervised.json", settings, report)
         self.folder.finish("baselines.eval")
+
+    def _supervised_per_query(self) -> dict[str, float] | None:
+        """Per-query nDCG@10 of the supervised baseline (None when it was not run, or by an older version)."""
+        path = self.output / "baseline" / "supervised.json"
+        if not path.exists():
+            return None
+        return json.loads(path.read_text())["per_query"]["dense"]
 
     # -- round steps -------------------------------------------------------------------------------------------
     def _expand(self, r: int) -> None:
-        """1. Expand the training queries with LLM_{r-1}."""
+        """1. Expand the training queries with LLM_{r-1} (grounded: on the first pass of encoder_{r-1})."""
         train_ids = list(self.train_data.queries)
-        expansions = self._expander(r - 1).expand([self.train_data.queries[q] for q in train_ids])
+        queries = [self.train_data.queries[q] for q in train_ids]
+        passages = self._first_pass(self._encoder(r - 1), queries) if self._is_grounded else None
+        expansions = self._mode_expander(r - 1).expand(queries, passages=passages)
         atomic_write_json(self._round_dir(r) / "expansions.json", dict(zip(train_ids, expansions)))
         self.folder.finish(f"round{r}.expand")
 
@@ -280,27 +465,39 @@ class JointTrainer:
         expansions = [by_id[q] for q in train_ids]
         negatives = mine_hard_negatives(self.train_data, train_ids, expansions, self._store(start), start,
                                         c.retriever, self._device())
-        rows = training_examples(self.train_data, train_ids, expansions, negatives, c.retriever, c.seed + r)
+        rows = training_examples(self.train_data, train_ids, expansions, negatives, c.retriever, c.seed + r,
+                                 n_expansions=c.expansion.n_expansions)
         train_encoder(start, rows, self._round_dir(r) / "encoder", c.retriever, fused=True, seed=c.seed + r,
                       device=self._torch_device(), progress_bar=self.progress_bar)
         return {"examples": len(rows)}
 
     def _pairs(self, r: int) -> None:
-        """3. DPO pairs: candidates and answers from LLM_{r-1}, rewards from encoder_r."""
+        """3. DPO pairs: candidates and answers from LLM_{r-1}, rewards from encoder_r (grounded: the candidates
+        read encoder_r's first-pass hits)."""
+        from expandr_haystack.core.text import EXPANSION_PROMPT, GROUNDED_PROMPT
         from expandr_haystack.training.pairs import build_pairs, make_components
 
         c = self.config
         expander, answerer, scorer = make_components(c.pairs, llm=c.llm, adapter=self._adapter(r - 1),
                                                      encoder=self._encoder(r), cache=self.cache_path,
                                                      device=self._device(), progress_bar=self.progress_bar,
-                                                     backend=c.llm_backend)
+                                                     backend=c.llm_backend,
+                                                     prompt=GROUNDED_PROMPT if self._is_grounded else EXPANSION_PROMPT,
+                                                     passages_k=c.expansion.passages_k,
+                                                     passage_words=c.expansion.passage_words)
+        train_ids = list(self.train_data.queries)
+        passages = None
+        if self._is_grounded:
+            hits = self._first_pass(self._encoder(r), [self.train_data.queries[q] for q in train_ids])
+            passages = dict(zip(train_ids, hits))
         stats = build_pairs(self.train_data, self._round_dir(r) / "pairs.jsonl", expander, answerer, scorer, c.pairs,
-                            query_ids=list(self.train_data.queries), progress_bar=self.progress_bar)
+                            query_ids=train_ids, progress_bar=self.progress_bar, passages=passages)
         self.folder.finish(f"round{r}.pairs", kept=stats.kept, seen=stats.queries_seen)
 
     def _dpo(self, r: int) -> dict[str, Any]:
-        """4. LoRA DPO on the pairs -> LLM_r (continues LLM_{r-1}'s adapter)."""
-        from expandr_haystack.training.dpo import train_dpo
+        """4. LoRA DPO on the pairs -> LLM_r (continues LLM_{r-1}'s adapter); the final `rewards/margins` and
+        `rewards/accuracies` go into the step's info (and the round's ExpandR rows)."""
+        from expandr_haystack.training.dpo import LOG_HISTORY, final_dpo_metrics, train_dpo
 
         kept = self.folder.step_info(f"round{r}.pairs").get("kept", 0)
         if kept == 0:
@@ -308,45 +505,106 @@ class JointTrainer:
             return {"pairs": 0}
         rdir = self._round_dir(r)
         work = Path(tempfile.mkdtemp(prefix=".dpo-", dir=rdir))
+        info: dict[str, Any] = {"pairs": kept}
         try:
             adapter = train_dpo(self.config.llm, rdir / "pairs.jsonl", work, self.config.dpo,
                                 adapter=self._adapter(r - 1))
             if is_main_process():
+                log = work / LOG_HISTORY
+                if log.exists():
+                    history = json.loads(log.read_text())
+                    info.update(final_dpo_metrics(history))
+                    atomic_write_json(rdir / "dpo_log.json", history)
                 replace_dir(adapter, rdir / "adapter")
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return {"pairs": kept}
+        return info
 
     def _eval_round(self, r: int) -> None:
-        """5. encoder_r with LLM_r's expansions, with LLM_{r-1}'s, and without expansion."""
-        store = self._store(self._encoder(r))
-        now = self._evaluate(self._encoder(r), self._methods, r, store)
-        self.folder.record(r, f"round {r}: encoder_{r} + LLM_{r}", now.metrics, series="LLM_r")
-        expand_methods = [m for m in self._methods if m != "dense"]
+        """5. encoder_r without expansion, with PRF and with LLM_r's expansions (then LLM_{r-1}'s), each with the
+        settings chosen on validation for these models; ExpandR tested against the supervised baseline and PRF."""
+        from expandr_haystack.evaluation.runner import EXPANSION_METHODS
+
+        encoder = self._encoder(r)
+        store = self._store(encoder)
+        methods = self._methods
+        settings = self._settings(encoder, r, methods, store)
+        report = self._evaluate(encoder, methods, r, store, settings)
+        comparisons = self._comparisons(r, report)
+        dpo = {k: v for k, v in self.folder.state["done"].get(f"round{r}.dpo", {}).items() if k != "at"}
+        expand_methods = [m for m in methods if m in EXPANSION_METHODS]
+        extra = {m: {"dpo": dpo} for m in expand_methods}
+        extra[self._mode_method]["comparisons"] = comparisons
+        self.folder.record(r, f"round {r}: encoder_{r} + LLM_{r - 1}", {}, series="LLM_r-1")  # drop a stale row
+        self._record(r, f"round {r}: encoder_{r} + LLM_{r}", report, settings, series="LLM_r", extra=extra)
+        previous = {}
         if expand_methods and self._adapter(r) != self._adapter(r - 1):
-            before = self._evaluate(self._encoder(r), expand_methods, r - 1, store)
-            self.folder.record(r, f"round {r}: encoder_{r} + LLM_{r - 1}", before.metrics, series="LLM_r-1")
+            before_settings = self._settings(encoder, r - 1, expand_methods, store)
+            before = self._evaluate(encoder, expand_methods, r - 1, store, before_settings)
+            self._record(r, f"round {r}: encoder_{r} + LLM_{r - 1}", before, before_settings, series="LLM_r-1")
+            previous = {"previous_llm": {"settings": before_settings, "report": before.to_dict(),
+                                         "per_query": before.per_query}}
+        self._report_file(self._round_dir(r) / "eval.json", settings, report, **previous)
         self._plot()
-        self.folder.finish(f"round{r}.eval")
+        self.folder.finish(f"round{r}.eval", settings=settings, comparisons=comparisons)
+
+    def _comparisons(self, r: int, report) -> list[dict[str, Any]]:
+        """Paired randomization tests (nDCG@10 per query, seed-averaged) of ExpandR (encoder_r + LLM_r) against the
+        supervised no-expansion retriever and against PRF on encoder_r."""
+        method = self._mode_method
+        label = f"ExpandR ({method}): encoder_{r} + LLM_{r}"
+        out = []
+        supervised = self._supervised_per_query()
+        if supervised is not None:
+            report.per_query[SUPERVISED] = supervised
+            out.append(report.compare(method, SUPERVISED, label=label))
+        else:
+            logger.warning("Round %d: no supervised baseline in %s; ExpandR is compared with PRF only.", r,
+                           self.output)
+        if "prf" in report.per_query:
+            row = report.compare(method, "prf", label=label)
+            row["baseline"] = f"PRF on encoder_{r}"
+            out.append(row)
+        return out
 
     def _save(self, r: int) -> None:
-        """6. A ready YAML search pipeline for round r's models."""
+        """6. A ready YAML search pipeline for round r's models, with the w chosen for ExpandR in round r."""
+        info = self.folder.state["done"].get(f"round{r}.eval", {})
+        weights = info.get("settings", {}).get("query_weight", {})
+        w = weights.get(self._mode_method, self.config.retriever.query_weight)
         adapter = str(Path(self._adapter(r)).resolve()) if self._adapter(r) else None
-        expander = self._expander(r, adapter=adapter, cache=str(Path(self.cache_path).resolve()), progress_bar=False,
-                                  device=None)
+        expander = self._mode_expander(r, adapter=adapter, cache=str(Path(self.cache_path).resolve()),
+                                       progress_bar=False, device=None)
         rdir = self._round_dir(r)
-        atomic_write_text(rdir / "pipeline.yaml", round_pipeline_yaml(r, expander, rdir / "encoder",
-                                                                      self.config.retriever.query_weight))
-        self.folder.finish(f"round{r}.save")
+        atomic_write_text(rdir / "pipeline.yaml", round_pipeline_yaml(r, expander, rdir / "encoder", w))
+        self.folder.finish(f"round{r}.save", query_weight=w)
 
     # -- reporting ---------------------------------------------------------------------------------------------
     def summary(self) -> str:
-        """A table of nDCG@10 / Recall@100 by round and method."""
-        lines = [f"{'round':<6}{'setting':<40}{'method':<12}{'nDCG@10':>9}{'R@100':>9}"]
+        """
+        A table of nDCG@10 (mean ± sd over the expansion seeds) and Recall@100 by round, setting and method, with
+        each method's fusion setting; then each round's paired tests and DPO figures.
+        """
+        lines = [f"{'round':<6}{'setting':<36}{'method':<11}{'nDCG@10':>9}{'± sd':>7}{'R@100':>8}  setting"]
+        notes = []
         for m in self.metrics:
-            lines.append(f"{m['round']:<6}{m['label'][:39]:<40}{m['method']:<12}{100 * m['ndcg@10']:>9.2f}"
-                         f"{100 * m['recall@100']:>9.2f}")
-        return "\n".join(lines)
+            sd = m.get("ndcg@10_sd")
+            sd_text = f"{100 * sd:>7.2f}" if sd is not None and m.get("seeds") else f"{'':>7}"
+            lines.append(f"{m['round']:<6}{m['label'][:35]:<36}{m['method']:<11}{100 * m['ndcg@10']:>9.2f}{sd_text}"
+                         f"{100 * m['recall@100']:>8.2f}  {_setting_text(m.get('settings') or {})}")
+            for c in m.get("comparisons") or []:
+                notes.append(f"round {m['round']}: {c['method']} vs {c['baseline']}: {c['delta_ndcg@10']:+.2f} "
+                             f"nDCG@10, paired randomization p = {c['p_randomization']:.4f}")
+            dpo = m.get("dpo") or {}
+            if m["method"] == self._mode_method and m.get("series") == "LLM_r" and "rewards/margins" in dpo:
+                notes.append(f"round {m['round']}: DPO on {dpo.get('pairs')} pairs, final rewards/margins "
+                             f"{dpo['rewards/margins']:.4f}, rewards/accuracies {dpo.get('rewards/accuracies', 0):.2f}")
+        seeds = self.config.seeds
+        where = (f"chosen on {len(self.validation_data.queries)} validation queries" if self.validation_data is not None
+                 else "from the config (no validation split)")
+        lines.append(f"(x100; expansion methods averaged over {len(seeds)} seed(s) {seeds}; w and PRF's (k, f) "
+                     f"{where})")
+        return "\n".join(lines + notes)
 
     def _plot(self) -> None:
         """``metrics.png``: nDCG@10 by round (`expandr_haystack.evaluation.report.plot_rounds`)."""
@@ -354,7 +612,20 @@ class JointTrainer:
 
         if self.metrics:
             plot_rounds(self.metrics, self.output / "metrics.png", self.config.eval_split,
-                        title=f"ExpandR joint training on {self.config.data}")
+                        title=f"ExpandR joint training on {self.config.data} ({self.config.expansion.mode})")
 
 
-__all__ = ["JointTrainer", "RunFolderError", "round_pipeline_yaml"]
+def _setting_text(settings: dict[str, Any]) -> str:
+    """A method's fusion setting in a few characters: ``w=0.7 (validation)``, ``k=5 f=0.8 (config)``, ``rrf``."""
+    where = f" ({settings['chosen_on']})" if "chosen_on" in settings else ""
+    if settings.get("feedback_k"):
+        return f"k={settings['feedback_k']} f={settings.get('feedback_weight', 0):g}{where}"
+    if settings.get("fusion") == "rrf":
+        return "rrf"
+    if "chosen_on" in settings and "query_weight" in settings:
+        return f"w={settings['query_weight']:g}{where}"
+    return ""
+
+
+__all__ = ["BASELINE_METHODS", "ROUND_METHODS", "SUPERVISED", "ZERO_SHOT", "JointTrainer", "RunFolderError",
+           "round_pipeline_yaml"]

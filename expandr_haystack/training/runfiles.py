@@ -80,6 +80,16 @@ def _plain(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
+def _with_defaults(saved: Any, defaults: Any) -> Any:
+    """`saved` with the keys it lacks (at any depth) taken from `defaults`: a config written before they existed."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    merged = {k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}
+    for k, v in defaults.items():
+        merged.setdefault(k, v)
+    return merged
+
+
 class RunFolder:
     """
     ``config.json``, ``state.json`` and ``metrics.json`` of one run folder.
@@ -108,13 +118,16 @@ class RunFolder:
     def metrics_path(self) -> Path:
         return self.path / self.METRICS
 
-    def open(self, config: dict[str, Any], resume: bool) -> None:
+    def open(self, config: dict[str, Any], resume: bool, defaults: dict[str, Any] | None = None) -> None:
         """
         Start a run in the folder, or continue the one there.
 
         :param config: The run's settings as plain data (`JointConfig.to_dict()`); only ``rounds`` may differ from
             the saved run's on resume.
         :param resume: Continue the run in the folder (its finished steps and metrics are loaded).
+        :param defaults: The default settings (`JointConfig.defaults()`): a key the saved config lacks (it was
+            written before the key existed) counts as having its default, so such a run resumes as long as the new
+            keys keep their defaults.
         :raises FileExistsError: The folder holds a run and `resume` is False (nothing is changed).
         :raises RunFolderError: `resume` is True and the config differs from the run's in more than ``rounds``.
         """
@@ -125,7 +138,7 @@ class RunFolder:
         config = _plain(config)
         if resume and self.state_path.exists():
             self.state = json.loads(self.state_path.read_text())
-            old = self.state.get("config", {})
+            old = _with_defaults(self.state.get("config", {}), _plain(defaults or {}))
             changed = sorted(k for k in config if k != "rounds" and old.get(k) != config[k])
             if changed:
                 raise RunFolderError(f"--resume: the config differs from the run in {self.path} in {changed}; "

@@ -16,7 +16,7 @@ from expandr_haystack.training.config import (
 CONFIGS = Path(__file__).parents[2] / "training" / "configs"
 
 
-@pytest.mark.parametrize("name", ["micro.yaml", "tiny-cpu.yaml"])
+@pytest.mark.parametrize("name", ["micro.yaml", "tiny-cpu.yaml", "small-cpu.yaml"])
 def test_shipped_cpu_configs_validate(name):
     cfg = JointConfig.from_yaml(CONFIGS / name)
     assert cfg.rounds >= 1 and cfg.train_split != cfg.eval_split
@@ -47,7 +47,17 @@ def test_paper_gpu_config_explains_why_it_cannot_run_here():
     ({"dpo": {"beta": -1}}, "beta"),
     ({"dpo": {"lora_dropout": 1.0}}, r"`dpo\.lora_dropout` must be a number in \[0, 1\)"),
     ({"dpo": {"max_steps": 0}}, r"`dpo\.max_steps` must be -1"),
-    ({"expansion": {"n_expansions": 2}}, r"expansion\.n_expansions"),
+    ({"expansion": {"n_expansions": 0}}, r"`expansion\.n_expansions` must be an integer >= 1; got 0"),
+    ({"expansion": {"mode": "hyde"}}, r"`expansion\.mode` must be one of 'q2d', 'grounded'; got 'hyde'"),
+    ({"expansion": {"passages_k": 0}}, r"`expansion\.passages_k` must be an integer >= 1"),
+    ({"expansion": {"passage_words": "many"}}, r"expansion: `passage_words` must be a number"),
+    ({"validation_queries": -3}, r"`validation_queries` must be an integer >= 0; got -3"),
+    ({"validation_queries": 1.5}, r"`validation_queries` must be an integer >= 0, a fraction in \(0, 1\)"),
+    ({"validation_queries": "30"}, r"`validation_queries` must be an integer >= 0"),
+    ({"eval_seeds": []}, r"`eval_seeds` must be a non-empty list"),
+    ({"eval_seeds": 3}, r"`eval_seeds` must be a non-empty list"),
+    ({"eval_seeds": [1, -2]}, r"`eval_seeds\[1\]` must be an integer >= 0; got -2"),
+    ({"eval_seeds": [1, 1]}, r"`eval_seeds` must be distinct seeds"),
     ({"expansion": {"max_new_tokens": 0}}, r"`expansion\.max_new_tokens` must be an integer >= 1"),
     ({"retriever": {"hard_negative_skip": 30}}, r"retriever\.hard_negative_skip"),
     ({"retriever": {"query_weight": 1.5}}, r"`retriever\.query_weight` must be a number in \[0, 1\]"),
@@ -63,6 +73,62 @@ def test_paper_gpu_config_explains_why_it_cannot_run_here():
 def test_bad_settings_are_named(raw, match):
     with pytest.raises(ConfigError, match=match):
         JointConfig.from_dict(raw)
+
+
+def test_new_keys_default_to_the_behaviour_before_them():
+    cfg = JointConfig.from_dict({})
+    assert cfg.validation_queries is None and cfg.validation_size is None and cfg.eval_seeds is None
+    assert cfg.seeds == [cfg.seed] and cfg.expansion.mode == "q2d" and cfg.expansion.n_expansions == 1
+    assert (cfg.expansion.passages_k, cfg.expansion.passage_words) == (3, 50) and cfg.expansion.method == "expand"
+    assert JointConfig.from_dict({"validation_queries": 0}).validation_size is None
+
+
+def test_new_keys_accept_their_values():
+    cfg = JointConfig.from_dict({"validation_queries": 30, "eval_seeds": [1, 2, 3],
+                                 "expansion": {"n_expansions": 4, "mode": "grounded", "passages_k": 5}})
+    assert cfg.validation_size == 30 and cfg.seeds == [1, 2, 3] and cfg.expansion.method == "grounded"
+    assert JointConfig.from_dict({"validation_queries": 0.2}).validation_size == 0.2
+
+
+def test_a_validation_split_that_leaves_no_training_query_is_named(tmp_path):
+    from expandr_haystack.training.rounds import JointTrainer
+
+    trainer = JointTrainer(JointConfig.from_dict({"validation_queries": 150}), tmp_path, progress_bar=False)
+    with pytest.raises(ConfigError, match=r"`validation_queries`: `size` must leave at least one query"):
+        _ = trainer.train_data
+
+
+def test_validation_queries_are_carved_before_max_train_queries(tmp_path):
+    from expandr_haystack.evaluation.data import load_collection
+    from expandr_haystack.training.rounds import JointTrainer
+
+    cfg = JointConfig.from_dict({"validation_queries": 30, "max_train_queries": 40, "max_corpus_documents": 50})
+    trainer = JointTrainer(cfg, tmp_path, progress_bar=False)
+    train, validation = trainer.train_data, trainer.validation_data
+    assert len(train.queries) == 40 and len(validation.queries) == 30
+    assert not set(train.queries) & set(validation.queries)
+    assert set(train.queries) | set(validation.queries) <= set(load_collection("cranfield", "train").queries)
+    _, expected = load_collection("cranfield", "train").split_validation(30, seed=cfg.seed)
+    assert set(validation.queries) == set(expected.queries)  # the whole train split's, seeded by `seed`
+    judged = {d for col in (train, validation, trainer.eval_data) for j in col.qrels.values() for d in j}
+    assert judged <= set(train.corpus) and train.corpus is validation.corpus is trainer.eval_data.corpus
+
+
+@pytest.mark.parametrize("name", ["small-cpu.yaml", "tiny-cpu.yaml"])
+def test_cpu_configs_have_the_issue_12_shape(name):
+    cfg = JointConfig.from_yaml(CONFIGS / name)
+    assert cfg.validation_queries and cfg.rounds == 2 and cfg.expansion.mode == "q2d"
+    assert cfg.expansion.n_expansions == 4 and cfg.expansion.temperature == 0.7 and cfg.pairs.n_candidates == 8
+    assert 1e-4 <= cfg.dpo.learning_rate <= 5e-4 and len(cfg.seeds) >= 2
+    if name == "small-cpu.yaml":
+        assert cfg.max_train_queries is None  # every train query that is not a validation query
+
+
+def test_paper_config_keeps_the_paper_q2d_mode():
+    import yaml
+
+    raw = yaml.safe_load((CONFIGS / "paper-gpu.yaml").read_text())
+    assert raw["expansion"].get("mode", "q2d") == "q2d" and raw["expansion"]["n_expansions"] == 1
 
 
 def test_missing_config_file():

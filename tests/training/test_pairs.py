@@ -11,7 +11,8 @@ import pytest
 from haystack import Pipeline
 
 import expandr_haystack  # noqa: F401 - allow-list for the YAML test
-from expandr_haystack import ANSWER_PROMPT, EXPANSION_PROMPT, LLMQueryExpander, RewardScorer
+from expandr_haystack import ANSWER_PROMPT, EXPANSION_PROMPT, GROUNDED_PROMPT, LLMQueryExpander, RewardScorer
+from expandr_haystack.core.text import chat_messages, format_passages
 from expandr_haystack.evaluation.data import bundled_path, load_collection
 from expandr_haystack.training.cli import add_pairs_parser, pair_config
 from expandr_haystack.training.pairs import PairConfig, build_pairs, sidecar_paths
@@ -169,6 +170,65 @@ def test_document_only_ablation_needs_no_answerer(tmp_path, train_collection):
     row = _read(tmp_path / "p.jsonl")[0]
     assert stats.kept == 2 and row["rewards"]["chosen_answer_similarity"] is None
     assert row["rewards"]["chosen"] == 1.0  # document term only
+
+
+class GroundedFake(FakeExpander):
+    """A grounded candidate expander (GROUNDED_PROMPT) that records the passages it was given."""
+
+    def __init__(self):
+        super().__init__(prompt=GROUNDED_PROMPT)
+        self.passages_k, self.passage_words = 2, 6
+        self.seen_passages: list = []
+
+    def expand(self, queries, n=None, documents=None, temperatures=None, passages=None):
+        assert passages is not None and len(passages) == len(queries)
+        self.seen_passages.extend(passages)
+        return super().expand(queries, n=n, documents=documents, temperatures=temperatures)
+
+
+def test_grounded_pairs_prompt_holds_the_passages(tmp_path, train_collection):
+    _, answerer, scorer = _parts()
+    expander = GroundedFake()
+    ids = list(train_collection.queries)[:3]
+    corpus_ids = list(train_collection.corpus)
+    passages = {q: [train_collection.document(d) for d in corpus_ids[3 * i: 3 * i + 3]] for i, q in enumerate(ids)}
+    out = tmp_path / "grounded.jsonl"
+    stats = build_pairs(train_collection, out, expander, answerer, scorer, PairConfig(n_candidates=3, chunk_size=2),
+                        query_ids=ids, progress_bar=False, passages=passages)
+    assert stats.kept == 3 and expander.seen_passages == [passages[q] for q in ids]
+    for row in _read(out):
+        query, docs = train_collection.queries[row["query_id"]], passages[row["query_id"]]
+        block = format_passages(docs, 2, 6)
+        # exactly the messages the grounded expander samples from: its prompt, the query, its first 2 passages
+        assert row["prompt"] == chat_messages(GROUNDED_PROMPT, query, None, passages=block)
+        content = row["prompt"][0]["content"]
+        assert block in content and f"Question: {query}" in content and "[1] " in content and "[3] " not in content
+        first_words = " ".join(f"{docs[0].meta['title'].rstrip('.')}. {docs[0].content}".split()[:6])
+        assert f"[1] {first_words}" in content
+
+
+def test_grounded_pairs_need_their_passages(tmp_path, train_collection):
+    expander, answerer, scorer = _parts()
+    ids = list(train_collection.queries)[:2]
+    docs = {q: [train_collection.document(next(iter(train_collection.corpus)))] for q in ids}
+    with pytest.raises(ValueError, match=r"`passages` is required"):
+        build_pairs(train_collection, tmp_path / "a.jsonl", GroundedFake(), answerer, scorer, PairConfig(),
+                    query_ids=ids)
+    with pytest.raises(ValueError, match=r"`passages` was given"):
+        build_pairs(train_collection, tmp_path / "b.jsonl", expander, answerer, scorer, PairConfig(), query_ids=ids,
+                    passages=docs)
+    with pytest.raises(ValueError, match=rf"`passages`: no first-pass documents .*{ids[1]!r}"):
+        build_pairs(train_collection, tmp_path / "c.jsonl", GroundedFake(), answerer, scorer, PairConfig(),
+                    query_ids=ids, passages={ids[0]: docs[ids[0]]})
+
+
+def test_make_components_grounded_prompt():
+    from expandr_haystack.training.pairs import make_components
+
+    expander, answerer, _ = make_components(PairConfig(n_candidates=4), prompt=GROUNDED_PROMPT, passages_k=5,
+                                            passage_words=20)
+    assert expander.grounded and (expander.passages_k, expander.passage_words) == (5, 20)
+    assert expander.n_expansions == 4 and answerer.prompt == ANSWER_PROMPT and not answerer.grounded
 
 
 def test_bad_arguments(tmp_path, train_collection):

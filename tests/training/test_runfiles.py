@@ -138,17 +138,111 @@ def test_round_pipeline_yaml_loads(tmp_path):
     assert p.get_component("expander").max_new_tokens == 8
 
 
-def test_evaluation_uses_the_configured_query_weight(tmp_path, monkeypatch):
-    from expandr_haystack.evaluation import runner
+def test_evaluation_uses_the_configured_settings_without_validation(tmp_path, monkeypatch):
+    from expandr_haystack.evaluation import protocol
     from expandr_haystack.training.rounds import JointTrainer
 
     seen = {}
 
-    def fake_evaluate(collection, **kwargs):
-        seen.update(kwargs)
+    def fake_evaluate_seeds(collection, methods, seeds, **kwargs):
+        seen.update(kwargs, methods=methods, seeds=seeds)
         return {}
 
-    monkeypatch.setattr(runner, "evaluate", fake_evaluate)
+    monkeypatch.setattr(protocol, "evaluate_seeds", fake_evaluate_seeds)
     config = JointConfig.from_dict({"max_eval_queries": 2, "retriever": {"query_weight": 0.3}})
     JointTrainer(config, tmp_path, progress_bar=False)._evaluate(None, ["dense"], None)
-    assert seen["query_weight"] == 0.3 and seen["expander"] is None
+    assert seen["query_weight"] == {"expand": 0.3, "grounded": 0.3} and seen["expander"] is None
+    assert (seen["feedback_k"], seen["feedback_weight"]) == (3, 0.7) and seen["seeds"] == [42]
+    config = JointConfig.from_dict({"max_eval_queries": 2, "eval_seeds": [1, 2]})
+    JointTrainer(config, tmp_path, progress_bar=False)._evaluate(None, ["dense", "expand"], 0)
+    assert seen["seeds"] == [1, 2] and seen["expander"].seed == 42 and seen["grounded_expander"].grounded
+
+
+def test_round_methods_follow_the_mode(tmp_path):
+    from expandr_haystack.training.rounds import JointTrainer
+
+    q2d = JointTrainer(JointConfig.from_dict({"eval_methods": ["bm25", "dense", "expand-rrf"]}), tmp_path)
+    assert q2d._methods == ["dense", "prf", "expand", "expand-rrf"]
+    assert q2d._baseline_methods == ["bm25", "dense", "prf", "expand", "grounded", "expand-rrf"]
+    grounded = JointTrainer(JointConfig.from_dict({"expansion": {"mode": "grounded"}}), tmp_path)
+    assert grounded._methods == ["dense", "prf", "grounded", "expand"]  # eval_methods' default adds q2d's expand
+
+
+def test_a_run_folder_without_the_new_keys_resumes_while_they_keep_their_defaults(tmp_path):
+    """state.json written before validation_queries, eval_seeds and expansion.mode/passages_* existed."""
+    config = json.loads(json.dumps(JointConfig().to_dict(), default=str))
+    for key in ("validation_queries", "eval_seeds"):
+        del config[key]
+    for key in ("mode", "passages_k", "passage_words"):
+        del config["expansion"][key]
+    (tmp_path / "state.json").write_text(json.dumps({"done": {"baselines.zero-shot": {"at": "x"}}, "config": config}))
+    folder = RunFolder(tmp_path)
+    folder.open(JointConfig().to_dict(), resume=True, defaults=JointConfig.defaults())
+    assert folder.is_done("baselines.zero-shot")
+    for changed, key in [({"validation_queries": 30}, "validation_queries"), ({"eval_seeds": [1, 2]}, "eval_seeds"),
+                         ({"expansion": {"mode": "grounded"}}, "expansion")]:
+        with pytest.raises(RunFolderError, match=key):
+            RunFolder(tmp_path).open(JointConfig.from_dict(changed).to_dict(), resume=True,
+                                     defaults=JointConfig.defaults())
+
+
+def test_grounded_round_pipeline_has_a_first_pass(tmp_path):
+    from haystack import Pipeline
+
+    import expandr_haystack  # noqa: F401 - allow-list
+    from expandr_haystack import GROUNDED_PROMPT, LLMQueryExpander
+    from expandr_haystack.training.rounds import round_pipeline_yaml
+
+    (tmp_path / "encoder").mkdir()
+    expander = LLMQueryExpander(prompt=GROUNDED_PROMPT, passages_k=4, n_expansions=2)
+    text = round_pipeline_yaml(1, expander, tmp_path / "encoder", query_weight=0.8)
+    assert '{"first_pass": {"query": q}, "expander": {"query": q}}' in text.splitlines()[0]
+    p = Pipeline.loads(text)
+    assert p.get_component("first_pass").top_k == 4 and p.get_component("retriever").query_weight == 0.8
+    assert p.get_component("expander").grounded and p.get_component("expander").n_expansions == 2
+    assert ("first_pass", "expander") in set(p.graph.edges())
+
+
+def test_final_dpo_metrics_are_the_last_logged_values():
+    from expandr_haystack.training.config import DPOSettings
+    from expandr_haystack.training.dpo import _optimizer_steps, final_dpo_metrics
+
+    history = [{"loss": 0.69, "rewards/margins": 0.01, "rewards/accuracies": 0.5, "step": 10},
+               {"loss": 0.6, "rewards/margins": 0.2, "rewards/accuracies": 1.0, "step": 20},
+               {"train_loss": 0.65, "train_runtime": 12.0, "step": 25}]
+    assert final_dpo_metrics(history) == {"loss": 0.6, "rewards/margins": 0.2, "rewards/accuracies": 1.0,
+                                          "steps": 25}
+    assert final_dpo_metrics([]) == {}
+    assert _optimizer_steps(62, DPOSettings(per_device_train_batch_size=4, num_train_epochs=2)) == 32
+    assert _optimizer_steps(5, DPOSettings(max_steps=1)) == 1
+    assert _optimizer_steps(3, DPOSettings(per_device_train_batch_size=4, gradient_accumulation_steps=4)) == 2
+
+
+def test_plot_and_summary_show_every_baseline_and_the_spread(tmp_path):
+    from expandr_haystack.evaluation.report import plot_rounds
+    from expandr_haystack.training.rounds import JointTrainer
+
+    def row(round_, label, method, ndcg, series=None, sd=0.0, **extra):
+        return {"round": round_, "label": label, "series": series, "method": method, "ndcg@10": ndcg,
+                "recall@100": 0.7, "ndcg@10_sd": sd, "seeds": [1, 2] if sd else [], **extra}
+
+    w = {"fusion": "mean", "query_weight": 0.8, "feedback_k": 0, "chosen_on": "validation"}
+    prf = {"fusion": "mean", "feedback_k": 5, "feedback_weight": 0.8, "chosen_on": "validation"}
+    rows = [row(0, "zero-shot (untrained LLM)", m, v) for m, v in
+            [("bm25", 0.34), ("dense", 0.39), ("prf", 0.40), ("expand", 0.35), ("grounded", 0.38)]]
+    rows += [row(0, "supervised, no expansion", "dense", 0.395),
+             row(1, "round 1: encoder_1 + LLM_1", "dense", 0.39, "LLM_r"),
+             row(1, "round 1: encoder_1 + LLM_1", "prf", 0.41, "LLM_r", settings=prf),
+             row(1, "round 1: encoder_1 + LLM_1", "expand", 0.37, "LLM_r", sd=0.01, settings=w,
+                 comparisons=[{"method": "ExpandR (expand): encoder_1 + LLM_1", "baseline": "supervised, no expansion",
+                               "delta_ndcg@10": -2.5, "p_randomization": 0.21}],
+                 dpo={"pairs": 30, "rewards/margins": 0.12, "rewards/accuracies": 0.9}),
+             row(1, "round 1: encoder_1 + LLM_0", "expand", 0.36, "LLM_r-1", sd=0.005)]
+    assert plot_rounds(rows, tmp_path / "metrics.png", "test").stat().st_size > 1000
+    trainer = JointTrainer(JointConfig.from_dict({"eval_seeds": [1, 2]}), tmp_path / "run")
+    trainer.folder.metrics = rows
+    text = trainer.summary()
+    assert "w=0.8 (validation)" in text and "k=5 f=0.8 (validation)" in text and "1.00" in text
+    assert "vs supervised, no expansion: -2.50 nDCG@10, paired randomization p = 0.2100" in text
+    assert "DPO on 30 pairs, final rewards/margins 0.1200, rewards/accuracies 0.90" in text
+    assert "2 seed(s) [1, 2]" in text
