@@ -2,6 +2,7 @@
 The training subcommands of the `expandr` command line (registered by `expandr_haystack.cli`):
 
     expandr train --config training/configs/tiny-cpu.yaml [--output runs/tiny-cpu] [--resume] [--rounds K]
+        [--set expansion.mode=grounded --set dpo.learning_rate=1e-4 ...]
     expandr pairs --data cranfield --split train --out pairs.jsonl [--n-candidates 8]
         [--temperatures 0.8,0.9,1.0,1.1] [--threshold 0.6] [--llm PATH --adapter PATH --encoder PATH]
         [--max-queries N] [--cache PATH] [--max-new-tokens N] [--no-answer] [--overwrite]
@@ -49,7 +50,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue a run in --output from its last finished step")
     parser.add_argument("--rounds", type=_arg(check_int, "--rounds"), default=None,
                         help="override the config's number of rounds")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override one config value, YAML-typed, e.g. --set expansion.mode=grounded "
+                             "--set dpo.learning_rate=1e-4 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["expansion.mode=grounded", "dpo.learning_rate=1e-4"]` -> {"expansion.mode": "grounded", ...} (YAML-typed)."""
+    import yaml
+
+    from expandr_haystack.training.config import ConfigError
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set: expected KEY=VALUE (e.g. expansion.mode=grounded), got {item!r}.")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads "1e-4" as a string; a number is what anyone means
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        overrides[key.strip()] = parsed
+    return overrides
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     _verbose()
     try:
-        config = JointConfig.from_yaml(args.config, {"rounds": args.rounds})
+        config = JointConfig.from_yaml(args.config, {**parse_overrides(args.overrides), "rounds": args.rounds})
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -291,6 +291,18 @@ class ExpansionSettings:
 SECTIONS = {"expansion": ExpansionSettings, "retriever": RetrieverSettings, "pairs": PairConfig, "dpo": DPOSettings}
 
 
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Set `raw["a"]["b"] = value` for the override key "a.b" (a top-level key has no dot)."""
+    *sections, leaf = key.split(".")
+    node = raw
+    for section in sections:
+        child = node.setdefault(section, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: --set {key}: {section!r} is not a section of the config.")
+        node = child
+    node[leaf] = value
+
+
 @dataclass
 class JointConfig:
     """
@@ -355,7 +367,9 @@ class JointConfig:
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc}).") from exc
         if isinstance(raw, dict):
-            raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+            for key, value in (overrides or {}).items():
+                if value is not None:
+                    _set_dotted(raw, key, value, str(path))
         return cls.from_dict(raw, str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -182,3 +182,26 @@ def test_config_module_imports_no_training_code():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not {m for m in imported if m.startswith("expandr_haystack.training") or m in ("trl", "peft")}
+
+
+def test_command_line_overrides_reach_nested_settings():
+    from expandr_haystack.training.cli import parse_overrides
+
+    overrides = parse_overrides(["expansion.mode=grounded", "dpo.learning_rate=1e-4", "eval_seeds=[1, 2, 3]"])
+    assert overrides == {"expansion.mode": "grounded", "dpo.learning_rate": 1e-4, "eval_seeds": [1, 2, 3]}
+    config = JointConfig.from_yaml(Path("training/configs/tiny-cpu.yaml"), {**overrides, "rounds": None})
+    assert (config.expansion.mode, config.dpo.learning_rate, config.eval_seeds) == ("grounded", 1e-4, [1, 2, 3])
+    assert config.expansion.n_expansions == 4 and config.rounds == 2  # the rest of the file is kept
+
+
+@pytest.mark.parametrize("item, match", [("expansion.mode", "KEY=VALUE"), ("=3", "KEY=VALUE")])
+def test_malformed_overrides_are_named(item, match):
+    from expandr_haystack.training.cli import parse_overrides
+
+    with pytest.raises(ConfigError, match=match):
+        parse_overrides([item])
+
+
+def test_an_override_of_an_unknown_setting_is_refused_like_the_file_would_be():
+    with pytest.raises(ConfigError, match="expansion"):
+        JointConfig.from_yaml(Path("training/configs/tiny-cpu.yaml"), {"expansion.no_such_key": 1})
