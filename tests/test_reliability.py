@@ -311,7 +311,7 @@ def test_remote_failure_skip_retrieves_with_the_query_alone_and_says_so(api_key,
                            cache=cache)
     seen = {}
 
-    def fake_retrieve(self, queries, expansions=None, top_k=None, filters=None):
+    def fake_retrieve(self, queries, expansions=None, top_k=None, filters=None, **overrides):
         seen["queries"], seen["expansions"] = list(queries), [list(e) for e in expansions]
         return [[] for _ in queries]
 

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict
-from haystack.utils import ComponentDevice
+from haystack.utils import ComponentDevice, Secret
 
 from expandr_haystack.checks import check_int, check_number
-from expandr_haystack.components.embedder import ExpandRQueryEmbedder
+from expandr_haystack.components.embedder import (
+    DEFAULT_TOKEN,
+    ENCODER_OPTIONS,
+    ExpandRQueryEmbedder,
+    deserialize_encoder_options,
+    serialize_encoder_options,
+)
 from expandr_haystack.core.reward import expandr_reward, select_pair
 from expandr_haystack.core.text import document_text
 
@@ -62,7 +68,9 @@ class RewardScorer:
     and, separately, to the LLM's answer to the query given that document (the q2a self-consistency term); rank 1 =
     most similar, equal similarities share the best rank. The embeddings come from the retriever's encoder through
     `ExpandRQueryEmbedder.encode` (L2-normalised, so cosine = dot product); a `Document` is embedded as
-    ``title + "\\n" + content``, the same text the indexing pipeline embeds.
+    ``document_prefix + title + "\\n" + content + document_suffix``, the same text the indexing pipeline embeds, and
+    each expansion as ``prefix + expansion + suffix``, as the query embedder embeds it (prefixes are empty by
+    default; set them for E5/BGE-style encoders).
 
     - `kept` is False (and `chosen`/`rejected` None) when fewer than two distinct expansions exist or when
       max_e (cos_doc(e) + cos_answer(e)) < `threshold`.
@@ -93,17 +101,57 @@ class RewardScorer:
         device: ComponentDevice | None = None,
         batch_size: int = 32,
         progress_bar: bool = False,
+        *,
+        token: Secret | None = DEFAULT_TOKEN,
+        prefix: str = "",
+        suffix: str = "",
+        document_prefix: str = "",
+        document_suffix: str = "",
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        truncate_dim: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+        config_kwargs: dict[str, Any] | None = None,
+        encode_kwargs: dict[str, Any] | None = None,
+        backend: Literal["torch", "onnx", "openvino"] = "torch",
     ):
         """
+        The encoder options after `progress_bar` are those of `ExpandRQueryEmbedder` (and Haystack's
+        `SentenceTransformersTextEmbedder`); the reward compares cosines, so there is no output precision or
+        normalisation to choose.
+
         :param model: The retriever's encoder: None for the bundled all-MiniLM-L6-v2, or a sentence-transformers id
             or local directory (e.g. a trained encoder).
         :param threshold: Minimum of max_e (cos_doc + cos_answer) (or max_e cos_doc without answer) to keep a pair.
         :param device: Device for the encoder (None = best available).
         :param batch_size: Texts encoded together.
         :param progress_bar: Show a progress bar when encoding many texts (`score_many`).
+        :param token: Hugging Face token for gated or private models (default: `HF_API_TOKEN` or `HF_TOKEN` when set).
+        :param prefix: Put before each expansion: the query embedder's expansion prefix (its `expansion_prefix`, by
+            default its query `prefix`, e.g. "query: " for E5), so the reward sees expansions as retrieval does.
+        :param suffix: Put after each expansion.
+        :param document_prefix: Put before the gold document and the answer: the indexing side's prefix (e.g.
+            "passage: " for E5, as given to `SentenceTransformersDocumentEmbedder(prefix=...)`). The answer is
+            scored as the document is (both are what an expansion should be close to).
+        :param document_suffix: Put after the gold document and the answer.
+        :param trust_remote_code: Allow models with custom code.
+        :param revision: Branch, tag or commit of a hub model.
+        :param local_files_only: Never download; use the local Hugging Face cache only.
+        :param truncate_dim: Truncate embeddings to this dimension (Matryoshka models); None = no truncation.
+        :param model_kwargs: Keyword arguments for the model's `from_pretrained`.
+        :param tokenizer_kwargs: Keyword arguments for the tokenizer (`model_max_length` also sets `max_seq_length`).
+        :param config_kwargs: Keyword arguments for `AutoConfig.from_pretrained`.
+        :param encode_kwargs: Extra keyword arguments for `SentenceTransformer.encode`.
+        :param backend: "torch", "onnx" or "openvino" (the last two need `optimum`).
         """
         check_number(threshold, "threshold")
         check_int(batch_size, "batch_size")
+        for name, value in (("prefix", prefix), ("suffix", suffix), ("document_prefix", document_prefix),
+                            ("document_suffix", document_suffix)):
+            if not isinstance(value, str):
+                raise TypeError(f"`{name}` must be a str; got {type(value).__name__}.")
         self.model = model
         self.threshold = float(threshold)
         if device is not None and not isinstance(device, ComponentDevice):
@@ -111,19 +159,40 @@ class RewardScorer:
         self.device = device  # None = best available, resolved at warm_up (keeps YAML portable)
         self.batch_size = batch_size
         self.progress_bar = progress_bar
-        # the one embedding path of the package (validates `model`; loads nothing until warm_up)
+        self.token = token
+        self.prefix = prefix
+        self.suffix = suffix
+        self.document_prefix = document_prefix
+        self.document_suffix = document_suffix
+        self.trust_remote_code = trust_remote_code
+        self.revision = revision
+        self.local_files_only = local_files_only
+        self.truncate_dim = truncate_dim
+        self.model_kwargs = model_kwargs
+        self.tokenizer_kwargs = tokenizer_kwargs
+        self.config_kwargs = config_kwargs
+        self.encode_kwargs = encode_kwargs
+        self.backend = backend
+        # the one embedding path of the package (validates `model` and the options; loads nothing until warm_up);
+        # it embeds texts as given: this component adds each side's prefix itself
         self._embedder = ExpandRQueryEmbedder(model=model, device=self.device, batch_size=batch_size,
-                                              progress_bar=progress_bar)
+                                              progress_bar=progress_bar, encode_kwargs=encode_kwargs,
+                                              **{name: getattr(self, name) for name in ENCODER_OPTIONS})
 
     def to_dict(self) -> dict[str, Any]:
-        """Serialize to a dictionary."""
-        return default_to_dict(self, model=self.model, threshold=self.threshold, device=self.device,
-                               batch_size=self.batch_size, progress_bar=self.progress_bar)
+        """Serialize to a dictionary (the token as its environment variable names; a plain token is refused)."""
+        data = default_to_dict(
+            self, model=self.model, threshold=self.threshold, device=self.device, batch_size=self.batch_size,
+            progress_bar=self.progress_bar, **{name: getattr(self, name) for name in ENCODER_OPTIONS},
+            prefix=self.prefix, suffix=self.suffix, document_prefix=self.document_prefix,
+            document_suffix=self.document_suffix, encode_kwargs=self.encode_kwargs)
+        return serialize_encoder_options(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RewardScorer:
-        """Deserialize from a dictionary made by `to_dict` (the input is not modified)."""
-        return default_from_dict(cls, data)
+        """Deserialize from a dictionary made by `to_dict` (the input is not modified); older dictionaries without
+        the encoder options load with their defaults."""
+        return default_from_dict(cls, deserialize_encoder_options(data))
 
     def warm_up(self) -> None:
         """Load the encoder (shared with an expander/retriever naming the same model); idempotent."""
@@ -181,17 +250,26 @@ class RewardScorer:
             ans = None if answers is None else _check_answer(answers[k], "answer" if single else f"answers[{k}]")
             items.append((exps, doc, ans))
 
+        # every distinct text once, as the encoder sees it: expansions with the query side's prefix, the document
+        # and the answer with the indexing side's
+        def as_target(text: str) -> str:
+            return f"{self.document_prefix}{text}{self.document_suffix}"
+
+        def as_expansion(text: str) -> str:
+            return f"{self.prefix}{text}{self.suffix}"
+
         unique: dict[str, int] = {}
         for exps, doc, ans in items:
-            for text in [doc, *([ans] if ans is not None else []), *exps]:
+            for text in [as_target(doc), *([as_target(ans)] if ans is not None else []), *map(as_expansion, exps)]:
                 unique.setdefault(text, len(unique))
         emb = self._embedder.encode(list(unique)) if unique else np.zeros((0, 1), dtype=np.float32)
 
         results = []
         for exps, doc, ans in items:
-            e = emb[[unique[t] for t in exps]] if exps else np.zeros((0, emb.shape[1]), dtype=np.float32)
-            doc_sims = [float(x) for x in e @ emb[unique[doc]]]
-            ans_sims = [float(x) for x in e @ emb[unique[ans]]] if ans is not None else None
+            e = (emb[[unique[as_expansion(t)] for t in exps]] if exps
+                 else np.zeros((0, emb.shape[1]), dtype=np.float32))
+            doc_sims = [float(x) for x in e @ emb[unique[as_target(doc)]]]
+            ans_sims = [float(x) for x in e @ emb[unique[as_target(ans)]]] if ans is not None else None
             rewards = expandr_reward(doc_sims, ans_sims)
             choice = select_pair(rewards, doc_sims, ans_sims, exps, self.threshold)
             results.append({

@@ -2,12 +2,20 @@
 BEIR-layout collections: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``.
 
 Ids are always strings; qrels may have a header row or not; empty titles are fine. Problems name the file and line.
+On a well-formed folder `load_collection` reads what ``beir.datasets.data_loader.GenericDataLoader(folder).load(split)``
+reads (the same corpus, queries and qrels), less judgements that name unknown documents or queries (warned).
+
+A collection is named by a folder path, by a bundled name (``cranfield``), or by a BEIR dataset name (``scifact``,
+``nfcorpus``, ...; ``cqadupstack/android`` for one CQADupStack forum), downloaded once with ``beir.util`` into
+``$EXPANDR_HOME/beir/<name>``; offline, the error says where to put the unzipped folder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -16,6 +24,13 @@ from pathlib import Path
 from haystack import Document
 
 logger = logging.getLogger(__name__)
+
+#: The public BEIR datasets (the zips `beir.util.download_and_unzip` fetches); BioASQ, Signal-1M, TREC-NEWS and
+#: Robust04 are not downloadable and must be built locally, then passed as a folder.
+BEIR_DATASETS = ("arguana", "climate-fever", "cqadupstack", "dbpedia-entity", "fever", "fiqa", "hotpotqa", "msmarco",
+                 "nfcorpus", "nq", "quora", "scidocs", "scifact", "trec-covid", "webis-touche2020")
+#: Where BEIR's datasets are published (the address BEIR's own examples download from).
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 
 
 class DataError(ValueError):
@@ -81,13 +96,80 @@ def bundled_path(name: str = "cranfield") -> Path:
     return path
 
 
+def bundled_names() -> list[str]:
+    """The collections shipped with the package."""
+    root = Path(str(resources.files("expandr_haystack") / "bundled"))
+    return sorted(p.name for p in root.iterdir() if (p / "corpus.jsonl").exists())
+
+
+def beir_cache_dir() -> Path:
+    """Where BEIR datasets are downloaded: ``$EXPANDR_HOME/beir`` (default ``~/.cache/expandr_haystack/beir``)."""
+    from expandr_haystack.models import expandr_home
+
+    return expandr_home() / "beir"
+
+
+def download_beir(name: str, cache_dir: str | Path | None = None) -> Path:
+    """
+    The folder of BEIR dataset `name` (e.g. ``scifact``) under `cache_dir` (default `beir_cache_dir()`),
+    downloaded and unzipped once with ``beir.util.download_and_unzip`` (into a staging folder first, so an
+    interrupted download leaves nothing half-written). Offline, a `DataError` says where to put the data instead.
+    """
+    if name not in BEIR_DATASETS:
+        raise DataError(f"{name!r} is not a downloadable BEIR dataset; these are: {', '.join(BEIR_DATASETS)}.")
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else beir_cache_dir()
+    target = cache / name
+    if (target / "corpus.jsonl").exists() or (target.is_dir() and any(target.glob("*/corpus.jsonl"))):
+        return target
+    try:
+        from beir import util as beir_util
+    except ImportError as exc:
+        raise ImportError(f"Downloading the BEIR dataset {name!r} needs beir: pip install 'expandr-haystack[eval]' "
+                          f"(or pass the unzipped {name} folder as a path).") from exc
+    url = BEIR_URL.format(name=name)
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+    logger.warning("Downloading the BEIR dataset %r from %s into %s (once)", name, url, target)
+    try:
+        unzipped = Path(beir_util.download_and_unzip(url, str(staging)))
+        if target.exists():  # an empty or broken earlier folder
+            shutil.rmtree(target)
+        unzipped.rename(target)
+    except Exception as exc:  # no network, proxy, HTTP error page, broken zip: one clear way forward
+        raise DataError(
+            f"Could not download the BEIR dataset {name!r} from {url} ({type(exc).__name__}: {exc}). Offline? "
+            f"Download {name}.zip from that address where there is network and unzip it into {cache} (so that "
+            f"{target / 'corpus.jsonl'} exists), or unzip it anywhere and pass that folder instead of the name "
+            f"(expandr eval /path/to/{name})."
+        ) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def resolve_collection_path(data: str | Path) -> Path:
-    """A BEIR folder path, or the name of a bundled collection (e.g. ``cranfield``)."""
-    if isinstance(data, str) and "/" not in data and not Path(data).exists():
-        return bundled_path(data)
+    """
+    A BEIR folder path; the name of a bundled collection (``cranfield``); or the name of a BEIR dataset
+    (``scifact``, or ``cqadupstack/<forum>``), downloaded once into `beir_cache_dir()` (see `download_beir`).
+    """
+    if isinstance(data, str) and not Path(data).expanduser().exists():
+        head, _, rest = data.partition("/")
+        if head in BEIR_DATASETS:
+            root = download_beir(head) / rest if rest else download_beir(head)
+            if not root.is_dir():
+                forums = sorted(p.name for p in root.parent.iterdir() if p.is_dir())
+                raise DataError(f"BEIR dataset {head!r} has no {rest!r}; it has: {forums}.")
+            return root
+        if "/" not in data:
+            if data in bundled_names():
+                return bundled_path(data)
+            raise DataError(f"No bundled collection or BEIR dataset {data!r}, and no such folder. Bundled: "
+                            f"{bundled_names()}; BEIR (downloaded once): {', '.join(BEIR_DATASETS)}; or pass a "
+                            f"BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).")
     root = Path(data).expanduser()
     if not root.is_dir():
-        raise DataError(f"Collection folder {root} does not exist (or name a bundled collection: 'cranfield').")
+        raise DataError(f"Collection folder {root} does not exist (or name a bundled collection: 'cranfield', or a "
+                        f"BEIR dataset such as 'scifact').")
     return root
 
 
@@ -156,6 +238,11 @@ def load_collection(path: str | Path, split: str = "test", max_queries: int | No
         inner = next(p for p in root.iterdir() if p.is_dir())
         if (inner / "corpus.jsonl").exists():
             root = inner
+    if not (root / "corpus.jsonl").exists():
+        parts = sorted(p.name for p in root.iterdir() if (p / "corpus.jsonl").exists()) if root.is_dir() else []
+        if parts:  # e.g. cqadupstack: one collection per forum
+            raise DataError(f"{root} holds several collections, one per folder: {parts}; pass one of them "
+                            f"(e.g. {root / parts[0]}).")
     corpus = {}
     for row in _read_jsonl(root / "corpus.jsonl", ("_id", "text")):
         corpus[str(row["_id"])] = {"title": str(row.get("title") or ""), "text": str(row.get("text") or "")}
@@ -187,5 +274,5 @@ def load_collection(path: str | Path, split: str = "test", max_queries: int | No
 def _natural_key(s: str):
     return (0, int(s), s) if s.isdigit() else (1, 0, s)
 
-__all__ = ["Collection", "DataError", "bundled_path", "load_collection", "load_qrels", "parse_jsonl",
-           "resolve_collection_path"]
+__all__ = ["BEIR_DATASETS", "BEIR_URL", "Collection", "DataError", "beir_cache_dir", "bundled_names", "bundled_path",
+           "download_beir", "load_collection", "load_qrels", "parse_jsonl", "resolve_collection_path"]

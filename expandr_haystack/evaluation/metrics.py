@@ -1,12 +1,28 @@
-"""Retrieval metrics through pytrec_eval: nDCG@10, Recall@100, MRR@10 over judged queries."""
+"""
+Retrieval metrics through pytrec_eval.
+
+- `beir_metrics`: exactly BEIR's numbers (``EvaluateRetrieval.evaluate`` for nDCG/MAP/Recall/P at k = 1, 3, 5, 10,
+  100, 1000, and ``evaluate_custom(..., "mrr")`` for MRR@10), rounded to 5 decimals as BEIR rounds them, with BEIR's
+  `ignore_identical_ids` (on by default: a hit whose document id equals the query id is dropped, which matters for
+  ArguAna/Quora-style collections where queries are corpus documents). Keys as BEIR names them: ``"NDCG@10"``,
+  ``"MAP@100"``, ``"Recall@100"``, ``"P@1"``, ``"MRR@10"``.
+- `evaluate_run`: this package's headline metrics (nDCG@10, Recall@100, MRR@10) with per-query values, for the
+  tables, paired tests and seed averages. The same definitions on the same run as BEIR's (identical ids dropped the
+  same way), unrounded, averaged over every judged query (a judged query with no hit scores 0, where BEIR leaves
+  it out of nDCG/MAP/Recall/P: the two agree whenever every judged query has a hit, as in `evaluate`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from haystack import Document
 
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
+#: BEIR's default cut-offs (`EvaluateRetrieval(k_values=...)`).
+K_VALUES = (1, 3, 5, 10, 100, 1000)
+#: The cut-offs of MRR reported with the BEIR metrics.
+MRR_K_VALUES = (10,)
 
 
 def run_from_documents(query_ids: Sequence[str], results: Sequence[Sequence[Document]]) -> dict[str, dict[str, float]]:
@@ -18,29 +34,84 @@ def run_from_documents(query_ids: Sequence[str], results: Sequence[Sequence[Docu
     return run
 
 
-def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]
-                 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """
-    Score a run against qrels over the judged queries (a judged query missing from the run scores 0).
+def drop_identical_ids(run: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """A copy of `run` without the hits whose document id equals their query id (BEIR's `ignore_identical_ids`)."""
+    return {qid: {pid: score for pid, score in hits.items() if pid != qid} for qid, hits in run.items()}
 
-    :returns: (means ``{"ndcg@10", "recall@100", "mrr@10", "queries"}``, per-query ``{qid: {metric: value}}``).
-    """
+
+def _pytrec_eval():
     try:
         import pytrec_eval
     except ImportError as exc:  # pragma: no cover
         raise ImportError("Evaluation needs pytrec_eval: pip install 'expandr-haystack[eval]'.") from exc
+    return pytrec_eval
+
+
+def _mrr_per_query(qrels: Mapping[str, Mapping[str, int]], hits: Mapping[str, float], k: int) -> float:
+    """BEIR's MRR@k of one query: hits sorted by score, descending, ties in the run's order (a stable sort)."""
+    relevant = {d for d, grade in qrels.items() if grade > 0}
+    ranked = sorted(hits.items(), key=lambda item: item[1], reverse=True)[:k]
+    return next((1.0 / rank for rank, (doc_id, _) in enumerate(ranked, start=1) if doc_id in relevant), 0.0)
+
+
+def beir_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]],
+                 k_values: Sequence[int] = K_VALUES, ignore_identical_ids: bool = True,
+                 mrr_k_values: Sequence[int] = MRR_K_VALUES) -> dict[str, float]:
+    """
+    BEIR's metrics of a run, equal to ``EvaluateRetrieval.evaluate(qrels, run, k_values, ignore_identical_ids)``
+    followed by ``EvaluateRetrieval.evaluate_custom(qrels, run, mrr_k_values, "mrr")`` (beir 2.2), without BEIR's
+    side effects (it removes identical ids from the run it is given) or its need for torch.
+
+    As in BEIR: nDCG/MAP/Recall/P are averaged over the queries pytrec_eval scores (judged queries with at least one
+    hit); MRR over all judged queries, with ties broken by the run's order; every value is rounded to 5 decimals.
+
+    :param qrels: ``{query_id: {doc_id: grade}}``.
+    :param run: ``{query_id: {doc_id: score}}`` (not modified).
+    :param k_values: Cut-offs for nDCG, MAP, Recall and P.
+    :param ignore_identical_ids: Drop hits whose doc id equals the query id first (BEIR's default).
+    :param mrr_k_values: Cut-offs for MRR.
+    :returns: ``{"NDCG@k": ..., "MAP@k": ..., "Recall@k": ..., "P@k": ..., "MRR@k": ...}`` in that order.
+    """
+    run = drop_identical_ids(run) if ignore_identical_ids else {q: dict(h) for q, h in run.items()}
+    ks = ",".join(str(k) for k in k_values)
+    scores = _pytrec_eval().RelevanceEvaluator(
+        {q: dict(j) for q, j in qrels.items()}, {f"map_cut.{ks}", f"ndcg_cut.{ks}", f"recall.{ks}", f"P.{ks}"}
+    ).evaluate(run)
+    out: dict[str, float] = {}
+    for label, measure in (("NDCG", "ndcg_cut"), ("MAP", "map_cut"), ("Recall", "recall"), ("P", "P")):
+        for k in k_values:
+            total = sum(scores[q][f"{measure}_{k}"] for q in scores)
+            out[f"{label}@{k}"] = round(total / len(scores), 5) if scores else 0.0
+    judged = [q for q in run if q in qrels]  # BEIR's mrr fails on a run query without qrels; we leave it out
+    for k in mrr_k_values:
+        total = sum(_mrr_per_query(qrels[q], run[q], k) for q in judged)
+        out[f"MRR@{k}"] = round(total / len(qrels), 5) if qrels else 0.0
+    return out
+
+
+def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]],
+                 ignore_identical_ids: bool = True) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """
+    Score a run against qrels over the judged queries (a judged query missing from the run scores 0).
+
+    :param ignore_identical_ids: Drop hits whose doc id equals the query id first, as BEIR does by default.
+    :returns: (means ``{"ndcg@10", "recall@100", "mrr@10", "queries"}``, per-query ``{qid: {metric: value}}``).
+    """
+    pytrec_eval = _pytrec_eval()
     run = {q: run.get(q, {}) for q in qrels}
-    measures = {"ndcg_cut.10", "recall.100", "recip_rank"}
-    # MRR@10: reciprocal rank within the top 10 -> evaluate on the run cut to 10
-    full = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
-    top10 = {q: dict(sorted(docs.items(), key=lambda x: (-x[1], x[0]))[:10]) for q, docs in run.items()}
-    cut = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    if ignore_identical_ids:
+        run = drop_identical_ids(run)
+    full = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
     per_query = {}
-    for q in qrels:
+    for q, judged in qrels.items():
         f = full.get(q, {})
         per_query[q] = {"ndcg@10": f.get("ndcg_cut_10", 0.0), "recall@100": f.get("recall_100", 0.0),
-                        "mrr@10": cut.get(q, {}).get("recip_rank", 0.0)}
+                        "mrr@10": _mrr_per_query(judged, run[q], 10)}
     n = len(per_query)
     means = {m: sum(v[m] for v in per_query.values()) / n if n else 0.0 for m in METRICS}
     means["queries"] = n
     return means, per_query
+
+
+__all__ = ["K_VALUES", "METRICS", "MRR_K_VALUES", "beir_metrics", "drop_identical_ids", "evaluate_run",
+           "run_from_documents"]

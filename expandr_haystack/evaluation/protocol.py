@@ -33,7 +33,7 @@ from expandr_haystack.evaluation.runner import (
     default_expander,
     dense_retriever,
     evaluate,
-    expand_texts,
+    family_texts,
     grounded_like,
     method_settings,
     parse_methods,
@@ -93,15 +93,8 @@ def select_settings(
     queries = [validation.queries[q] for q in query_ids]
     scratch = EvalResult()
     retriever = dense_retriever(validation, encoder, store, device, progress_bar, scratch.timings)
-    texts: dict[str, list[list[str]]] = {}
-    if any(EXPANSION_METHODS.get(m) == "q2d" for m in names):
-        expander = expander if expander is not None else default_expander(progress_bar)
-        texts["q2d"] = expand_texts(expander, queries, None, query_ids, scratch)
-    if "grounded" in names:
-        grounded_expander = grounded_expander if grounded_expander is not None else grounded_like(
-            expander if expander is not None else default_expander(progress_bar))
-        first_pass = retriever.retrieve(queries, None, top_k=grounded_expander.passages_k)
-        texts["grounded"] = expand_texts(grounded_expander, queries, first_pass, query_ids, scratch)
+    texts = family_texts(names, retriever, queries, query_ids, scratch, expander, grounded_expander,
+                         progress_bar=progress_bar)
 
     def score(name: str, **overrides: Any) -> float:
         base = method_settings(name, {name: 1.0}, 3, 0.7) | overrides
@@ -127,7 +120,8 @@ def select_settings(
 class SeedReport:
     """
     Metrics over expansion seeds: ``rows[method] = {metric: mean, metric + "_sd": sd, "per_seed": {metric: [...]},
-    "seeds": n}`` (methods without an LLM run once: sd 0), seed-averaged per-query nDCG@10, and paired tests.
+    "seeds": n}`` (methods without an LLM run once: sd 0), seed-averaged per-query nDCG@10, and paired tests;
+    ``beir[method]`` is BEIR's own metrics of each run (one dict per seed; `EvalResult.beir`).
     """
 
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -135,6 +129,7 @@ class SeedReport:
     comparisons: list[dict[str, Any]] = field(default_factory=list)
     failures: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    beir: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
     def compare(self, method: str, baseline: str, label: str | None = None, seed: int = 0) -> dict[str, Any]:
         """Add (and return) the paired randomization test of `method` against `baseline` on nDCG@10."""
@@ -211,6 +206,7 @@ def evaluate_seeds(collection: Collection, methods: Sequence[str], seeds: Sequen
             row["per_seed"][metric] = values
         report.rows[m] = row
         report.per_query[m] = average_per_query([r.per_query[m] for r in runs])
+        report.beir[m] = [getattr(r, "beir", {}).get(m, {}) for r in runs]
     return report
 
 

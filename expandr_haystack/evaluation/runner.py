@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from expandr_haystack.checks import check_int, check_number
 from expandr_haystack.evaluation.data import Collection
-from expandr_haystack.evaluation.metrics import METRICS, evaluate_run, run_from_documents
+from expandr_haystack.evaluation.metrics import K_VALUES, METRICS, beir_metrics, evaluate_run, run_from_documents
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ class EvalResult(dict):
     - `settings`: the fusion settings each method ran with (``{"expand": {"query_weight": 0.7}, ...}``);
     - `warnings`: the data warnings of the collection (e.g. judged documents missing from the corpus);
     - `failures`: ``{query_id: number of expansions that failed}`` (rows that fell back to the query alone);
-    - `timings`: seconds spent per step (``"index-dense"``, ``"index-bm25"``, ``"expansion"``, and each method).
+    - `timings`: seconds spent per step (``"index-dense"``, ``"index-bm25"``, ``"expansion"``, and each method);
+    - `beir`: ``{method: {"NDCG@k", "MAP@k", "Recall@k", "P@k", "MRR@10"}}``, BEIR's own numbers for the same run
+      (`metrics.beir_metrics`: rounded to 5 decimals, k = 1, 3, 5, 10, 100, 1000 up to the retrieval depth).
     """
 
     def __init__(self, metrics: dict[str, dict[str, float]] | None = None,
@@ -73,6 +75,7 @@ class EvalResult(dict):
         self.failures: dict[str, int] = {}
         self.grounded_expansions: dict[str, list[str]] = {}
         self.settings: dict[str, dict[str, Any]] = {}
+        self.beir: dict[str, dict[str, float]] = {}
 
     @property
     def metrics(self) -> dict[str, dict[str, float]]:
@@ -122,6 +125,8 @@ def evaluate(
     store: DocumentStore | None = None,
     device: ComponentDevice | None = None,
     progress_bar: bool = True,
+    ignore_identical_ids: bool = True,
+    depth: int = TOP_K,
 ) -> EvalResult:
     """
     Evaluate retrieval methods on a collection's judged queries with pytrec_eval (nDCG@10, Recall@100, MRR@10).
@@ -158,6 +163,11 @@ def evaluate(
         whenever the encoder's weights changed since it was built.
     :param device: Device for the encoder (None = best available).
     :param progress_bar: Show progress bars for indexing, expansion and search.
+    :param ignore_identical_ids: Drop hits whose document id equals the query id before scoring, as BEIR does by
+        default (queries that are corpus documents, ArguAna/Quora-style); False keeps them.
+    :param depth: Documents retrieved per query (100; BEIR retrieves 1000, which its @1000 metrics need). Metrics at
+        k < depth are those of any deeper run (except for `expand-rrf`, which fuses `max(100, depth)` hits); at
+        k = depth a query whose own id was retrieved and dropped has one document fewer than a deeper run.
     :returns: An `EvalResult`: ``{method: {"ndcg@10", "recall@100", "mrr@10", "queries"}}`` (a dict) with
         `.per_query`, `.expansions`, `.grounded_expansions`, `.settings`, `.failures`, `.warnings` and `.timings`.
     :raises ValueError: On an unknown method, bad settings, or a collection without judged queries.
@@ -173,6 +183,7 @@ def evaluate(
     weights = method_weights(query_weight)
     check_int(feedback_k, "feedback_k")
     check_number(feedback_weight, "feedback_weight", 0.0, 1.0)
+    check_int(depth, "depth")
     if expansions is not None and not isinstance(expansions, Mapping):
         raise TypeError(f"`expansions` must be a mapping {{query_id: [text, ...]}}; got {type(expansions).__name__}.")
 
@@ -182,6 +193,39 @@ def evaluate(
     retriever = None
     if any(m != "bm25" for m in names):
         retriever = dense_retriever(collection, encoder, store, device, progress_bar, result.timings)
+    texts = family_texts(names, retriever, queries, query_ids, result, expander, grounded_expander, expansions,
+                         progress_bar)
+    result.expansions = dict(zip(query_ids, texts["q2d"])) if "q2d" in texts else {}
+    result.grounded_expansions = dict(zip(query_ids, texts["grounded"])) if "grounded" in texts else {}
+
+    for name in names:
+        started = time.perf_counter()
+        if name == "bm25":
+            hits = _bm25(collection, queries, progress_bar, result.timings, depth)
+        else:
+            settings = method_settings(name, weights, feedback_k, feedback_weight)
+            family = EXPANSION_METHODS.get(name)
+            hits = retriever.retrieve(queries, texts[family] if family else None, top_k=depth, **settings)
+            result.settings[name] = settings
+        result.timings[name] = time.perf_counter() - started
+        run = run_from_documents(query_ids, hits)
+        means, per_query = evaluate_run(collection.qrels, run, ignore_identical_ids=ignore_identical_ids)
+        result.beir[name] = beir_metrics(collection.qrels, run, k_values=[k for k in K_VALUES if k <= depth],
+                                         ignore_identical_ids=ignore_identical_ids)
+        result[name] = {m: float(means[m]) for m in METRICS} | {"queries": int(means["queries"])}
+        result.per_query[name] = per_query
+    return result
+
+
+def family_texts(names, retriever, queries, query_ids, result: EvalResult, expander=None, grounded_expander=None,
+                 expansions: Mapping[str, Sequence[str]] | None = None,
+                 progress_bar: bool = False) -> dict[str, list[list[str]]]:
+    """
+    The expansion texts of each family the methods `names` need, generated once: ``{"q2d": [[text, ...], ...],
+    "grounded": [...]}`` in query order. q2d texts come from `expansions` (ready texts), else `expander`, else the
+    bundled expander; grounded ones from `grounded_expander` (else `expander`'s settings with the grounded prompt),
+    reading the top `passages_k` hits of a first dense pass with `retriever`. Timings and failures go to `result`.
+    """
     families = {EXPANSION_METHODS[m] for m in names if m in EXPANSION_METHODS}
     texts: dict[str, list[list[str]]] = {}
     if "q2d" in families:
@@ -191,7 +235,6 @@ def evaluate(
         else:
             expander = expander if expander is not None else default_expander(progress_bar)
             texts["q2d"] = expand_texts(expander, queries, None, query_ids, result)
-        result.expansions = dict(zip(query_ids, texts["q2d"]))
         result.timings["expansion"] = time.perf_counter() - started
     if "grounded" in families:
         started = time.perf_counter()
@@ -199,23 +242,8 @@ def evaluate(
             expander if expander is not None else default_expander(progress_bar))
         first_pass = retriever.retrieve(queries, None, top_k=grounded_expander.passages_k)
         texts["grounded"] = expand_texts(grounded_expander, queries, first_pass, query_ids, result)
-        result.grounded_expansions = dict(zip(query_ids, texts["grounded"]))
         result.timings["expansion-grounded"] = time.perf_counter() - started
-
-    for name in names:
-        started = time.perf_counter()
-        if name == "bm25":
-            hits = _bm25(collection, queries, progress_bar, result.timings)
-        else:
-            settings = method_settings(name, weights, feedback_k, feedback_weight)
-            family = EXPANSION_METHODS.get(name)
-            hits = retriever.retrieve(queries, texts[family] if family else None, top_k=TOP_K, **settings)
-            result.settings[name] = settings
-        result.timings[name] = time.perf_counter() - started
-        means, per_query = evaluate_run(collection.qrels, run_from_documents(query_ids, hits))
-        result[name] = {m: float(means[m]) for m in METRICS} | {"queries": int(means["queries"])}
-        result.per_query[name] = per_query
-    return result
+    return texts
 
 
 def method_weights(query_weight: float | Mapping[str, float]) -> dict[str, float]:
@@ -285,7 +313,7 @@ def dense_retriever(collection, encoder, store, device, progress_bar, timings):
     return retriever
 
 
-def _bm25(collection, queries, progress_bar, timings) -> list[list[Document]]:
+def _bm25(collection, queries, progress_bar, timings, top_k: int = TOP_K) -> list[list[Document]]:
     from haystack.components.retrievers.in_memory import InMemoryBM25Retriever
     from haystack.document_stores.in_memory import InMemoryDocumentStore
 
@@ -293,10 +321,10 @@ def _bm25(collection, queries, progress_bar, timings) -> list[list[Document]]:
     bm25_store = InMemoryDocumentStore(bm25_algorithm="BM25Okapi")
     bm25_store.write_documents(bm25_documents(collection))
     timings["index-bm25"] = time.perf_counter() - started
-    retriever = InMemoryBM25Retriever(document_store=bm25_store, top_k=TOP_K)
+    retriever = InMemoryBM25Retriever(document_store=bm25_store, top_k=top_k)
     return [retriever.run(query=q)["documents"]
             for q in tqdm(queries, desc="BM25 search", unit="query", disable=not progress_bar)]
 
 
 __all__ = ["DEFAULT_METHODS", "EXPANSION_METHODS", "METHODS", "TOP_K", "WEIGHTED_METHODS", "EvalResult", "bm25_documents",
-           "default_expander", "dense_retriever", "evaluate", "expand_texts", "grounded_like", "method_settings", "method_weights", "parse_methods"]
+           "default_expander", "dense_retriever", "evaluate", "expand_texts", "family_texts", "grounded_like", "method_settings", "method_weights", "parse_methods"]

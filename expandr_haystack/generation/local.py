@@ -1,9 +1,12 @@
 """
 Local sampling for causal LMs: batched, length-sorted, one random stream per row.
 
-Each generated row (query x sample index) has its own seed and temperature, so a row's text does not depend on
-which other rows share its batch, on the batch size, or on which rows were already cached. This is what makes
-"same seed => same expansions" hold across cache hits and reruns.
+Each generated row (query x sample index) has its own seed and temperature, so in float32 (the CPU default) a row's
+text does not depend on which other rows share its batch, on the batch size, or on which rows were already cached.
+This is what makes "same seed => same expansions" hold across cache hits and reruns. In bfloat16/float16 on CUDA
+the padded batch changes a row's logits by more than rounding can hide, so there a row's text can depend on its
+batch (same batch => same text; ``batch_size=1`` or float32 avoid it): the precise contract is in
+`expandr_haystack.generation`'s docstring.
 
 The loop is the plain KV-cached decode of ``transformers.generate`` with nucleus sampling, written out so that
 per-row seeds and temperatures are possible; its forward passes come from a decoder (`TransformersDecoder`, or the

@@ -6,6 +6,7 @@ The training subcommands of the `expandr` command line (registered by `expandr_h
     expandr pairs --data cranfield --split train --out pairs.jsonl [--n-candidates 8]
         [--temperatures 0.8,0.9,1.0,1.1] [--threshold 0.6] [--llm PATH --adapter PATH --encoder PATH]
         [--max-queries N] [--cache PATH] [--max-new-tokens N] [--no-answer] [--overwrite]
+        [--grounded --passages-k 3 --passage-words 50]
 
 `python training/joint.py ...` and `python training/pairs.py ...` are the same commands. The defaults of
 `expandr pairs` are `PairConfig`'s; argument errors use the wording of `expandr_haystack.checks`.
@@ -210,6 +211,13 @@ def add_pairs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help='"cpu", "cuda:0", ... (default: best available)')
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="LLM generation engine (default auto: the packed float32 decoder on CPU)")
+    p.add_argument("--grounded", action="store_true",
+                   help="candidates written with GROUNDED_PROMPT from each query and its top first-pass hits by "
+                        "--encoder (beyond the paper; the pair's prompt holds the passages)")
+    p.add_argument("--passages-k", type=_arg(check_int, "--passages-k"), default=3,
+                   help="--grounded: first-pass hits shown (default 3)")
+    p.add_argument("--passage-words", type=_arg(check_int, "--passage-words"), default=50,
+                   help="--grounded: words kept of each hit (default 50)")
     p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -220,10 +228,21 @@ def pair_config(args: argparse.Namespace) -> PairConfig:
                          if hasattr(args, f.name)})
 
 
+def first_pass_hits(collection, encoder: str | None, k: int, device=None) -> dict[str, list]:
+    """``{query_id: top-k documents}`` of a dense first pass over the collection's corpus (grounded candidates)."""
+    from expandr_haystack.evaluation.runner import dense_retriever
+
+    retriever = dense_retriever(collection, encoder, None, device, False, {})
+    query_ids = list(collection.queries)
+    hits = retriever.retrieve([collection.queries[q] for q in query_ids], None, top_k=k)
+    return dict(zip(query_ids, hits))
+
+
 def run_pairs(args: argparse.Namespace) -> int:
     """Build (or complete) a pair file from parsed `expandr pairs` arguments; returns the exit status."""
     from haystack.utils import ComponentDevice
 
+    from expandr_haystack.core.text import EXPANSION_PROMPT, GROUNDED_PROMPT
     from expandr_haystack.evaluation.data import DataError, load_collection
     from expandr_haystack.models import expandr_home
     from expandr_haystack.training.config import ConfigError
@@ -243,14 +262,17 @@ def run_pairs(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     device = ComponentDevice.from_str(args.device) if args.device else None
+    prompt = GROUNDED_PROMPT if args.grounded else EXPANSION_PROMPT
     expander, answerer, scorer = make_components(config, llm=args.llm, adapter=args.adapter, encoder=args.encoder,
                                                  cache=cache, device=device, progress_bar=False,
-                                                 backend=args.backend)
+                                                 backend=args.backend, prompt=prompt, passages_k=args.passages_k,
+                                                 passage_words=args.passage_words)
+    passages = first_pass_hits(collection, args.encoder, args.passages_k, device) if args.grounded else None
     print(f"{collection.path}: split {args.split!r}, {len(collection.queries)} judged queries; "
           f"{config.n_candidates} candidates at temperatures {list(config.temperatures)}; "
           f"threshold {config.threshold}; answer term {'on' if config.use_answer else 'off (ablation)'}")
     stats = build_pairs(collection, args.out, expander, answerer, scorer, config,
-                        progress_bar=not args.no_progress, overwrite=args.overwrite)
+                        progress_bar=not args.no_progress, overwrite=args.overwrite, passages=passages)
     print(stats.summary())
     if stats.margin_histogram.get("counts"):
         edges, counts = stats.margin_histogram["edges"], stats.margin_histogram["counts"]

@@ -131,7 +131,8 @@ class DPOSettings:
     """
     DPO + LoRA settings (ExpandR paper defaults).
 
-    :param device: "cpu", "cuda", "cuda:0", ... or None (CUDA when available).
+    :param device: "cpu", "cuda", "cuda:0", ... or None (CUDA when available). Inside a `JointConfig`, None = the
+        config's top-level `device` (set this only to train DPO somewhere else than the other steps).
     :param bf16: bfloat16 mixed precision; None = on when training on a CUDA GPU that supports it.
     :param max_length: Tokens of prompt + completion (longer pairs are truncated at the end).
     :param max_steps: Stop after this many optimizer steps (-1 = run `num_train_epochs`).
@@ -432,13 +433,6 @@ class JointConfig:
             if (value is not None or key != "device") and (not isinstance(value, str) or not value.strip()):
                 _fail(key, "a non-empty string" + (" or null" if key == "device" else ""), value)
         _checked(check_choice, self.llm_backend, "llm_backend", BACKENDS)
-        if self.llm_backend == "vllm":
-            from expandr_haystack.generation.vllm import vllm_unavailable_reason
-
-            reason = vllm_unavailable_reason()
-            if reason is not None:
-                raise ConfigError(f"`llm_backend` is 'vllm' but {reason}; this setting is meant for GPU machines. "
-                                  f"Use llm_backend: auto here.")
         self.expansion.validate("expansion")
         self.retriever.validate("retriever")
         self.pairs.validate("pairs")
@@ -454,6 +448,10 @@ class JointConfig:
         for split in (self.train_split, self.eval_split):
             if not (root / "qrels" / f"{split}.tsv").exists():
                 raise ConfigError(f"split {split!r}: no file {root / 'qrels' / f'{split}.tsv'}.")
+        for key in ("encoder", "llm"):  # hub ids pass; a local-looking path must exist
+            _checked(check_model_name, getattr(self, key), key)
+        # what the machine offers, last, so that the data, the models and every setting above are named the same
+        # way on any machine: the device, then the vLLM backend (which needs a GPU too)
         if self.device and str(self.device).startswith("cuda"):
             import torch
 
@@ -461,8 +459,13 @@ class JointConfig:
                 raise ConfigError(f"`device` is {self.device!r} but this machine has no CUDA GPU (torch "
                                   f"{torch.__version__}); this config is meant for GPU machines. Use "
                                   f"training/configs/tiny-cpu.yaml here, or set device: cpu.")
-        for key in ("encoder", "llm"):  # hub ids pass; a local-looking path must exist
-            _checked(check_model_name, getattr(self, key), key)
+        if self.llm_backend == "vllm":
+            from expandr_haystack.generation.vllm import vllm_unavailable_reason
+
+            reason = vllm_unavailable_reason()
+            if reason is not None:
+                raise ConfigError(f"`llm_backend` is 'vllm' but {reason}; this setting is meant for GPU machines. "
+                                  f"Use llm_backend: auto here.")
 
 
 def _build(cls, values: Any, where: str):

@@ -15,10 +15,22 @@ adapter_dir = train_dpo(None, "pairs.jsonl", "runs/dpo-round1", DPOSettings())  
 `DPOSettings` is defined in `expandr_haystack.training.config` (with every other training setting). The trainer's
 log history is saved as ``<output_dir>/log_history.json``; `final_dpo_metrics` reads the last logged
 `rewards/margins` and `rewards/accuracies` from it (how far DPO moved the policy).
+
+Device and precision:
+- ``settings.device`` is honoured exactly: "cpu" trains on the CPU even where CUDA is available; an explicit
+  "cuda:N" pins a single-process run to GPU N (`pin_trainer_device`; transformers' Trainer would otherwise take
+  cuda:0, and wrap the model in DataParallel over every visible GPU); None = "cuda" when available, else "cpu".
+  In a distributed launch (accelerate/torchrun) each process keeps the GPU of its rank.
+- The frozen base model is loaded in the training dtype (`base_model_dtype`): bfloat16 when ``bf16`` is on (the
+  default on a CUDA GPU that supports it), float32 otherwise; the LoRA weights stay float32 (PEFT's default
+  upcast), so an 8B base takes ~16 GB instead of ~32 GB.
+- transformers' TrainingArguments renamed ``gradient_checkpointing`` to ``activation_checkpointing`` within 5.x (5.17
+  has only the old name, 5.24 both); `dpo_config_kwargs` picks the name the installed config class has.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -62,6 +74,90 @@ def final_dpo_metrics(log_history: Sequence[dict[str, Any]]) -> dict[str, float]
     return out
 
 
+def checkpointing_kwarg(config_cls: type, enabled: bool) -> dict[str, bool]:
+    """
+    ``{name: enabled}`` for the activation-checkpointing switch of `config_cls` (a `TrainingArguments` dataclass such
+    as `trl.DPOConfig`): ``activation_checkpointing`` where the class has that field (newer transformers 5.x, where
+    ``gradient_checkpointing`` is a deprecated alias), else ``gradient_checkpointing`` (transformers 5.0-5.17).
+
+    Usage:
+    ```python
+    from trl import DPOConfig
+    DPOConfig(output_dir="out", **checkpointing_kwarg(DPOConfig, True))
+    ```
+    """
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if name in names:
+            return {name: bool(enabled)}
+    raise TypeError(f"{config_cls.__name__} has neither `activation_checkpointing` nor `gradient_checkpointing`: "
+                    f"not a transformers TrainingArguments class?")
+
+
+def dpo_config_kwargs(config_cls: type, settings: DPOSettings, output_dir: str | Path, use_cpu: bool, bf16: bool,
+                      logging_steps: int) -> dict[str, Any]:
+    """
+    The keyword arguments of `config_cls` (`trl.DPOConfig`) for `settings`; the checkpointing switch is named as the
+    installed transformers names it (`checkpointing_kwarg`). Pure: no model, no trainer.
+
+    Usage:
+    ```python
+    from trl import DPOConfig
+    args = DPOConfig(**dpo_config_kwargs(DPOConfig, DPOSettings(), "out", use_cpu=True, bf16=False, logging_steps=10))
+    ```
+    """
+    return {
+        "output_dir": str(output_dir),
+        "beta": settings.beta,
+        "learning_rate": settings.learning_rate,
+        "num_train_epochs": settings.num_train_epochs,
+        "max_steps": settings.max_steps,
+        "per_device_train_batch_size": settings.per_device_train_batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "max_length": settings.max_length,
+        "seed": settings.seed,
+        "use_cpu": use_cpu,
+        "bf16": bf16,
+        # TRL defaults checkpointing on; ours is off unless asked for
+        **checkpointing_kwarg(config_cls, settings.gradient_checkpointing),
+        "logging_steps": logging_steps,
+        "warmup_steps": settings.warmup_steps,
+        "report_to": [],
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
+
+
+def base_model_dtype(bf16: bool):
+    """
+    The dtype the frozen base model is loaded in: the training precision, ``torch.bfloat16`` when `bf16` is on, else
+    ``torch.float32``. (LoRA weights are upcast to float32 by PEFT either way; with `bf16` the trainer runs the
+    forward under bfloat16 autocast, so a float32 copy of the frozen weights would only cost memory.)
+    """
+    import torch
+
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def pin_trainer_device(args: Any, device: str) -> None:
+    """
+    Make a single-process transformers `Trainer` built from `args` train on `device` when it names one GPU
+    ("cuda:N"): transformers picks cuda:0 by itself (and, with several GPUs visible, wraps the model in DataParallel
+    over all of them). Sets the current CUDA device to N, the args' device to cuda:N and their GPU count to 1. Does
+    nothing for "cpu", a bare "cuda", or in a distributed launch (each rank has its own GPU there).
+    """
+    import torch
+
+    from expandr_haystack.training.runfiles import world_size
+
+    target = torch.device(device)
+    if target.type != "cuda" or target.index is None or world_size() > 1:
+        return
+    torch.cuda.set_device(target)
+    args.__dict__["_setup_devices"] = target  # TrainingArguments.device reads this cached_property
+    args._n_gpu = 1
+
+
 def _optimizer_steps(examples: int, settings: DPOSettings, world_size: int = 1) -> int:
     """About how many optimizer steps the trainer takes (never more than it does), so logging happens at least once."""
     if settings.max_steps > 0:
@@ -99,7 +195,8 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
     :param output_dir: Trainer output folder; the adapter is saved to ``<output_dir>/adapter``.
     :param settings: `DPOSettings` (paper defaults when None).
     :param adapter: An existing PEFT adapter of the same base model to continue training (e.g. the previous round's).
-        The reference model is then the base model with the adapter disabled, as for a fresh adapter.
+        TRL 1.16 (with PEFT >= 0.20) then takes a frozen copy of that adapter (its "ref" adapter) as the reference,
+        i.e. the previous round's LLM; for a fresh adapter the reference is the base model (adapter disabled).
     :returns: The adapter directory (PEFT format, with the tokenizer), loadable by `LLMQueryExpander(adapter=...)`.
         The trainer's log history goes to ``<output_dir>/log_history.json`` (logged every `logging_steps` steps, or
         at least once: the interval is cut to the run's length).
@@ -130,7 +227,7 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # a fresh copy (never the memoised inference model of `models.load_llm`: LoRA wrapping would change it)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=base_model_dtype(bf16))
     peft_config = None
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()), is_trainable=True)
@@ -139,25 +236,9 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
                                  target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
 
     out = Path(output_dir).expanduser()
-    args = DPOConfig(
-        output_dir=str(out),
-        beta=settings.beta,
-        learning_rate=settings.learning_rate,
-        num_train_epochs=settings.num_train_epochs,
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.per_device_train_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        max_length=settings.max_length,
-        seed=settings.seed,
-        use_cpu=use_cpu,
-        bf16=bf16,
-        activation_checkpointing=settings.gradient_checkpointing,  # transformers 5 name; TRL defaults it on
-        logging_steps=min(settings.logging_steps, _optimizer_steps(len(dataset), settings, world_size())),
-        warmup_steps=settings.warmup_steps,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+    logging_steps = min(settings.logging_steps, _optimizer_steps(len(dataset), settings, world_size()))
+    args = DPOConfig(**dpo_config_kwargs(DPOConfig, settings, out, use_cpu, bf16, logging_steps))
+    pin_trainer_device(args, device)
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
     kept = len(trainer.train_dataset)
@@ -177,5 +258,5 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
     return adapter_dir
 
 
-__all__ = ["DPO_COLUMNS", "FINAL_METRICS", "LOG_HISTORY", "DPOSettings", "final_dpo_metrics", "load_pairs_dataset",
-           "train_dpo"]
+__all__ = ["DPO_COLUMNS", "FINAL_METRICS", "LOG_HISTORY", "DPOSettings", "base_model_dtype", "checkpointing_kwarg",
+           "dpo_config_kwargs", "final_dpo_metrics", "load_pairs_dataset", "pin_trainer_device", "train_dpo"]

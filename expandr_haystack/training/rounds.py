@@ -507,7 +507,7 @@ class JointTrainer:
         work = Path(tempfile.mkdtemp(prefix=".dpo-", dir=rdir))
         info: dict[str, Any] = {"pairs": kept}
         try:
-            adapter = train_dpo(self.config.llm, rdir / "pairs.jsonl", work, self.config.dpo,
+            adapter = train_dpo(self.config.llm, rdir / "pairs.jsonl", work, self._dpo_settings(),
                                 adapter=self._adapter(r - 1))
             if is_main_process():
                 log = work / LOG_HISTORY
@@ -519,6 +519,14 @@ class JointTrainer:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return info
+
+    def _dpo_settings(self):
+        """`dpo` settings with the run's top-level `device` where `dpo.device` is unset, so DPO trains where every
+        other step runs (`device: cpu` on a GPU machine stays on the CPU; `cuda:1` is GPU 1)."""
+        import dataclasses
+
+        dpo = self.config.dpo
+        return dpo if dpo.device is not None else dataclasses.replace(dpo, device=self.config.device)
 
     def _eval_round(self, r: int) -> None:
         """5. encoder_r without expansion, with PRF and with LLM_r's expansions (then LLM_{r-1}'s), each with the

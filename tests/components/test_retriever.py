@@ -1,9 +1,12 @@
 """ExpandRRetriever against a raw sentence-transformers + numpy brute-force search (real bundled MiniLM)."""
 
+import asyncio
+
 import numpy as np
 import pytest
 from haystack import Document
 from haystack.document_stores.in_memory import InMemoryDocumentStore
+from haystack.document_stores.types import DuplicatePolicy
 
 from expandr_haystack import ExpandRQueryEmbedder, ExpandRRetriever
 from expandr_haystack.models import load_encoder, resolve_encoder_path
@@ -106,3 +109,41 @@ def test_documents_without_embeddings_or_wrong_dimension():
 def test_encoder_accepts_a_local_path():
     path = resolve_encoder_path(None)
     assert ExpandRQueryEmbedder(model=path).dimension == 384
+
+
+def embedded(texts: dict[str, str]) -> list[Document]:
+    vectors = ExpandRQueryEmbedder().encode(list(texts.values()))
+    return [Document(id=i, content=t, embedding=v.tolist()) for (i, t), v in zip(texts.items(), vectors)]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_faiss_index_notices_documents_replaced_in_place(shared):
+    store = InMemoryDocumentStore(index=f"in-place-{shared}", shared=shared, embedding_similarity_function="cosine")
+    store.write_documents(embedded({"0": "thermal conductivity of composite slabs",
+                                    "1": "boundary layer transition on flat plates",
+                                    "2": "wings generate lift at low speed"}))
+    r = ExpandRRetriever(document_store=store, top_k=1)
+    query = "supersonic flutter of aircraft panels"
+    before = r.run(query=query)["documents"][0]
+    assert before.id != "0"
+    index = r.refresh_index()
+    assert r.run(query=query)["documents"][0].id == before.id and r.refresh_index() is index  # nothing rebuilt
+    assert type(store.storage).__name__ == "_CountingStorage"  # the O(1) write counter (not the fallback) is on
+    # replace document "0" (not the last one written) in place: same id, same count
+    writer = InMemoryDocumentStore(index=store.index) if shared else store  # shared: write through another instance
+    writer.write_documents(embedded({"0": "panel flutter of supersonic aircraft"}), policy=DuplicatePolicy.OVERWRITE)
+    assert store.count_documents() == 3
+    after = r.run(query=query)["documents"][0]
+    assert (after.id, after.content) == ("0", "panel flutter of supersonic aircraft") and r.refresh_index() is not index
+    store.delete_all_documents()
+    with pytest.raises(ValueError, match="empty"):
+        r.run(query=query)
+
+
+def test_embedder_run_async_equals_run():
+    from tests.conftest import QUERIES
+
+    embedder = ExpandRQueryEmbedder()
+    sync = embedder.run(query=QUERIES[0], expansions=EXPANSIONS[0])["embedding"]
+    done = asyncio.run(embedder.run_async(query=QUERIES[0], expansions=EXPANSIONS[0]))["embedding"]
+    np.testing.assert_allclose(done, sync, rtol=1e-6)

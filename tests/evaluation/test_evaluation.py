@@ -11,14 +11,6 @@ from expandr_haystack.cli import main, per_query_path
 from expandr_haystack.evaluation import METHODS, EvalResult, evaluate, format_table, parse_methods, plot_metrics
 from expandr_haystack.evaluation.data import bundled_path, load_collection
 
-DOCS = [
-    ("d1", "Heat transfer", "Heat conduction in composite slabs with layers of different conductivity."),
-    ("d2", "Aeroelastic models", "Similarity laws for aeroelastic models of heated high speed aircraft."),
-    ("d3", "", "Boundary layer transition on a flat plate at supersonic speeds."),
-    ("d4", "Buckling", "Buckling of thin cylindrical shells under axial compression and external pressure."),
-    ("d5", "Rocket nozzles", "Flow separation in overexpanded rocket nozzles."),
-    ("d6", "Wing flutter", "Flutter of swept wings at transonic speeds measured in a wind tunnel."),
-]
 QUERIES = [
     ("1", "what problems of heat conduction in composite slabs have been solved"),
     ("2", "similarity laws for aeroelastic models of heated aircraft"),
@@ -29,14 +21,9 @@ QRELS = "query-id\tcorpus-id\tscore\n1\td1\t2\n2\td2\t1\n2\td6\t1\n3\td4\t1\n3\t
 
 
 @pytest.fixture()
-def beir(tmp_path):
+def beir(write_beir):
     """A tiny BEIR folder: 6 documents, 3 judged queries, one judgement of a document missing from the corpus."""
-    root = tmp_path / "tiny"
-    (root / "qrels").mkdir(parents=True)
-    (root / "corpus.jsonl").write_text("\n".join(json.dumps({"_id": i, "title": t, "text": x}) for i, t, x in DOCS))
-    (root / "queries.jsonl").write_text("\n".join(json.dumps({"_id": i, "text": q}) for i, q in QUERIES))
-    (root / "qrels" / "test.tsv").write_text(QRELS)
-    return root
+    return write_beir(QUERIES, QRELS, splits=("test",))
 
 
 def _check_shape(results, methods, queries):

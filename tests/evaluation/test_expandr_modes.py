@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -15,14 +14,6 @@ from expandr_haystack.evaluation.data import load_collection
 from expandr_haystack.evaluation.protocol import evaluate_seeds, select_settings
 from expandr_haystack.evaluation.stats import mean_sd, paired_randomization_test, paired_t_test
 
-DOCS = [
-    ("d1", "Heat transfer", "Heat conduction in composite slabs with layers of different conductivity."),
-    ("d2", "Aeroelastic models", "Similarity laws for aeroelastic models of heated high speed aircraft."),
-    ("d3", "", "Boundary layer transition on a flat plate at supersonic speeds."),
-    ("d4", "Buckling", "Buckling of thin cylindrical shells under axial compression and external pressure."),
-    ("d5", "Rocket nozzles", "Flow separation in overexpanded rocket nozzles."),
-    ("d6", "Wing flutter", "Flutter of swept wings at transonic speeds measured in a wind tunnel."),
-]
 QUERIES = [(str(i), q) for i, q in enumerate([
     "heat conduction in slabs", "laws for models of heated aircraft", "shells under compression",
     "separation in nozzles", "flutter of wings", "transition of boundary layers"], start=1)]
@@ -53,14 +44,8 @@ class EchoGenerator:
 
 
 @pytest.fixture()
-def beir(tmp_path):
-    root = tmp_path / "tiny"
-    (root / "qrels").mkdir(parents=True)
-    (root / "corpus.jsonl").write_text("\n".join(json.dumps({"_id": i, "title": t, "text": x}) for i, t, x in DOCS))
-    (root / "queries.jsonl").write_text("\n".join(json.dumps({"_id": i, "text": q}) for i, q in QUERIES))
-    (root / "qrels" / "test.tsv").write_text(QRELS)
-    (root / "qrels" / "train.tsv").write_text(QRELS)
-    return root
+def beir(write_beir):
+    return write_beir(QUERIES, QRELS, splits=("test", "train"))
 
 
 # -- pure pieces ------------------------------------------------------------------------------------------------

@@ -360,6 +360,10 @@ def test_cli_pairs_feed_one_dpo_step(tmp_path, capsys):
     settings = DPOSettings(max_steps=1, per_device_train_batch_size=1, max_length=128, device="cpu",
                            logging_steps=1)
     adapter = train_dpo(None, out, tmp_path / "dpo", settings)
+    from expandr_haystack.training.dpo import LOG_HISTORY, final_dpo_metrics
+
+    logged = final_dpo_metrics(json.loads((tmp_path / "dpo" / LOG_HISTORY).read_text()))
+    assert logged["steps"] == 1 and {"rewards/margins", "rewards/accuracies"} <= set(logged)
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 32, 0.1)
     assert set(config["target_modules"]) == {"q_proj", "v_proj"}
@@ -368,3 +372,20 @@ def test_cli_pairs_feed_one_dpo_step(tmp_path, capsys):
     # the next round continues the same adapter
     again = train_dpo(None, out, tmp_path / "dpo2", settings, adapter=str(adapter))
     assert (again / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.integration
+def test_cli_grounded_pairs_show_the_first_pass_hits(tmp_path, capsys):
+    """`expandr pairs --grounded`: each pair's prompt holds the query's top first-pass hits, cut to the words asked."""
+    out = tmp_path / "pairs.jsonl"
+    argv = ["--data", "cranfield", "--split", "train", "--out", str(out), "--n-candidates", "2", "--max-queries",
+            "2", "--max-new-tokens", "8", "--answer-max-new-tokens", "8", "--threshold", "0.0", "--cache", "none",
+            "--device", "cpu", "--no-progress", "--grounded", "--passages-k", "2", "--passage-words", "5"]
+    assert _pairs_main(argv) == 0
+    rows = _read(out)
+    assert len(rows) == 2
+    for row in rows:
+        user = row["prompt"][-1]["content"]
+        assert "[1] " in user and "[2] " in user and "[3] " not in user
+        first = user.split("[1] ", 1)[1].split("\n", 1)[0]
+        assert 1 <= len(first.split()) <= 5  # title + text cut to --passage-words
