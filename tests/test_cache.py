@@ -87,3 +87,18 @@ def test_model_identity_follows_content_not_location(tmp_path):
     assert model_identity("org/model", str(a)) == model_identity("org/model", str(b))
     (b / "adapter_model.safetensors").write_bytes(b"\x01" * 1000)
     assert model_identity("org/model", str(a)) != model_identity("org/model", str(b))
+
+
+def test_release_models_hands_freed_memory_back(monkeypatch):
+    """`release_models` forgets the memoised models and trims the C heap (glibc keeps freed tensors otherwise)."""
+    import sys as _sys
+
+    from expandr_haystack import models
+
+    calls = []
+    monkeypatch.setattr(models, "return_freed_memory", lambda: calls.append(1) or True)
+    models._LLMS[("x",)] = object()
+    models.release_models()
+    assert calls == [1] and not models._LLMS
+    monkeypatch.undo()
+    assert models.return_freed_memory() is _sys.platform.startswith("linux")
