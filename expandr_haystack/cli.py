@@ -2,8 +2,8 @@
 The `expandr` command line.
 
     expandr eval DATA_DIR [--split test] [--methods bm25,dense,expand,expand-rrf] [--encoder PATH] [--llm PATH]
-                 [--adapter PATH] [--n-expansions N] [--temperature T] [--query-weight W] [--cache PATH]
-                 [--json OUT] [--plot OUT.png] [--max-queries N] [--max-new-tokens N] [--backend B]
+                 [--adapter PATH] [--n-expansions N] [--temperature T] [--query-weight W] [--cache PATH | --no-cache]
+                 [--json OUT] [--run-file RUN.trec] [--plot OUT.png] [--max-queries N] [--max-new-tokens N] [--backend B]
                  [--depth N] [--keep-identical-ids]
     expandr pairs --data DATA_DIR --out pairs.jsonl ...     DPO preference pairs (expandr_haystack.training.cli)
     expandr train --config CONFIG.yaml ...                  joint training rounds (expandr_haystack.training.cli)
@@ -71,10 +71,18 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, metavar="S1,S2,...",
                    help="expansion seeds: report each expansion method as mean ± sd over them, with paired "
                         "randomization tests against dense and prf (default: one run with --seed)")
-    p.add_argument("--cache", default=None, help="persistent expansion cache (sqlite file)")
+    p.add_argument("--cache", default=None, metavar="PATH",
+                   help="persistent expansion cache (sqlite file; default <expandr home>/cache/expansions.sqlite, "
+                        "the one `expandr pairs` uses, so a rerun regenerates nothing)")
+    p.add_argument("--no-cache", action="store_true", help="generate every expansion afresh, cache nothing")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT",
-                   help='write {"methods": {method: means}, "settings": ..., "expansion_failures": n, ...} to OUT '
-                        "and per-query scores to OUT.per_query.json")
+                   help='write {"methods": {method: means}, "settings": ..., "expansion_failures": n, "beir": ..., '
+                        '"provenance": {models with fingerprints, seeds, package versions, date, argv, timings}} to '
+                        "OUT and per-query scores to OUT.per_query.json")
+    p.add_argument("--run-file", default=None, metavar="RUN.trec",
+                   help="write each method's ranking as a TREC run (qid Q0 docid rank score method; trec_eval and "
+                        "ranx read it), one file per method: RUN.<method>.trec (RUN.<method>.seed<S>.trec per "
+                        "seed with --seeds)")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="save a bar chart of the metrics")
     p.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N judged queries")
     p.add_argument("--max-new-tokens", type=int, default=96, help="expansion length limit (default: 96)")
@@ -135,14 +143,155 @@ def _check_eval_args(args: argparse.Namespace) -> None:
             raise CommandError(f"--seeds must be comma-separated integers like 1,2,3; got {args.seeds!r}.") from None
         if not args.seeds:
             raise CommandError("--seeds names no seed.")
-    for name in ("json_out", "plot"):  # fail before the (long) evaluation, not after it
+    if args.no_cache and args.cache is not None:
+        raise CommandError("--cache and --no-cache contradict each other; give one.")
+    for name in ("json_out", "plot", "run_file"):  # fail before the (long) evaluation, not after it
         out = getattr(args, name)
         if out is not None and Path(out).expanduser().is_dir():
-            raise CommandError(f"--{name.replace('_out', '')} {out}: is a directory; give a file name.")
+            raise CommandError(f"--{name.replace('_out', '').replace('_', '-')} {out}: is a directory; give a file "
+                               "name.")
+
+
+#: The modules of the `[eval]` extra that `expandr eval` needs, and the command that installs them.
+EVAL_EXTRA_INSTALL = 'pip install "expandr-haystack[eval]"'
+
+
+def missing_eval_modules(data_dir: str) -> list[str]:
+    """
+    The `[eval]` extra's modules that `expandr eval DATA_DIR` would need and cannot import: pytrec_eval (metrics)
+    always, beir when DATA_DIR is a dataset name still to download (neither a folder nor a bundled collection).
+    """
+    import importlib.util
+
+    from expandr_haystack.evaluation.data import bundled_names
+
+    needed = ["pytrec_eval"]
+    if not Path(data_dir).expanduser().exists() and data_dir not in bundled_names():
+        needed.append("beir")
+    return [m for m in needed if importlib.util.find_spec(m) is None]
+
+
+def check_eval_extra(data_dir: str) -> None:
+    """Fail before any loading, indexing or generation when the `[eval]` extra is missing, naming the fix."""
+    missing = missing_eval_modules(data_dir)
+    if missing:
+        raise CommandError(f"expandr eval needs the [eval] extra ({', '.join(missing)} not installed): "
+                           f"{EVAL_EXTRA_INSTALL}")
+
+
+def eval_cache_path(args: argparse.Namespace) -> str | None:
+    """The expansion cache of `expandr eval`: --cache, else the user cache (`expandr pairs`'s); None with --no-cache."""
+    from expandr_haystack.models import expandr_home
+
+    if args.no_cache:
+        return None
+    if args.cache is not None:
+        return None if args.cache.lower() == "none" else str(Path(args.cache).expanduser())
+    return str(expandr_home() / "cache" / "expansions.sqlite")
+
+
+def run_file_path(run_file: str | Path, method: str, seed: int | None = None) -> Path:
+    """
+    The TREC run file of one method for `--run-file PATH`: the method (and ``seed<S>``) inserted before PATH's
+    suffix (``run.trec`` -> ``run.dense.trec``, ``run.expand.seed1.trec``), appended when PATH has no suffix.
+    """
+    out = Path(run_file).expanduser()
+    middle = method + (f".seed{seed}" if seed is not None else "")
+    return out.with_name(f"{out.stem}.{middle}{out.suffix}") if out.suffix else out.with_name(f"{out.name}.{middle}")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages behind the numbers (None where one is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in ("expandr-haystack", "haystack-ai", "torch", "transformers", "sentence-transformers", "peft",
+                 "pytrec_eval-terrier", "beir"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _identity(path_or_id: str, adapter: str | None = None) -> str:
+    from expandr_haystack.models import model_identity
+
+    try:
+        return model_identity(path_or_id, adapter)
+    except Exception as exc:  # noqa: BLE001 - provenance must not fail a finished evaluation
+        return f"unavailable ({type(exc).__name__}: {exc})"
+
+
+def eval_provenance(args: argparse.Namespace, methods: Sequence[str], expander: Any | None, cache: str | None,
+                    timings: dict[str, float], started: str, argv: Sequence[str],
+                    query_weight: float | dict[str, float] | None = None) -> dict[str, Any]:
+    """
+    What produced the numbers of `expandr eval` (the "provenance" of --json): the encoder, LLM and adapter with
+    their fingerprints (`models.model_identity`; they change whenever the weights do), the generation settings and
+    seeds, the query weights (`query_weight`: the ones used, e.g. chosen by --tune-on; default --query-weight),
+    package versions, the date (UTC, ISO 8601), the command line and the timings.
+    """
+    from expandr_haystack.models import fingerprint, resolve_encoder_path
+
+    out: dict[str, Any] = {"date": started, "argv": list(argv), "packages": package_versions()}
+    if any(m != "bm25" for m in methods):
+        path = resolve_encoder_path(args.encoder)
+        out["encoder"] = {"model": args.encoder or "bundled:all-MiniLM-L6-v2", "path": path,
+                          "fingerprint": _identity(path)}
+    else:
+        out["encoder"] = None
+    if expander is not None:
+        from expandr_haystack.models import DEFAULT_LLM, dequantised_llm_dir, resolve_llm_path
+
+        sampler = getattr(expander, "_sampler", None)
+        bundled = args.llm is None or args.llm == DEFAULT_LLM  # its path, without preparing it
+        path = str(dequantised_llm_dir()) if bundled else resolve_llm_path(args.llm)
+        out["llm"] = {"model": args.llm or "bundled:SmolLM2-135M-Instruct", "path": path,
+                      "fingerprint": _identity(path),
+                      "sampler": getattr(sampler, "identity", None), "backend": args.backend}
+        out["adapter"] = (None if args.adapter is None else
+                          {"path": str(Path(args.adapter).expanduser()),
+                           "fingerprint": fingerprint(Path(args.adapter))})
+        out["generation"] = {"n_expansions": args.n_expansions, "temperature": args.temperature,
+                             "top_p": getattr(expander, "top_p", None), "max_new_tokens": args.max_new_tokens,
+                             "batch_size": args.batch_size, "prompt": expander.prompt,
+                             "system_prompt": expander.system_prompt}
+        out["seeds"] = list(args.seeds) if args.seeds is not None else [args.seed]
+        out["cache"] = cache
+    else:
+        out["llm"] = out["adapter"] = out["generation"] = None
+        out["seeds"] = []
+    out["query_weight"] = parse_query_weight(args.query_weight) if query_weight is None else query_weight
+    out["timings"] = {k: round(float(v), 3) for k, v in timings.items()}
+    return out
+
+
+def write_run_files(run_file: str, runs: dict[str, Any], seeds: Sequence[int] | None = None) -> list[Path]:
+    """
+    Write `--run-file`: ``runs[method]`` is one ranking ``{qid: [(doc_id, score), ...]}``, or (`--seeds`) a list of
+    them: one per seed (files ``RUN.<method>.seed<S>``) for the expansion methods, a single one for the others.
+    """
+    from expandr_haystack.evaluation.metrics import write_trec_run
+    from expandr_haystack.evaluation.runner import EXPANSION_METHODS
+
+    written = []
+    for method, ranked in runs.items():
+        if isinstance(ranked, list):
+            if seeds is None or method not in EXPANSION_METHODS:
+                written.append(write_trec_run(run_file_path(run_file, method), ranked[0], method))
+            else:
+                for seed, one in zip(seeds, ranked, strict=True):
+                    written.append(write_trec_run(run_file_path(run_file, method, seed), one, method))
+        else:
+            written.append(write_trec_run(run_file_path(run_file, method), ranked, method))
+    return written
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run `expandr eval` with parsed arguments; returns the exit status."""
+    from datetime import UTC, datetime
+
     from expandr_haystack.components.expander import LLMQueryExpander
     from expandr_haystack.evaluation import evaluate, format_table, parse_methods, plot_metrics
     from expandr_haystack.evaluation.data import load_collection
@@ -150,8 +299,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from expandr_haystack.evaluation.runner import EXPANSION_METHODS, method_weights
     from expandr_haystack.files import atomic_write_json
 
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    argv = list(getattr(args, "argv", None) or sys.argv)
     methods = parse_methods(args.methods)  # before any loading: a typo fails at once
     _check_eval_args(args)
+    check_eval_extra(args.data_dir)  # before any loading, indexing or generation
+    cache = eval_cache_path(args)
     settings = {"query_weight": parse_query_weight(args.query_weight), "feedback_k": args.feedback_k,
                 "feedback_weight": args.feedback_weight}
     scoring = {"ignore_identical_ids": args.ignore_identical_ids, "depth": args.depth}
@@ -163,7 +316,7 @@ def run_eval(args: argparse.Namespace) -> int:
     expander = None
     if any(m in EXPANSION_METHODS for m in methods):
         expander = LLMQueryExpander(model=args.llm, adapter=args.adapter, n_expansions=args.n_expansions,
-                                    temperature=args.temperature, cache=args.cache,
+                                    temperature=args.temperature, cache=cache,
                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                                     progress_bar=not args.no_progress, backend=args.backend)
     tuned = None
@@ -192,6 +345,7 @@ def run_eval(args: argparse.Namespace) -> int:
                    "per_seed": {m: r["per_seed"] for m, r in report.rows.items()}, "beir": report.beir}
         per_query = report.per_query
         failures = report.failures
+        timings, runs = report.timings, report.runs
     else:
         result = evaluate(collection, methods, encoder=args.encoder, expander=expander,
                           progress_bar=not args.no_progress, **settings, **scoring)
@@ -208,9 +362,15 @@ def run_eval(args: argparse.Namespace) -> int:
         per_query = result.per_query
         failures = sum(result.failures.values())
         means = result.metrics
+        timings, runs = result.timings, result.runs
     if failures:
         print(f"expansion failures: {failures} samples fell back to the query alone (see the warnings above)")
+    if args.run_file:
+        for path in write_run_files(args.run_file, runs, args.seeds):
+            print(f"wrote {path}")
     if args.json_out:
+        payload["provenance"] = eval_provenance(args, methods, expander, cache, timings, started, argv,
+                                                settings.get("query_weight"))
         out = atomic_write_json(Path(args.json_out).expanduser(), payload)
         pq = atomic_write_json(per_query_path(out), per_query)
         print(f"wrote {out} and {pq}")
@@ -257,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = ["expandr", *(sys.argv[1:] if argv is None else argv)]
     except SystemExit as exc:  # usage errors, --help, --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if getattr(args, "func", None) is None:

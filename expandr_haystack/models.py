@@ -196,11 +196,16 @@ def load_encoder(
         return _ENCODERS[key]
 
 
-def load_llm(model: str | None, adapter: str | None, device: str, dtype: str = "auto"):
+def load_llm(model: str | None, adapter: str | None, device: str, dtype: str = "auto",
+             model_kwargs: dict[str, Any] | None = None, token: str | None = None):
     """
     A (memoised) ``(model, tokenizer)`` pair, with an optional PEFT LoRA adapter merged in.
 
     :param dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16".
+    :param model_kwargs: Extra keyword arguments of ``AutoModelForCausalLM.from_pretrained`` (they win over
+        `dtype`); a ``quantization_config`` given as a dict becomes a ``BitsAndBytesConfig``. With ``device_map`` or
+        a quantization config the model is left where transformers placed it (not moved to `device`).
+    :param token: Hugging Face token for gated models, passed to ``from_pretrained`` (model, tokenizer, adapter).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -211,23 +216,36 @@ def load_llm(model: str | None, adapter: str | None, device: str, dtype: str = "
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"`dtype` must be 'auto', 'float32', 'bfloat16' or 'float16'; got {dtype!r}.")
-    key = (path, adapter, adapter and fingerprint(Path(adapter)), device, dtype)  # a retrained adapter reloads
+    model_kwargs = dict(model_kwargs or {})
+    if model_kwargs:
+        from haystack.utils.hf import deserialize_hf_model_kwargs
+
+        deserialize_hf_model_kwargs(model_kwargs)  # "torch.bfloat16" (a YAML value) -> torch.bfloat16
+    if isinstance(model_kwargs.get("quantization_config"), dict):
+        from transformers import BitsAndBytesConfig
+
+        model_kwargs["quantization_config"] = BitsAndBytesConfig(**model_kwargs["quantization_config"])
+    placed = "device_map" in model_kwargs or "quantization_config" in model_kwargs
+    # a retrained adapter reloads; the token changes no weight
+    key = (path, adapter, adapter and fingerprint(Path(adapter)), device, dtype,
+           repr(sorted(model_kwargs.items())) if model_kwargs else None)
     with _LOCK:
         if key in _LLMS:
             return _LLMS[key]
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, token=token)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        llm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        precision = {} if {"dtype", "torch_dtype"} & set(model_kwargs) else {"dtype": getattr(torch, dtype)}
+        llm = AutoModelForCausalLM.from_pretrained(path, token=token, **precision, **model_kwargs)
         if adapter is not None:
             from peft import PeftModel
 
             try:
-                llm = PeftModel.from_pretrained(llm, str(Path(adapter).expanduser())).merge_and_unload()
+                llm = PeftModel.from_pretrained(llm, str(Path(adapter).expanduser()), token=token).merge_and_unload()
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise ValueError(f"`adapter` {adapter!r} does not fit the base model {path!r}: {exc}") from exc
-        llm.to(device).eval()
+        (llm if placed else llm.to(device)).eval()
         _LLMS[key] = (llm, tokenizer)
         return _LLMS[key]
 

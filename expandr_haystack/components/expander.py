@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict
-from haystack.utils import ComponentDevice
+from haystack.utils import ComponentDevice, Secret, deserialize_secrets_inplace
 
 from expandr_haystack.cache import ExpansionCache, cache_key
 from expandr_haystack.checks import check_adapter_dir, check_choice, check_int, check_number
@@ -23,6 +23,7 @@ from expandr_haystack.core.text import (
     check_query,
     clean_generation,
     format_passages,
+    has_placeholder,
 )
 from expandr_haystack.generation import BACKENDS, PLAIN_CACHE_ENGINES, make_sampler
 from expandr_haystack.models import DEFAULT_LLM, resolve_device, resolve_llm_path
@@ -32,7 +33,23 @@ logger = logging.getLogger(__name__)
 ON_FAILURE = ("skip", "raise")
 #: Settings the loaded engine depends on (`with_settings` keeps the engine when none of them changes).
 _ENGINE_SETTINGS = ("model", "adapter", "chat_generator", "device", "dtype", "backend", "max_prompt_tokens",
-                    "max_retries", "retry_backoff", "max_concurrency")
+                    "max_retries", "retry_backoff", "max_concurrency", "model_kwargs", "token")
+#: `generation_kwargs` keys that are this component's own settings (the key wins over the argument).
+GENERATION_SETTINGS = ("max_new_tokens", "temperature", "top_p")
+
+
+def _split_generation_kwargs(generation_kwargs: dict[str, Any] | None, local: bool) -> tuple[dict, dict]:
+    """``(own settings, the rest)`` of `generation_kwargs`; the rest only goes to a chat generator."""
+    if generation_kwargs is None:
+        return {}, {}
+    if not isinstance(generation_kwargs, dict) or not all(isinstance(k, str) for k in generation_kwargs):
+        raise TypeError(f"`generation_kwargs` must be a dict with string keys; got {generation_kwargs!r:.120}.")
+    own = {k: v for k, v in generation_kwargs.items() if k in GENERATION_SETTINGS}
+    rest = {k: v for k, v in generation_kwargs.items() if k not in GENERATION_SETTINGS}
+    if local and rest:
+        raise ValueError(f"`generation_kwargs`: {sorted(rest)} not supported by the local backends (they take "
+                         f"{list(GENERATION_SETTINGS)}); other keys go only to a `chat_generator`.")
+    return own, rest
 
 
 @dataclass
@@ -52,6 +69,19 @@ class ExpansionRow:
 
 def _row_seed(*parts: Any) -> int:
     return int(hashlib.sha256("|".join(map(str, parts)).encode("utf-8", errors="replace")).hexdigest()[:15], 16)
+
+
+def _serialized_model_kwargs(model_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A JSON-friendly copy of `model_kwargs` (torch dtypes as "torch.bfloat16", as Haystack's HF components)."""
+    if not model_kwargs:
+        return None
+    import copy
+
+    from haystack.utils.hf import serialize_hf_model_kwargs
+
+    out = copy.deepcopy(model_kwargs)
+    serialize_hf_model_kwargs(out)
+    return out
 
 
 @component
@@ -109,6 +139,9 @@ class LLMQueryExpander:
         backend: str = "auto",
         passages_k: int = 3,
         passage_words: int = 50,
+        generation_kwargs: dict[str, Any] | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        token: Secret | None = Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False),  # noqa: B008
     ):
         """
         Create the expander.
@@ -118,7 +151,8 @@ class LLMQueryExpander:
         :param chat_generator: A Haystack ChatGenerator to use instead of a local model (remote APIs).
         :param prompt: Template with a `{query}` placeholder, sent as the user turn; optionally `{document}` (the
             answer prompt, `ANSWER_PROMPT`) or `{passages}` (grounded expansion, `GROUNDED_PROMPT`: the expander then
-            reads the `documents` of a first retrieval).
+            reads the `documents` of a first retrieval). Each may also be written as Haystack's Jinja
+            `{{ query }}`, `{{ document }}`, `{{ passages }}` (`core.text.render_prompt` fills both forms).
         :param system_prompt: Optional system message.
         :param n_expansions: Expansions per query (>= 1).
         :param temperature: Sampling temperature (>= 0; 0 = greedy).
@@ -143,9 +177,33 @@ class LLMQueryExpander:
             the `vllm` extra). Unused with `chat_generator`.
         :param passages_k: Grounded prompts: how many of the given documents go into `{passages}`.
         :param passage_words: Grounded prompts: words kept of each passage (title first).
+        :param generation_kwargs: Generation settings as Haystack generators take them, e.g.
+            ``{"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.95}``: those three set the arguments of the same
+            name (the key wins); any other key is passed through to the `chat_generator`'s `generation_kwargs` (with a
+            local model it is refused: the local backends only take those three). Stored without the three.
+        :param model_kwargs: Keyword arguments for ``AutoModelForCausalLM.from_pretrained`` of the local
+            (transformers) model, e.g. ``{"device_map": "auto"}``, ``{"attn_implementation": "sdpa"}`` or a
+            quantization config; part of the cache key when given. Not with `chat_generator` or `backend="vllm"`.
+        :param token: Hugging Face token for gated models (the paper config names a gated Llama), passed to
+            ``from_pretrained`` as ``token=``; default: the `HF_API_TOKEN` or `HF_TOKEN` environment variable when set.
+            Serialized as a reference to the variable, never as its value.
         """
-        if not isinstance(prompt, str) or "{query}" not in prompt:
-            raise ValueError(f"`prompt` must be a string containing the placeholder '{{query}}'; got {prompt!r:.120}.")
+        if not isinstance(prompt, str) or not has_placeholder(prompt, "query"):
+            raise ValueError(f"`prompt` must be a string containing the placeholder '{{query}}' (or Jinja "
+                             f"'{{{{ query }}}}'); got {prompt!r:.120}.")
+        own, generation_kwargs = _split_generation_kwargs(generation_kwargs, local=chat_generator is None)
+        temperature = own.get("temperature", temperature)
+        top_p = own.get("top_p", top_p)
+        max_new_tokens = own.get("max_new_tokens", max_new_tokens)
+        if model_kwargs is not None and not (isinstance(model_kwargs, dict)
+                                             and all(isinstance(k, str) for k in model_kwargs)):
+            raise TypeError(f"`model_kwargs` must be a dict with string keys; got {model_kwargs!r:.120}.")
+        if model_kwargs and (chat_generator is not None or backend == "vllm"):
+            raise ValueError("`model_kwargs` go to transformers' from_pretrained of a local model; they do not apply "
+                             "with `chat_generator` or `backend='vllm'`.")
+        if token is not None and not isinstance(token, Secret):
+            raise TypeError("`token` must be a haystack.utils.Secret (e.g. Secret.from_env_var('HF_TOKEN')) or None; "
+                            f"got {type(token).__name__}.")
         check_int(n_expansions, "n_expansions")
         check_number(temperature, "temperature", 0.0)
         check_number(top_p, "top_p", 0.0, 1.0, low_open=True)
@@ -158,7 +216,7 @@ class LLMQueryExpander:
         check_choice(on_failure, "on_failure", ON_FAILURE)
         check_int(passages_k, "passages_k")
         check_int(passage_words, "passage_words")
-        if "{document}" in prompt and "{passages}" in prompt:
+        if has_placeholder(prompt, "document") and has_placeholder(prompt, "passages"):
             raise ValueError("`prompt` may hold '{document}' (answer prompt) or '{passages}' (grounded expansion), "
                              "not both.")
         if chat_generator is not None and (model is not None or adapter is not None):
@@ -189,6 +247,9 @@ class LLMQueryExpander:
         self.backend = backend
         self.passages_k = passages_k
         self.passage_words = passage_words
+        self.generation_kwargs = generation_kwargs  # the keys beyond max_new_tokens/temperature/top_p
+        self.model_kwargs = dict(model_kwargs) if model_kwargs else None
+        self.token = token
         self._sampler = None
         self._cache: ExpansionCache | None = None
         #: ``{query index: failed samples}`` of the last `expand` call (empty when every row worked).
@@ -205,11 +266,22 @@ class LLMQueryExpander:
             max_retries=self.max_retries, retry_backoff=self.retry_backoff, max_concurrency=self.max_concurrency,
             on_failure=self.on_failure, progress_bar=self.progress_bar, backend=self.backend,
             passages_k=self.passages_k, passage_words=self.passage_words,
+            generation_kwargs=self.generation_kwargs or None, model_kwargs=_serialized_model_kwargs(self.model_kwargs),
+            token=self.token.to_dict() if self.token is not None else None,
         )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LLMQueryExpander:
         """Deserialize from a dictionary made by `to_dict` (the input is not modified)."""
+        import copy
+
+        data = copy.deepcopy(data)
+        params = data.get("init_parameters", {})
+        deserialize_secrets_inplace(params, keys=["token"])
+        if params.get("model_kwargs"):
+            from haystack.utils.hf import deserialize_hf_model_kwargs
+
+            deserialize_hf_model_kwargs(params["model_kwargs"])
         return default_from_dict(cls, data)
 
     def warm_up(self) -> None:
@@ -219,7 +291,8 @@ class LLMQueryExpander:
                 self.model, self.adapter, self.chat_generator, backend=self.backend,
                 device=resolve_device(self.device) if self.chat_generator is None else "cpu", dtype=self.dtype,
                 max_prompt_tokens=self.max_prompt_tokens, max_retries=self.max_retries,
-                retry_backoff=self.retry_backoff, max_concurrency=self.max_concurrency)
+                retry_backoff=self.retry_backoff, max_concurrency=self.max_concurrency,
+                model_kwargs=self.model_kwargs, token=self.token.resolve_value() if self.token is not None else None)
         if self.cache is not None and self._cache is None:
             self._cache = ExpansionCache(self.cache)
 
@@ -254,7 +327,7 @@ class LLMQueryExpander:
     @property
     def grounded(self) -> bool:
         """Whether the prompt reads retrieved passages (`{passages}`): `run` then needs `documents`."""
-        return "{passages}" in self.prompt
+        return has_placeholder(self.prompt, "passages")
 
     @component.output_types(query=str, expansions=list[str], failures=list[str])
     def run(self, query: str, document: str | None = None, documents: list[Document] | None = None) -> dict[str, Any]:
@@ -322,7 +395,8 @@ class LLMQueryExpander:
         if missing:
             outs = await self._sampler.sample_async([r.messages for r in missing], [0] * len(missing),
                                                     [r.temperature for r in missing], self.top_p,
-                                                    self.max_new_tokens, clean=self._cleaner(missing))
+                                                    self.max_new_tokens, clean=self._cleaner(missing),
+                                                    generation_kwargs=self.generation_kwargs)
             self._take(missing, outs)
             self._store(missing)
         return self._collect(rows, len(queries))
@@ -333,7 +407,7 @@ class LLMQueryExpander:
         if isinstance(queries, str) or not isinstance(queries, Sequence):
             raise TypeError(f"`queries` must be a list of strings; got {type(queries).__name__}.")
         n = check_int(self.n_expansions if n is None else n, "n")
-        needs_doc = "{document}" in self.prompt
+        needs_doc = has_placeholder(self.prompt, "document")
         if needs_doc and (documents is None or len(documents) != len(queries)):
             raise ValueError("This expander's `prompt` has a '{document}' placeholder: pass `documents`, one "
                              "string per query.")
@@ -364,10 +438,24 @@ class LLMQueryExpander:
                 t = temps[i % len(temps)]
                 seed_key = cache_key(model=self._sampler.identity, prompt=self.prompt, system=self.system_prompt,
                                      query=query, document=doc, index=i, temperature=t, top_p=self.top_p,
-                                     max_new_tokens=self.max_new_tokens, seed=self.seed, **fields)
+                                     max_new_tokens=self.max_new_tokens, seed=self.seed, **fields,
+                                     **self._extra_key_parts())
                 key = cache_key(row=seed_key, engine=cache_engine) if cache_engine else seed_key
                 rows.append(ExpansionRow(qi, i, query, messages, t, key, seed_key))
         return rows
+
+    def _extra_key_parts(self) -> dict[str, Any]:
+        """Cache-key parts of the settings beyond the original ones, present only when set: keys made with the
+        default settings stay exactly those of earlier versions (existing caches stay valid)."""
+        parts: dict[str, Any] = {}
+        if self.generation_kwargs:
+            parts["generation_kwargs"] = self.generation_kwargs
+        if self.model_kwargs:
+            import json
+
+            serialized = _serialized_model_kwargs(self.model_kwargs)
+            parts["model_kwargs"] = json.loads(json.dumps(serialized, sort_keys=True, default=repr))
+        return parts
 
     def _lookup(self, rows: list[ExpansionRow]) -> list[ExpansionRow]:
         if self._cache is not None:
@@ -395,7 +483,8 @@ class LLMQueryExpander:
         cleaned text is empty are sampled again with a new seed, up to `max_retries` times."""
         if self.chat_generator is not None:
             outs = self._sampler.sample([r.messages for r in rows], [0] * len(rows), [r.temperature for r in rows],
-                                        self.top_p, self.max_new_tokens, clean=self._cleaner(rows))
+                                        self.top_p, self.max_new_tokens, clean=self._cleaner(rows),
+                                        generation_kwargs=self.generation_kwargs)
             self._take(rows, outs)
             return
         todo = rows

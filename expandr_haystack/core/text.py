@@ -48,12 +48,29 @@ def format_passages(documents: Any, k: int = 3, words: int = 50) -> str:
     return "\n".join(lines)
 
 
+#: A placeholder of a prompt: Haystack's Jinja ``{{ name }}`` (spaces optional) or this package's ``{name}``.
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}|\{(\w+)\}")
+
+
+def has_placeholder(prompt: str, name: str) -> bool:
+    """Whether `prompt` holds the placeholder `name`, as ``{name}`` or as Jinja's ``{{ name }}``."""
+    return any((m.group(1) or m.group(2)) == name for m in _PLACEHOLDER.finditer(prompt))
+
+
 def render_prompt(prompt: str, query: str, document: str | None = None, **fields: str) -> str:
-    """The user turn: `prompt` with `{query}` (and `{document}`, and any other `{name}` in `fields`) filled in."""
-    text = prompt.replace("{query}", query).replace("{document}", document or "")
-    for name, value in fields.items():
-        text = text.replace("{" + name + "}", value)
-    return text
+    """
+    The user turn: `prompt` with `{query}` (and `{document}`, and any other `{name}` in `fields`) filled in. Each
+    placeholder may also be written as Haystack's Jinja ``{{ query }}`` (spaces optional); both forms are filled in
+    one pass, so text inside a value (a query that contains "{document}") is never substituted again. Other braces
+    are left as they are.
+    """
+    values = {"query": query, "document": document or "", **fields}
+
+    def fill(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        return values[name] if name in values else match.group(0)
+
+    return _PLACEHOLDER.sub(fill, prompt)
 
 
 def chat_messages(prompt: str, query: str, system_prompt: str | None = None, document: str | None = None,
@@ -147,5 +164,6 @@ __all__ = [
     "clean_text",
     "document_text",
     "format_passages",
+    "has_placeholder",
     "render_prompt",
 ]

@@ -15,6 +15,8 @@ Retrieval metrics through pytrec_eval.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
+from pathlib import Path
 
 from haystack import Document
 
@@ -37,6 +39,49 @@ def run_from_documents(query_ids: Sequence[str], results: Sequence[Sequence[Docu
 def drop_identical_ids(run: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
     """A copy of `run` without the hits whose document id equals their query id (BEIR's `ignore_identical_ids`)."""
     return {qid: {pid: score for pid, score in hits.items() if pid != qid} for qid, hits in run.items()}
+
+
+def trec_run_lines(ranked: Mapping[str, Sequence[tuple[str, float | None]]], tag: str) -> list[str]:
+    """
+    TREC run lines ``qid Q0 docid rank score tag`` (rank from 1) of ``{query_id: [(doc_id, score), ...]}`` (best
+    first), the format `trec_eval`, pytrec_eval and ranx read. Those tools re-sort each query by score (ties by doc
+    id), so the retrievers' scores are written where they strictly decrease down the ranking; for a query where
+    they do not (ties, or a hit without a score) the score column is ``n - rank + 1`` instead, which keeps exactly
+    the evaluated order.
+    """
+    if not tag or any(c.isspace() for c in tag):
+        raise ValueError(f"TREC run `tag` must be one word; got {tag!r}.")
+    lines = []
+    for qid, hits in ranked.items():
+        scores = [None if s is None else float(s) for _, s in hits]
+        if any(s is None for s in scores) or any(a <= b for a, b in pairwise(scores)):
+            scores = [float(len(hits) - rank) for rank in range(len(hits))]
+        for rank, ((doc_id, _), score) in enumerate(zip(hits, scores), start=1):
+            if any(c.isspace() for c in str(qid) + str(doc_id)):
+                raise ValueError(f"TREC runs cannot hold ids with whitespace: query {qid!r}, document {doc_id!r}.")
+            lines.append(f"{qid} Q0 {doc_id} {rank} {score!r} {tag}")
+    return lines
+
+
+def write_trec_run(path: str | Path, ranked: Mapping[str, Sequence[tuple[str, float | None]]], tag: str) -> Path:
+    """Write `trec_run_lines` to `path` (parent folders created, replaced atomically); returns the path."""
+    from expandr_haystack.files import atomic_write_text
+
+    return atomic_write_text(Path(path).expanduser(), "".join(line + "\n" for line in trec_run_lines(ranked, tag)))
+
+
+def read_trec_run(path: str | Path) -> dict[str, dict[str, float]]:
+    """A TREC run file as ``{query_id: {doc_id: score}}`` (the dict pytrec_eval and `beir_metrics` take)."""
+    run: dict[str, dict[str, float]] = {}
+    for n, line in enumerate(Path(path).expanduser().read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 6:
+            raise ValueError(f"{path}:{n}: a TREC run line has 6 fields (qid Q0 docid rank score tag); got {line!r}.")
+        qid, _, doc_id, _, score, _ = parts
+        run.setdefault(qid, {})[doc_id] = float(score)
+    return run
 
 
 def _pytrec_eval():
@@ -114,4 +159,4 @@ def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, floa
 
 
 __all__ = ["K_VALUES", "METRICS", "MRR_K_VALUES", "beir_metrics", "drop_identical_ids", "evaluate_run",
-           "run_from_documents"]
+           "read_trec_run", "run_from_documents", "trec_run_lines", "write_trec_run"]

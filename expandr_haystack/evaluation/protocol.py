@@ -121,7 +121,9 @@ class SeedReport:
     """
     Metrics over expansion seeds: ``rows[method] = {metric: mean, metric + "_sd": sd, "per_seed": {metric: [...]},
     "seeds": n}`` (methods without an LLM run once: sd 0), seed-averaged per-query nDCG@10, and paired tests;
-    ``beir[method]`` is BEIR's own metrics of each run (one dict per seed; `EvalResult.beir`).
+    ``beir[method]`` is BEIR's own metrics of each run (one dict per seed; `EvalResult.beir`); ``runs[method]`` the
+    evaluated rankings of each run (one per seed, in `seeds` order; `EvalResult.runs`), ``timings`` the seconds per
+    step summed over the runs.
     """
 
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -130,6 +132,8 @@ class SeedReport:
     failures: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
     beir: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    runs: dict[str, list[dict[str, list[tuple[str, float | None]]]]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def compare(self, method: str, baseline: str, label: str | None = None, seed: int = 0) -> dict[str, Any]:
         """Add (and return) the paired randomization test of `method` against `baseline` on nDCG@10."""
@@ -207,6 +211,10 @@ def evaluate_seeds(collection: Collection, methods: Sequence[str], seeds: Sequen
         report.rows[m] = row
         report.per_query[m] = average_per_query([r.per_query[m] for r in runs])
         report.beir[m] = [getattr(r, "beir", {}).get(m, {}) for r in runs]
+        report.runs[m] = [getattr(r, "runs", {}).get(m, {}) for r in runs]
+    for r in {id(r): r for rs in results.values() for r in rs}.values():
+        for step, seconds in getattr(r, "timings", {}).items():
+            report.timings[step] = report.timings.get(step, 0.0) + seconds
     return report
 
 

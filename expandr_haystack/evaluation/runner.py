@@ -60,7 +60,9 @@ class EvalResult(dict):
     - `failures`: ``{query_id: number of expansions that failed}`` (rows that fell back to the query alone);
     - `timings`: seconds spent per step (``"index-dense"``, ``"index-bm25"``, ``"expansion"``, and each method);
     - `beir`: ``{method: {"NDCG@k", "MAP@k", "Recall@k", "P@k", "MRR@10"}}``, BEIR's own numbers for the same run
-      (`metrics.beir_metrics`: rounded to 5 decimals, k = 1, 3, 5, 10, 100, 1000 up to the retrieval depth).
+      (`metrics.beir_metrics`: rounded to 5 decimals, k = 1, 3, 5, 10, 100, 1000 up to the retrieval depth);
+    - `runs`: ``{method: {query_id: [(doc_id, score), ...]}}``, the evaluated rankings, best first, with the
+      retrievers' scores (None where a hit has none); `metrics.write_trec_run` writes one as a TREC run.
     """
 
     def __init__(self, metrics: dict[str, dict[str, float]] | None = None,
@@ -76,6 +78,7 @@ class EvalResult(dict):
         self.grounded_expansions: dict[str, list[str]] = {}
         self.settings: dict[str, dict[str, Any]] = {}
         self.beir: dict[str, dict[str, float]] = {}
+        self.runs: dict[str, dict[str, list[tuple[str, float | None]]]] = {}
 
     @property
     def metrics(self) -> dict[str, dict[str, float]]:
@@ -209,6 +212,7 @@ def evaluate(
             result.settings[name] = settings
         result.timings[name] = time.perf_counter() - started
         run = run_from_documents(query_ids, hits)
+        result.runs[name] = {str(q): [(d.id, d.score) for d in docs] for q, docs in zip(query_ids, hits)}
         means, per_query = evaluate_run(collection.qrels, run, ignore_identical_ids=ignore_identical_ids)
         result.beir[name] = beir_metrics(collection.qrels, run, k_values=[k for k in K_VALUES if k <= depth],
                                          ignore_identical_ids=ignore_identical_ids)

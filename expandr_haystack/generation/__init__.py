@@ -72,7 +72,8 @@ def sampler_identity(model_id: str, dtype: str, device: str) -> str:
 
 def make_sampler(model: str | None = None, adapter: str | None = None, chat_generator: Any | None = None,
                  backend: str = "auto", device: str = "cpu", dtype: str = "auto", max_prompt_tokens: int = 1024,
-                 max_retries: int = 2, retry_backoff: float = 1.0, max_concurrency: int = 8):
+                 max_retries: int = 2, retry_backoff: float = 1.0, max_concurrency: int = 8,
+                 model_kwargs: dict[str, Any] | None = None, token: str | None = None):
     """
     The sampler for a model (+ LoRA adapter) or a Haystack ChatGenerator.
 
@@ -81,6 +82,8 @@ def make_sampler(model: str | None = None, adapter: str | None = None, chat_gene
     :param device: torch device string for a local model.
     :param max_retries: Remote only: retries of a failed call (local samplers are retried by the caller with new
         seeds).
+    :param model_kwargs: transformers path only: extra keyword arguments of ``from_pretrained`` (`models.load_llm`).
+    :param token: Hugging Face token for gated models (``from_pretrained(..., token=...)``; vLLM reads `HF_TOKEN`).
     """
     from expandr_haystack.models import load_llm, model_identity, resolve_llm_path
 
@@ -90,6 +93,8 @@ def make_sampler(model: str | None = None, adapter: str | None = None, chat_gene
         return ChatGeneratorSampler(chat_generator, max_prompt_tokens=max_prompt_tokens, max_retries=max_retries,
                                     retry_backoff=retry_backoff, max_concurrency=max_concurrency)
     path = resolve_llm_path(model)
+    if model_kwargs and backend == "vllm":
+        raise ValueError("`model_kwargs` go to transformers' from_pretrained; backend 'vllm' does not take them.")
     if backend == "vllm":
         from expandr_haystack.generation.vllm import VLLMSampler
 
@@ -99,7 +104,7 @@ def make_sampler(model: str | None = None, adapter: str | None = None, chat_gene
     else:
         from expandr_haystack.generation.local import LocalSampler
 
-        llm, tokenizer = load_llm(model, adapter, device, dtype)
+        llm, tokenizer = load_llm(model, adapter, device, dtype, model_kwargs=model_kwargs, token=token)
         sampler = LocalSampler(llm, tokenizer, max_prompt_tokens=max_prompt_tokens, backend=backend)
         sampler.identity = sampler_identity(model_identity(path, adapter), dtype, device)
     return sampler

@@ -65,15 +65,18 @@ class ChatGeneratorSampler:
 
     def sample(self, messages: Sequence[list[dict[str, str]]], seeds: Sequence[int], temperatures: Sequence[float],
                top_p: float, max_new_tokens: int, batch_size: int = 16, progress_bar: bool = False,
-               desc: str = "Generating", clean: Callable[[int, str], str] | None = None) -> list[str | Exception]:
+               desc: str = "Generating", clean: Callable[[int, str], str] | None = None,
+               generation_kwargs: dict[str, Any] | None = None) -> list[str | Exception]:
         """
         One completion per row (sync entry point of `sample_async`; runs its own event loop, in a worker thread
         when the caller is already inside one).
 
         :param clean: ``clean(row, text)`` applied to every reply; a reply that cleans to "" is retried.
+        :param generation_kwargs: More ``generation_kwargs`` for the generator (temperature and top_p are the rows').
         :returns: Per row its cleaned text, or the exception of its last attempt when every attempt failed.
         """
-        coroutine = self.sample_async(messages, seeds, temperatures, top_p, max_new_tokens, clean=clean)
+        coroutine = self.sample_async(messages, seeds, temperatures, top_p, max_new_tokens, clean=clean,
+                                      generation_kwargs=generation_kwargs)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -87,24 +90,27 @@ class ChatGeneratorSampler:
     async def sample_async(self, messages: Sequence[list[dict[str, str]]], seeds: Sequence[int],
                            temperatures: Sequence[float], top_p: float, max_new_tokens: int, batch_size: int = 16,
                            progress_bar: bool = False, desc: str = "Generating",
-                           clean: Callable[[int, str], str] | None = None) -> list[str | Exception]:
+                           clean: Callable[[int, str], str] | None = None,
+                           generation_kwargs: dict[str, Any] | None = None) -> list[str | Exception]:
         """Like `sample`, awaited: up to `max_concurrency` calls in flight. `seeds` are not sent (APIs differ)."""
         semaphore = asyncio.Semaphore(self.max_concurrency)
         pool = None
         if not hasattr(self.chat_generator, "run_async"):  # sync-only: max_concurrency threads, not asyncio's default
             pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="expandr-remote")
         try:
-            rows = [self._row(k, m, t, top_p, semaphore, pool, clean)
+            rows = [self._row(k, m, t, top_p, semaphore, pool, clean, generation_kwargs)
                     for k, (m, t) in enumerate(zip(messages, temperatures))]
             return list(await asyncio.gather(*rows))
         finally:
             if pool is not None:
                 pool.shutdown(wait=False)
 
-    async def _row(self, k: int, messages, temperature: float, top_p: float, semaphore, pool, clean):
+    async def _row(self, k: int, messages, temperature: float, top_p: float, semaphore, pool, clean,
+                   generation_kwargs: dict[str, Any] | None = None):
         chat = [ChatMessage.from_system(m["content"]) if m["role"] == "system" else ChatMessage.from_user(m["content"])
                 for m in messages]
-        kwargs = {"messages": chat, "generation_kwargs": {"temperature": temperature, "top_p": top_p}}
+        kwargs = {"messages": chat,
+                  "generation_kwargs": (generation_kwargs or {}) | {"temperature": temperature, "top_p": top_p}}
         error: Exception = ValueError("empty reply")
         async with semaphore:
             for attempt in range(self.max_retries + 1):

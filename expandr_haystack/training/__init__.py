@@ -20,8 +20,9 @@ from expandr_haystack.training.config import (
 )
 from expandr_haystack.training.dpo import train_dpo
 from expandr_haystack.training.pairs import PairStats, build_pairs, make_components
-from expandr_haystack.training.rounds import JointTrainer
+from expandr_haystack.training.rounds import JointTrainer, load_round_pipeline
 from expandr_haystack.training.runfiles import RunFolder, RunFolderError
 
 __all__ = ["ConfigError", "DPOSettings", "ExpansionSettings", "JointConfig", "JointTrainer", "PairConfig", "PairStats",
-           "RetrieverSettings", "RunFolder", "RunFolderError", "build_pairs", "make_components", "train_dpo"]
+           "RetrieverSettings", "RunFolder", "RunFolderError", "build_pairs", "load_round_pipeline", "make_components",
+           "train_dpo"]

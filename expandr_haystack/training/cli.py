@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     except (FileExistsError, RunFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"\nrun folder: {output} (metrics.json, metrics.png, round_*/pipeline.yaml)")
+    print(f"\nrun folder: {output} (metrics.json, metrics.png, round_*/pipeline.yaml: load one with "
+          f"expandr_haystack.training.load_round_pipeline(path), from any folder)")
     return 0
 
 

@@ -62,6 +62,48 @@ def _check_fraction(value: Any, key: str) -> None:  # [0, 1)
         _fail(key, "a number in [0, 1)", value)
 
 
+#: Experiment trackers transformers' Trainer reports to (`report_to`), besides "none" and "all".
+REPORT_TO = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow", "mlflow",
+             "neptune", "swanlab", "tensorboard", "trackio", "wandb")
+
+
+def _check_report_to(value: Any, key: str) -> None:
+    """"none", "all", one tracker of `REPORT_TO`, or a non-empty list of trackers (as transformers' `report_to`)."""
+    expected = f'"none", "all", one of {list(REPORT_TO)} or a list of them'
+    if isinstance(value, str):
+        if value not in ("none", "all") + REPORT_TO:
+            _fail(key, expected, value)
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v in REPORT_TO for v in value):
+        return
+    else:
+        _fail(key, expected, value)
+
+
+#: The packages a tracker of `report_to` needs (any one of them), checked when a `JointConfig` is validated so that a
+#: missing one is named before any model loads (transformers would only fail when the trainer is built).
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "trackio": ("trackio",), "comet_ml": ("comet_ml",), "neptune": ("neptune",),
+                    "clearml": ("clearml",), "swanlab": ("swanlab",), "dvclive": ("dvclive",),
+                    "codecarbon": ("codecarbon",)}
+
+
+def missing_tracker(value: str | list[str] | tuple[str, ...]) -> str | None:
+    """The first tracker named by `report_to` whose package is not installed (None when all are, or for "none" and
+    "all": transformers' "all" takes what is installed)."""
+    import importlib.util
+
+    for name in [value] if isinstance(value, str) else list(value):
+        packages = TRACKER_PACKAGES.get(name, ())
+        if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
+            return name
+    return None
+
+
+def report_to_value(value: str | list[str] | tuple[str, ...]) -> str | list[str]:
+    """A validated `report_to` setting as transformers' `TrainingArguments(report_to=...)` takes it."""
+    return value if isinstance(value, str) else list(value)
+
+
 # -- pair construction ----------------------------------------------------------------------------------------------
 @dataclass
 class PairConfig:
@@ -138,6 +180,11 @@ class DPOSettings:
     :param max_steps: Stop after this many optimizer steps (-1 = run `num_train_epochs`).
     :param gradient_checkpointing: Activation checkpointing: saves memory, ~20% slower.
     :param warmup_steps: An integer (steps) or a float in [0, 1) (fraction of all steps).
+    :param logging_steps: Log the trainer's metrics (loss, rewards/margins, ...) every this many steps (cut to the
+        run's length, so a short run logs at least once).
+    :param report_to: Where the trainer also reports them, as transformers' `report_to`: "none" (default; the log
+        history is still saved), "tensorboard", "wandb", "all", ... or a list. TensorBoard event files go to
+        ``round_<r>/logs/dpo`` of a joint-training run (`TENSORBOARD_LOGGING_DIR` overrides).
     """
 
     beta: float = 0.1
@@ -157,6 +204,7 @@ class DPOSettings:
     gradient_checkpointing: bool = False
     logging_steps: int = 10
     warmup_steps: float = 0
+    report_to: str | list[str] = "none"
 
     def validate(self, section: str = "") -> None:
         """
@@ -175,6 +223,7 @@ class DPOSettings:
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             _fail(_key(section, "target_modules"), "a non-empty list of module names", self.target_modules)
         _checked(check_int, self.seed, _key(section, "seed"), 0)
+        _check_report_to(self.report_to, _key(section, "report_to"))
         if self.device is not None and (not isinstance(self.device, str) or not self.device.strip()):
             _fail(_key(section, "device"), "a device name such as 'cpu' or 'cuda:0', or null", self.device)
 
@@ -199,6 +248,10 @@ class RetrieverSettings:
         baseline, gets the same budget and a round's gain comes from its LLM); False continues from the previous
         round.
     :param max_steps: Stop after this many optimizer steps (-1 = run `epochs`).
+    :param logging_steps: Log the trainer's loss every this many steps.
+    :param report_to: Where the trainer reports, as transformers' `report_to`: "none" (default), "tensorboard",
+        "wandb", "all", ... or a list. TensorBoard event files go to ``round_<r>/logs/retriever`` (and
+        ``baseline/logs/retriever``) of a joint-training run (`TENSORBOARD_LOGGING_DIR` overrides).
     """
 
     learning_rate: float = 2e-5
@@ -215,6 +268,8 @@ class RetrieverSettings:
     restart_each_round: bool = True
     bf16: bool = False
     max_steps: int = -1
+    logging_steps: int = 10
+    report_to: str | list[str] = "none"
 
     def validate(self, section: str = "retriever") -> None:
         """Raise a `ConfigError` naming the first bad setting (keys prefixed with `section`)."""
@@ -226,7 +281,7 @@ class RetrieverSettings:
             _fail(_key(section, "epochs"), "> 0 (or max_steps > 0)", self.epochs)
         _checked(check_int, self.batch_size, _key(section, "batch_size"), 2,
                  hint="A batch needs two rows for in-batch negatives.")
-        for name in ("max_length", "max_positives_per_query", "hard_negative_depth"):
+        for name in ("max_length", "max_positives_per_query", "hard_negative_depth", "logging_steps"):
             _checked(check_int, getattr(self, name), _key(section, name))
         _checked(check_int, self.hard_negatives, _key(section, "hard_negatives"), 0)
         _checked(check_int, self.hard_negative_skip, _key(section, "hard_negative_skip"), 0)
@@ -235,6 +290,7 @@ class RetrieverSettings:
                   self.hard_negative_skip)
         _checked(check_number, self.query_weight, _key(section, "query_weight"), 0.0, 1.0)
         _check_fraction(self.warmup_ratio, _key(section, "warmup_ratio"))
+        _check_report_to(self.report_to, _key(section, "report_to"))
 
 
 #: Expansion modes of training: the paper's query-to-document prompt, or the grounded prompt that reads the top hits
@@ -451,7 +507,12 @@ class JointConfig:
         for key in ("encoder", "llm"):  # hub ids pass; a local-looking path must exist
             _checked(check_model_name, getattr(self, key), key)
         # what the machine offers, last, so that the data, the models and every setting above are named the same
-        # way on any machine: the device, then the vLLM backend (which needs a GPU too)
+        # way on any machine: the trackers, the device, then the vLLM backend (which needs a GPU too)
+        for section in ("retriever", "dpo"):
+            tracker = missing_tracker(getattr(self, section).report_to)
+            if tracker is not None:
+                raise ConfigError(f"`{section}.report_to` names {tracker!r} but its package is not installed: "
+                                  f"pip install {TRACKER_PACKAGES[tracker][0]} (or set report_to: none).")
         if self.device and str(self.device).startswith("cuda"):
             import torch
 
@@ -505,5 +566,5 @@ def _build(cls, values: Any, where: str):
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-__all__ = ["EXPANSION_MODES", "MODE_METHODS", "SECTIONS", "ConfigError", "DPOSettings", "ExpansionSettings",
-           "JointConfig", "PairConfig", "RetrieverSettings"]
+__all__ = ["EXPANSION_MODES", "MODE_METHODS", "REPORT_TO", "SECTIONS", "TRACKER_PACKAGES", "ConfigError", "DPOSettings",
+           "ExpansionSettings", "JointConfig", "PairConfig", "RetrieverSettings", "missing_tracker", "report_to_value"]

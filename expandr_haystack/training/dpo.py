@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from expandr_haystack.checks import check_adapter_dir
-from expandr_haystack.training.config import DPOSettings
+from expandr_haystack.training.config import DPOSettings, report_to_value
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +95,14 @@ def checkpointing_kwarg(config_cls: type, enabled: bool) -> dict[str, bool]:
 
 
 def dpo_config_kwargs(config_cls: type, settings: DPOSettings, output_dir: str | Path, use_cpu: bool, bf16: bool,
-                      logging_steps: int) -> dict[str, Any]:
+                      logging_steps: int, progress_bar: bool = False, run_name: str | None = None) -> dict[str, Any]:
     """
     The keyword arguments of `config_cls` (`trl.DPOConfig`) for `settings`; the checkpointing switch is named as the
     installed transformers names it (`checkpointing_kwarg`). Pure: no model, no trainer.
+
+    :param logging_steps: The logging interval (`settings.logging_steps`, cut to the run's length by `train_dpo`).
+    :param progress_bar: Show the trainer's progress bar.
+    :param run_name: The run's name in the trackers of `settings.report_to` (None = transformers' default).
 
     Usage:
     ```python
@@ -122,9 +126,10 @@ def dpo_config_kwargs(config_cls: type, settings: DPOSettings, output_dir: str |
         **checkpointing_kwarg(config_cls, settings.gradient_checkpointing),
         "logging_steps": logging_steps,
         "warmup_steps": settings.warmup_steps,
-        "report_to": [],
+        "report_to": report_to_value(settings.report_to),
+        **({"run_name": run_name} if run_name else {}),
         "save_strategy": "no",
-        "disable_tqdm": True,
+        "disable_tqdm": not progress_bar,
     }
 
 
@@ -186,7 +191,8 @@ def load_pairs_dataset(pairs_path: str | Path):
 
 
 def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: str | Path,
-              settings: DPOSettings | None = None, adapter: str | None = None) -> Path:
+              settings: DPOSettings | None = None, adapter: str | None = None, progress_bar: bool = True,
+              logging_dir: str | Path | None = None, run_name: str | None = None) -> Path:
     """
     Train a LoRA adapter on the expander LLM with DPO.
 
@@ -197,6 +203,10 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
     :param adapter: An existing PEFT adapter of the same base model to continue training (e.g. the previous round's).
         TRL 1.16 (with PEFT >= 0.20) then takes a frozen copy of that adapter (its "ref" adapter) as the reference,
         i.e. the previous round's LLM; for a fresh adapter the reference is the base model (adapter disabled).
+    :param progress_bar: Show the trainer's progress bar.
+    :param logging_dir: Where TensorBoard event files go when `settings.report_to` includes TensorBoard (default:
+        transformers' ``<output_dir>/runs/...``; the `TENSORBOARD_LOGGING_DIR` environment variable wins).
+    :param run_name: The run's name in the trackers of `settings.report_to`.
     :returns: The adapter directory (PEFT format, with the tokenizer), loadable by `LLMQueryExpander(adapter=...)`.
         The trainer's log history goes to ``<output_dir>/log_history.json`` (logged every `logging_steps` steps, or
         at least once: the interval is cut to the run's length).
@@ -207,7 +217,7 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
     from trl import DPOConfig, DPOTrainer
 
     from expandr_haystack.models import resolve_llm_path
-    from expandr_haystack.training.runfiles import world_size
+    from expandr_haystack.training.runfiles import tensorboard_logging_dir, world_size
 
     settings = settings or DPOSettings()
     settings.validate()
@@ -237,19 +247,21 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
 
     out = Path(output_dir).expanduser()
     logging_steps = min(settings.logging_steps, _optimizer_steps(len(dataset), settings, world_size()))
-    args = DPOConfig(**dpo_config_kwargs(DPOConfig, settings, out, use_cpu, bf16, logging_steps))
+    args = DPOConfig(**dpo_config_kwargs(DPOConfig, settings, out, use_cpu, bf16, logging_steps,
+                                         progress_bar=progress_bar, run_name=run_name))
     pin_trainer_device(args, device)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
-    kept = len(trainer.train_dataset)
-    if kept == 0:
-        raise ValueError(f"`max_length` ({settings.max_length} tokens) is filled by the prompt of every one of the "
-                         f"{len(dataset)} pairs in {str(pairs_path)!r}, so no completion token is left to train on; "
-                         f"raise `dpo.max_length` (grounded prompts hold passages: 512 or more).")
-    if kept < len(dataset):
-        logger.warning("DPO: %d of %d pairs dropped: their prompt alone fills max_length=%d.", len(dataset) - kept,
-                       len(dataset), settings.max_length)
-    trainer.train()
+    with tensorboard_logging_dir(logging_dir):  # read when the trainer makes its callbacks
+        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config)
+        kept = len(trainer.train_dataset)
+        if kept == 0:
+            raise ValueError(f"`max_length` ({settings.max_length} tokens) is filled by the prompt of every one of the "
+                             f"{len(dataset)} pairs in {str(pairs_path)!r}, so no completion token is left to train on; "
+                             f"raise `dpo.max_length` (grounded prompts hold passages: 512 or more).")
+        if kept < len(dataset):
+            logger.warning("DPO: %d of %d pairs dropped: their prompt alone fills max_length=%d.", len(dataset) - kept,
+                           len(dataset), settings.max_length)
+        trainer.train()
     adapter_dir = out / "adapter"
     trainer.model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))

@@ -56,7 +56,14 @@ from expandr_haystack.components.expander import LLMQueryExpander
 from expandr_haystack.components.reward import RewardScorer
 from expandr_haystack.core.reward import REASON_KEPT
 from expandr_haystack.core.reward import REASONS as SCORER_REASONS
-from expandr_haystack.core.text import ANSWER_PROMPT, EXPANSION_PROMPT, chat_messages, document_text, format_passages
+from expandr_haystack.core.text import (
+    ANSWER_PROMPT,
+    EXPANSION_PROMPT,
+    chat_messages,
+    document_text,
+    format_passages,
+    has_placeholder,
+)
 from expandr_haystack.evaluation.data import Collection, parse_jsonl
 from expandr_haystack.files import append_jsonl, atomic_write_json, cut_partial_last_line
 from expandr_haystack.training.config import PairConfig
@@ -202,7 +209,7 @@ def build_pairs(
                         f"got {type(collection).__name__}.")
     if not isinstance(expander, LLMQueryExpander):
         raise TypeError(f"`expander` must be an LLMQueryExpander; got {type(expander).__name__}.")
-    if "{document}" in expander.prompt:
+    if has_placeholder(expander.prompt, "document"):
         raise ValueError("`expander.prompt` has a '{document}' placeholder: candidates are written from the query "
                          "alone (use EXPANSION_PROMPT); the document goes to `answer_expander`.")
     if expander.grounded and passages is None:
@@ -217,7 +224,7 @@ def build_pairs(
         if not isinstance(answer_expander, LLMQueryExpander):
             raise TypeError("`answer_expander` must be an LLMQueryExpander with ANSWER_PROMPT (or set "
                             "`config.use_answer=False` for the document-only ablation).")
-        if "{document}" not in answer_expander.prompt:
+        if not has_placeholder(answer_expander.prompt, "document"):
             raise ValueError("`answer_expander.prompt` must contain '{document}' (use ANSWER_PROMPT): the answer is "
                              "written from the gold document.")
     if not isinstance(scorer, RewardScorer):

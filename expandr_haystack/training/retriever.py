@@ -31,8 +31,8 @@ from haystack.document_stores.types import DocumentStore
 from expandr_haystack.components.retriever import ExpandRRetriever
 from expandr_haystack.core.text import document_text
 from expandr_haystack.evaluation.data import Collection
-from expandr_haystack.training.config import RetrieverSettings
-from expandr_haystack.training.runfiles import is_main_process, replace_dir
+from expandr_haystack.training.config import RetrieverSettings, report_to_value
+from expandr_haystack.training.runfiles import is_main_process, replace_dir, tensorboard_logging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -103,15 +103,47 @@ def training_examples(collection: Collection, query_ids: Sequence[str], expansio
     return rows
 
 
+def encoder_training_kwargs(settings: RetrieverSettings, output_dir: str | Path, examples: int, seed: int,
+                            use_cpu: bool, progress_bar: bool, run_name: str | None = None) -> dict:
+    """
+    The keyword arguments of sentence-transformers' `SentenceTransformerTrainingArguments` for `settings` (the batch
+    sampler excepted: `train_encoder` adds it). Pure: no model, no trainer.
+
+    :param examples: Training rows (the batch size is cut to them).
+    :param run_name: The run's name in the trackers of `settings.report_to` (None = transformers' default).
+    """
+    return {
+        "output_dir": str(output_dir),
+        "num_train_epochs": settings.epochs,
+        "max_steps": settings.max_steps,
+        "per_device_train_batch_size": min(settings.batch_size, examples),
+        "learning_rate": settings.learning_rate,
+        "warmup_steps": float(settings.warmup_ratio),  # transformers 5: a float in [0, 1) is a fraction of steps
+        "save_strategy": "no",
+        "report_to": report_to_value(settings.report_to),
+        **({"run_name": run_name} if run_name else {}),
+        "logging_steps": settings.logging_steps,
+        "seed": seed,
+        "bf16": settings.bf16,
+        "use_cpu": use_cpu,
+        "disable_tqdm": not progress_bar,
+        "dataloader_drop_last": False,
+    }
+
+
 def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_dir: str | Path,
                   settings: RetrieverSettings, fused: bool = True, seed: int = 42, device: str | None = None,
-                  progress_bar: bool = True) -> Path:
+                  progress_bar: bool = True, logging_dir: str | Path | None = None,
+                  run_name: str | None = None) -> Path:
     """
     Train the shared encoder and save it (sentence-transformers format) to `output_dir`, atomically.
 
     :param fused: True = `FusedInfoNCELoss` on (query, expansion_1..n, document, negatives) rows (n = the rows'
         expansion columns); False = the no-expansion baseline with sentence-transformers'
         `MultipleNegativesRankingLoss` (same temperature, examples and budget; expansion columns are dropped).
+    :param logging_dir: Where TensorBoard event files go when `settings.report_to` includes TensorBoard (the
+        trainer's own output folder is temporary; the `TENSORBOARD_LOGGING_DIR` environment variable wins).
+    :param run_name: The run's name in the trackers of `settings.report_to`.
     """
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
@@ -143,23 +175,12 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
     work = Path(tempfile.mkdtemp(prefix=".train-", dir=output_dir.parent))
     try:
         args = SentenceTransformerTrainingArguments(
-            output_dir=str(work / "trainer"),
-            num_train_epochs=settings.epochs,
-            max_steps=settings.max_steps,
-            per_device_train_batch_size=min(settings.batch_size, len(rows)),
-            learning_rate=settings.learning_rate,
-            warmup_steps=float(settings.warmup_ratio),  # transformers 5: a float in [0, 1) is a fraction of steps
+            **encoder_training_kwargs(settings, work / "trainer", len(rows), seed, torch_device == "cpu", progress_bar,
+                                      run_name),
             batch_sampler=BatchSamplers.NO_DUPLICATES,
-            save_strategy="no",
-            report_to="none",
-            logging_steps=10,
-            seed=seed,
-            bf16=settings.bf16,
-            use_cpu=torch_device == "cpu",
-            disable_tqdm=not progress_bar,
-            dataloader_drop_last=False,
         )
-        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+        with tensorboard_logging_dir(logging_dir):  # read when the trainer makes its callbacks
+            trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
         # sentence-transformers embeds all columns in one forward padded to the longest column (256-token documents):
         # on a CPU the short query and expansion columns then cost as much as documents. Per-column forwards give the
         # same loss and gradients (its own note) and train n = 4 expansions ~30% faster here; GPUs keep the merge.

@@ -7,7 +7,8 @@ Round r (LLM_{r-1} = base LLM + adapter of round r-1; encoder_{r-1} likewise):
   3. pairs      candidates + answers from LLM_{r-1}, rewards from encoder_r     (RewardScorer)      -> pairs.jsonl
   4. dpo        LoRA DPO on the pairs                                           (trl.DPOTrainer)    -> LLM_r
   5. eval       encoder_r with LLM_r: no expansion, PRF and ExpandR (and ExpandR with LLM_{r-1}) on the eval split
-  6. save       a ready YAML search pipeline pointing at encoder_r and LLM_r, with the round's chosen w
+  6. save       a ready YAML search pipeline pointing at encoder_r and LLM_r (paths relative to the run folder:
+                 `load_round_pipeline`), with the round's chosen w; model cards (`cards`) for encoder_r and LLM_r
 Before round 1 ("baselines"): BM25, zero-shot dense, PRF on the zero-shot encoder, the untrained LLM's q2d and grounded
 expansions, and the supervised baseline (same examples and budget, no expansion).
 
@@ -64,8 +65,95 @@ ROUND_METHODS = ("dense", "prf")
 DEFAULT_FEEDBACK = {"feedback_k": 3, "feedback_weight": 0.7}
 
 
+#: The init parameters that hold model, adapter or cache paths, rewritten relative to the run folder in a round's
+#: ``pipeline.yaml`` (at any depth: nested query embedders and retrievers too).
+PATH_KEYS = ("model", "adapter", "cache")
+#: The pipeline ``metadata`` key of a round's ``pipeline.yaml``: the folder its ``./`` paths are relative to, itself
+#: relative to the YAML file's folder (".." = the run folder, the parent of ``round_<r>/``).
+PATHS_BASE_KEY = "expandr_paths_relative_to"
+
+
+def _is_relative_marker(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("./", "../"))
+
+
+def _rewrite_paths(node: Any, rewrite) -> Any:
+    """A copy of `node` (a pipeline dict) with `rewrite(value)` applied to the string values of `PATH_KEYS`."""
+    if isinstance(node, dict):
+        return {k: (rewrite(v) if k in PATH_KEYS and isinstance(v, str) else _rewrite_paths(v, rewrite))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rewrite_paths(v, rewrite) for v in node]
+    return node
+
+
+def relative_pipeline_paths(data: dict[str, Any], base: str | Path) -> dict[str, Any]:
+    """
+    `data` (a `Pipeline.to_dict()`) with every model/adapter/cache path inside `base` written as ``./<path relative
+    to base>`` (POSIX separators); other values (hub ids, paths outside `base`, None) unchanged. The ``./`` prefix
+    keeps them local paths for the components (``round_1/encoder`` alone would read as a Hugging Face id).
+    """
+    base = Path(base).resolve()
+
+    def rewrite(value: str) -> str:
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            return value
+        try:
+            return "./" + path.resolve().relative_to(base).as_posix()
+        except ValueError:  # outside the run folder (the base LLM, say): kept as it is
+            return value
+
+    return _rewrite_paths(data, rewrite)
+
+
+def resolve_pipeline_paths(data: dict[str, Any], base: str | Path) -> dict[str, Any]:
+    """The inverse of `relative_pipeline_paths`: every ``./`` or ``../`` model/adapter/cache path made absolute
+    against `base`."""
+    base = Path(base).expanduser().resolve()
+    return _rewrite_paths(data, lambda v: str((base / v).resolve()) if _is_relative_marker(v) else v)
+
+
+def load_round_pipeline(path: str | Path, base: str | Path | None = None):
+    """
+    Load a round's ``pipeline.yaml`` from wherever its run folder now lives (moved or copied folders included).
+
+    The YAML names the round's encoder, adapter and the run's expansion cache by paths relative to the run folder
+    (``./round_1/encoder``); its ``metadata`` says where that folder is from the YAML's own folder (``..``). This
+    reads the file, makes those paths absolute against that folder (or `base`) and builds the pipeline, so it loads
+    from any working directory. (Plain ``Pipeline.loads(text)`` works too when run from inside the run folder.)
+    A YAML written before these relative paths existed (absolute paths) loads unchanged.
+
+    Usage:
+    ```python
+    from expandr_haystack.training import load_round_pipeline
+
+    pipeline = load_round_pipeline("runs/tiny-cpu/round_2/pipeline.yaml")
+    encoder = pipeline.get_component("retriever").model    # index documents with this encoder
+    ```
+
+    :param path: The ``pipeline.yaml`` file.
+    :param base: The folder the ``./`` paths are relative to (default: from the YAML's metadata, else the YAML's
+        folder).
+    :returns: A `haystack.Pipeline`.
+    """
+    from haystack import Pipeline
+    from haystack.marshal import YamlMarshaller
+
+    import expandr_haystack  # noqa: F401 - registers the package with Haystack's deserialization allow-list
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"`path`: no pipeline YAML at {str(path)!r}.")
+    data = YamlMarshaller().unmarshal(path.read_text())
+    if base is None:
+        relative = (data.get("metadata") or {}).get(PATHS_BASE_KEY, ".")
+        base = path.parent / relative
+    return Pipeline.from_dict(resolve_pipeline_paths(data, base))
+
+
 def round_pipeline_yaml(round_: int, expander, encoder: str | Path, query_weight: float = 0.5,
-                        top_k: int = 10) -> str:
+                        top_k: int = 10, base: str | Path | None = None) -> str:
     """
     The YAML of a ready search pipeline for one round's models: `expander` -> `ExpandRRetriever(encoder)` over an
     in-memory store (index the documents with `SentenceTransformersDocumentEmbedder(model=encoder)`, as the header
@@ -74,24 +162,29 @@ def round_pipeline_yaml(round_: int, expander, encoder: str | Path, query_weight
 
     Usage:
     ```python
-    text = round_pipeline_yaml(1, LLMQueryExpander(adapter="runs/x/round_1/adapter"), "runs/x/round_1/encoder")
-    Pipeline.loads(text)
+    text = round_pipeline_yaml(1, LLMQueryExpander(adapter="runs/x/round_1/adapter"), "runs/x/round_1/encoder",
+                               base="runs/x")    # paths relative to runs/x: ./round_1/encoder, ./round_1/adapter
+    Pipeline.loads(text)                         # from inside runs/x; anywhere: load_round_pipeline(<file>)
     ```
 
     :param round_: The round (names the store's index and the header comment).
     :param expander: An `LLMQueryExpander` (serialised with its settings: model, adapter, cache, ...).
-    :param encoder: The round's encoder folder (written as an absolute path).
+    :param encoder: The round's encoder folder.
     :param query_weight: w of the fused query vector (the round's, chosen on validation).
     :param top_k: Documents the retriever returns.
-    :returns: A comment line, then `Pipeline.dumps()`.
+    :param base: The run folder: model, adapter and cache paths inside it are written as ``./<relative path>``
+        (`relative_pipeline_paths`), and the pipeline's metadata records it as ``..`` (the YAML goes to
+        ``<base>/round_<r>/pipeline.yaml``; `load_round_pipeline` reads it). None = absolute paths.
+    :returns: A comment header (how to load, index and run it), then the pipeline's YAML.
     """
     from haystack import Pipeline
     from haystack.document_stores.in_memory import InMemoryDocumentStore
+    from haystack.marshal import YamlMarshaller
 
     from expandr_haystack.components.retriever import ExpandRRetriever
 
     encoder = str(Path(encoder).resolve())
-    p = Pipeline()
+    p = Pipeline(metadata={PATHS_BASE_KEY: ".."} if base is not None else None)
     store = InMemoryDocumentStore(index=f"expandr-round-{round_}", embedding_similarity_function="cosine")
 
     inputs = '{"expander": {"query": q}}'
@@ -106,8 +199,16 @@ def round_pipeline_yaml(round_: int, expander, encoder: str | Path, query_weight
         p.connect("first_pass.documents", "expander.documents")
     p.connect("expander.query", "retriever.query")
     p.connect("expander.expansions", "retriever.expansions")
-    return (f"# Search pipeline of round {round_}: index documents with SentenceTransformersDocumentEmbedder("
-            f"model={encoder!r}), then run this with inputs {inputs}.\n{p.dumps()}")
+    if base is None:
+        return (f"# Search pipeline of round {round_}: index documents with SentenceTransformersDocumentEmbedder("
+                f"model={encoder!r}), then run this with inputs {inputs}.\n{p.dumps()}")
+    data = relative_pipeline_paths(p.to_dict(), base)
+    shown = relative_pipeline_paths({"model": encoder}, base)["model"]
+    return (f"# Search pipeline of round {round_}: paths are relative to the run folder; load it with\n"
+            f"# expandr_haystack.training.load_round_pipeline(<this file>) from anywhere (or Pipeline.loads from inside "
+            f"the run folder),\n# index documents with SentenceTransformersDocumentEmbedder(model=<the run folder>/"
+            f"{shown[2:]}), then run it with inputs {inputs}.\n"
+            f"{YamlMarshaller().marshal(data)}")
 
 
 class JointTrainer:
@@ -130,7 +231,11 @@ class JointTrainer:
     and, for ExpandR, ``comparisons`` and ``dpo``), ``metrics.png``, ``cache.sqlite`` (all generated text),
     ``baseline/{encoder/, zero-shot.json, supervised.json}``, ``round_<r>/{expansions.json, encoder/, pairs.jsonl,
     adapter/, dpo_log.json, eval.json, pipeline.yaml}`` (the ``.json`` evaluation files hold the settings, the seed
-    report and per-query nDCG@10).
+    report and per-query nDCG@10; ``encoder/README.md`` and ``adapter/README.md`` are the model cards of
+    sentence-transformers and PEFT with a section of ours, `cards.model_card_text`), and ``logs/{retriever,dpo}``
+    in a round or baseline folder when `report_to` includes TensorBoard. ``pipeline.yaml`` names the encoder,
+    adapter and cache relative to the run folder (``./round_1/encoder``): load it with `load_round_pipeline` from
+    anywhere, so a moved or copied run folder still loads.
     """
 
     def __init__(self, config: JointConfig, output: str | Path, progress_bar: bool = True):
@@ -424,7 +529,8 @@ class JointTrainer:
         # the same queries, positives, loss, temperature, budget and seed as round 1's encoder training
         rows = training_examples(self.train_data, train_ids, None, negatives, c.retriever, c.seed + 1)
         train_encoder(c.encoder, rows, self.output / "baseline" / "encoder", c.retriever, fused=False, seed=c.seed + 1,
-                      device=self._torch_device(), progress_bar=self.progress_bar)
+                      device=self._torch_device(), progress_bar=self.progress_bar,
+                      **self._tracking(self.output / "baseline", "baseline-retriever"))
         return {"examples": len(rows)}
 
     def _supervised_eval(self) -> None:
@@ -468,7 +574,8 @@ class JointTrainer:
         rows = training_examples(self.train_data, train_ids, expansions, negatives, c.retriever, c.seed + r,
                                  n_expansions=c.expansion.n_expansions)
         train_encoder(start, rows, self._round_dir(r) / "encoder", c.retriever, fused=True, seed=c.seed + r,
-                      device=self._torch_device(), progress_bar=self.progress_bar)
+                      device=self._torch_device(), progress_bar=self.progress_bar,
+                      **self._tracking(self._round_dir(r), f"round{r}-retriever"))
         return {"examples": len(rows)}
 
     def _pairs(self, r: int) -> None:
@@ -508,7 +615,8 @@ class JointTrainer:
         info: dict[str, Any] = {"pairs": kept}
         try:
             adapter = train_dpo(self.config.llm, rdir / "pairs.jsonl", work, self._dpo_settings(),
-                                adapter=self._adapter(r - 1))
+                                adapter=self._adapter(r - 1), progress_bar=self.progress_bar,
+                                **self._tracking(rdir, f"round{r}-dpo"))
             if is_main_process():
                 log = work / LOG_HISTORY
                 if log.exists():
@@ -519,6 +627,11 @@ class JointTrainer:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return info
+
+    def _tracking(self, folder: Path, step: str) -> dict[str, Any]:
+        """A trainer's `logging_dir` (TensorBoard event files: ``<folder>/logs/<retriever|dpo>``) and `run_name`
+        (``<run folder name>-<step>``) for the trackers of `report_to`."""
+        return {"logging_dir": folder / "logs" / step.rsplit("-", 1)[-1], "run_name": f"{self.output.name}-{step}"}
 
     def _dpo_settings(self):
         """`dpo` settings with the run's top-level `device` where `dpo.device` is unset, so DPO trains where every
@@ -576,16 +689,36 @@ class JointTrainer:
         return out
 
     def _save(self, r: int) -> None:
-        """6. A ready YAML search pipeline for round r's models, with the w chosen for ExpandR in round r."""
+        """6. A ready YAML search pipeline for round r's models (paths relative to the run folder), with the w chosen
+        for ExpandR in round r; our section in the model cards of the round's encoder and adapter."""
         info = self.folder.state["done"].get(f"round{r}.eval", {})
         weights = info.get("settings", {}).get("query_weight", {})
         w = weights.get(self._mode_method, self.config.retriever.query_weight)
         adapter = str(Path(self._adapter(r)).resolve()) if self._adapter(r) else None
-        expander = self._mode_expander(r, adapter=adapter, cache=str(Path(self.cache_path).resolve()),
-                                       progress_bar=False, device=None)
+        expander = self._mode_expander(r, model=_absolute_if_local(self.config.llm), adapter=adapter,
+                                       cache=str(Path(self.cache_path).resolve()), progress_bar=False, device=None)
         rdir = self._round_dir(r)
-        atomic_write_text(rdir / "pipeline.yaml", round_pipeline_yaml(r, expander, rdir / "encoder", w))
+        # paths inside the run folder are written relative to it (a moved or copied run folder still loads)
+        atomic_write_text(rdir / "pipeline.yaml", round_pipeline_yaml(r, expander, rdir / "encoder", w,
+                                                                      base=self.output))
+        self._write_model_cards(r, w)
         self.folder.finish(f"round{r}.save", query_weight=w)
+
+    def _write_model_cards(self, r: int, query_weight: float) -> None:
+        """Our section in the model cards of round r's encoder and adapter (`cards.model_card_text`), merged into
+        the ``README.md`` sentence-transformers and PEFT wrote there."""
+        from expandr_haystack.training.cards import model_card_text, write_model_card
+
+        rows = [m for m in self.metrics if m.get("round") == r]
+        rdir = self._round_dir(r)
+        for kind, folder, step in (("encoder", rdir / "encoder", f"round{r}.retriever"),
+                                   ("adapter", rdir / "adapter", f"round{r}.dpo")):
+            if kind == "adapter" and not is_adapter_dir(folder):  # no pair kept: LLM_r is LLM_{r-1}
+                continue
+            if folder.is_dir():
+                info = {k: v for k, v in self.folder.state["done"].get(step, {}).items() if k != "at"}
+                write_model_card(folder, model_card_text(kind, r, self.config, rows, query_weight=query_weight,
+                                                         info=info))
 
     # -- reporting ---------------------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -623,6 +756,16 @@ class JointTrainer:
                         title=f"ExpandR joint training on {self.config.data} ({self.config.expansion.mode})")
 
 
+def _absolute_if_local(model: str | None) -> str | None:
+    """An existing local model path made absolute (a relative one would only load from today's working directory);
+    hub ids, bundled names and None unchanged."""
+    from expandr_haystack.checks import looks_like_local_path
+
+    if model is not None and looks_like_local_path(model) and Path(model).expanduser().exists():
+        return str(Path(model).expanduser().resolve())
+    return model
+
+
 def _setting_text(settings: dict[str, Any]) -> str:
     """A method's fusion setting in a few characters: ``w=0.7 (validation)``, ``k=5 f=0.8 (config)``, ``rrf``."""
     where = f" ({settings['chosen_on']})" if "chosen_on" in settings else ""
@@ -635,5 +778,6 @@ def _setting_text(settings: dict[str, Any]) -> str:
     return ""
 
 
-__all__ = ["BASELINE_METHODS", "ROUND_METHODS", "SUPERVISED", "ZERO_SHOT", "JointTrainer", "RunFolderError",
+__all__ = ["BASELINE_METHODS", "PATHS_BASE_KEY", "PATH_KEYS", "ROUND_METHODS", "SUPERVISED", "ZERO_SHOT",
+           "JointTrainer", "RunFolderError", "load_round_pipeline", "relative_pipeline_paths", "resolve_pipeline_paths",
            "round_pipeline_yaml"]

@@ -21,12 +21,13 @@ folder.record(1, "round 1: encoder_1 + LLM_1", {"dense": {"ndcg@10": 0.31, "reca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,23 @@ def _plain(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
+#: Settings that may change when a run resumes: the number of rounds, and how the trainers log (not what they train).
+FREE_ON_RESUME = ("rounds", "retriever.logging_steps", "retriever.report_to", "dpo.logging_steps", "dpo.report_to")
+
+
+def _without_free_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `config` without the `FREE_ON_RESUME` keys (dotted keys name a section's setting)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    for key in FREE_ON_RESUME:
+        *sections, leaf = key.split(".")
+        node = out
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
 def _with_defaults(saved: Any, defaults: Any) -> Any:
     """`saved` with the keys it lacks (at any depth) taken from `defaults`: a config written before they existed."""
     if not isinstance(saved, dict) or not isinstance(defaults, dict):
@@ -122,14 +140,15 @@ class RunFolder:
         """
         Start a run in the folder, or continue the one there.
 
-        :param config: The run's settings as plain data (`JointConfig.to_dict()`); only ``rounds`` may differ from
-            the saved run's on resume.
+        :param config: The run's settings as plain data (`JointConfig.to_dict()`); only the `FREE_ON_RESUME` keys
+            (``rounds`` and the trainers' logging) may differ from the saved run's on resume.
         :param resume: Continue the run in the folder (its finished steps and metrics are loaded).
         :param defaults: The default settings (`JointConfig.defaults()`): a key the saved config lacks (it was
             written before the key existed) counts as having its default, so such a run resumes as long as the new
             keys keep their defaults.
         :raises FileExistsError: The folder holds a run and `resume` is False (nothing is changed).
-        :raises RunFolderError: `resume` is True and the config differs from the run's in more than ``rounds``.
+        :raises RunFolderError: `resume` is True and the config differs from the run's in more than the
+            `FREE_ON_RESUME` keys.
         """
         self.path.mkdir(parents=True, exist_ok=True)
         if self.state_path.exists() and not resume:
@@ -139,10 +158,11 @@ class RunFolder:
         if resume and self.state_path.exists():
             self.state = json.loads(self.state_path.read_text())
             old = _with_defaults(self.state.get("config", {}), _plain(defaults or {}))
-            changed = sorted(k for k in config if k != "rounds" and old.get(k) != config[k])
+            old, new = _without_free_keys(old), _without_free_keys(config)
+            changed = sorted(k for k in new if old.get(k) != new[k])
             if changed:
                 raise RunFolderError(f"--resume: the config differs from the run in {self.path} in {changed}; "
-                                     f"only `rounds` may change on resume.")
+                                     f"only {', '.join(f'`{k}`' for k in FREE_ON_RESUME)} may change on resume.")
             self.state.setdefault("done", {})
             self._load_metrics()
         self.state["config"] = config
@@ -229,4 +249,23 @@ class RunFolder:
         atomic_write_json(self.metrics_path, self.metrics)
 
 
-__all__ = ["RunFolder", "RunFolderError", "is_main_process", "rank", "replace_dir", "world_size"]
+@contextlib.contextmanager
+def tensorboard_logging_dir(path: str | Path | None) -> Iterator[None]:
+    """
+    Within the block, transformers' TensorBoard callback (made with the trainer) writes its event files to `path`
+    (it reads ``TENSORBOARD_LOGGING_DIR``; transformers 5 has no ``logging_dir`` argument, and the trainers' own
+    output folders are temporary). Nothing changes when `path` is None or the user set the variable.
+    """
+    key = "TENSORBOARD_LOGGING_DIR"
+    if path is None or os.environ.get(key):
+        yield
+        return
+    os.environ[key] = str(Path(path).expanduser())
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
+__all__ = ["FREE_ON_RESUME", "RunFolder", "RunFolderError", "is_main_process", "rank", "replace_dir", "tensorboard_logging_dir",
+           "world_size"]

@@ -57,7 +57,7 @@ def fake_loading(tmp_path, monkeypatch):
     model, tokenizer = tiny_llama(), CharTokenizer()
     asked = []
 
-    def load_llm(name, adapter, device, dtype="auto"):
+    def load_llm(name, adapter, device, dtype="auto", **loading):
         asked.append((device, dtype))
         return model, tokenizer
 

@@ -226,3 +226,95 @@ def test_malformed_overrides_are_named(item, match):
 def test_an_override_of_an_unknown_setting_is_refused_like_the_file_would_be():
     with pytest.raises(ConfigError, match="expansion"):
         JointConfig.from_yaml(Path("training/configs/tiny-cpu.yaml"), {"expansion.no_such_key": 1})
+
+
+# -- trackers and logging of both trainers (issue #13 part 5) ---------------------------------------------------------
+def test_report_to_and_logging_steps_default_to_the_behaviour_before_them():
+    cfg = JointConfig.from_dict({})
+    assert (cfg.dpo.report_to, cfg.dpo.logging_steps) == ("none", 10)
+    assert (cfg.retriever.report_to, cfg.retriever.logging_steps) == ("none", 10)  # the trainer's old fixed values
+
+
+@pytest.mark.parametrize("section", ["dpo", "retriever"])
+def test_report_to_and_logging_steps_are_validated(section, monkeypatch):
+    from expandr_haystack.training import config as config_module
+
+    monkeypatch.setattr(config_module, "missing_tracker", lambda value: None)  # every tracker "installed"
+    for value in ("tensorboard", "wandb", "all", "none", ["tensorboard", "wandb"]):
+        assert getattr(JointConfig.from_dict({section: {"report_to": value}}), section).report_to == value
+    for value, match in [("tensorbord", f"`{section}.report_to`"), ([], f"`{section}.report_to`"),
+                         (["none", "wandb"], "a list of them"), (3, f"`{section}.report_to`")]:
+        with pytest.raises(ConfigError, match=match):
+            JointConfig.from_dict({section: {"report_to": value}})
+    with pytest.raises(ConfigError, match=f"`{section}.logging_steps`"):
+        JointConfig.from_dict({section: {"logging_steps": 0}})
+
+
+def test_a_tracker_that_is_not_installed_is_named_before_any_model_loads(monkeypatch):
+    import importlib.util
+
+    from expandr_haystack.training.config import missing_tracker
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("wandb", "tensorboard", "tensorboardX") else real(name, *a))
+    assert missing_tracker("none") is None and missing_tracker("all") is None
+    assert missing_tracker(["wandb"]) == "wandb" and missing_tracker("kubeflow") is None  # unknown package: transformers
+    with pytest.raises(ConfigError, match=r"`dpo.report_to` names 'tensorboard'.*pip install tensorboard"):
+        JointConfig.from_dict({"dpo": {"report_to": "tensorboard"}})
+    with pytest.raises(ConfigError, match=r"`retriever.report_to` names 'wandb'.*pip install wandb"):
+        JointConfig.from_dict({"retriever": {"report_to": ["wandb"]}})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tensorboardX" else None)
+    assert missing_tracker("tensorboard") is None  # tensorboardX serves transformers' callback too
+
+
+def test_report_to_names_the_trackers_transformers_knows():
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    from expandr_haystack.training.config import REPORT_TO
+
+    assert set(REPORT_TO) == set(INTEGRATION_TO_CALLBACK)
+
+
+def test_report_to_logging_steps_and_the_progress_bar_reach_both_trainers_args(tmp_path):
+    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+    from trl import DPOConfig
+
+    from expandr_haystack.training.dpo import dpo_config_kwargs
+    from expandr_haystack.training.retriever import encoder_training_kwargs
+
+    dpo = DPOSettings(report_to=["tensorboard"], logging_steps=3)
+    args = DPOConfig(**dpo_config_kwargs(DPOConfig, dpo, tmp_path, use_cpu=True, bf16=False, logging_steps=3,
+                                         progress_bar=True, run_name="run-round1-dpo"))
+    assert (args.report_to, args.logging_steps, args.disable_tqdm, args.run_name) == \
+        (["tensorboard"], 3, False, "run-round1-dpo")
+    quiet = DPOConfig(**dpo_config_kwargs(DPOConfig, DPOSettings(), tmp_path, use_cpu=True, bf16=False,
+                                          logging_steps=10))
+    assert quiet.report_to in ([], "none", ["none"]) and quiet.disable_tqdm
+
+    retriever = RetrieverSettings(report_to="tensorboard", logging_steps=7, batch_size=8)
+    kwargs = encoder_training_kwargs(retriever, tmp_path, examples=5, seed=3, use_cpu=True, progress_bar=False,
+                                     run_name="run-round1-retriever")
+    args = SentenceTransformerTrainingArguments(**kwargs)
+    assert (args.report_to, args.logging_steps, args.disable_tqdm, args.run_name) == \
+        (["tensorboard"], 7, True, "run-round1-retriever")
+    assert (args.per_device_train_batch_size, args.seed, args.save_strategy) == (5, 3, "no")
+    default = encoder_training_kwargs(RetrieverSettings(), tmp_path, 100, 1, True, True)
+    assert (default["report_to"], default["logging_steps"], default["disable_tqdm"]) == ("none", 10, False)
+    assert "run_name" not in default
+
+
+def test_tensorboard_event_files_go_to_the_given_folder(tmp_path, monkeypatch):
+    import os
+
+    from expandr_haystack.training.runfiles import tensorboard_logging_dir
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    with tensorboard_logging_dir(tmp_path / "logs"):
+        assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "logs")
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ
+    with tensorboard_logging_dir(None):
+        assert "TENSORBOARD_LOGGING_DIR" not in os.environ
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "/mine")  # the user's choice wins
+    with tensorboard_logging_dir(tmp_path / "logs"):
+        assert os.environ["TENSORBOARD_LOGGING_DIR"] == "/mine"

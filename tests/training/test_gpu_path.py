@@ -154,8 +154,9 @@ def test_the_config_device_reaches_dpo(tmp_path, monkeypatch, top, dpo, expected
 
     received = {}
 
-    def fake_train_dpo(llm, pairs_path, output_dir, settings, adapter=None):
+    def fake_train_dpo(llm, pairs_path, output_dir, settings, adapter=None, **tracking):
         received["device"], received["settings"] = settings.device, settings
+        received["tracking"] = tracking
         out = Path(output_dir) / "adapter"
         out.mkdir(parents=True)
         (out / "adapter_config.json").write_text("{}")
@@ -169,6 +170,8 @@ def test_the_config_device_reaches_dpo(tmp_path, monkeypatch, top, dpo, expected
     trainer.folder.finish("round1.pairs", kept=2)
     assert trainer._dpo(1)["pairs"] == 2
     assert received["device"] == expected and received["settings"].beta == 0.3
+    assert received["tracking"] == {"progress_bar": False, "logging_dir": tmp_path / "round_1" / "logs" / "dpo",
+                                    "run_name": f"{tmp_path.name}-round1-dpo"}
     assert config.dpo.device == dpo  # the config itself (config.json, resume checks) is unchanged
 
 

@@ -246,3 +246,203 @@ def test_plot_and_summary_show_every_baseline_and_the_spread(tmp_path):
     assert "vs supervised, no expansion: -2.50 nDCG@10, paired randomization p = 0.2100" in text
     assert "DPO on 30 pairs, final rewards/margins 0.1200, rewards/accuracies 0.90" in text
     assert "2 seed(s) [1, 2]" in text
+
+
+def _tiny_run_folder(run, encoder_source=None):
+    """A run folder with what a round's pipeline.yaml names: round_1/{encoder, adapter} and cache.sqlite (an empty
+    encoder folder and a bare adapter_config.json unless real ones are given)."""
+    import shutil
+
+    r1 = run / "round_1"
+    if encoder_source is None:
+        (r1 / "encoder").mkdir(parents=True)
+    else:
+        shutil.copytree(encoder_source, r1 / "encoder")
+    (r1 / "adapter").mkdir(parents=True, exist_ok=True)
+    if not (r1 / "adapter" / "adapter_config.json").exists():
+        (r1 / "adapter" / "adapter_config.json").write_text("{}")
+    return r1
+
+
+def test_a_moved_run_folder_pipeline_loads_from_its_new_place(tmp_path, monkeypatch):
+    import shutil
+
+    from haystack import Pipeline
+
+    import expandr_haystack  # noqa: F401 - allow-list
+    from expandr_haystack import GROUNDED_PROMPT, LLMQueryExpander
+    from expandr_haystack.training import load_round_pipeline
+    from expandr_haystack.training.rounds import round_pipeline_yaml
+
+    run = tmp_path / "run"
+    r1 = _tiny_run_folder(run)
+    expander = LLMQueryExpander(prompt=GROUNDED_PROMPT, adapter=str(r1 / "adapter"), cache=str(run / "cache.sqlite"),
+                                max_new_tokens=8)
+    text = round_pipeline_yaml(1, expander, r1 / "encoder", query_weight=0.3, base=run)
+    (r1 / "pipeline.yaml").write_text(text)
+    assert str(tmp_path) not in text
+    for line in ("model: ./round_1/encoder", "adapter: ./round_1/adapter", "cache: ./cache.sqlite",
+                 "expandr_paths_relative_to: .."):
+        assert line in text
+
+    moved = tmp_path / "elsewhere" / "renamed-run"
+    moved.parent.mkdir()
+    shutil.move(str(run), str(moved))
+    assert not run.exists()
+    p = load_round_pipeline(moved / "round_1" / "pipeline.yaml")
+    new = (moved / "round_1").resolve()
+    assert p.get_component("retriever").model == str(new / "encoder")
+    assert p.get_component("first_pass").model == str(new / "encoder")
+    assert p.get_component("expander").adapter == str(new / "adapter")
+    assert p.get_component("expander").cache == str(moved.resolve() / "cache.sqlite")
+    assert p.get_component("retriever").query_weight == 0.3 and p.get_component("expander").max_new_tokens == 8
+
+    monkeypatch.chdir(moved)  # plain Pipeline.loads from inside the run folder
+    assert Pipeline.loads(text).get_component("expander").adapter == "./round_1/adapter"
+    monkeypatch.chdir(tmp_path)  # ... but not from elsewhere: the error names the relative path
+    with pytest.raises(Exception, match="round_1/"):
+        Pipeline.loads(text)
+
+
+def test_pipeline_paths_outside_the_run_folder_and_old_absolute_yaml_stay(tmp_path):
+    from expandr_haystack import LLMQueryExpander
+    from expandr_haystack.training.rounds import (
+        load_round_pipeline,
+        relative_pipeline_paths,
+        resolve_pipeline_paths,
+        round_pipeline_yaml,
+    )
+
+    data = {"components": {"a": {"init_parameters": {"model": str(tmp_path / "run" / "m"), "top_k": 3,
+                                                     "query_embedder": {"init_parameters": {
+                                                         "model": str(tmp_path / "run" / "q")}}}},
+                           "b": {"init_parameters": {"model": "org/name", "adapter": str(tmp_path / "other"),
+                                                     "cache": None}}}}
+    rel = relative_pipeline_paths(data, tmp_path / "run")
+    assert rel["components"]["a"]["init_parameters"]["model"] == "./m"
+    assert rel["components"]["a"]["init_parameters"]["query_embedder"]["init_parameters"]["model"] == "./q"
+    assert rel["components"]["b"]["init_parameters"] == data["components"]["b"]["init_parameters"]
+    back = resolve_pipeline_paths(rel, tmp_path / "run")
+    assert back["components"]["a"]["init_parameters"]["model"] == str((tmp_path / "run" / "m").resolve())
+    assert back["components"]["b"]["init_parameters"]["model"] == "org/name"
+
+    r1 = _tiny_run_folder(tmp_path / "old")  # a pipeline.yaml written before relative paths: absolute, no metadata
+    text = round_pipeline_yaml(1, LLMQueryExpander(adapter=str(r1 / "adapter")), r1 / "encoder")
+    assert str(r1 / "adapter") in text
+    (r1 / "pipeline.yaml").write_text(text)
+    assert load_round_pipeline(r1 / "pipeline.yaml").get_component("expander").adapter == str(r1 / "adapter")
+
+
+def test_a_run_folder_resumes_with_other_trackers_but_not_other_training(tmp_path):
+    """report_to and logging_steps change how the trainers log, not what they train; state.json from before they
+    existed (no retriever.report_to / logging_steps, no dpo.report_to) resumes."""
+    from expandr_haystack.training.config import DPOSettings, RetrieverSettings
+
+    config = json.loads(json.dumps(JointConfig().to_dict(), default=str))
+    for key in ("report_to", "logging_steps"):
+        del config["retriever"][key]
+    del config["dpo"]["report_to"]
+    (tmp_path / "state.json").write_text(json.dumps({"done": {"baselines.zero-shot": {"at": "x"}}, "config": config}))
+    changed = JointConfig(rounds=3, dpo=DPOSettings(report_to="tensorboard", logging_steps=1),
+                          retriever=RetrieverSettings(report_to=["wandb"], logging_steps=2))
+    folder = RunFolder(tmp_path)
+    folder.open(changed.to_dict(), resume=True, defaults=JointConfig.defaults())
+    assert folder.is_done("baselines.zero-shot") and folder.state["config"]["dpo"]["report_to"] == "tensorboard"
+    with pytest.raises(RunFolderError, match=r"\['dpo'\]"):
+        RunFolder(tmp_path).open(JointConfig.from_dict({"dpo": {"beta": 0.3}}).to_dict(), resume=True,
+                                 defaults=JointConfig.defaults())
+
+
+def _card_rows():
+    return [{"round": 1, "label": "round 1: encoder_1 + LLM_1", "method": "dense", "ndcg@10": 0.31,
+             "recall@100": 0.8},
+            {"round": 1, "label": "round 1: encoder_1 + LLM_1", "method": "expand", "ndcg@10": 0.3456,
+             "ndcg@10_sd": 0.0123, "recall@100": 0.85}]
+
+
+def test_model_card_text_names_base_models_data_round_config_and_metrics():
+    from expandr_haystack.training.cards import BEGIN, END, model_card_text
+
+    config = JointConfig.from_dict({"rounds": 3, "max_train_queries": 40, "validation_queries": 10,
+                                    "llm": "HuggingFaceTB/SmolLM2-360M-Instruct", "dpo": {"beta": 0.25},
+                                    "retriever": {"learning_rate": 3e-5}, "expansion": {"n_expansions": 2}})
+    text = model_card_text("encoder", 2, config, _card_rows(), query_weight=0.6, info={"examples": 77})
+    assert text.startswith(BEGIN) and text.rstrip().endswith(END)
+    for part in ("round 2 encoder", "sentence-transformers/all-MiniLM-L6-v2", "`HuggingFaceTB/SmolLM2-360M-Instruct`",
+                 "`cranfield`", "split `train`, the first 40 queries", "10 of them held out", "split `test`",
+                 "| Round | 2 of 3", "learning rate 3e-05", "beta 0.25", "2 per query", "w = 0.6", "77 examples",
+                 "| round 1: encoder_1 + LLM_1 | expand | 34.56 | 1.23 | 85.00 |", "| dense | 31.00 |  | 80.00 |",
+                 'load_round_pipeline("<run folder>/round_2/pipeline.yaml")'):
+        assert part in text, part
+    adapter = model_card_text("adapter", 2, config, [], info={"pairs": 9, "rewards/margins": 0.0412,
+                                                               "rewards/accuracies": 0.75})
+    for part in ("round 2 adapter", "round 1's adapter", "(9 pairs)", "rewards/margins 0.0412", "(not evaluated)"):
+        assert part in adapter, part
+    with pytest.raises(ValueError, match="kind"):
+        model_card_text("llm", 1, config, [])
+
+
+def test_model_cards_merge_into_the_libraries_readme_once(tmp_path):
+    from expandr_haystack.training.cards import BEGIN, write_model_card
+
+    library = "---\nlibrary_name: sentence-transformers\n---\n\n# SentenceTransformer\n\nTheir card.\n"
+    (tmp_path / "README.md").write_text(library)
+    write_model_card(tmp_path, f"{BEGIN}\nfirst\n<!-- /expandr-haystack -->\n")
+    write_model_card(tmp_path, f"{BEGIN}\nsecond\n<!-- /expandr-haystack -->\n")
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith(library.rstrip("\n")) and text.count(BEGIN) == 1
+    assert "second" in text and "first" not in text
+    write_model_card(tmp_path / "new", f"{BEGIN}\nonly\n<!-- /expandr-haystack -->\n")
+    assert (tmp_path / "new" / "README.md").read_text().startswith(BEGIN)
+
+
+def test_the_save_step_writes_pipeline_and_model_cards(tmp_path):
+    from expandr_haystack.training import load_round_pipeline
+    from expandr_haystack.training.cards import BEGIN
+    from expandr_haystack.training.rounds import JointTrainer
+
+    config = JointConfig.from_dict({"rounds": 1})
+    trainer = JointTrainer(config, tmp_path / "run", progress_bar=False)
+    trainer.folder.open(config.to_dict(), resume=False, defaults=JointConfig.defaults())
+    r1 = _tiny_run_folder(tmp_path / "run")
+    (r1 / "encoder" / "README.md").write_text("# sentence-transformers card\n")
+    trainer.folder.finish("round1.retriever", examples=12)
+    trainer.folder.finish("round1.dpo", pairs=3, **{"rewards/margins": 0.5})
+    trainer.folder.finish("round1.eval", settings={"query_weight": {"expand": 0.7}})
+    trainer.folder.metrics = _card_rows()
+    trainer._save(1)
+    encoder_card = (r1 / "encoder" / "README.md").read_text()
+    assert encoder_card.startswith("# sentence-transformers card") and BEGIN in encoder_card
+    assert "12 examples" in encoder_card and "w = 0.7" in encoder_card and "34.56" in encoder_card
+    assert "(3 pairs)" in (r1 / "adapter" / "README.md").read_text()
+    trainer._save(1)  # a resumed save step rewrites our section, never repeats it
+    assert (r1 / "encoder" / "README.md").read_text().count(BEGIN) == 1
+    assert load_round_pipeline(r1 / "pipeline.yaml").get_component("retriever").query_weight == 0.7
+
+
+def test_the_retriever_steps_pass_logging_folders_and_run_names(tmp_path, monkeypatch):
+    import inspect
+
+    import expandr_haystack.training.retriever as retriever_module
+    from expandr_haystack.training.rounds import JointTrainer
+
+    calls = []
+    signature = inspect.signature(retriever_module.train_encoder)
+
+    def fake_train_encoder(*args, **kwargs):
+        signature.bind(*args, **kwargs)  # the real function takes these arguments
+        calls.append(kwargs)
+
+    monkeypatch.setattr(retriever_module, "train_encoder", fake_train_encoder)
+    monkeypatch.setattr(retriever_module, "mine_hard_negatives", lambda collection, ids, *a, **k: {q: [] for q in ids})
+    trainer = JointTrainer(JointConfig.from_dict({"max_train_queries": 3, "max_eval_queries": 2}), tmp_path / "run",
+                           progress_bar=False)
+    monkeypatch.setattr(trainer, "_store", lambda encoder: None)
+    trainer._supervised_baseline()
+    (tmp_path / "run" / "round_1").mkdir(parents=True)
+    (tmp_path / "run" / "round_1" / "expansions.json").write_text(
+        json.dumps({q: ["an expansion"] for q in trainer.train_data.queries}))
+    trainer._train_retriever(1)
+    assert [(c["logging_dir"], c["run_name"], c["progress_bar"]) for c in calls] == [
+        (tmp_path / "run" / "baseline" / "logs" / "retriever", "run-baseline-retriever", False),
+        (tmp_path / "run" / "round_1" / "logs" / "retriever", "run-round1-retriever", False)]
