@@ -250,11 +250,17 @@ def load_llm(model: str | None, adapter: str | None, device: str, dtype: str = "
         return _LLMS[key]
 
 
+#: Files a model folder may gain without its weights changing (the model cards PEFT, sentence-transformers and the
+#: training's save step write): left out of `fingerprint`, so writing a card never invalidates cached expansions.
+DOCUMENTATION_FILES = frozenset({"README.md"})
+
+
 def fingerprint(directory: Path) -> str:
     """
     A content fingerprint of a model folder that does not depend on where it lives: file names and sizes, the full
-    content of files up to 64 MiB (configs, tokenizers, LoRA adapters), and the first and last MiB of larger ones.
-    Moving or copying a run folder keeps it; rewriting a checkpoint changes it.
+    content of files up to 64 MiB (configs, tokenizers, LoRA adapters), and the first and last MiB of larger ones;
+    model cards (`DOCUMENTATION_FILES`) are left out. Moving or copying a run folder keeps it; rewriting a
+    checkpoint changes it; writing its README does not.
     """
     import hashlib
 
@@ -262,7 +268,7 @@ def fingerprint(directory: Path) -> str:
     if not directory.exists():
         return "missing"
     digest = hashlib.sha256()
-    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in DOCUMENTATION_FILES):
         size = f.stat().st_size
         digest.update(f"{f.relative_to(directory)}:{size}|".encode())
         with f.open("rb") as fh:

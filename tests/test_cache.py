@@ -102,3 +102,18 @@ def test_release_models_hands_freed_memory_back(monkeypatch):
     assert calls == [1] and not models._LLMS
     monkeypatch.undo()
     assert models.return_freed_memory() is _sys.platform.startswith("linux")
+
+
+def test_a_model_card_does_not_change_the_identity(tmp_path):
+    """The save step writes README.md model cards into adapter folders: cached expansions must stay valid."""
+    from expandr_haystack.models import model_identity
+
+    a = tmp_path / "adapter"
+    a.mkdir()
+    (a / "adapter_config.json").write_text('{"r": 8}')
+    (a / "adapter_model.safetensors").write_bytes(b"\x00" * 1000)
+    before = model_identity("org/model", str(a))
+    (a / "README.md").write_text("# model card\n")
+    assert model_identity("org/model", str(a)) == before
+    (a / "adapter_config.json").write_text('{"r": 16}')
+    assert model_identity("org/model", str(a)) != before
