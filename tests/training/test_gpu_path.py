@@ -190,8 +190,9 @@ def test_an_explicit_gpu_pins_the_trainer(tmp_path, monkeypatch):
         pin_trainer_device(other, device)
         assert "_setup_devices" not in other.__dict__ or other.device.index in (None, 0)
     assert len(calls) == 1
+    distributed = DPOConfig(**kwargs)  # built first: transformers 5.0 sets up its devices (MASTER_ADDR...) in __init__
     monkeypatch.setenv("WORLD_SIZE", "2")  # a distributed launch: each rank keeps its own GPU
-    pin_trainer_device(DPOConfig(**kwargs), "cuda:1")
+    pin_trainer_device(distributed, "cuda:1")
     assert len(calls) == 1
 
 
