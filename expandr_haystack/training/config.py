@@ -580,5 +580,19 @@ def _build(cls, values: Any, where: str):
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-__all__ = ["EXPANSION_MODES", "MODE_METHODS", "REPORT_TO", "SECTIONS", "report_to_trackers", "TRACKER_PACKAGES", "ConfigError", "DPOSettings",
-           "ExpansionSettings", "JointConfig", "PairConfig", "RetrieverSettings", "missing_tracker", "report_to_value"]
+__all__ = [
+    "EXPANSION_MODES",
+    "MODE_METHODS",
+    "REPORT_TO",
+    "SECTIONS",
+    "TRACKER_PACKAGES",
+    "ConfigError",
+    "DPOSettings",
+    "ExpansionSettings",
+    "JointConfig",
+    "PairConfig",
+    "RetrieverSettings",
+    "missing_tracker",
+    "report_to_trackers",
+    "report_to_value",
+]

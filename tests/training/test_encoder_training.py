@@ -32,7 +32,7 @@ def _trained_weights(tiny_bert, tmp_path, checkpointing: bool, spy: list) -> dic
 
 def test_checkpointing_is_used_and_learns_the_same_weights(tiny_bert, tmp_path, monkeypatch):
     import torch.utils.checkpoint as torch_checkpoint
-    import transformers.modeling_utils as modeling_utils
+    from transformers import modeling_utils
 
     calls = []
     real = torch_checkpoint.checkpoint
