@@ -32,8 +32,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) examples/search.py
 
+# everything, then the fast tests again on the declared minimum versions (.venv-min): CI runs this
 test: $(STAMP)
 	$(PY) -m pytest -q -rs
+	$(MAKE) test-min
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
