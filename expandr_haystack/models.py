@@ -154,7 +154,10 @@ def load_encoder(
     :param tokenizer_kwargs: Keyword arguments for the tokenizer (sentence-transformers' ``processor_kwargs``);
         ``model_max_length`` also sets the encoder's ``max_seq_length``, as Haystack does.
     :param config_kwargs: Keyword arguments for ``AutoConfig.from_pretrained``.
-    :param backend: "torch", "onnx" or "openvino" (the last two need ``optimum``; see sentence-transformers).
+    :param backend: "torch", "onnx" or "openvino" (the last two need Optimum: ``optimum-onnx[onnxruntime]`` or
+        ``optimum-intel[openvino]``, in a release that supports the installed transformers; see
+        `encoder_backend_problem`). sentence-transformers exports a model folder that holds no ``onnx/*.onnx`` /
+        ``openvino/*.xml`` file again at every load; ``encoder.save_pretrained(folder)`` keeps the export.
 
     Instances are shared per (path, device, options); the token is part of the key only for hub models (a local
     folder loads the same whatever the token), so components that name the same local encoder share one copy.
@@ -186,14 +189,46 @@ def load_encoder(
         if key not in _ENCODERS:
             from sentence_transformers import SentenceTransformer
 
-            encoder = SentenceTransformer(
-                path, device=device, token=token_value, trust_remote_code=trust_remote_code, revision=revision,
-                local_files_only=local_files_only, truncate_dim=truncate_dim, model_kwargs=model_kwargs,
-                processor_kwargs=tokenizer_kwargs, config_kwargs=config_kwargs, backend=backend)
+            try:
+                encoder = SentenceTransformer(
+                    path, device=device, token=token_value, trust_remote_code=trust_remote_code, revision=revision,
+                    local_files_only=local_files_only, truncate_dim=truncate_dim, model_kwargs=model_kwargs,
+                    processor_kwargs=tokenizer_kwargs, config_kwargs=config_kwargs, backend=backend)
+            except Exception as exc:
+                problem = encoder_backend_problem(backend)
+                if problem is None:
+                    raise
+                raise ImportError(
+                    f"`backend`={backend!r} cannot load: {problem}. sentence-transformers runs it through Optimum "
+                    f"(`pip install 'sentence-transformers[{backend}]'`), whose release must support the installed "
+                    f"transformers (this package needs transformers >= 5); use backend='torch' otherwise."
+                ) from exc
             if tokenizer_kwargs and tokenizer_kwargs.get("model_max_length"):
                 encoder.max_seq_length = tokenizer_kwargs["model_max_length"]
             _ENCODERS[key] = encoder
         return _ENCODERS[key]
+
+
+def encoder_backend_problem(backend: str) -> str | None:
+    """
+    Why sentence-transformers' ``backend`` ("onnx", "openvino") cannot load here, or None when its Optimum modules
+    import ("torch" always loads). An Optimum release built for transformers 4 fails to import under transformers 5,
+    so the reason names the import error itself.
+    """
+    # the modules and classes sentence-transformers' loader imports (Optimum's modules are lazy: a class can fail)
+    needs = {
+        "onnx": (("onnxruntime", ()), ("optimum.onnxruntime", ("ORTModelForFeatureExtraction", "ORTModelForCausalLM"))),
+        "openvino": (("openvino", ()),
+                     ("optimum.intel.openvino", ("OVModelForFeatureExtraction", "OVModelForCausalLM"))),
+    }
+    for module, names in needs.get(backend, ()):
+        try:
+            loaded = importlib.import_module(module)
+            for name in names:
+                getattr(loaded, name)
+        except Exception as exc:  # noqa: BLE001 - an incompatible Optimum raises ImportError, others RuntimeError
+            return f"`import {module}` fails ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
 
 
 def load_llm(model: str | None, adapter: str | None, device: str, dtype: str = "auto",

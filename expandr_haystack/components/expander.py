@@ -26,6 +26,7 @@ from expandr_haystack.core.text import (
     has_placeholder,
 )
 from expandr_haystack.generation import BACKENDS, PLAIN_CACHE_ENGINES, make_sampler
+from expandr_haystack.generation.packed_llama import PRECISIONS
 from expandr_haystack.models import DEFAULT_LLM, resolve_device, resolve_llm_path
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 ON_FAILURE = ("skip", "raise")
 #: Settings the loaded engine depends on (`with_settings` keeps the engine when none of them changes).
 _ENGINE_SETTINGS = ("model", "adapter", "chat_generator", "device", "dtype", "backend", "max_prompt_tokens",
-                    "max_retries", "retry_backoff", "max_concurrency", "model_kwargs", "token")
+                    "max_retries", "retry_backoff", "max_concurrency", "model_kwargs", "token", "precision")
 #: `generation_kwargs` keys that are this component's own settings (the key wins over the argument).
 GENERATION_SETTINGS = ("max_new_tokens", "temperature", "top_p")
 
@@ -142,6 +143,7 @@ class LLMQueryExpander:
         generation_kwargs: dict[str, Any] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         token: Secret | None = Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False),  # noqa: B008
+        precision: str = "float32",
     ):
         """
         Create the expander.
@@ -187,6 +189,13 @@ class LLMQueryExpander:
         :param token: Hugging Face token for gated models (the paper config names a gated Llama), passed to
             ``from_pretrained`` as ``token=``; default: the `HF_API_TOKEN` or `HF_TOKEN` environment variable when set.
             Serialized as a reference to the variable, never as its value.
+        :param precision: Weight precision of the packed CPU decoder: "float32" (exact, the default), "int8"
+            (per-channel int8 weights through FBGEMM, the vocabulary head included, CPUs with AVX2 or better;
+            next-token distributions within KL ~0.004 of float32; not yet faster end to end: docs/benchmarks.md,
+            "Expansion at int8"), "bfloat16" (CPUs with native bfloat16 only: AVX512-BF16 or AMX) or "auto" (the
+            fastest precision measured faster than float32, so far float32; `packed_llama.resolve_precision`).
+            Texts in any precision but float32 are cached apart (float32 keys are unchanged). Local packed decoder
+            only.
         """
         if not isinstance(prompt, str) or not has_placeholder(prompt, "query"):
             raise ValueError(f"`prompt` must be a string containing the placeholder '{{query}}' (or Jinja "
@@ -213,6 +222,11 @@ class LLMQueryExpander:
         check_int(max_retries, "max_retries", minimum=0)
         check_number(retry_backoff, "retry_backoff", 0.0)
         check_choice(backend, "backend", BACKENDS)
+        check_choice(precision, "precision", PRECISIONS)
+        if precision not in ("float32", "auto") and (chat_generator is not None or backend in ("vllm",
+                                                                                              "transformers")):
+            raise ValueError(f"`precision`={precision!r} is the packed CPU decoder's; it does not apply with "
+                             "`chat_generator` or `backend` 'transformers'/'vllm' (use `dtype` there).")
         check_choice(on_failure, "on_failure", ON_FAILURE)
         check_int(passages_k, "passages_k")
         check_int(passage_words, "passage_words")
@@ -250,6 +264,7 @@ class LLMQueryExpander:
         self.generation_kwargs = generation_kwargs  # the keys beyond max_new_tokens/temperature/top_p
         self.model_kwargs = dict(model_kwargs) if model_kwargs else None
         self.token = token
+        self.precision = precision
         self._sampler = None
         self._cache: ExpansionCache | None = None
         #: ``{query index: failed samples}`` of the last `expand` call (empty when every row worked).
@@ -267,7 +282,7 @@ class LLMQueryExpander:
             on_failure=self.on_failure, progress_bar=self.progress_bar, backend=self.backend,
             passages_k=self.passages_k, passage_words=self.passage_words,
             generation_kwargs=self.generation_kwargs or None, model_kwargs=_serialized_model_kwargs(self.model_kwargs),
-            token=self.token.to_dict() if self.token is not None else None,
+            token=self.token.to_dict() if self.token is not None else None, precision=self.precision,
         )
 
     @classmethod
@@ -292,7 +307,8 @@ class LLMQueryExpander:
                 device=resolve_device(self.device) if self.chat_generator is None else "cpu", dtype=self.dtype,
                 max_prompt_tokens=self.max_prompt_tokens, max_retries=self.max_retries,
                 retry_backoff=self.retry_backoff, max_concurrency=self.max_concurrency,
-                model_kwargs=self.model_kwargs, token=self.token.resolve_value() if self.token is not None else None)
+                model_kwargs=self.model_kwargs, token=self.token.resolve_value() if self.token is not None else None,
+                precision=self.precision)
         if self.cache is not None and self._cache is None:
             self._cache = ExpansionCache(self.cache)
 
@@ -319,7 +335,8 @@ class LLMQueryExpander:
 
     @property
     def engine(self) -> str:
-        """The generation engine in use after `warm_up`: "packed", "transformers", "vllm" or "remote"."""
+        """The generation engine in use after `warm_up`: "packed" (float32; "packed-int8", "packed-bfloat16" in
+        another precision), "transformers", "vllm" or "remote"."""
         self.warm_up()
         return self._sampler.engine
 

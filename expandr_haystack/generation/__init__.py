@@ -73,7 +73,7 @@ def sampler_identity(model_id: str, dtype: str, device: str) -> str:
 def make_sampler(model: str | None = None, adapter: str | None = None, chat_generator: Any | None = None,
                  backend: str = "auto", device: str = "cpu", dtype: str = "auto", max_prompt_tokens: int = 1024,
                  max_retries: int = 2, retry_backoff: float = 1.0, max_concurrency: int = 8,
-                 model_kwargs: dict[str, Any] | None = None, token: str | None = None):
+                 model_kwargs: dict[str, Any] | None = None, token: str | None = None, precision: str = "float32"):
     """
     The sampler for a model (+ LoRA adapter) or a Haystack ChatGenerator.
 
@@ -84,6 +84,8 @@ def make_sampler(model: str | None = None, adapter: str | None = None, chat_gene
         seeds).
     :param model_kwargs: transformers path only: extra keyword arguments of ``from_pretrained`` (`models.load_llm`).
     :param token: Hugging Face token for gated models (``from_pretrained(..., token=...)``; vLLM reads `HF_TOKEN`).
+    :param precision: Local packed decoder only: its weight precision (`packed_llama.PRECISIONS`); texts in another
+        precision than float32 are cached apart through the sampler's `engine` ("packed-int8").
     """
     from expandr_haystack.models import load_llm, model_identity, resolve_llm_path
 
@@ -105,7 +107,8 @@ def make_sampler(model: str | None = None, adapter: str | None = None, chat_gene
         from expandr_haystack.generation.local import LocalSampler
 
         llm, tokenizer = load_llm(model, adapter, device, dtype, model_kwargs=model_kwargs, token=token)
-        sampler = LocalSampler(llm, tokenizer, max_prompt_tokens=max_prompt_tokens, backend=backend)
+        sampler = LocalSampler(llm, tokenizer, max_prompt_tokens=max_prompt_tokens, backend=backend,
+                               precision=precision)
         sampler.identity = sampler_identity(model_identity(path, adapter), dtype, device)
     return sampler
 

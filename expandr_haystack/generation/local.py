@@ -92,7 +92,7 @@ def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor, top_p: float, 
     return tokens
 
 
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its PackedLlamaDecoder
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {precision: its PackedLlamaDecoder}
 _LOCK = threading.Lock()
 
 
@@ -130,34 +130,52 @@ class TransformersDecoder:
         return out.logits[:, -1, :].float()
 
 
-def default_decoder(model, backend: str = "auto", pad_id: int = 0):
+def default_decoder(model, backend: str = "auto", pad_id: int = 0, precision: str = "float32"):
     """
-    The decoder for `backend`: "auto" (the packed float32 decoder where the model allows it, else transformers),
-    "packed" (fail if the model does not allow it) or "transformers".
+    The decoder for `backend`: "auto" (the packed decoder where the model allows it, else transformers), "packed"
+    (fail if the model does not allow it) or "transformers"; `precision` is the packed decoder's weight precision
+    (`packed_llama.PRECISIONS`: "int8" and "bfloat16" need the packed decoder, "auto" is float32 where it cannot
+    run). One packed copy per model and resolved precision, however many samplers share it.
     """
-    from expandr_haystack.generation.packed_llama import PackedLlamaDecoder, unsupported_reason
+    from expandr_haystack.generation.packed_llama import (
+        PRECISIONS,
+        PackedLlamaDecoder,
+        resolve_precision,
+        unsupported_reason,
+    )
 
     if backend not in ("auto", "packed", "transformers"):
         raise ValueError(f"`backend` must be 'auto', 'packed' or 'transformers'; got {backend!r}.")
-    if backend == "transformers":
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}.")
+    reason = "backend 'transformers'" if backend == "transformers" else unsupported_reason(model)
+    if reason is not None:
+        if backend == "packed":
+            raise ValueError(f"`backend`='packed' cannot run this model: {reason}. Use 'auto' or 'transformers'.")
+        if precision in ("int8", "bfloat16"):
+            raise ValueError(f"`precision`={precision!r} needs the packed decoder, which cannot run here: {reason}. "
+                             "Use precision 'float32' or 'auto'.")
         return TransformersDecoder(model, pad_id)
-    reason = unsupported_reason(model)
-    if reason is None:
-        with _LOCK:  # one packed copy per model, however many expanders share it (the candidates and the answers)
-            if model not in _PACKED:
-                _PACKED[model] = PackedLlamaDecoder(model)
-            return _PACKED[model]
-    if backend == "packed":
-        raise ValueError(f"`backend`='packed' cannot run this model: {reason}. Use 'auto' or 'transformers'.")
-    return TransformersDecoder(model, pad_id)
+    resolved = resolve_precision(precision)
+    with _LOCK:  # one packed copy per model and precision (the candidates and the answers share it)
+        decoders = _PACKED.setdefault(model, {})
+        if resolved not in decoders:
+            decoders[resolved] = PackedLlamaDecoder(model, resolved)
+        return decoders[resolved]
 
 
 class LocalSampler:
     """
     Batched sampling from a ``transformers`` causal LM with per-row seeds and temperatures.
 
-    The sampling loop is shared; the forward passes come from a decoder: `PackedLlamaDecoder` (fast float32 CPU
-    path for Llama-architecture models) or `TransformersDecoder` (any model, any device).
+    The sampling loop is shared; the forward passes come from a decoder: `PackedLlamaDecoder` (fast CPU path for
+    Llama-architecture models; float32, or int8/bfloat16 weights with `precision`) or `TransformersDecoder` (any
+    model, any device).
+
+    `precision` ("float32" default, "int8", "bfloat16", "auto": `packed_llama.resolve_precision`) is the packed
+    decoder's weight precision. In int8 the text differs from the float32 text where a draw falls near a boundary
+    (logits differ by quantization rounding) and, like bfloat16 on CUDA, a row's text can depend on its batch
+    (same batch => same text); `engine` names the precision ("packed-int8") so the expander caches it apart.
 
     Usage:
     ```python
@@ -167,7 +185,8 @@ class LocalSampler:
     ```
     """
 
-    def __init__(self, model, tokenizer, max_prompt_tokens: int = 1024, decoder=None, backend: str = "auto"):
+    def __init__(self, model, tokenizer, max_prompt_tokens: int = 1024, decoder=None, backend: str = "auto",
+                 precision: str = "float32"):
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
@@ -177,7 +196,7 @@ class LocalSampler:
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.decoder = decoder if decoder is not None else default_decoder(model, backend, self.pad_id)
+        self.decoder = decoder if decoder is not None else default_decoder(model, backend, self.pad_id, precision)
         self.tokens_generated = 0  # running count of sampled tokens (an EOS counts, padding after it does not)
 
     @property
@@ -185,7 +204,19 @@ class LocalSampler:
         """Name of the decoder in use: "packed" or "transformers"."""
         return "transformers" if isinstance(self.decoder, TransformersDecoder) else "packed"
 
-    engine = backend
+    @property
+    def precision(self) -> str:
+        """Weight precision of the decoder: the packed decoder's ("float32", "int8", "bfloat16"), else "model"
+        (the model's own dtype)."""
+        return getattr(self.decoder, "precision", "model") if self.backend == "packed" else "model"
+
+    @property
+    def engine(self) -> str:
+        """The engine as the expander's cache keys name it: `backend`, with the precision when it is not float32
+        ("packed-int8"): texts of another precision are never served for these (float32 keys as before)."""
+        if self.backend == "packed" and self.precision != "float32":
+            return f"packed-{self.precision}"
+        return self.backend
 
     def truncate(self, text: str, argument: str = "query") -> str:
         """`text` cut to `max_prompt_tokens` tokens (with a warning naming `argument` when it is cut)."""

@@ -13,19 +13,49 @@ comes from doing less, not from lower precision:
   head's query "positions", so one ``scaled_dot_product_attention`` call covers them;
 * a prompt shared by several rows (several samples of one query) is prefilled once and its KV copied.
 
+Weight precision (``precision=``, issue 15). At batch 16 a decode step is memory-bound: it streams every weight once
+per token (~540 MB in float32 for SmolLM2-135M, the 113 MB vocabulary head included), so smaller weights are faster
+weights:
+
+* ``"float32"`` (default): the exact path above;
+* ``"int8"``: every projection and the vocabulary head hold int8 weights with one symmetric scale per output channel
+  (``w ~ s_n * q_n``, ``s_n = max|w_n| / 127``), multiplied by FBGEMM's int8 kernel
+  (``torch.ops.quantized.linear_dynamic``: 4x fewer weight bytes, integer dot products). That kernel also quantizes
+  its input to 8 bits, with one range for the whole matrix it is given: alone, that one range would couple the rows
+  of a batch and its 8-bit inputs would be the larger error (KL 0.06 vs 0.007 for the weights' rounding alone, on
+  SmolLM2). So each row is passed as two rows of 8-bit levels, itself over its ``max|x|`` and its rounding error on
+  the kernel's grid, plus a constant sentinel row that pins the range to [-1, 1] (`int8_two_level_input`): inputs
+  exact to ~2^-15 of each row's largest value, each row's codes its own, only the weights rounded. Next-token
+  distributions stay within KL ~0.004 of float32 (greedy tokens agree ~98%, tested); text differs from the float32
+  text wherever a draw falls near a boundary, so int8 texts are cached apart (`LocalSampler.engine`);
+* ``"bfloat16"``: weights and activations rounded to bfloat16 through oneDNN, only on CPUs with native bfloat16
+  dot products (AVX512-BF16 or AMX, detected at run time; on AVX2/AVX-512 without them oneDNN emulates bfloat16
+  and it is 3-5x slower than float32, so it is refused there);
+* ``"auto"``: `resolve_precision` - the fastest precision measured faster than float32 end to end on this kind of
+  CPU; none yet: int8's kernels are 1.4-3x faster than float32's on an AVX-512 VNNI Xeon, but its decode step was
+  not (1.01x in CPU time, two input levels and their elementwise work included; docs/benchmarks.md), so "auto" is
+  float32 for now. bfloat16 is refused without native bfloat16 and unmeasured with it.
+
 Usage (``LocalSampler`` picks it by itself for a float32 Llama model on CPU):
 ```python
 from expandr_haystack.generation.local import LocalSampler
 from expandr_haystack.generation.packed_llama import PackedLlamaDecoder
 
 sampler = LocalSampler(model, tokenizer, decoder=PackedLlamaDecoder(model))
+fast = LocalSampler(model, tokenizer, precision="int8")  # or "auto"
 ```
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+#: Weight precisions of the packed decoder (`LocalSampler(precision=...)`, `LLMQueryExpander(precision=...)`).
+PRECISIONS = ("auto", "float32", "int8", "bfloat16")
 
 
 def unsupported_reason(model) -> str | None:
@@ -48,6 +78,140 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as the kernel reports them (``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def int8_unsupported_reason() -> str | None:
+    """Why the int8 path cannot run here (None when it can): it needs FBGEMM (x86) and at least AVX2."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "this torch build has no FBGEMM int8 kernels"
+    if "avx2" not in cpu_flags():
+        return "the CPU has no AVX2 (FBGEMM's int8 kernels need it)"
+    return None
+
+
+def bfloat16_unsupported_reason() -> str | None:
+    """Why the bfloat16 path is refused here (None when the CPU has native bfloat16: AVX512-BF16 or AMX-BF16)."""
+    flags = cpu_flags()
+    if not ({"avx512_bf16", "amx_bf16"} & flags):
+        return "the CPU has no native bfloat16 (AVX512-BF16 or AMX-BF16); emulated, it is 3-5x slower than float32"
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this torch build has no oneDNN bfloat16 support"
+    return None
+
+
+def resolve_precision(precision: str) -> str:
+    """
+    The weight precision `precision` runs in on this machine. "auto" = the fastest precision whose exactness is
+    acceptable, which is "float32" on every CPU measured so far: int8 (FBGEMM, AVX2 or better) keeps the next-token
+    distributions within KL ~0.004, and its kernels beat float32's 1.4-3x at batch 16 on an AVX-512 VNNI Xeon, but
+    its whole decode step did not (1.01x in CPU time, docs/benchmarks.md "Expansion at int8"). An explicit
+    precision the machine cannot run is a ValueError naming the argument.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}.")
+    if precision == "auto":
+        return "float32"
+    reason = {"int8": int8_unsupported_reason, "bfloat16": bfloat16_unsupported_reason}.get(precision,
+                                                                                          lambda: None)()
+    if reason is not None:
+        raise ValueError(f"`precision`={precision!r} cannot run here: {reason}. Use 'float32' or 'auto'.")
+    return precision
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weights, one scale per output channel (row): ``weight ~ scales[:, None] * q`` with
+    ``scales = max|row| / 127`` (1 for an all-zero row) and ``q = round(weight / scales)`` in [-127, 127]."""
+    weight = weight.detach().to(torch.float32)
+    scales = weight.abs().amax(dim=1) / 127.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def fbgemm_input_grid(reduce_range: bool) -> tuple[float, int, int]:
+    """
+    ``(scale, zero point, largest code)`` of the uint8 grid FBGEMM's dynamic linear quantizes an input whose range
+    is exactly [-1, 1] to (its ``ChooseQuantizationParams`` over codes 0..255, or 0..127 with `reduce_range`):
+    ``scale = 2 / span``, zero point ``nearbyint(span / 2)`` (half to even), codes then clamped to 0..255 either
+    way (with `reduce_range` an input of exactly 1 gets code 128). Tested against the kernel.
+    """
+    span = 127 if reduce_range else 255
+    return 2.0 / span, round(span / 2), 255
+
+
+def int8_two_level_input(x: torch.Tensor, reduce_range: bool, sentinel: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """
+    `x` [rows, k] laid out for a kernel that quantizes its whole input to 8 bits with one range (FBGEMM's dynamic
+    linear), so that the product is exact to ~15 bits per row and a row's result does not depend on its neighbours:
+
+    * ``hi = x / a`` with ``a = (1 + 2^-16) max|x|`` per row, so every row lies inside (-1, 1) (never on the
+      grid's clamped end);
+    * ``lo = u - round(u)`` with ``u = hi / scale``: the rounding error of ``hi`` on the kernel's grid
+      (`fbgemm_input_grid`; the zero point is even, so half-to-even rounding agrees), in grid steps, in [-1/2, 1/2];
+    * `sentinel`, the row ``[-1, 1, 0, ...]``, so the input's range is exactly [-1, 1] whatever the batch: the grid
+      is fixed and every row's codes depend on that row alone.
+
+    Returns ``(rows hi, rows lo, sentinel), a, scale``: since ``hi = scale (round(u) + lo)``,
+    ``x W^T = a (K(hi) + scale K(lo))``, up to the rounding of ``lo`` (2^-15 of the row's largest value).
+    """
+    rows, width = x.shape
+    scale = fbgemm_input_grid(reduce_range)[0]
+    packed = x.new_empty(2 * rows + 1, width)
+    low, high = torch.aminmax(x, dim=-1, keepdim=True)  # one pass (vector_norm(inf) is several times slower)
+    a = torch.maximum(high, low.neg_()).clamp_min_(torch.finfo(x.dtype).tiny).mul_(1.0 + 2.0**-16)
+    u = torch.div(x, a, out=packed[:rows]) * (1.0 / scale)
+    torch.sub(u, torch.round(u), out=packed[rows:-1])
+    packed[-1] = sentinel
+    return packed, a, scale
+
+
+class _Int8Linear:
+    """A bias-free linear layer with per-output-channel int8 weights, run by FBGEMM (see the module docstring)."""
+
+    def __init__(self, weight: torch.Tensor):
+        q, scales = quantize_per_channel(weight)
+        with warnings.catch_warnings():  # quantized tensors are deprecated in recent torch, still the FBGEMM API
+            warnings.simplefilter("ignore")
+            quantized = torch._make_per_channel_quantized_tensor(q, scales.double(),
+                                                                 torch.zeros(len(scales), dtype=torch.long), 0)
+            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        # without VNNI, FBGEMM's u8 x s8 pair sums saturate int16 unless the input uses 7 bits (reduce_range)
+        self.reduce_range = not ({"avx512_vnni", "avx_vnni"} & cpu_flags())
+        self.sentinel = torch.zeros(weight.shape[1])
+        self.sentinel[0], self.sentinel[-1] = -1.0, 1.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        rows = len(flat)
+        packed, a, scale = int8_two_level_input(flat, self.reduce_range, self.sentinel)
+        y = torch.ops.quantized.linear_dynamic(packed, self.packed, self.reduce_range)
+        y = torch.add(y[:rows], y[rows : 2 * rows], alpha=scale).mul_(a)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class _Bfloat16Linear:
+    """A bias-free linear layer with bfloat16 weights prepacked for oneDNN (activations rounded to bfloat16)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "").float()
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class _Linear:
     """A bias-free linear layer whose weight is prepacked for oneDNN (plain ``F.linear`` where oneDNN is absent)."""
 
@@ -68,15 +232,21 @@ class _Linear:
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def make_linear(weight: torch.Tensor, precision: str = "float32"):
+    """The linear layer of `weight` [out, in] in a resolved `precision` ("float32", "int8" or "bfloat16")."""
+    return {"float32": _Linear, "int8": _Int8Linear, "bfloat16": _Bfloat16Linear}[precision](weight)
+
+
 class _Layer:
-    def __init__(self, layer):
+    def __init__(self, layer, precision: str = "float32"):
         attention, mlp = layer.self_attn, layer.mlp
+        linear = functools.partial(make_linear, precision=precision)
         self.input_norm = layer.input_layernorm.weight.detach().float()
         self.post_attention_norm = layer.post_attention_layernorm.weight.detach().float()
-        self.qkv = _Linear(torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]))
-        self.o = _Linear(attention.o_proj.weight)
-        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-        self.down = _Linear(mlp.down_proj.weight)
+        self.qkv = linear(torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]))
+        self.o = linear(attention.o_proj.weight)
+        self.gate_up = linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.down = linear(mlp.down_proj.weight)
 
 
 class _State:
@@ -90,12 +260,18 @@ class _State:
 
 
 class PackedLlamaDecoder:
-    """Prefill / decode steps of a Llama model with prepacked float32 weights (see the module docstring)."""
+    """
+    Prefill / decode steps of a Llama model with prepacked weights (see the module docstring).
 
-    def __init__(self, model):
+    :param precision: Weight precision: "float32" (exact), "int8", "bfloat16" (CPUs with native bfloat16 only) or
+        "auto" (`resolve_precision`); weights are converted once, here. `self.precision` is the resolved one.
+    """
+
+    def __init__(self, model, precision: str = "float32"):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"PackedLlamaDecoder cannot run this model: {reason}.")
+        self.precision = resolve_precision(precision)
         config = model.config
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -106,9 +282,9 @@ class PackedLlamaDecoder:
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
         body = model.model
         self.embed = body.embed_tokens.weight.detach().float()
-        self.layers = [_Layer(layer) for layer in body.layers]
+        self.layers = [_Layer(layer, self.precision) for layer in body.layers]
         self.final_norm = body.norm.weight.detach().float()
-        self.lm_head = _Linear(model.lm_head.weight)
+        self.lm_head = make_linear(model.lm_head.weight, self.precision)
         self.intermediate = config.intermediate_size
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

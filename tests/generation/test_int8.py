@@ -1,0 +1,258 @@
+"""
+The packed decoder's weight precisions (issue 15): int8 weights through FBGEMM against float32, the option's checks,
+and a cache key that keeps int8 texts apart while float32 keys stay as they were. Kernel and tiny-model tests are
+fast; one test reads the bundled SmolLM2-135M-Instruct (no download).
+"""
+
+import pytest
+import torch
+from test_packed_llama import CharTokenizer, tiny_llama
+
+from expandr_haystack.generation import packed_llama
+from expandr_haystack.generation.local import LocalSampler, TransformersDecoder, default_decoder
+from expandr_haystack.generation.packed_llama import (
+    PackedLlamaDecoder,
+    _Int8Linear,
+    fbgemm_input_grid,
+    int8_two_level_input,
+    int8_unsupported_reason,
+    quantize_per_channel,
+    resolve_precision,
+)
+
+needs_int8 = pytest.mark.skipif(int8_unsupported_reason() is not None,
+                                reason=f"int8 path unavailable: {int8_unsupported_reason()}")
+PROMPTS = [[5, 9, 17, 33, 40, 41], [5, 9, 17, 8], [50, 51, 52, 53, 54, 60, 61]]
+
+
+def test_quantize_per_channel_rounds_each_row_to_its_own_grid():
+    weight = torch.randn(40, 24) * torch.logspace(-3, 1, 40)[:, None]  # rows of very different sizes
+    weight[7] = 0.0
+    q, scales = quantize_per_channel(weight)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+    assert torch.equal(q.abs().amax(dim=1)[torch.arange(40) != 7], torch.full((39,), 127, dtype=torch.int8))
+    error = (q.float() * scales[:, None] - weight).abs()
+    assert bool((error <= scales[:, None] / 2 * (1 + 1e-5)).all())  # at most half a step of the row's own grid
+    assert torch.equal(q[7], torch.zeros(24, dtype=torch.int8))
+
+
+@needs_int8
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_fbgemm_quantizes_inputs_on_the_grid_we_assume(reduce_range):
+    """The two-level input relies on knowing FBGEMM's grid for an input in [-1, 1]: an identity weight returns the
+    kernel's quantized input, which must be `fbgemm_input_grid`'s (a changed kernel fails here, not silently)."""
+    identity = _Int8Linear(torch.eye(32))
+    x = torch.rand(9, 32) * 2 - 1
+    x[0, :2] = torch.tensor([-1.0, 1.0])  # the range is exactly [-1, 1], as the sentinel makes it
+    returned = torch.ops.quantized.linear_dynamic(x, identity.packed, reduce_range)
+    scale, zero_point, largest = fbgemm_input_grid(reduce_range)
+    expected = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, largest)
+    torch.testing.assert_close(returned, expected, rtol=0, atol=1e-6)
+
+
+@needs_int8
+def test_int8_linear_is_the_dequantized_weight_product_and_row_independent():
+    torch.manual_seed(0)
+    weight = torch.randn(300, 64)
+    x = torch.randn(6, 64) * torch.tensor([1.0, 10.0, 0.1, 3.0, 50.0, 1e-3])[:, None]
+    x[2, 5] = 40.0  # an outlier channel
+    linear = _Int8Linear(weight)
+    out = linear(x)
+    q, scales = quantize_per_channel(weight)
+    dequantized = x @ (q.float() * scales[:, None]).t()
+    # two 8-bit levels: each input is exact to half a step of the second level, scale^2 / 2 of its row's largest
+    # value (3e-5 with VNNI, 1.2e-4 with 7-bit `reduce_range`), so the product is the dequantized weights' to that
+    # times the row's largest |x| times the largest row sum of |weight|: the int8 error is the weights' alone
+    scale = fbgemm_input_grid(linear.reduce_range)[0]
+    bound = 1.2 * scale**2 / 2 * x.abs().amax(1) * float((q.float() * scales[:, None]).abs().sum(1).max())
+    assert bool(((out - dequantized).abs().amax(1) <= bound).all()), ((out - dequantized).abs().amax(1), bound)
+    assert not torch.allclose(out, x @ weight.t(), rtol=0, atol=1e-6)  # it does use int8 weights
+    for r in range(len(x)):  # per-row scales and a fixed grid: a row's result does not depend on the others
+        assert torch.equal(linear(x[r : r + 1])[0], out[r])
+    assert torch.equal(linear(x[:, None, :]).squeeze(1), out)  # any leading shape
+
+
+def test_two_level_input_layout():
+    x = torch.randn(4, 16) * 3
+    packed, a, scale = int8_two_level_input(x, False, torch.tensor([-1.0] + [0.0] * 14 + [1.0]))
+    assert packed.shape == (9, 16) and bool((packed[:4].abs() < 1).all())
+    assert bool((packed[4:8].abs() <= 0.5).all())  # rounding errors in grid steps
+    assert packed[-1, 0] == -1 and packed[-1, -1] == 1
+    rebuilt = a * scale * (torch.round(packed[:4] / scale) + packed[4:8])
+    torch.testing.assert_close(rebuilt, x, rtol=1e-6, atol=1e-6)
+
+
+@needs_int8
+@torch.inference_mode()
+def test_int8_decoder_logits_are_float32_within_quantization_rounding():
+    """
+    Tiny random Llama (weights N(0, 0.2), logits of size ~10): int8 logits within 5% of the largest logit of the
+    float32 ones at prefill and over 8 teacher-forced decode steps. Per-channel int8 rounds each weight by at most
+    1/254 of its row's largest, ~0.4-1% relative per matmul; 3 layers x 4 matmuls + the head compound to 1.4-2.0%
+    measured (AVX-512 VNNI), so 5% leaves room for the 7-bit inputs of AVX2 machines; at 1% the test fails (the
+    error is real, not zero). The top token is float32's in >= 80% of the steps (measured 32 of 32).
+    """
+    model = tiny_llama(seed=1)
+    exact, int8 = PackedLlamaDecoder(model), PackedLlamaDecoder(model, precision="int8")
+    assert (exact.precision, int8.precision) == ("float32", "int8")
+    select = torch.tensor([0, 1, 2, 0])
+    (ref, ref_state), (got, got_state) = (d.prefill(PROMPTS, select, 8) for d in (exact, int8))
+    agree = total = 0
+    for _ in range(8):
+        size = float(ref.abs().max())
+        worst = float((got - ref).abs().max())
+        assert worst <= 0.05 * size, (worst, size)
+        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ref)
+        tokens = ref.argmax(-1)  # both fed float32's greedy tokens (teacher forcing): errors do not compound
+        ref, got = exact.decode(ref_state, tokens), int8.decode(got_state, tokens)
+    assert agree >= 0.8 * total, (agree, total)
+    assert float((got - ref).abs().max()) > 1e-3 * float(ref.abs().max())  # not secretly float32
+
+
+@needs_int8
+@torch.inference_mode()
+def test_int8_greedy_tokens_agree_on_the_bundled_model():
+    """The bundled SmolLM2-135M-Instruct, 4 chat prompts, 24 teacher-forced greedy steps: the int8 top token is
+    float32's in >= 90% of the steps (measured 97.9% on AVX-512 VNNI), and the mean KL(float32 || int8) of the
+    next-token distributions is below 0.02 nats (measured 0.004; quantizing the activations to one 8-bit level
+    instead of two gave 0.06 at prefill: this is the test that catches it)."""
+    from expandr_haystack.models import load_llm
+
+    model, tokenizer = load_llm(None, None, "cpu", "float32")
+    queries = ["what is lift", "boundary layer transition on a flat plate at supersonic speed",
+               "heat transfer in hypersonic flow", "buckling of thin cylindrical shells under axial compression"]
+    ids = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": f"Write a passage about: {q}"}],
+                                                   tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"] for q in queries]
+    exact, int8 = PackedLlamaDecoder(model), PackedLlamaDecoder(model, precision="int8")
+    select = torch.arange(len(ids))
+    (ref, ref_state), (got, got_state) = (d.prefill(ids, select, 24) for d in (exact, int8))
+    agree, kl = [], []
+    for _ in range(24):
+        agree.append((got.argmax(-1) == ref.argmax(-1)).float())
+        p, q = ref.log_softmax(-1), got.log_softmax(-1)
+        kl.append((p.exp() * (p - q)).sum(-1))
+        tokens = ref.argmax(-1)
+        ref, got = exact.decode(ref_state, tokens), int8.decode(got_state, tokens)
+    rate, mean_kl = float(torch.cat(agree).mean()), float(torch.cat(kl).mean())
+    assert rate >= 0.9, rate
+    assert 0 < mean_kl < 0.02, mean_kl
+
+
+# -- the option ---------------------------------------------------------------------------------------------------
+def test_precision_option_is_checked_with_its_name_and_choices():
+    model, tokenizer = tiny_llama(), CharTokenizer()
+    for call in (lambda: LocalSampler(model, tokenizer, precision="int4"),
+                 lambda: PackedLlamaDecoder(model, precision="fp8"), lambda: resolve_precision("half")):
+        with pytest.raises(ValueError, match=r"`precision` must be one of 'auto', 'float32', 'int8', 'bfloat16'"):
+            call()
+    from expandr_haystack import LLMQueryExpander
+
+    with pytest.raises(ValueError, match=r"`precision` must be one of 'auto', 'float32', 'int8', 'bfloat16'"):
+        LLMQueryExpander(precision="int4")
+    with pytest.raises(ValueError, match=r"`precision`='int8' .* 'transformers'"):
+        LLMQueryExpander(precision="int8", backend="transformers")
+    # int8 needs the packed decoder: a model it cannot run is an error, not a silent float32
+    with pytest.raises(ValueError, match=r"`precision`='int8' needs the packed decoder.*projections with bias"):
+        default_decoder(tiny_llama(attention_bias=True), precision="int8")
+    assert isinstance(default_decoder(tiny_llama(attention_bias=True), precision="auto"), TransformersDecoder)
+
+
+def test_auto_and_bfloat16_follow_the_cpu_features(monkeypatch):
+    monkeypatch.setattr(packed_llama, "cpu_flags", lambda: frozenset({"avx", "fma"}))
+    assert resolve_precision("auto") == "float32"
+    with pytest.raises(ValueError, match=r"`precision`='int8' cannot run here: the CPU has no AVX2"):
+        resolve_precision("int8")
+    with pytest.raises(ValueError, match=r"`precision`='bfloat16' cannot run here: the CPU has no native bfloat16"):
+        resolve_precision("bfloat16")
+    monkeypatch.setattr(packed_llama, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    # int8 runs on AVX-512 VNNI but its decode step was measured no faster than float32's: "auto" keeps float32
+    assert resolve_precision("auto") == "float32"
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        assert resolve_precision("int8") == "int8"
+    assert resolve_precision("float32") == "float32"
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="oneDNN without bfloat16")
+@torch.inference_mode()
+def test_bfloat16_decoder_where_allowed(monkeypatch):
+    """The bfloat16 path's math, run here by pretending the CPU has native bfloat16 (oneDNN emulates it)."""
+    monkeypatch.setattr(packed_llama, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    model = tiny_llama(seed=1)
+    exact, half = PackedLlamaDecoder(model), PackedLlamaDecoder(model, precision="bfloat16")
+    ref, _ = exact.prefill(PROMPTS, torch.arange(3), 2)
+    got, _ = half.prefill(PROMPTS, torch.arange(3), 2)
+    assert 1e-4 * float(ref.abs().max()) < float((got - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+
+
+@needs_int8
+def test_sampler_engine_names_the_precision_and_decoders_are_shared():
+    model, tokenizer = tiny_llama(seed=3), CharTokenizer()
+    exact, int8 = LocalSampler(model, tokenizer), LocalSampler(model, tokenizer, precision="int8")
+    assert (exact.backend, exact.precision, exact.engine) == ("packed", "float32", "packed")
+    assert (int8.backend, int8.precision, int8.engine) == ("packed", "int8", "packed-int8")
+    auto = resolve_precision("auto")  # float32 keeps the plain engine name (and its cache keys)
+    assert LocalSampler(model, tokenizer, precision="auto").engine == ("packed" if auto == "float32" else f"packed-{auto}")
+    assert LocalSampler(model, tokenizer, precision="int8").decoder is int8.decoder  # one int8 copy per model
+    assert exact.decoder is not int8.decoder
+    plain = LocalSampler(model, tokenizer, backend="transformers", precision="auto")
+    assert (plain.engine, plain.precision) == ("transformers", "model")
+    kwargs = {"seeds": [1, 2], "temperatures": [1.0, 1.0], "top_p": 0.9, "max_new_tokens": 10}
+    texts = int8.sample(["Q: what is lift", "Q: heat"], **kwargs)
+    assert texts == int8.sample(["Q: what is lift", "Q: heat"], **kwargs)  # same batch, same seeds: same text
+    assert all(isinstance(t, str) for t in texts)
+
+
+@pytest.fixture()
+def tiny_loading(tmp_path, monkeypatch):
+    """`models.load_llm` returning the tiny model, and a model folder for the identity's fingerprint."""
+    from expandr_haystack import models
+
+    model, tokenizer = tiny_llama(), CharTokenizer()
+    monkeypatch.setattr(models, "load_llm", lambda *args, **kwargs: (model, tokenizer))
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    return str(folder)
+
+
+@needs_int8
+def test_cache_key_has_the_precision_only_when_it_is_not_float32(tiny_loading, tmp_path):
+    from expandr_haystack import LLMQueryExpander
+    from expandr_haystack.cache import cache_key
+
+    common = {"model": tiny_loading, "n_expansions": 2, "cache": str(tmp_path / "c.sqlite")}
+    queries = ["what is lift", "heat conduction in slabs"]
+    rows = {p: LLMQueryExpander(precision=p, **common)._plan(queries, None, None, None)
+            for p in ("float32", "int8")}
+    default = LLMQueryExpander(**common)._plan(queries, None, None, None)
+    # float32: the key of earlier versions (the row's seed key keyed with the engine "packed"), the default's
+    assert [r.key for r in rows["float32"]] == [cache_key(row=r.seed_key, engine="packed") for r in default]
+    # int8: same row seeds, keys of their own
+    assert [r.seed_key for r in rows["int8"]] == [r.seed_key for r in rows["float32"]]
+    assert [r.key for r in rows["int8"]] == [cache_key(row=r.seed_key, engine="packed-int8") for r in rows["int8"]]
+    assert not {r.key for r in rows["int8"]} & {r.key for r in rows["float32"]}
+    # a cache written in float32 is not served to the int8 expander
+    float32 = LLMQueryExpander(precision="float32", max_new_tokens=6, **common)
+    float32.expand(queries)
+    int8 = LLMQueryExpander(precision="int8", max_new_tokens=6, **common)
+    int8.expand(queries)
+    assert int8.cache_stats["hits"] == 0 and int8.cache_stats["misses"] == 4
+
+
+def test_precision_round_trips_through_to_dict_and_from_dict():
+    from expandr_haystack import LLMQueryExpander
+
+    expander = LLMQueryExpander(precision="int8", n_expansions=2)
+    data = expander.to_dict()
+    assert data["init_parameters"]["precision"] == "int8"
+    restored = LLMQueryExpander.from_dict(data)
+    assert restored.precision == "int8" and restored.n_expansions == 2
+    assert LLMQueryExpander().to_dict()["init_parameters"]["precision"] == "float32"
+    old = LLMQueryExpander().to_dict()
+    del old["init_parameters"]["precision"]  # a pipeline saved before the option loads as float32
+    assert LLMQueryExpander.from_dict(old).precision == "float32"
+    assert expander.with_settings(precision="float32").precision == "float32"
+
