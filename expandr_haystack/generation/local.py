@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from expandr_haystack.checks import check_choice
+
 logger = logging.getLogger(__name__)
 
 #: A prompt: a templated string, or chat messages (``[{"role": ..., "content": ...}]``) templated by the tokenizer.
@@ -146,8 +148,7 @@ def default_decoder(model, backend: str = "auto", pad_id: int = 0, precision: st
 
     if backend not in ("auto", "packed", "transformers"):
         raise ValueError(f"`backend` must be 'auto', 'packed' or 'transformers'; got {backend!r}.")
-    if precision not in PRECISIONS:
-        raise ValueError(f"`precision` must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}.")
+    check_choice(precision, "precision", PRECISIONS)
     reason = "backend 'transformers'" if backend == "transformers" else unsupported_reason(model)
     if reason is not None:
         if backend == "packed":

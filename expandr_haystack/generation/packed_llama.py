@@ -54,6 +54,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from expandr_haystack.checks import check_choice
+
 #: Weight precisions of the packed decoder (`LocalSampler(precision=...)`, `LLMQueryExpander(precision=...)`).
 PRECISIONS = ("auto", "float32", "int8", "bfloat16")
 
@@ -118,8 +120,7 @@ def resolve_precision(precision: str) -> str:
     its whole decode step did not (1.01x in CPU time, docs/benchmarks.md "Expansion at int8"). An explicit
     precision the machine cannot run is a ValueError naming the argument.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"`precision` must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}.")
+    check_choice(precision, "precision", PRECISIONS)
     if precision == "auto":
         return "float32"
     reason = {"int8": int8_unsupported_reason, "bfloat16": bfloat16_unsupported_reason}.get(precision,
