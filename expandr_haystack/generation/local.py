@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from expandr_haystack.checks import check_choice
+from expandr_haystack.models import return_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ def default_decoder(model, backend: str = "auto", pad_id: int = 0, precision: st
         resolve_precision,
         unsupported_reason,
     )
+    from expandr_haystack.generation.pages import release_clean_file_pages
 
     if backend not in ("auto", "packed", "transformers"):
         raise ValueError(f"`backend` must be 'auto', 'packed' or 'transformers'; got {backend!r}.")
@@ -162,6 +164,12 @@ def default_decoder(model, backend: str = "auto", pad_id: int = 0, precision: st
         decoders = _PACKED.setdefault(model, {})
         if resolved not in decoders:
             decoders[resolved] = PackedLlamaDecoder(model, resolved)
+            # the packed copy is what decodes now: the model's weights, read once from their memory-mapped file
+            # to pack them, go back to the OS (re-read from the file if the model's own forward runs again)
+            freed = release_clean_file_pages(model.parameters())
+            if freed:
+                logger.info("Packed decoder built; %d MiB of the model's file-mapped weights handed back.",
+                            freed >> 20)
         return decoders[resolved]
 
 
@@ -259,6 +267,7 @@ class LocalSampler:
                 results[i] = text
             bar.update(len(rows))
         bar.close()
+        return_freed_memory()  # the batches' KV caches, freed into the C heap, go back to the OS
         return results
 
     def _sample_batch(self, ids, seeds, temperatures, top_p, max_new_tokens) -> list[str]:

@@ -359,7 +359,10 @@ class PackedLlamaDecoder:
             rest[r, width - len(tail) :] = torch.tensor(tail, dtype=torch.long)
             valid[r, span - len(tail) :] = True
             positions[r, span - len(tail) :] = torch.arange(shared, len(p))
-        keys, values = self._cache(unique, span)
+        capacity = span + max_new_tokens
+        # one row per prompt, in order (one sample each): the prefill's cache is the decoding cache (no second copy)
+        in_place = rows == unique and torch.equal(select, torch.arange(unique))
+        keys, values = self._cache(unique, capacity if in_place else span)
         if shared:
             cos, sin = self._rotary(positions[:1, :shared])
             causal = torch.ones(shared, shared, dtype=torch.bool).tril()
@@ -377,10 +380,16 @@ class PackedLlamaDecoder:
         x = self._layers(F.embedding(rest, self.embed), keys, values, shared, cos, sin, mask[:, None])
         logits = self.lm_head(self._norm(x[:, -1], self.final_norm)).index_select(0, select)
 
-        capacity = span + max_new_tokens
-        state_keys, state_values = self._cache(rows, capacity)
-        for target, source in zip(state_keys + state_values, keys + values):
-            target[:, :, :span] = source.index_select(0, select)
+        if in_place:
+            state_keys, state_values = keys, values
+        else:  # each unique prompt's cache copied to its rows, layer by layer (the prefill's copy freed as it goes)
+            state_keys, state_values = [], []
+            for caches, targets in ((keys, state_keys), (values, state_values)):
+                for i in range(len(caches)):
+                    target = torch.empty((rows, self.kv_heads, capacity, self.head_dim))
+                    target[:, :, :span] = caches[i].index_select(0, select)
+                    caches[i] = None
+                    targets.append(target)
         key_mask = torch.zeros(rows, capacity, dtype=torch.bool)
         key_mask[:, :span] = valid.index_select(0, select)
         row_positions = positions.index_select(0, select)

@@ -38,11 +38,15 @@ def tiny_llama(seed=0, **overrides):
     [[5, 9, 17, 33, 40, 41], [5, 9, 17, 8], [5, 9, 17, 33, 52, 53]],  # a common prefix of 3 tokens
     [[5, 9, 17], [5, 9, 17, 33], [5, 9, 17, 33, 40, 41, 42]],        # one prompt is the common prefix itself
 ])
-def test_prefill_and_decode_logits_match_transformers(prompts):
+@pytest.mark.parametrize("select", [
+    [0, 0, 1, 2, 2],  # prompts 0 and 2 sampled twice: one prefill each, copied to their rows
+    [0, 1, 2],        # one row per prompt: the prefill's cache is decoded in place
+])
+def test_prefill_and_decode_logits_match_transformers(prompts, select):
     model = tiny_llama()
-    select = torch.tensor([0, 0, 1, 2, 2])  # prompts 0 and 2 sampled twice: one prefill each
     fed = torch.tensor([[11, 12, 13, 14, 15], [21, 22, 23, 24, 25], [31, 32, 33, 34, 35],
-                        [41, 42, 43, 44, 45], [61, 62, 63, 64, 65]])
+                        [41, 42, 43, 44, 45], [61, 62, 63, 64, 65]])[: len(select)]
+    select = torch.tensor(select)
     outputs = []
     for decoder in (TransformersDecoder(model, pad_id=2), PackedLlamaDecoder(model)):
         logits, state = decoder.prefill(prompts, select, max_new_tokens=6)
@@ -51,7 +55,7 @@ def test_prefill_and_decode_logits_match_transformers(prompts):
             steps.append(decoder.decode(state, fed[:, t]))
         outputs.append(torch.stack(steps, 1))
     reference, packed = outputs
-    assert reference.shape == packed.shape == (5, 6, 131)
+    assert reference.shape == packed.shape == (len(select), 6, 131)
     assert torch.allclose(reference, packed, atol=1e-4, rtol=1e-4), (reference - packed).abs().max()
     # and both equal a plain full-sequence forward (no cache), row by row
     for row, prompt in enumerate(select.tolist()):
