@@ -56,6 +56,9 @@ import torch.nn.functional as F
 
 from expandr_haystack.checks import check_choice
 
+#: Prompt tokens prefilled at once (whole prompts, at least one): bounds the prefill's activations, not its speed.
+PREFILL_TOKENS = 2048
+
 #: Weight precisions of the packed decoder (`LocalSampler(precision=...)`, `LLMQueryExpander(precision=...)`).
 PRECISIONS = ("auto", "float32", "int8", "bfloat16")
 
@@ -377,8 +380,16 @@ class PackedLlamaDecoder:
         itself = torch.zeros(width, span, dtype=torch.bool)
         itself[:, shared:] = torch.eye(width, dtype=torch.bool)
         mask = (causal[None] & valid[:, None, :]) | itself[None]
-        x = self._layers(F.embedding(rest, self.embed), keys, values, shared, cos, sin, mask[:, None])
-        logits = self.lm_head(self._norm(x[:, -1], self.final_norm)).index_select(0, select)
+        # the prompts in groups of about PREFILL_TOKENS tokens: each group's activations are freed before the next
+        # group's (32 grounded prompts at once held ~0.8 GB of them), the cache is written in place either way
+        group = max(1, PREFILL_TOKENS // max(width, 1))
+        last = []
+        for r in range(0, unique, group):
+            part = slice(r, r + group)
+            x = self._layers(F.embedding(rest[part], self.embed), [k[part] for k in keys], [v[part] for v in values],
+                             shared, cos[part], sin[part], mask[part, None])
+            last.append(x[:, -1])
+        logits = self.lm_head(self._norm(torch.cat(last), self.final_norm)).index_select(0, select)
 
         if in_place:
             state_keys, state_values = keys, values

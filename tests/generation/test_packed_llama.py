@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from expandr_haystack.generation import packed_llama
 from expandr_haystack.generation.local import LocalSampler, TransformersDecoder, default_decoder
 from expandr_haystack.generation.packed_llama import PackedLlamaDecoder, unsupported_reason
 
@@ -42,7 +43,9 @@ def tiny_llama(seed=0, **overrides):
     [0, 0, 1, 2, 2],  # prompts 0 and 2 sampled twice: one prefill each, copied to their rows
     [0, 1, 2],        # one row per prompt: the prefill's cache is decoded in place
 ])
-def test_prefill_and_decode_logits_match_transformers(prompts, select):
+@pytest.mark.parametrize("prefill_tokens", [2048, 4])  # all prompts prefilled at once / one prompt at a time
+def test_prefill_and_decode_logits_match_transformers(prompts, select, prefill_tokens, monkeypatch):
+    monkeypatch.setattr(packed_llama, "PREFILL_TOKENS", prefill_tokens)
     model = tiny_llama()
     fed = torch.tensor([[11, 12, 13, 14, 15], [21, 22, 23, 24, 25], [31, 32, 33, 34, 35],
                         [41, 42, 43, 44, 45], [61, 62, 63, 64, 65]])[: len(select)]
