@@ -754,7 +754,8 @@ class JointTrainer:
 
         if self.metrics:
             plot_rounds(self.metrics, self.output / "metrics.png", self.config.eval_split,
-                        title=f"ExpandR joint training on {self.config.data} ({self.config.expansion.mode})")
+                        title=f"ExpandR joint training on {Path(self.config.data).name} "
+                              f"({self.config.expansion.mode})")  # a data path: its folder's name
 
 
 def _absolute_if_local(model: str | None) -> str | None:
