@@ -115,6 +115,26 @@ def report_to_value(value: str | list[str] | tuple[str, ...]) -> str | list[str]
     return value if isinstance(value, str) else list(value)
 
 
+def checkpointing_kwarg(config_cls: type, enabled: bool) -> dict[str, bool]:
+    """
+    ``{name: enabled}`` for the activation-checkpointing switch of `config_cls` (a `TrainingArguments` dataclass such
+    as `trl.DPOConfig`): ``activation_checkpointing`` where the class has that field (newer transformers 5.x, where
+    ``gradient_checkpointing`` is a deprecated alias), else ``gradient_checkpointing`` (transformers 5.0-5.17).
+
+    Usage:
+    ```python
+    from trl import DPOConfig
+    DPOConfig(output_dir="out", **checkpointing_kwarg(DPOConfig, True))
+    ```
+    """
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if name in names:
+            return {name: bool(enabled)}
+    raise TypeError(f"{config_cls.__name__} has neither `activation_checkpointing` nor `gradient_checkpointing`: "
+                    f"not a transformers TrainingArguments class?")
+
+
 # -- pair construction ----------------------------------------------------------------------------------------------
 @dataclass
 class PairConfig:
@@ -592,6 +612,7 @@ __all__ = [
     "JointConfig",
     "PairConfig",
     "RetrieverSettings",
+    "checkpointing_kwarg",
     "missing_tracker",
     "report_to_trackers",
     "report_to_value",

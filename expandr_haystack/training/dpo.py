@@ -30,7 +30,6 @@ Device and precision:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from expandr_haystack.checks import check_adapter_dir
-from expandr_haystack.training.config import DPOSettings, report_to_value
+from expandr_haystack.training.config import DPOSettings, checkpointing_kwarg, report_to_value
 
 logger = logging.getLogger(__name__)
 
@@ -72,26 +71,6 @@ def final_dpo_metrics(log_history: Sequence[dict[str, Any]]) -> dict[str, float]
         if "step" in entry:
             out["steps"] = int(entry["step"])
     return out
-
-
-def checkpointing_kwarg(config_cls: type, enabled: bool) -> dict[str, bool]:
-    """
-    ``{name: enabled}`` for the activation-checkpointing switch of `config_cls` (a `TrainingArguments` dataclass such
-    as `trl.DPOConfig`): ``activation_checkpointing`` where the class has that field (newer transformers 5.x, where
-    ``gradient_checkpointing`` is a deprecated alias), else ``gradient_checkpointing`` (transformers 5.0-5.17).
-
-    Usage:
-    ```python
-    from trl import DPOConfig
-    DPOConfig(output_dir="out", **checkpointing_kwarg(DPOConfig, True))
-    ```
-    """
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    for name in ("activation_checkpointing", "gradient_checkpointing"):
-        if name in names:
-            return {name: bool(enabled)}
-    raise TypeError(f"{config_cls.__name__} has neither `activation_checkpointing` nor `gradient_checkpointing`: "
-                    f"not a transformers TrainingArguments class?")
 
 
 def dpo_config_kwargs(config_cls: type, settings: DPOSettings, output_dir: str | Path, use_cpu: bool, bf16: bool,
@@ -270,5 +249,5 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
     return adapter_dir
 
 
-__all__ = ["DPO_COLUMNS", "FINAL_METRICS", "LOG_HISTORY", "DPOSettings", "base_model_dtype", "checkpointing_kwarg",
+__all__ = ["DPO_COLUMNS", "FINAL_METRICS", "LOG_HISTORY", "DPOSettings", "base_model_dtype",
            "dpo_config_kwargs", "final_dpo_metrics", "load_pairs_dataset", "pin_trainer_device", "train_dpo"]

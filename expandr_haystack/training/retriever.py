@@ -31,7 +31,7 @@ from haystack.document_stores.types import DocumentStore
 from expandr_haystack.components.retriever import ExpandRRetriever
 from expandr_haystack.core.text import document_text
 from expandr_haystack.evaluation.data import Collection
-from expandr_haystack.training.config import RetrieverSettings, report_to_value
+from expandr_haystack.training.config import RetrieverSettings, checkpointing_kwarg, report_to_value
 from expandr_haystack.training.runfiles import is_main_process, replace_dir, tensorboard_logging_dir
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,6 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
     from expandr_haystack.models import resolve_device, resolve_encoder_path
-    from expandr_haystack.training.dpo import checkpointing_kwarg
     from expandr_haystack.training.losses import FusedInfoNCELoss
 
     if not rows:

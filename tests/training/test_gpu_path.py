@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from expandr_haystack.training.config import DPOSettings, JointConfig
+from expandr_haystack.training.config import DPOSettings, JointConfig, checkpointing_kwarg
 from expandr_haystack.training.dpo import (
     base_model_dtype,
-    checkpointing_kwarg,
     dpo_config_kwargs,
     pin_trainer_device,
     train_dpo,
