@@ -117,7 +117,7 @@ class TransformersDecoder:
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
         past = _returned_cache(out)
-        if len(select) > len(input_ids):
+        if select.tolist() != list(range(len(input_ids))):  # rows repeat or reorder the prompts
             past.batch_select_indices(select)
         state = {"past": past, "attention": attention.index_select(0, select),
                  "next_position": positions.index_select(0, select)[:, -1:] + 1}

@@ -56,7 +56,8 @@ import torch.nn.functional as F
 
 from expandr_haystack.checks import check_choice
 
-#: Prompt tokens prefilled at once (whole prompts, at least one): bounds the prefill's activations, not its speed.
+#: Prompt tokens prefilled at once (whole prompts, at least one): bounds the prefill's activations, not its speed
+#: (the prompts' common prefix is one pass of its own before).
 PREFILL_TOKENS = 2048
 
 #: Weight precisions of the packed decoder (`LocalSampler(precision=...)`, `LLMQueryExpander(precision=...)`).
@@ -364,7 +365,7 @@ class PackedLlamaDecoder:
             positions[r, span - len(tail) :] = torch.arange(shared, len(p))
         capacity = span + max_new_tokens
         # one row per prompt, in order (one sample each): the prefill's cache is the decoding cache (no second copy)
-        in_place = rows == unique and torch.equal(select, torch.arange(unique))
+        in_place = select.tolist() == list(range(unique))
         keys, values = self._cache(unique, capacity if in_place else span)
         if shared:
             cos, sin = self._rotary(positions[:1, :shared])
@@ -384,8 +385,8 @@ class PackedLlamaDecoder:
         # group's (32 grounded prompts at once held ~0.8 GB of them), the cache is written in place either way
         group = max(1, PREFILL_TOKENS // max(width, 1))
         last = []
-        for r in range(0, unique, group):
-            part = slice(r, r + group)
+        for first in range(0, unique, group):
+            part = slice(first, first + group)
             x = self._layers(F.embedding(rest[part], self.embed), [k[part] for k in keys], [v[part] for v in values],
                              shared, cos[part], sin[part], mask[part, None])
             last.append(x[:, -1])
