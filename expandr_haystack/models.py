@@ -350,6 +350,22 @@ def release_models() -> None:
     return_freed_memory()
 
 
+def libc_function(name: str):
+    """
+    The C library's function `name` (ctypes, errno kept), or None off Linux or where the C library lacks it. Looked up
+    in the process's own symbols: no ``ctypes.util.find_library``, which forks ``ldconfig`` (a fork of a process
+    holding a model doubles its resident size for an instant).
+    """
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def return_freed_memory() -> bool:
     """
     Hand memory freed by Python and torch back to the operating system where the C library keeps it (glibc's
@@ -358,14 +374,9 @@ def return_freed_memory() -> bool:
     or not available.
     """
     import ctypes
-    import ctypes.util
 
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    trim = libc_function("malloc_trim")
+    if trim is None:
         return False
     trim.argtypes = [ctypes.c_size_t]
     trim(0)

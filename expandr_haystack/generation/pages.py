@@ -31,11 +31,12 @@ import logging
 import mmap
 import os
 import stat
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from expandr_haystack.models import libc_function
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +99,8 @@ def release_clean_file_pages(tensors: Iterable[torch.Tensor]) -> int:
     Precondition: nothing writes these tensors while this runs (smaps is read first, the pages dropped after; a write
     in between would be lost). The packed decoder calls it right after reading the weights, under its lock.
     """
-    if not sys.platform.startswith("linux") or not Path("/proc/self/smaps").exists():
-        return 0
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+    madvise = libc_function("madvise")
+    if madvise is None or not Path("/proc/self/smaps").exists():
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     mappings = read_mappings()
