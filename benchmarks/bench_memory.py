@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="the training run folder (with --train)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="passed to training/joint.py")
     parser.add_argument("--timeline", default=None, help="write the RSS timeline and the run's log lines (JSON)")
+    parser.add_argument("--resume", action="store_true", help="passed to training/joint.py (continue a stopped run)")
     args = parser.parse_args()
 
     import psutil
@@ -53,6 +54,7 @@ def main() -> None:
         cmd = [sys.executable, str(ROOT / "training" / "joint.py"), "--config", args.train, "--no-progress"]
         cmd += ["--output", args.output] if args.output else []
         cmd += [f"--set={item}" for item in args.overrides]
+        cmd += ["--resume"] if args.resume else []
     else:
         cmd = [sys.executable, str(ROOT / "examples" / "search.py")]
     if args.max_queries is not None:

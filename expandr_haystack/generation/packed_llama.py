@@ -58,7 +58,7 @@ from expandr_haystack.checks import check_choice
 
 #: Prompt tokens prefilled at once (whole prompts, at least one): bounds the prefill's activations, not its speed
 #: (the prompts' common prefix is one pass of its own before).
-PREFILL_TOKENS = 2048
+PREFILL_TOKENS = 1024
 
 #: Weight precisions of the packed decoder (`LocalSampler(precision=...)`, `LLMQueryExpander(precision=...)`).
 PRECISIONS = ("auto", "float32", "int8", "bfloat16")

@@ -44,7 +44,7 @@ def tiny_llama(seed=0, **overrides):
     [0, 1, 2],        # one row per prompt: the prefill's cache is decoded in place
     [2, 0, 1],        # one row per prompt, in another order: copied
 ])
-@pytest.mark.parametrize("prefill_tokens", [2048, 10, 4])  # all prompts at once / groups of 1-3 / one at a time
+@pytest.mark.parametrize("prefill_tokens", [1024, 10, 4])  # all prompts at once / groups of 1-3 / one at a time
 def test_prefill_and_decode_logits_match_transformers(prompts, select, prefill_tokens, monkeypatch):
     monkeypatch.setattr(packed_llama, "PREFILL_TOKENS", prefill_tokens)
     model = tiny_llama()
