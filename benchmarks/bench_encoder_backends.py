@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,23 +52,13 @@ from _common import machine
 
 from expandr_haystack.evaluation.data import bundled_path, load_collection
 from expandr_haystack.evaluation.metrics import evaluate_run
+from expandr_haystack.generation.packed_llama import cpu_flags
 from expandr_haystack.models import load_encoder
 
 GOAL = 2.0
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as the kernel reports them (Linux); empty elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def quantization_config(flags: set[str]) -> tuple[str, bool] | None:
+def quantization_config(flags: AbstractSet[str]) -> tuple[str, bool] | None:
     """(name, reduce_range) of the dynamic int8 configuration for this CPU, or None where none fits (not x86)."""
     if "avx512_vnni" in flags or "avx_vnni" in flags:
         return ("avx512_vnni" if "avx512_vnni" in flags else "avx_vnni"), False
