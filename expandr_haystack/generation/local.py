@@ -45,6 +45,48 @@ def template(tokenizer, prompt: Prompt) -> str:
     return "\n\n".join(m["content"] for m in prompt) + "\n"
 
 
+#: The int8 path's name in cache keys: bump it when int8's math changes (its text changes with it).
+INT8_ENGINE = "int8-smoothed"
+
+#: (question, passage) pairs the int8 path calibrates its smoothing on (`calibration_ids`): several fields, in the
+#: expansion prompt's chat form, so the activation ranges are those of prompts and of the passages written after them.
+CALIBRATION_TEXTS = (
+    ("what is the boundary layer on an aircraft wing",
+     ("The boundary layer is the thin region of air next to the wing surface where viscosity slows the flow from "
+      "the free-stream velocity to zero at the wall. It starts laminar near the leading edge and becomes turbulent "
+      "downstream, which raises skin friction drag and heat transfer.")),
+    ("does vitamin D supplementation reduce the risk of fractures in older adults",
+     ("Randomized controlled trials of vitamin D given with calcium to adults over 65 reported a modest reduction in "
+      "hip and non-vertebral fractures, mostly in people with low baseline serum 25-hydroxyvitamin D; vitamin D alone "
+      "showed no significant effect on fracture risk.")),
+    ("how does a hash table handle collisions",
+     ("When two keys hash to the same bucket, a hash table either chains them in a list stored at that bucket or "
+      "probes other slots (linear probing, quadratic probing, double hashing) until it finds a free one. Lookups "
+      "stay O(1) on average as long as the load factor is kept low by resizing.")),
+    ("why did the Roman Empire split into eastern and western halves",
+     ("In 285 AD Diocletian divided the administration of the empire to make it governable: its size, frontier wars "
+      "on several fronts and slow communication meant one emperor could not respond everywhere. After Theodosius I "
+      "died in 395 the division became permanent, with capitals at Rome (later Ravenna) and Constantinople.")),
+    ("what causes the seasons on Earth",
+     ("Seasons are caused by the 23.4 degree tilt of Earth's axis relative to its orbit. As Earth orbits the Sun, "
+      "each hemisphere in turn leans toward the Sun, receiving more direct sunlight and longer days (summer), then "
+      "away from it (winter). The distance to the Sun changes by only 3% and is not the cause.")),
+    ("which proteins regulate apoptosis in cancer cells",
+     ("Apoptosis is controlled by the BCL-2 family: anti-apoptotic BCL-2, BCL-XL and MCL-1 hold back the pro-apoptotic "
+      "BAX and BAK, which permeabilize the mitochondrial membrane and release cytochrome c to activate caspase-9 and "
+      "caspase-3. Many tumours overexpress BCL-2 or lose p53, which induces PUMA and NOXA.")),
+)
+
+
+def calibration_ids(tokenizer) -> list[list[int]]:
+    """`CALIBRATION_TEXTS` as the model sees them: each question in `EXPANSION_PROMPT`, templated as a chat turn
+    (`template`), followed by its passage; the token id lists the packed int8 decoder calibrates on."""
+    from expandr_haystack.core.text import EXPANSION_PROMPT
+
+    return [tokenizer(template(tokenizer, [{"role": "user", "content": EXPANSION_PROMPT.format(query=question)}])
+                      + passage, add_special_tokens=False)["input_ids"] for question, passage in CALIBRATION_TEXTS]
+
+
 def truncate_tokens(tokenizer, text: str, limit: int, argument: str = "query") -> str:
     """`text` cut to `limit` tokens of `tokenizer` (with a warning naming `argument` when it is cut)."""
     if len(text) < limit:  # fewer characters than tokens allowed: cannot be too long
@@ -133,12 +175,14 @@ class TransformersDecoder:
         return out.logits[:, -1, :].float()
 
 
-def default_decoder(model, backend: str = "auto", pad_id: int = 0, precision: str = "float32"):
+def default_decoder(model, backend: str = "auto", pad_id: int = 0, precision: str = "float32",
+                    calibration: list[list[int]] | None = None):
     """
     The decoder for `backend`: "auto" (the packed decoder where the model allows it, else transformers), "packed"
     (fail if the model does not allow it) or "transformers"; `precision` is the packed decoder's weight precision
     (`packed_llama.PRECISIONS`: "int8" and "bfloat16" need the packed decoder, "auto" is float32 where it cannot
-    run). One packed copy per model and resolved precision, however many samplers share it.
+    run); `calibration` (token id lists, `calibration_ids`) is what int8 smooths its layers by. One packed copy per
+    model and resolved precision, however many samplers share it.
     """
     from expandr_haystack.generation.packed_llama import (
         PRECISIONS,
@@ -163,7 +207,8 @@ def default_decoder(model, backend: str = "auto", pad_id: int = 0, precision: st
     with _LOCK:  # one packed copy per model and precision (the candidates and the answers share it)
         decoders = _PACKED.setdefault(model, {})
         if resolved not in decoders:
-            decoders[resolved] = PackedLlamaDecoder(model, resolved)
+            decoders[resolved] = PackedLlamaDecoder(model, resolved,
+                                                    calibration if resolved == "int8" else None)
             # the packed copy is what decodes now: the model's weights, read once from their memory-mapped file
             # to pack them, go back to the OS (re-read from the file if the model's own forward runs again)
             freed = release_clean_file_pages(model.parameters())
@@ -184,7 +229,8 @@ class LocalSampler:
     `precision` ("float32" default, "int8", "bfloat16", "auto": `packed_llama.resolve_precision`) is the packed
     decoder's weight precision. In int8 the text differs from the float32 text where a draw falls near a boundary
     (logits differ by quantization rounding) and, like bfloat16 on CUDA, a row's text can depend on its batch
-    (same batch => same text); `engine` names the precision ("packed-int8") so the expander caches it apart.
+    (same batch => same text); `engine` names the precision ("packed-int8-smoothed") so the expander caches it
+    apart. int8 smooths its layers on a few built-in prompts (`calibration_ids`, once per model).
 
     Usage:
     ```python
@@ -205,7 +251,10 @@ class LocalSampler:
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.decoder = decoder if decoder is not None else default_decoder(model, backend, self.pad_id, precision)
+        if decoder is None:
+            calibration = calibration_ids(tokenizer) if precision not in ("float32", "bfloat16") else None
+            decoder = default_decoder(model, backend, self.pad_id, precision, calibration)
+        self.decoder = decoder
         self.tokens_generated = 0  # running count of sampled tokens (an EOS counts, padding after it does not)
 
     @property
@@ -222,9 +271,11 @@ class LocalSampler:
     @property
     def engine(self) -> str:
         """The engine as the expander's cache keys name it: `backend`, with the precision when it is not float32
-        ("packed-int8"): texts of another precision are never served for these (float32 keys as before)."""
+        ("packed-int8-smoothed"): texts of another precision are never served for these (float32 keys as before).
+        int8 is "int8-smoothed" since its inputs are smoothed on one grid per row: the rows cached by the earlier
+        two-level int8 path ("packed-int8") are other text and are not served."""
         if self.backend == "packed" and self.precision != "float32":
-            return f"packed-{self.precision}"
+            return f"packed-{INT8_ENGINE if self.precision == 'int8' else self.precision}"
         return self.backend
 
     def truncate(self, text: str, argument: str = "query") -> str:

@@ -1,7 +1,8 @@
 """
-The packed decoder's weight precisions (issue 15): int8 weights through FBGEMM against float32, the option's checks,
-and a cache key that keeps int8 texts apart while float32 keys stay as they were. Kernel and tiny-model tests are
-fast; one test reads the bundled SmolLM2-135M-Instruct (no download).
+The packed decoder's weight precisions (issue 15): int8 weights through FBGEMM on smoothed, per-row 8-bit inputs
+against float32, the smoothing's exactness, the option's checks, and a cache key that keeps int8 texts apart while
+float32 keys stay as they were. Kernel and tiny-model tests are fast; one test reads the bundled
+SmolLM2-135M-Instruct (no download).
 """
 
 import pytest
@@ -9,20 +10,23 @@ import torch
 from test_packed_llama import CharTokenizer, tiny_llama
 
 from expandr_haystack.generation import packed_llama
-from expandr_haystack.generation.local import LocalSampler, TransformersDecoder, default_decoder
+from expandr_haystack.generation.local import LocalSampler, TransformersDecoder, calibration_ids, default_decoder
 from expandr_haystack.generation.packed_llama import (
     PackedLlamaDecoder,
     _Int8Linear,
     fbgemm_input_grid,
-    int8_two_level_input,
+    input_maxima,
+    int8_row_input,
     int8_unsupported_reason,
     quantize_per_channel,
     resolve_precision,
+    smoothing_scales,
 )
 
 needs_int8 = pytest.mark.skipif(int8_unsupported_reason() is not None,
                                 reason=f"int8 path unavailable: {int8_unsupported_reason()}")
 PROMPTS = [[5, 9, 17, 33, 40, 41], [5, 9, 17, 8], [50, 51, 52, 53, 54, 60, 61]]
+CALIBRATION = calibration_ids(CharTokenizer())
 
 
 def test_quantize_per_channel_rounds_each_row_to_its_own_grid():
@@ -37,15 +41,15 @@ def test_quantize_per_channel_rounds_each_row_to_its_own_grid():
 
 
 @needs_int8
-@pytest.mark.parametrize("reduce_range", [False, True])
-def test_fbgemm_quantizes_inputs_on_the_grid_we_assume(reduce_range):
-    """The two-level input relies on knowing FBGEMM's grid for an input in [-1, 1]: an identity weight returns the
-    kernel's quantized input, which must be `fbgemm_input_grid`'s (a changed kernel fails here, not silently)."""
+def test_fbgemm_quantizes_inputs_on_the_grid_we_assume():
+    """The per-row input relies on knowing FBGEMM's grid for an input in [-1, 1] (a row's codes are then its own):
+    an identity weight returns the kernel's quantized input, which must be `fbgemm_input_grid`'s (a changed kernel
+    fails here, not silently)."""
     identity = _Int8Linear(torch.eye(32))
     x = torch.rand(9, 32) * 2 - 1
     x[0, :2] = torch.tensor([-1.0, 1.0])  # the range is exactly [-1, 1], as the sentinel makes it
-    returned = torch.ops.quantized.linear_dynamic(x, identity.packed, reduce_range)
-    scale, zero_point, largest = fbgemm_input_grid(reduce_range)
+    returned = torch.ops.quantized.linear_dynamic(x, identity.packed, False)
+    scale, zero_point, largest = fbgemm_input_grid()
     expected = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, largest)
     torch.testing.assert_close(returned, expected, rtol=0, atol=1e-6)
 
@@ -59,27 +63,70 @@ def test_int8_linear_is_the_dequantized_weight_product_and_row_independent():
     linear = _Int8Linear(weight)
     out = linear(x)
     q, scales = quantize_per_channel(weight)
-    dequantized = x @ (q.float() * scales[:, None]).t()
-    # two 8-bit levels: each input is exact to half a step of the second level, scale^2 / 2 of its row's largest
-    # value (3e-5 with VNNI, 1.2e-4 with 7-bit `reduce_range`), so the product is the dequantized weights' to that
-    # times the row's largest |x| times the largest row sum of |weight|: the int8 error is the weights' alone
-    scale = fbgemm_input_grid(linear.reduce_range)[0]
-    bound = 1.2 * scale**2 / 2 * x.abs().amax(1) * float((q.float() * scales[:, None]).abs().sum(1).max())
+    dequantized_weight = q.float() * scales[:, None]
+    dequantized = x @ dequantized_weight.t()
+    # one 8-bit grid per row: each input within half a step (scale / 2) of its row's largest |x|, so the product is
+    # the dequantized weights' to that times the row's largest |x| times the largest row sum of |weight|
+    scale = fbgemm_input_grid()[0]
+    bound = 1.01 * scale / 2 * x.abs().amax(1) * float(dequantized_weight.abs().sum(1).max())
     assert bool(((out - dequantized).abs().amax(1) <= bound).all()), ((out - dequantized).abs().amax(1), bound)
+    assert bool(((out - dequantized).abs().amax(1) > 1e-3 * bound).all())  # the inputs are rounded, not exact
     assert not torch.allclose(out, x @ weight.t(), rtol=0, atol=1e-6)  # it does use int8 weights
     for r in range(len(x)):  # per-row scales and a fixed grid: a row's result does not depend on the others
         assert torch.equal(linear(x[r : r + 1])[0], out[r])
     assert torch.equal(linear(x[:, None, :]).squeeze(1), out)  # any leading shape
 
 
-def test_two_level_input_layout():
-    x = torch.randn(4, 16) * 3
-    packed, a, scale = int8_two_level_input(x, False, torch.tensor([-1.0] + [0.0] * 14 + [1.0]))
-    assert packed.shape == (9, 16) and bool((packed[:4].abs() < 1).all())
-    assert bool((packed[4:8].abs() <= 0.5).all())  # rounding errors in grid steps
-    assert packed[-1, 0] == -1 and packed[-1, -1] == 1
-    rebuilt = a * scale * (torch.round(packed[:4] / scale) + packed[4:8])
-    torch.testing.assert_close(rebuilt, x, rtol=1e-6, atol=1e-6)
+def test_row_input_layout():
+    x = torch.randn(4, 16) * torch.tensor([3.0, 0.01, 100.0, 1.0])[:, None]
+    x[3] = 0.0  # an all-zero row stays zero, no division by zero
+    sentinel = torch.tensor([-1.0] + [0.0] * 14 + [1.0])
+    packed, a = int8_row_input(x, sentinel)
+    assert packed.shape == (5, 16) and a.shape == (4, 1)
+    assert torch.equal(packed[:3].abs().amax(1), torch.ones(3)) and torch.equal(packed[3], torch.zeros(16))
+    assert torch.equal(packed[-1], sentinel)
+    torch.testing.assert_close(packed[:4] * a, x, rtol=1e-6, atol=0)
+
+
+def test_smoothing_is_an_identity_that_flattens_channel_ranges():
+    """``x W^T = (x / c)(W c)^T``; at alpha 0.5 each channel's input range over c equals its weight range times c,
+    so an outlier input channel (100x) ends with a range ~10x, not 100x, the others'."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(32, 24), torch.randn(40, 24)
+    x[:, 3] *= 100.0
+    c = smoothing_scales(x.abs().amax(0), weight)
+    torch.testing.assert_close((x / c) @ (weight * c).t(), x @ weight.t(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close((x / c).abs().amax(0), (weight * c).abs().amax(0), rtol=1e-5, atol=0)
+    ranges = (x / c).abs().amax(0)
+    assert float(ranges[3] / ranges.median()) < 20 < float(x.abs().amax(0)[3] / x.abs().amax(0).median())
+    unseen = smoothing_scales(torch.zeros(24), torch.zeros(40, 24))  # never active, all-zero weights: finite
+    assert bool(torch.isfinite(unseen).all()) and bool((unseen > 0).all())
+
+
+@torch.inference_mode()
+def test_smoothing_is_exact_in_float32():
+    """The folding (norm weights, up rows, o's divisor, the head's norm) changes the float32 decoder only by
+    rounding; the maxima come from every linear layer of the model."""
+    model = tiny_llama(seed=2)
+    maxima = input_maxima(model, CALIBRATION)
+    assert set(maxima) == {(i, k) for i in range(3) for k in ("qkv", "o", "gate_up", "down")} | {(-1, "head")}
+    assert maxima[(0, "gate_up")].shape == (64,) and maxima[(0, "down")].shape == (96,)
+    plain, smoothed = PackedLlamaDecoder(model), PackedLlamaDecoder(model, calibration=CALIBRATION)
+    assert not torch.allclose(plain.layers[0].input_norm, smoothed.layers[0].input_norm)  # it did fold
+    select = torch.tensor([0, 1, 2, 2])
+    (ref, ref_state), (got, got_state) = (d.prefill(PROMPTS, select, 4) for d in (plain, smoothed))
+    for _ in range(4):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+        tokens = ref.argmax(-1)
+        ref, got = plain.decode(ref_state, tokens), smoothed.decode(got_state, tokens)
+    with pytest.raises(ValueError, match=r"`calibration` must be a non-empty list"):
+        input_maxima(model, [[]])
+
+
+@needs_int8
+def test_int8_without_calibration_is_an_error_naming_it():
+    with pytest.raises(ValueError, match=r"`calibration` is required for precision 'int8'.*calibration_ids"):
+        PackedLlamaDecoder(tiny_llama(), precision="int8")
 
 
 @needs_int8
@@ -88,12 +135,12 @@ def test_int8_decoder_logits_are_float32_within_quantization_rounding():
     """
     Tiny random Llama (weights N(0, 0.2), logits of size ~10): int8 logits within 5% of the largest logit of the
     float32 ones at prefill and over 8 teacher-forced decode steps. Per-channel int8 rounds each weight by at most
-    1/254 of its row's largest, ~0.4-1% relative per matmul; 3 layers x 4 matmuls + the head compound to 1.4-2.0%
-    measured (AVX-512 VNNI), so 5% leaves room for the 7-bit inputs of AVX2 machines; at 1% the test fails (the
-    error is real, not zero). The top token is float32's in >= 80% of the steps (measured 32 of 32).
+    1/254 of its row's largest and each input by 1/255 of its row's largest; 3 layers x 4 matmuls + the head
+    compound to 1.8-3.3% measured (AVX-512 VNNI), so 5% leaves some room; at 1% the test fails (the error is real,
+    not zero). The top token is float32's in >= 80% of the steps (measured 32 of 32).
     """
     model = tiny_llama(seed=1)
-    exact, int8 = PackedLlamaDecoder(model), PackedLlamaDecoder(model, precision="int8")
+    exact, int8 = PackedLlamaDecoder(model), PackedLlamaDecoder(model, precision="int8", calibration=CALIBRATION)
     assert (exact.precision, int8.precision) == ("float32", "int8")
     select = torch.tensor([0, 1, 2, 0])
     (ref, ref_state), (got, got_state) = (d.prefill(PROMPTS, select, 8) for d in (exact, int8))
@@ -113,19 +160,24 @@ def test_int8_decoder_logits_are_float32_within_quantization_rounding():
 @needs_int8
 @torch.inference_mode()
 def test_int8_greedy_tokens_agree_on_the_bundled_model():
-    """The bundled SmolLM2-135M-Instruct, 4 chat prompts, 24 teacher-forced greedy steps: the int8 top token is
-    float32's in >= 90% of the steps (measured 97.9% on AVX-512 VNNI), and the mean KL(float32 || int8) of the
-    next-token distributions is below 0.02 nats (measured 0.004; quantizing the activations to one 8-bit level
-    instead of two gave 0.06 at prefill: this is the test that catches it)."""
+    """The bundled SmolLM2-135M-Instruct, 8 prompts (4 queries, plain and in the expansion prompt), 24
+    teacher-forced greedy steps: the int8 top token is float32's in >= 90% of the steps (measured 96.9% with VNNI's
+    8-bit inputs) and the mean KL(float32 || int8) of the next-token distributions is below 0.025 nats (measured
+    0.017; without the smoothing 0.038, with random-token calibration 0.022, with FBGEMM's 7-bit inputs for CPUs
+    without VNNI 0.044 (hence refused there): this is the test that catches a broken smoothing)."""
+    from expandr_haystack.core.text import EXPANSION_PROMPT
     from expandr_haystack.models import load_llm
 
     model, tokenizer = load_llm(None, None, "cpu", "float32")
     queries = ["what is lift", "boundary layer transition on a flat plate at supersonic speed",
                "heat transfer in hypersonic flow", "buckling of thin cylindrical shells under axial compression"]
-    ids = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": f"Write a passage about: {q}"}],
+    ids = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                    tokenize=False, add_generation_prompt=True),
-                     add_special_tokens=False)["input_ids"] for q in queries]
-    exact, int8 = PackedLlamaDecoder(model), PackedLlamaDecoder(model, precision="int8")
+                     add_special_tokens=False)["input_ids"]
+           for text in [f"Write a passage about: {q}" for q in queries] + [EXPANSION_PROMPT.format(query=q)
+                                                                            for q in queries]]
+    exact = PackedLlamaDecoder(model)
+    int8 = PackedLlamaDecoder(model, precision="int8", calibration=calibration_ids(tokenizer))
     select = torch.arange(len(ids))
     (ref, ref_state), (got, got_state) = (d.prefill(ids, select, 24) for d in (exact, int8))
     agree, kl = [], []
@@ -137,7 +189,7 @@ def test_int8_greedy_tokens_agree_on_the_bundled_model():
         ref, got = exact.decode(ref_state, tokens), int8.decode(got_state, tokens)
     rate, mean_kl = float(torch.cat(agree).mean()), float(torch.cat(kl).mean())
     assert rate >= 0.9, rate
-    assert 0 < mean_kl < 0.02, mean_kl
+    assert 0 < mean_kl < 0.025, mean_kl
 
 
 # -- the option ---------------------------------------------------------------------------------------------------
@@ -162,15 +214,20 @@ def test_precision_option_is_checked_with_its_name_and_choices():
 def test_auto_and_bfloat16_follow_the_cpu_features(monkeypatch):
     monkeypatch.setattr(packed_llama, "cpu_flags", lambda: frozenset({"avx", "fma"}))
     assert resolve_precision("auto") == "float32"
-    with pytest.raises(ValueError, match=r"`precision`='int8' cannot run here: the CPU has no AVX2"):
+    with pytest.raises(ValueError, match=r"`precision`='int8' cannot run here: the CPU has no VNNI"):
         resolve_precision("int8")
     with pytest.raises(ValueError, match=r"`precision`='bfloat16' cannot run here: the CPU has no native bfloat16"):
         resolve_precision("bfloat16")
+    monkeypatch.setattr(packed_llama, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # AVX2 without VNNI
+    with pytest.raises(ValueError, match=r"`precision`='int8' cannot run here: the CPU has no VNNI .* 7 bits"):
+        resolve_precision("int8")
+    assert resolve_precision("auto") == "float32"  # int8 refused: auto falls back to float32
     monkeypatch.setattr(packed_llama, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
-    # int8 runs on AVX-512 VNNI but its decode step was measured no faster than float32's: "auto" keeps float32
-    assert resolve_precision("auto") == "float32"
+    # int8 with VNNI: measured 1.31x float32's tokens/s with no measurable loss, so "auto" picks it
     if "fbgemm" in torch.backends.quantized.supported_engines:
-        assert resolve_precision("int8") == "int8"
+        assert resolve_precision("int8") == "int8" and resolve_precision("auto") == "int8"
+    else:
+        assert resolve_precision("auto") == "float32"
     assert resolve_precision("float32") == "float32"
 
 
@@ -192,9 +249,10 @@ def test_sampler_engine_names_the_precision_and_decoders_are_shared():
     model, tokenizer = tiny_llama(seed=3), CharTokenizer()
     exact, int8 = LocalSampler(model, tokenizer), LocalSampler(model, tokenizer, precision="int8")
     assert (exact.backend, exact.precision, exact.engine) == ("packed", "float32", "packed")
-    assert (int8.backend, int8.precision, int8.engine) == ("packed", "int8", "packed-int8")
-    auto = resolve_precision("auto")  # float32 keeps the plain engine name (and its cache keys)
-    assert LocalSampler(model, tokenizer, precision="auto").engine == ("packed" if auto == "float32" else f"packed-{auto}")
+    assert (int8.backend, int8.precision, int8.engine) == ("packed", "int8", "packed-int8-smoothed")
+    auto = LocalSampler(model, tokenizer, precision="auto")  # int8 with VNNI: the same decoder and engine
+    assert auto.engine == {"float32": "packed", "int8": "packed-int8-smoothed"}[resolve_precision("auto")]
+    assert auto.decoder is {"float32": exact, "int8": int8}[resolve_precision("auto")].decoder
     assert LocalSampler(model, tokenizer, precision="int8").decoder is int8.decoder  # one int8 copy per model
     assert exact.decoder is not int8.decoder
     plain = LocalSampler(model, tokenizer, backend="transformers", precision="auto")
@@ -232,7 +290,8 @@ def test_cache_key_has_the_precision_only_when_it_is_not_float32(tiny_loading, t
     assert [r.key for r in rows["float32"]] == [cache_key(row=r.seed_key, engine="packed") for r in default]
     # int8: same row seeds, keys of their own
     assert [r.seed_key for r in rows["int8"]] == [r.seed_key for r in rows["float32"]]
-    assert [r.key for r in rows["int8"]] == [cache_key(row=r.seed_key, engine="packed-int8") for r in rows["int8"]]
+    assert [r.key for r in rows["int8"]] == [cache_key(row=r.seed_key, engine="packed-int8-smoothed")
+                                             for r in rows["int8"]]
     assert not {r.key for r in rows["int8"]} & {r.key for r in rows["float32"]}
     # a cache written in float32 is not served to the int8 expander
     float32 = LLMQueryExpander(precision="float32", max_new_tokens=6, **common)
