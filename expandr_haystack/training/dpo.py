@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from expandr_haystack.checks import check_adapter_dir
+from expandr_haystack.files import atomic_write_text
 from expandr_haystack.training.config import DPOSettings, checkpointing_kwarg, report_to_value
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,27 @@ def load_pairs_dataset(pairs_path: str | Path):
     return dataset.remove_columns([c for c in dataset.column_names if c not in DPO_COLUMNS])
 
 
+#: ``adapter_config.json`` keys PEFT holds as sets and writes in the process's string-hash order (PYTHONHASHSEED):
+#: sorted after saving, so that the same adapter is always the same bytes. Its fingerprint keys the expansion cache
+#: and the rows' seeds: with the order left to chance, two runs of one config wrote ``["v_proj", "q_proj"]`` once
+#: and ``["q_proj", "v_proj"]`` once, and their identical round-1 adapters sampled different round-2 expansions.
+SET_VALUED_ADAPTER_KEYS = ("target_modules", "modules_to_save", "exclude_modules")
+
+
+def sort_adapter_config(adapter_dir: str | Path) -> Path:
+    """Rewrite ``<adapter_dir>/adapter_config.json`` with its set-valued lists (`SET_VALUED_ADAPTER_KEYS`) sorted
+    and its keys sorted, as PEFT writes them (atomically; a folder without that file is left alone)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        return path
+    config = json.loads(path.read_text())
+    for key in SET_VALUED_ADAPTER_KEYS:
+        value = config.get(key)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            config[key] = sorted(value)
+    return atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True))
+
+
 def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: str | Path,
               settings: DPOSettings | None = None, adapter: str | None = None, progress_bar: bool = True,
               logging_dir: str | Path | None = None, run_name: str | None = None) -> Path:
@@ -243,6 +265,7 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
         trainer.train()
     adapter_dir = out / "adapter"
     trainer.model.save_pretrained(str(adapter_dir))
+    sort_adapter_config(adapter_dir)
     tokenizer.save_pretrained(str(adapter_dir))
     (out / LOG_HISTORY).write_text(json.dumps(trainer.state.log_history, indent=1, default=str))
     logger.info("DPO adapter saved to %s", adapter_dir)
@@ -250,4 +273,5 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
 
 
 __all__ = ["DPO_COLUMNS", "FINAL_METRICS", "LOG_HISTORY", "DPOSettings", "base_model_dtype",
-           "dpo_config_kwargs", "final_dpo_metrics", "load_pairs_dataset", "pin_trainer_device", "train_dpo"]
+           "dpo_config_kwargs", "final_dpo_metrics", "load_pairs_dataset", "pin_trainer_device",
+           "SET_VALUED_ADAPTER_KEYS", "sort_adapter_config", "train_dpo"]
