@@ -222,7 +222,7 @@ def quality(args) -> None:
     from expandr_haystack.evaluation.data import bundled_path, load_collection
     from expandr_haystack.evaluation.indexing import build_document_store
     from expandr_haystack.evaluation.runner import evaluate
-    from expandr_haystack.evaluation.stats import paired_randomization_test
+    from expandr_haystack.evaluation.stats import average_per_query, paired_randomization_test
 
     collection = load_collection(bundled_path("cranfield"), split="test")
     if args.quality_queries:
@@ -233,7 +233,7 @@ def quality(args) -> None:
           f"{args.quality_tokens} new tokens, seeds {seeds}")
     store = build_document_store(collection.documents(), progress_bar=False)
     scores: dict[str, list[float]] = {p: [] for p in paths}
-    per_query: dict[str, dict[str, float]] = {p: {} for p in paths}  # nDCG@10 per query, summed over seeds
+    per_query: dict[str, list] = {p: [] for p in paths}  # each seed's per-query scores
     generated: dict[tuple[str, int], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
@@ -245,9 +245,7 @@ def quality(args) -> None:
                                      cache=str(Path(tmp) / f"{path}-{seed}.sqlite"))
                 result = evaluate(collection, ["expand"], expander=e, store=store, progress_bar=False)
                 scores[path].append(100 * result["expand"]["ndcg@10"])
-                for query_id, values in result.per_query["expand"].items():
-                    share = 100 * values["ndcg@10"] / len(seeds)
-                    per_query[path][query_id] = per_query[path].get(query_id, 0.0) + share
+                per_query[path].append(result.per_query["expand"])
                 generated[path, seed] = result.expansions
                 print(f"seed {seed}, {path} ({e.engine}): {scores[path][-1]:.2f} "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
@@ -261,7 +259,7 @@ def quality(args) -> None:
         first, second = paths[:2]
         diff = statistics.mean(scores[second]) - statistics.mean(scores[first])
         same = sum(generated[first, s][q] == generated[second, s][q] for s in seeds for q in generated[first, s])
-        p_value = paired_randomization_test(per_query[second], per_query[first])
+        p_value = paired_randomization_test(average_per_query(per_query[second]), average_per_query(per_query[first]))
         print(f"{second} - {first}: {diff:+.2f} nDCG@10 points (goal within 0.5: {verdict(abs(diff) <= 0.5)}); "
               f"paired randomization test on the per-query means over seeds: p = {p_value:.3f}; "
               f"{same}/{len(seeds) * len(collection.queries)} expansions identical")

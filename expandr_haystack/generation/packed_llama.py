@@ -40,13 +40,14 @@ weights:
   the two-level inputs this path used before, which made it slower than float32); **1.31x** the float32 packed
   decoder's tokens/s (3.9x raw ``generate``); expand nDCG@10 on Cranfield test 33.44 ± 0.86 vs float32's
   32.55 ± 1.51 (3 seeds, p 0.32: no measurable loss). Text differs from float32 text wherever a draw falls near a
-  boundary, so int8 texts are cached apart (`LocalSampler.engine`). Needs VNNI: without it FBGEMM's inputs are
-  7-bit (KL 0.044), so int8 is refused there;
+  boundary, so int8 texts are cached apart (`LocalSampler.engine`). Needs AVX512-VNNI: without it FBGEMM's
+  inputs are 7-bit (KL 0.044), so int8 is refused there;
 * ``"bfloat16"``: weights and activations rounded to bfloat16 through oneDNN, only on CPUs with native bfloat16
   dot products (AVX512-BF16 or AMX, detected at run time; on AVX2/AVX-512 without them oneDNN emulates bfloat16
   and it is 3-5x slower than float32, so it is refused there);
 * ``"auto"``: `resolve_precision` - the fastest precision measured faster than float32 end to end on this kind of
-  CPU with retrieval quality unchanged: int8 on CPUs with VNNI (1.31x float32's tokens/s), float32 elsewhere.
+  CPU with retrieval quality unchanged: int8 on CPUs with AVX512-VNNI (1.31x float32's tokens/s), float32
+  elsewhere.
 
 Usage (``LocalSampler`` picks it by itself for a float32 Llama model on CPU):
 ```python
@@ -115,15 +116,16 @@ def cpu_flags() -> frozenset[str]:
 
 def int8_unsupported_reason() -> str | None:
     """
-    Why the int8 path cannot run here (None when it can): it needs FBGEMM (x86) and VNNI integer dot products
-    (AVX512-VNNI or AVX-VNNI). Without VNNI, FBGEMM's u8 x s8 pair sums would saturate int16 unless the inputs
-    use 7 bits (`reduce_range`), and 7-bit inputs lose too much: next-token KL 0.044 vs 0.017 on SmolLM2.
+    Why the int8 path cannot run here (None when it can): it needs FBGEMM (x86) and AVX512-VNNI integer dot
+    products. FBGEMM's kernels are AVX512-VNNI, AVX-512 or AVX2 ones (no AVX-VNNI set); without AVX512-VNNI its
+    u8 x s8 pair sums saturate int16 unless the inputs use 7 bits (`reduce_range`), and 7-bit inputs lose too
+    much: next-token KL 0.044 vs 0.017 on SmolLM2.
     """
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         return "this torch build has no FBGEMM int8 kernels"
-    if not {"avx512_vnni", "avx_vnni"} & cpu_flags():
-        return ("the CPU has no VNNI (AVX512-VNNI or AVX-VNNI): FBGEMM would quantize the inputs to 7 bits, "
-                "too coarse (KL 0.044 to float32 vs 0.017 with VNNI's 8 bits)")
+    if "avx512_vnni" not in cpu_flags():
+        return ("the CPU has no AVX512-VNNI: FBGEMM would need 7-bit inputs there, too coarse (KL 0.044 to "
+                "float32 vs 0.017 with 8 bits)")
     return None
 
 
@@ -140,10 +142,10 @@ def bfloat16_unsupported_reason() -> str | None:
 def resolve_precision(precision: str) -> str:
     """
     The weight precision `precision` runs in on this machine. "auto" = the fastest precision whose exactness is
-    acceptable: "int8" where it runs (FBGEMM with VNNI: measured 1.31x the packed float32 decoder's tokens/s, 3.9x
-    raw ``generate``, with expand nDCG@10 not measurably different over 3 seeds, +0.89 p 0.32; docs/benchmarks.md
-    "Expansion at int8"), else "float32" (bfloat16 is unmeasured where native). An explicit precision the machine
-    cannot run is a ValueError naming the argument.
+    acceptable: "int8" where it runs (FBGEMM with AVX512-VNNI: measured 1.31x the packed float32 decoder's
+    tokens/s, 3.9x raw ``generate``, with expand nDCG@10 not measurably different over 3 seeds, +0.89 p 0.32;
+    docs/benchmarks.md "Expansion at int8"), else "float32" (bfloat16 is unmeasured where native). An explicit
+    precision the machine cannot run is a ValueError naming the argument.
     """
     check_choice(precision, "precision", PRECISIONS)
     if precision == "auto":
@@ -208,8 +210,10 @@ def smoothing_scales(input_max: torch.Tensor, weight: torch.Tensor, alpha: float
 def input_maxima(model, calibration: list[list[int]]) -> dict[tuple[int, str], torch.Tensor]:
     """
     ``max|x_j|`` per input channel of every linear layer of the Llama `model`, over the float32 forward passes of
-    the token id lists `calibration` (natural prompts; random tokens calibrate worse: KL 0.022 vs 0.014): keys
-    ``(layer, "qkv" | "o" | "gate_up" | "down")`` and ``(-1, "head")``.
+    the token id lists `calibration` (natural prompts; random tokens calibrate worse: KL 0.022 vs 0.014 for
+    Cranfield queries, 0.017 for the built-in texts): keys ``(layer, "qkv" | "o" | "gate_up" | "down")`` and
+    ``(-1, "head")``. The hooks sit on `model` for the duration: do not run the same model in another thread
+    meanwhile (`local.default_decoder` builds decoders under a lock).
     """
     if not calibration or not all(calibration):
         raise ValueError("`calibration` must be a non-empty list of non-empty token id lists (the int8 path's "
@@ -355,7 +359,7 @@ class PackedLlamaDecoder:
         "auto" (`resolve_precision`); weights are converted once, here. `self.precision` is the resolved one.
     :param calibration: Token id lists of a few natural prompts (`local.calibration_ids(tokenizer)`, which
         `LocalSampler` passes itself): the activation ranges the layers are smoothed by (`input_maxima`,
-        `smoothing_scales`). Needed for int8 (unsmoothed, its 8-bit inputs lose more: KL 0.038 vs 0.014); in
+        `smoothing_scales`). Needed for int8 (unsmoothed, its 8-bit inputs lose more: KL 0.038 vs 0.017); in
         float32 or bfloat16 smoothing is exact up to rounding and only applied when given.
     """
 
@@ -365,7 +369,8 @@ class PackedLlamaDecoder:
             raise ValueError(f"PackedLlamaDecoder cannot run this model: {reason}.")
         self.precision = resolve_precision(precision)
         if self.precision == "int8" and calibration is None:
-            raise ValueError("`calibration` is required for precision 'int8': token id lists of a few natural "
+            raise ValueError(f"`calibration` is required for precision {precision!r} (int8 on this CPU): token id "
+                             "lists of a few natural "
                              "prompts, e.g. `expandr_haystack.generation.local.calibration_ids(tokenizer)` "
                              "(LocalSampler passes them itself).")
         maxima = input_maxima(model, calibration) if calibration is not None else None

@@ -188,7 +188,10 @@ def sort_adapter_config(adapter_dir: str | Path) -> Path:
         value = config.get(key)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             config[key] = sorted(value)
-    return atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True))
+    mode = path.stat().st_mode & 0o777
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True))
+    path.chmod(mode)  # the temporary file's 0600 would make a shared adapter folder unreadable to others
+    return path
 
 
 def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: str | Path,
@@ -272,6 +275,17 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
     return adapter_dir
 
 
-__all__ = ["DPO_COLUMNS", "FINAL_METRICS", "LOG_HISTORY", "DPOSettings", "base_model_dtype",
-           "dpo_config_kwargs", "final_dpo_metrics", "load_pairs_dataset", "pin_trainer_device",
-           "SET_VALUED_ADAPTER_KEYS", "sort_adapter_config", "train_dpo"]
+__all__ = [
+    "DPO_COLUMNS",
+    "FINAL_METRICS",
+    "LOG_HISTORY",
+    "SET_VALUED_ADAPTER_KEYS",
+    "DPOSettings",
+    "base_model_dtype",
+    "dpo_config_kwargs",
+    "final_dpo_metrics",
+    "load_pairs_dataset",
+    "pin_trainer_device",
+    "sort_adapter_config",
+    "train_dpo",
+]

@@ -108,6 +108,7 @@ def test_smoothing_is_exact_in_float32():
     """The folding (norm weights, up rows, o's divisor, the head's norm) changes the float32 decoder only by
     rounding; the maxima come from every linear layer of the model."""
     model = tiny_llama(seed=2)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
     maxima = input_maxima(model, CALIBRATION)
     assert set(maxima) == {(i, k) for i in range(3) for k in ("qkv", "o", "gate_up", "down")} | {(-1, "head")}
     assert maxima[(0, "gate_up")].shape == (64,) and maxima[(0, "down")].shape == (96,)
@@ -121,12 +122,17 @@ def test_smoothing_is_exact_in_float32():
         ref, got = plain.decode(ref_state, tokens), smoothed.decode(got_state, tokens)
     with pytest.raises(ValueError, match=r"`calibration` must be a non-empty list"):
         input_maxima(model, [[]])
+    after = model.state_dict()  # the folding works on copies: the model itself is untouched
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert not any(module._forward_pre_hooks for module in model.modules())  # the calibration hooks are gone
 
 
 @needs_int8
 def test_int8_without_calibration_is_an_error_naming_it():
     with pytest.raises(ValueError, match=r"`calibration` is required for precision 'int8'.*calibration_ids"):
         PackedLlamaDecoder(tiny_llama(), precision="int8")
+    with pytest.raises(ValueError, match=r"`calibration` is required for precision 'auto' \(int8 on this CPU\)"):
+        PackedLlamaDecoder(tiny_llama(), precision="auto")
 
 
 @needs_int8
@@ -214,13 +220,14 @@ def test_precision_option_is_checked_with_its_name_and_choices():
 def test_auto_and_bfloat16_follow_the_cpu_features(monkeypatch):
     monkeypatch.setattr(packed_llama, "cpu_flags", lambda: frozenset({"avx", "fma"}))
     assert resolve_precision("auto") == "float32"
-    with pytest.raises(ValueError, match=r"`precision`='int8' cannot run here: the CPU has no VNNI"):
+    with pytest.raises(ValueError, match=r"`precision`='int8' cannot run here: the CPU has no AVX512-VNNI"):
         resolve_precision("int8")
     with pytest.raises(ValueError, match=r"`precision`='bfloat16' cannot run here: the CPU has no native bfloat16"):
         resolve_precision("bfloat16")
-    monkeypatch.setattr(packed_llama, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # AVX2 without VNNI
-    with pytest.raises(ValueError, match=r"`precision`='int8' cannot run here: the CPU has no VNNI .* 7 bits"):
-        resolve_precision("int8")
+    for flags in ({"avx2", "fma"}, {"avx2", "avx_vnni"}, {"avx512f", "avx512bw"}):  # no AVX512-VNNI
+        monkeypatch.setattr(packed_llama, "cpu_flags", lambda flags=flags: frozenset(flags))
+        with pytest.raises(ValueError, match=r"`precision`='int8' cannot run here: the CPU has no AVX512-VNNI.*7-bit"):
+            resolve_precision("int8")
     assert resolve_precision("auto") == "float32"  # int8 refused: auto falls back to float32
     monkeypatch.setattr(packed_llama, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
     # int8 with VNNI: measured 1.31x float32's tokens/s with no measurable loss, so "auto" picks it

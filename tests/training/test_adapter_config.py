@@ -35,6 +35,8 @@ def test_sorted_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_path
     assert len({(f / "adapter_config.json").read_bytes() for f in folders}) == 1
     assert len({fingerprint(f) for f in folders}) == 1
     assert all(set(order) == {"o_proj", "q_proj", "v_proj"} for order in orders)  # only the order could differ
+    assert len(orders) > 1  # the hash seeds did write different orders: the sorting is what made them equal
+    assert all(f.joinpath("adapter_config.json").stat().st_mode & 0o777 == 0o644 for f in folders)  # PEFT's mode
 
 
 def test_sort_adapter_config_keeps_everything_else(tmp_path):
