@@ -177,21 +177,25 @@ def load_pairs_dataset(pairs_path: str | Path):
 SET_VALUED_ADAPTER_KEYS = ("target_modules", "modules_to_save", "exclude_modules")
 
 
-def sort_adapter_config(adapter_dir: str | Path) -> Path:
-    """Rewrite ``<adapter_dir>/adapter_config.json`` with its set-valued lists (`SET_VALUED_ADAPTER_KEYS`) sorted
-    and its keys sorted, as PEFT writes them (atomically; a folder without that file is left alone)."""
-    path = Path(adapter_dir) / "adapter_config.json"
-    if not path.is_file():
-        return path
-    config = json.loads(path.read_text())
-    for key in SET_VALUED_ADAPTER_KEYS:
-        value = config.get(key)
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            config[key] = sorted(value)
-    mode = path.stat().st_mode & 0o777
-    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True))
-    path.chmod(mode)  # the temporary file's 0600 would make a shared adapter folder unreadable to others
-    return path
+def sort_adapter_config(adapter_dir: str | Path) -> list[Path]:
+    """
+    Rewrite every ``adapter_config.json`` under `adapter_dir` (the adapter's own and those of adapters saved inside
+    it, such as TRL's ``ref/`` copy of the reference adapter) with its set-valued lists (`SET_VALUED_ADAPTER_KEYS`)
+    and its keys sorted, as PEFT writes them; atomically, keeping each file's mode. Returns the files rewritten
+    (none for a folder without such a file).
+    """
+    rewritten = []
+    for path in sorted(Path(adapter_dir).rglob("adapter_config.json")):
+        config = json.loads(path.read_text())
+        for key in SET_VALUED_ADAPTER_KEYS:
+            value = config.get(key)
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                config[key] = sorted(value)
+        mode = path.stat().st_mode & 0o777
+        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True))
+        path.chmod(mode)  # the temporary file's 0600 would make a shared adapter folder unreadable to others
+        rewritten.append(path)
+    return rewritten
 
 
 def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: str | Path,

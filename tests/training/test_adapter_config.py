@@ -43,8 +43,11 @@ def test_sort_adapter_config_keeps_everything_else(tmp_path):
     config = {"r": 8, "target_modules": ["v_proj", "q_proj"], "modules_to_save": None, "layers_to_transform": [3, 1],
               "exclude_modules": ["b", "a"], "peft_type": "LORA"}
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    sort_adapter_config(tmp_path)
+    (tmp_path / "ref").mkdir()  # TRL saves the reference adapter inside the trained one: part of its fingerprint
+    (tmp_path / "ref" / "adapter_config.json").write_text(json.dumps(config))
+    assert sort_adapter_config(tmp_path) == [tmp_path / "adapter_config.json", tmp_path / "ref" / "adapter_config.json"]
+    assert json.loads((tmp_path / "ref" / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
     rewritten = json.loads((tmp_path / "adapter_config.json").read_text())
     assert rewritten == {**config, "target_modules": ["q_proj", "v_proj"], "exclude_modules": ["a", "b"]}
     assert rewritten["layers_to_transform"] == [3, 1]  # an ordered list is not a set: left as it is
-    sort_adapter_config(tmp_path / "missing")  # no adapter_config.json: nothing to do, no error
+    assert sort_adapter_config(tmp_path / "missing") == []  # no adapter_config.json: nothing to do, no error
