@@ -334,7 +334,7 @@ class LLMQueryExpander:
 
     @property
     def engine(self) -> str:
-        """The generation engine in use after `warm_up`: "packed" (float32; "packed-int8-smoothed",
+        """The generation engine in use after `warm_up`: "packed" (float32; "packed-int8-smoothed.2",
         "packed-bfloat16" in another precision), "transformers", "vllm" or "remote"."""
         self.warm_up()
         return self._sampler.engine

@@ -85,7 +85,7 @@ def make_sampler(model: str | None = None, adapter: str | None = None, chat_gene
     :param model_kwargs: transformers path only: extra keyword arguments of ``from_pretrained`` (`models.load_llm`).
     :param token: Hugging Face token for gated models (``from_pretrained(..., token=...)``; vLLM reads `HF_TOKEN`).
     :param precision: Local packed decoder only: its weight precision (`packed_llama.PRECISIONS`); texts in another
-        precision than float32 are cached apart through the sampler's `engine` ("packed-int8-smoothed").
+        precision than float32 are cached apart through the sampler's `engine` ("packed-int8-smoothed.2").
     """
     from expandr_haystack.models import load_llm, model_identity, resolve_llm_path
 

@@ -45,8 +45,9 @@ def template(tokenizer, prompt: Prompt) -> str:
     return "\n\n".join(m["content"] for m in prompt) + "\n"
 
 
-#: The int8 path's name in cache keys: bump it when int8's math changes (its text changes with it).
-INT8_ENGINE = "int8-smoothed"
+#: The int8 path's name in cache keys: bump it when int8's math changes (its text changes with it). ".2": the
+#: norms factored into the row scales (2026-11-27), the same quantization with other rounding, so other text.
+INT8_ENGINE = "int8-smoothed.2"
 
 #: (question, passage) pairs the int8 path calibrates its smoothing on (`calibration_ids`): several fields, in the
 #: expansion prompt's chat form, so the activation ranges are those of prompts and of the passages written after them.
@@ -229,7 +230,7 @@ class LocalSampler:
     `precision` ("float32" default, "int8", "bfloat16", "auto": `packed_llama.resolve_precision`) is the packed
     decoder's weight precision. In int8 the text differs from the float32 text where a draw falls near a boundary
     (logits differ by quantization rounding) and, like bfloat16 on CUDA, a row's text can depend on its batch
-    (same batch => same text); `engine` names the precision ("packed-int8-smoothed") so the expander caches it
+    (same batch => same text); `engine` names the precision ("packed-int8-smoothed.2") so the expander caches it
     apart. int8 smooths its layers on a few built-in prompts (`calibration_ids`, once per model).
 
     Usage:
@@ -271,9 +272,10 @@ class LocalSampler:
     @property
     def engine(self) -> str:
         """The engine as the expander's cache keys name it: `backend`, with the precision when it is not float32
-        ("packed-int8-smoothed"): texts of another precision are never served for these (float32 keys as before).
-        int8 is "int8-smoothed" since its inputs are smoothed on one grid per row: the rows cached by the earlier
-        two-level int8 path ("packed-int8") are other text and are not served."""
+        ("packed-int8-smoothed.2"): texts of another precision are never served for these (float32 keys as
+        before). `INT8_ENGINE` changes with int8's arithmetic: the rows cached by the earlier int8 paths
+        ("packed-int8": two input levels; "packed-int8-smoothed": the norms applied to the inputs) are other text and
+        are not served."""
         if self.backend == "packed" and self.precision != "float32":
             return f"packed-{INT8_ENGINE if self.precision == 'int8' else self.precision}"
         return self.backend

@@ -8,7 +8,10 @@ comes from doing less, not from lower precision:
 * weights prepacked once for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``), the layout ``torch.compile``'s
   freezing pass uses, instead of re-laying them out on every matmul;
 * fused projections: one ``q|k|v`` matmul and one ``gate|up`` matmul per layer instead of five;
-* a preallocated KV cache written in place (no ``torch.cat`` per step), rotary tables computed once per batch;
+* a preallocated KV cache written in place (no ``torch.cat`` per step), rotary tables computed once per batch, the
+  attention mask turned into its additive bias once per step for all layers;
+* each RMSNorm applied by the linear layer after it (`make_linear`'s ``scale``/``eps``; the same ops as
+  ``transformers``' in float32), activations kept 2-D ([tokens, hidden]) between the layers;
 * grouped-query attention without ``repeat_kv``: at decode the query heads sharing a KV head are laid out as that
   head's query "positions", so one ``scaled_dot_product_attention`` call covers them;
 * a prompt shared by several rows (several samples of one query) is prefilled once and its KV copied.
@@ -33,13 +36,18 @@ weights:
   - **one grid per row**: FBGEMM quantizes its whole input with one range, which would couple the rows of a batch.
     Each row is passed over its own ``max|x|`` (so it lies in [-1, 1]), with a constant sentinel row
     ``[-1, 1, 0, ...]`` that pins the range to exactly [-1, 1] whatever the batch (`int8_row_input`): each row's
-    codes are its own, and the result is rescaled by the row's maximum.
+    codes are its own, and the result is rescaled by the row's maximum;
+  - **norms in the row scale**: RMSNorm multiplies a row by one factor, which leaves the row's codes unchanged, so
+    a layer after a norm quantizes ``norm weight * x`` and multiplies its output's row scale by the norm's factor
+    (`rms_factor`); the residual add is fused with that rescaling (``addcmul``). A decode step is ~2,000 small
+    tensor ops whose Python and dispatch cost is a large part of it: this removes ~250 of them (6-9% of a step).
 
-  Measured on SmolLM2-135M-Instruct (AVX-512 VNNI, 2 cores): next-token KL 0.017 nats to float32 and the greedy
-  token float32's 97% of the time (8 prompts x 24 teacher-forced steps; KL 0.038 without smoothing, 0.004 for
-  the two-level inputs this path used before, which made it slower than float32); **1.31-1.35x** the float32
-  packed decoder's tokens/s (3.7-3.9x raw ``generate``); expand nDCG@10 on Cranfield test 33.44 ± 0.86 vs float32's
-  32.55 ± 1.51 (3 seeds, p 0.32: no measurable loss). Text differs from float32 text wherever a draw falls near a
+  Measured on SmolLM2-135M-Instruct (AVX-512 VNNI, 2 cores): next-token KL 0.014 nats to float32 and the greedy
+  token float32's 97% of the time (8 prompts x 24 teacher-forced steps; 0.017 before the norms moved into the row
+  scales, 0.038 without smoothing, 0.004 for the two-level inputs this path used before, which made it slower than
+  float32); **1.31-1.35x** the float32 packed decoder's tokens/s (3.7-3.9x raw ``generate``); expand nDCG@10 on
+  Cranfield test 33.44 ± 0.86 vs float32's 32.55 ± 1.51 (3 seeds, p 0.32: no measurable loss). Text differs from
+  float32 text wherever a draw falls near a
   boundary, so int8 texts are cached apart (`LocalSampler.engine`). Needs AVX512-VNNI: without it FBGEMM's
   inputs are 7-bit (KL 0.044), so int8 is refused there;
 * ``"bfloat16"``: weights and activations rounded to bfloat16 through oneDNN, only on CPUs with native bfloat16
@@ -180,18 +188,21 @@ def int8_row_input(x: torch.Tensor, sentinel: torch.Tensor) -> tuple[torch.Tenso
     """
     `x` [rows, k] laid out for a kernel that quantizes its whole input to 8 bits with one range (FBGEMM's dynamic
     linear), so that each row is quantized on its own scale and does not depend on its neighbours: the rows
-    ``x / a`` with ``a = max|x|`` per row (every row in [-1, 1], its largest entry at +-1), then `sentinel`, the
-    row ``[-1, 1, 0, ...]``, so the input's range is exactly [-1, 1] whatever the batch (`fbgemm_input_grid`).
+    ``x / a`` with ``a = max|x|`` per row (every row in [-1, 1], its largest entry at +-1), then `sentinel` [1, k],
+    the row ``[-1, 1, 0, ...]``, so the input's range is exactly [-1, 1] whatever the batch (`fbgemm_input_grid`).
     Returns ``(packed [rows + 1, k], a [rows, 1])``: ``x W^T ~ a K(packed)[:rows]``, each input rounded to half a
     grid step (1/255) of its row's largest value.
     """
-    rows = len(x)
-    packed = x.new_empty(rows + 1, x.shape[1])
     # abs + amax: 2x faster than aminmax at 16 rows and 4x at 640 (vector_norm(inf) is slower still)
     a = x.abs().amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny)
-    torch.div(x, a, out=packed[:rows])
-    packed[-1] = sentinel
-    return packed, a
+    return torch.cat((x / a, sentinel)), a
+
+
+def rms_factor(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """RMSNorm's per-row factor ``1 / sqrt(mean(x^2) + eps)`` of `x` [rows, k] as [rows, 1], in three calls (`eps`
+    a 0-d tensor)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return torch.rsqrt(torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]))
 
 
 def smoothing_scales(input_max: torch.Tensor, weight: torch.Tensor, alpha: float = SMOOTHING_ALPHA) -> torch.Tensor:
@@ -241,46 +252,65 @@ def input_maxima(model, calibration: list[list[int]]) -> dict[tuple[int, str], t
     return maxima
 
 
+def rms_norm(x: torch.Tensor, eps: float | None, scale: torch.Tensor | None) -> torch.Tensor:
+    """A linear layer's float input: ``scale * (x / sqrt(mean(x^2) + eps))`` (Llama's RMSNorm, the same ops in the
+    same order as ``transformers``' ``LlamaRMSNorm``), either part skipped when None."""
+    if eps is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return x if scale is None else scale * x
+
+
 class _Int8Linear:
     """
     A bias-free linear layer with per-output-channel int8 weights, run by FBGEMM on one 8-bit grid per input row
-    (see the module docstring).
+    (see the module docstring), on ``scale * x`` or, with `eps`, on ``scale * RMSNorm(x)``: RMSNorm multiplies each
+    row by one factor (`rms_factor`), which leaves the row's 8-bit codes as they are, so it is applied to the
+    output's row scale instead of the input (one [rows, 1] product instead of three ops on the whole input).
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, eps: float | None = None):
         q, scales = quantize_per_channel(weight)
         with warnings.catch_warnings():  # quantized tensors are deprecated in recent torch, still the FBGEMM API
             warnings.simplefilter("ignore")
             quantized = torch._make_per_channel_quantized_tensor(q, scales.double(),
                                                                  torch.zeros(len(scales), dtype=torch.long), 0)
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
-        self.sentinel = torch.zeros(weight.shape[1])
-        self.sentinel[0], self.sentinel[-1] = -1.0, 1.0
+        self.sentinel = torch.zeros(1, weight.shape[1])
+        self.sentinel[0, 0], self.sentinel[0, -1] = -1.0, 1.0
+        self.scale, self.eps = scale, None if eps is None else torch.tensor(eps)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        packed, a = int8_row_input(flat, self.sentinel)
-        y = torch.ops.quantized.linear_dynamic(packed, self.packed, False)[: len(flat)].mul_(a)  # 8-bit inputs
-        return y.view(*x.shape[:-1], y.shape[-1])
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``linear(x)`` for `x` [rows, in], plus `residual` [rows, out] when given (one fused op)."""
+        packed, a = int8_row_input(x if self.scale is None else x * self.scale, self.sentinel)
+        if self.eps is not None:
+            a = a * rms_factor(x, self.eps)
+        y = torch.ops.quantized.linear_dynamic(packed, self.packed, False)[: len(x)]  # 8-bit inputs
+        return y.mul_(a) if residual is None else torch.addcmul(residual, y, a)
 
 
 class _Bfloat16Linear:
-    """A bias-free linear layer with bfloat16 weights prepacked for oneDNN (activations rounded to bfloat16)."""
+    """A bias-free linear layer with bfloat16 weights prepacked for oneDNN (activations rounded to bfloat16), on
+    ``rms_norm(x, eps, scale)``."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, eps: float | None = None):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous())
+        self.scale, self.eps = scale, eps
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "").float()
-        return y.view(*x.shape[:-1], y.shape[-1])
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        h = rms_norm(x, self.eps, self.scale).to(torch.bfloat16)
+        y = torch.ops.mkldnn._linear_pointwise(h, self.packed, None, "none", [], "").float()
+        return y if residual is None else residual + y
 
 
 class _Linear:
-    """A bias-free linear layer whose weight is prepacked for oneDNN (plain ``F.linear`` where oneDNN is absent)."""
+    """
+    A bias-free float32 linear layer on ``rms_norm(x, eps, scale)`` whose weight is prepacked for oneDNN (plain
+    ``F.linear`` where oneDNN is absent).
+    """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, eps: float | None = None):
         self.weight = weight.detach().to(torch.float32).contiguous()
+        self.scale, self.eps = scale, eps
         self.packed = None
         if torch.backends.mkldnn.is_available():
             try:
@@ -289,56 +319,58 @@ class _Linear:
             except (RuntimeError, AttributeError):
                 self.packed = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        h = rms_norm(x, self.eps, self.scale)
         if self.packed is None:
-            return F.linear(x, self.weight)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, None, "none", [], "")
-        return y.view(*x.shape[:-1], y.shape[-1])
+            y = F.linear(h, self.weight)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(h, self.packed, None, "none", [], "")
+        return y if residual is None else residual + y
 
 
-def make_linear(weight: torch.Tensor, precision: str = "float32"):
-    """The linear layer of `weight` [out, in] in a resolved `precision` ("float32", "int8" or "bfloat16")."""
-    return {"float32": _Linear, "int8": _Int8Linear, "bfloat16": _Bfloat16Linear}[precision](weight)
+def make_linear(weight: torch.Tensor, precision: str = "float32", scale: torch.Tensor | None = None,
+                eps: float | None = None):
+    """
+    The linear layer of `weight` [out, in] in a resolved `precision` ("float32", "int8" or "bfloat16"), applied to
+    ``scale * x`` (a per-input-channel `scale`: an RMSNorm weight, a smoothing divisor's inverse), with `eps` to
+    ``scale * RMSNorm(x)``. Called as ``linear(x [rows, in], residual=None)``; the result plus `residual` when
+    given.
+    """
+    return {"float32": _Linear, "int8": _Int8Linear, "bfloat16": _Bfloat16Linear}[precision](weight, scale, eps)
 
 
 class _Layer:
     """
-    One decoder layer's weights, packed for `precision`. With `maxima` (`input_maxima` of this layer) the layer is
-    smoothed (`smoothing_scales`): exact in float32 up to rounding, what keeps int8's 8-bit inputs accurate.
+    One decoder layer's weights, packed for `precision`, each RMSNorm folded into the linear layer after it. With
+    `maxima` (`input_maxima` of this layer) the layer is smoothed (`smoothing_scales`): exact in float32 up to
+    rounding, what keeps int8's 8-bit inputs accurate.
     """
 
-    def __init__(self, layer, precision: str = "float32", maxima: dict[str, torch.Tensor] | None = None):
+    def __init__(self, layer, eps: float, precision: str = "float32",
+                 maxima: dict[str, torch.Tensor] | None = None):
         attention, mlp = layer.self_attn, layer.mlp
-        self.input_norm = layer.input_layernorm.weight.detach().float()
-        self.post_attention_norm = layer.post_attention_layernorm.weight.detach().float()
+        input_norm = layer.input_layernorm.weight.detach().float()
+        post_attention_norm = layer.post_attention_layernorm.weight.detach().float()
         qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]).detach().float()
         o = attention.o_proj.weight.detach().float()
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().float()
         down = mlp.down_proj.weight.detach().float()
-        o_divisor = None
+        o_scale = None
         if maxima is not None:
             c = smoothing_scales(maxima["qkv"], qkv)  # x / c folded into the norm before q|k|v
-            qkv, self.input_norm = qkv * c, self.input_norm / c
+            qkv, input_norm = qkv * c, input_norm / c
             c = smoothing_scales(maxima["gate_up"], gate_up)
-            gate_up, self.post_attention_norm = gate_up * c, self.post_attention_norm / c
+            gate_up, post_attention_norm = gate_up * c, post_attention_norm / c
             c = smoothing_scales(maxima["down"], down)  # down's input silu(gate) * up: 1 / c folded into up's rows
             down = down * c
             gate_up[mlp.gate_proj.weight.shape[0] :] /= c[:, None]  # the up rows
-            o_divisor = smoothing_scales(maxima["o"], o)  # attention's output: divided at run time
-            o = o * o_divisor
+            c = smoothing_scales(maxima["o"], o)  # attention's output: scaled by 1 / c at run time
+            o, o_scale = o * c, 1.0 / c
         linear = functools.partial(make_linear, precision=precision)
-        self.qkv, self.gate_up, self.down = linear(qkv), linear(gate_up), linear(down)
-        self.o = linear(o) if o_divisor is None else _Scaled(linear(o), o_divisor)
-
-
-class _Scaled:
-    """``linear(x / divisor)``: a smoothed layer whose divisor could not be folded into the layer before it."""
-
-    def __init__(self, linear, divisor: torch.Tensor):
-        self.linear, self.divisor = linear, divisor
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x / self.divisor)
+        self.qkv = linear(qkv, scale=input_norm, eps=eps)
+        self.o = linear(o, scale=o_scale)
+        self.gate_up = linear(gate_up, scale=post_attention_norm, eps=eps)
+        self.down = linear(down)
 
 
 class _State:
@@ -384,19 +416,16 @@ class PackedLlamaDecoder:
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
         body = model.model
         self.embed = body.embed_tokens.weight.detach().float()
-        self.layers = [_Layer(layer, self.precision, None if maxima is None else
+        self.layers = [_Layer(layer, self.eps, self.precision, None if maxima is None else
                               {kind: value for (i, kind), value in maxima.items() if i == index})
                        for index, layer in enumerate(body.layers)]
-        self.final_norm = body.norm.weight.detach().float()
+        final_norm = body.norm.weight.detach().float()
         head = model.lm_head.weight.detach().float()
         if maxima is not None:  # the head's input is the final norm's output: 1 / c folded into its weight
             c = smoothing_scales(maxima[(-1, "head")], head)
-            head, self.final_norm = head * c, self.final_norm / c
-        self.lm_head = make_linear(head, self.precision)
+            head, final_norm = head * c, final_norm / c
+        self.lm_head = make_linear(head, self.precision, scale=final_norm, eps=self.eps)  # the final norm folded in
         self.intermediate = config.intermediate_size
-
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary tables [rows, steps, 1, head_dim] for `positions` [rows, steps]; the sine carries the sign of
@@ -407,33 +436,35 @@ class PackedLlamaDecoder:
         sign = torch.cat([-torch.ones(half), torch.ones(half)])
         return angles.cos()[:, :, None], (angles.sin() * sign)[:, :, None]
 
-    def _layers(self, x, keys, values, start: int, cos, sin, mask) -> torch.Tensor:
+    def _layers(self, x, keys, values, start: int, rows: int, cos, sin, mask) -> torch.Tensor:
         """
-        The decoder layers on `x` [rows, steps, hidden] whose tokens fill cache slots ``start .. start+steps``;
-        `keys`/`values` are per-layer caches [rows, kv_heads, capacity, head_dim], `mask` [rows, 1, steps, end]
-        says which cache slots each new token attends to (True = attend).
+        The decoder layers on `x` [rows * steps, hidden] (row-major: a row's steps together) whose tokens fill cache
+        slots ``start .. start+steps``; `keys`/`values` are per-layer caches [rows, kv_heads, capacity, head_dim],
+        `mask` [rows, 1, steps, end] says which cache slots each new token attends to (True = attend).
         """
-        rows, steps, _ = x.shape
+        steps = len(x) // rows
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        end = start + steps
+        end, qk_width, half = start + steps, (heads + kv_heads) * dim, self.intermediate
+        # the mask as the additive bias attention applies, built once for all layers (SDPA converts a bool mask on
+        # every call)
+        bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         for layer, layer_keys, layer_values in zip(self.layers, keys, values):
-            qkv = layer.qkv(self._norm(x, layer.input_norm))
-            qk = qkv[..., : (heads + kv_heads) * dim].view(rows, steps, heads + kv_heads, dim)
+            qkv = layer.qkv(x)  # the input norm folded in
+            qk = qkv[:, :qk_width].view(rows, steps, heads + kv_heads, dim)
             qk = qk * cos + qk.roll(dim // 2, dims=-1) * sin  # rotary embedding of queries and keys at once
-            q = qk[:, :, :heads].transpose(1, 2)
             layer_keys[:, :, start:end] = qk[:, :, heads:].transpose(1, 2)
-            layer_values[:, :, start:end] = qkv[..., (heads + kv_heads) * dim :].view(rows, steps, kv_heads, dim
-                                                                                      ).transpose(1, 2)
+            layer_values[:, :, start:end] = qkv[:, qk_width:].view(rows, steps, kv_heads, dim).transpose(1, 2)
             if steps == 1:  # one new token: the query heads of a KV group act as that group's query positions
-                attended = F.scaled_dot_product_attention(q.reshape(rows, kv_heads, heads // kv_heads, dim),
+                attended = F.scaled_dot_product_attention(qk[:, 0, :heads].view(rows, kv_heads, heads // kv_heads, dim),
                                                           layer_keys[:, :, :end], layer_values[:, :, :end],
-                                                          attn_mask=mask)
+                                                          attn_mask=bias)
             else:
-                attended = F.scaled_dot_product_attention(q, layer_keys[:, :, :end], layer_values[:, :, :end],
-                                                          attn_mask=mask, enable_gqa=True).transpose(1, 2)
-            x = x + layer.o(attended.reshape(rows, steps, heads * dim))
-            gate_up = layer.gate_up(self._norm(x, layer.post_attention_norm))
-            x = x + layer.down(F.silu(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :])
+                attended = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), layer_keys[:, :, :end],
+                                                          layer_values[:, :, :end], attn_mask=bias,
+                                                          enable_gqa=True).transpose(1, 2)
+            x = layer.o(attended.reshape(rows * steps, heads * dim), residual=x)
+            gate_up = layer.gate_up(x)  # the post-attention norm folded in
+            x = layer.down(F.silu(gate_up[:, :half]).mul_(gate_up[:, half:]), residual=x)
         return x
 
     def _cache(self, rows: int, capacity: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -473,8 +504,8 @@ class PackedLlamaDecoder:
         if shared:
             cos, sin = self._rotary(positions[:1, :shared])
             causal = torch.ones(shared, shared, dtype=torch.bool).tril()
-            self._layers(F.embedding(torch.tensor([prompts[0][:shared]]), self.embed), [k[:1] for k in keys],
-                         [v[:1] for v in values], 0, cos, sin, causal[None, None])
+            self._layers(F.embedding(torch.tensor(prompts[0][:shared]), self.embed), [k[:1] for k in keys],
+                         [v[:1] for v in values], 0, 1, cos, sin, causal[None, None])
             for k, v in zip(keys, values):
                 k[1:, :, :shared] = k[:1, :, :shared]
                 v[1:, :, :shared] = v[:1, :, :shared]
@@ -490,10 +521,11 @@ class PackedLlamaDecoder:
         last = []
         for first in range(0, unique, group):
             part = slice(first, first + group)
-            x = self._layers(F.embedding(rest[part], self.embed), [k[part] for k in keys], [v[part] for v in values],
-                             shared, cos[part], sin[part], mask[part, None])
-            last.append(x[:, -1])
-        logits = self.lm_head(self._norm(torch.cat(last), self.final_norm)).index_select(0, select)
+            tokens = rest[part]
+            x = self._layers(F.embedding(tokens.flatten(), self.embed), [k[part] for k in keys],
+                             [v[part] for v in values], shared, len(tokens), cos[part], sin[part], mask[part, None])
+            last.append(x[width - 1 :: width])  # each row's last position
+        logits = self.lm_head(torch.cat(last)).index_select(0, select)
 
         if in_place:
             state_keys, state_values = keys, values
@@ -518,7 +550,7 @@ class PackedLlamaDecoder:
         state.key_mask[:, start] = True
         cos = state.cos[:, start : start + 1]
         sin = state.sin[:, start : start + 1]
-        x = F.embedding(tokens[:, None], self.embed)
-        x = self._layers(x, state.keys, state.values, start, cos, sin, state.key_mask[:, None, None, : start + 1])
+        x = self._layers(F.embedding(tokens, self.embed), state.keys, state.values, start, len(tokens), cos, sin,
+                         state.key_mask[:, None, None, : start + 1])
         state.length += 1
-        return self.lm_head(self._norm(x[:, -1], self.final_norm))
+        return self.lm_head(x)  # the final norm folded in

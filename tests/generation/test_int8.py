@@ -74,17 +74,16 @@ def test_int8_linear_is_the_dequantized_weight_product_and_row_independent():
     assert not torch.allclose(out, x @ weight.t(), rtol=0, atol=1e-6)  # it does use int8 weights
     for r in range(len(x)):  # per-row scales and a fixed grid: a row's result does not depend on the others
         assert torch.equal(linear(x[r : r + 1])[0], out[r])
-    assert torch.equal(linear(x[:, None, :]).squeeze(1), out)  # any leading shape
 
 
 def test_row_input_layout():
     x = torch.randn(4, 16) * torch.tensor([3.0, 0.01, 100.0, 1.0])[:, None]
     x[3] = 0.0  # an all-zero row stays zero, no division by zero
-    sentinel = torch.tensor([-1.0] + [0.0] * 14 + [1.0])
+    sentinel = torch.tensor([[-1.0] + [0.0] * 14 + [1.0]])
     packed, a = int8_row_input(x, sentinel)
     assert packed.shape == (5, 16) and a.shape == (4, 1)
     assert torch.equal(packed[:3].abs().amax(1), torch.ones(3)) and torch.equal(packed[3], torch.zeros(16))
-    assert torch.equal(packed[-1], sentinel)
+    assert torch.equal(packed[-1:], sentinel)
     torch.testing.assert_close(packed[:4] * a, x, rtol=1e-6, atol=0)
 
 
@@ -113,7 +112,7 @@ def test_smoothing_is_exact_in_float32():
     assert set(maxima) == {(i, k) for i in range(3) for k in ("qkv", "o", "gate_up", "down")} | {(-1, "head")}
     assert maxima[(0, "gate_up")].shape == (64,) and maxima[(0, "down")].shape == (96,)
     plain, smoothed = PackedLlamaDecoder(model), PackedLlamaDecoder(model, calibration=CALIBRATION)
-    assert not torch.allclose(plain.layers[0].input_norm, smoothed.layers[0].input_norm)  # it did fold
+    assert not torch.allclose(plain.layers[0].qkv.scale, smoothed.layers[0].qkv.scale)  # it did fold
     select = torch.tensor([0, 1, 2, 2])
     (ref, ref_state), (got, got_state) = (d.prefill(PROMPTS, select, 4) for d in (plain, smoothed))
     for _ in range(4):
@@ -167,9 +166,9 @@ def test_int8_decoder_logits_are_float32_within_quantization_rounding():
 @torch.inference_mode()
 def test_int8_greedy_tokens_agree_on_the_bundled_model():
     """The bundled SmolLM2-135M-Instruct, 8 prompts (4 queries, plain and in the expansion prompt), 24
-    teacher-forced greedy steps: the int8 top token is float32's in >= 90% of the steps (measured 96.9% with VNNI's
-    8-bit inputs) and the mean KL(float32 || int8) of the next-token distributions is below 0.025 nats (measured
-    0.017; without the smoothing 0.038, with random-token calibration 0.022, with FBGEMM's 7-bit inputs for CPUs
+    teacher-forced greedy steps: the int8 top token is float32's in >= 90% of the steps (measured 97.4% with VNNI's
+    8-bit inputs; 96.9% before the norms moved into the row scales) and the mean KL(float32 || int8) of the
+    next-token distributions is below 0.025 nats (measured 0.014; 0.017 before; without the smoothing 0.038, with random-token calibration 0.022, with FBGEMM's 7-bit inputs for CPUs
     without VNNI 0.044 (hence refused there): this is the test that catches a broken smoothing)."""
     from expandr_haystack.core.text import EXPANSION_PROMPT
     from expandr_haystack.models import load_llm
@@ -256,9 +255,9 @@ def test_sampler_engine_names_the_precision_and_decoders_are_shared():
     model, tokenizer = tiny_llama(seed=3), CharTokenizer()
     exact, int8 = LocalSampler(model, tokenizer), LocalSampler(model, tokenizer, precision="int8")
     assert (exact.backend, exact.precision, exact.engine) == ("packed", "float32", "packed")
-    assert (int8.backend, int8.precision, int8.engine) == ("packed", "int8", "packed-int8-smoothed")
+    assert (int8.backend, int8.precision, int8.engine) == ("packed", "int8", "packed-int8-smoothed.2")
     auto = LocalSampler(model, tokenizer, precision="auto")  # int8 with VNNI: the same decoder and engine
-    assert auto.engine == {"float32": "packed", "int8": "packed-int8-smoothed"}[resolve_precision("auto")]
+    assert auto.engine == {"float32": "packed", "int8": "packed-int8-smoothed.2"}[resolve_precision("auto")]
     assert auto.decoder is {"float32": exact, "int8": int8}[resolve_precision("auto")].decoder
     assert LocalSampler(model, tokenizer, precision="int8").decoder is int8.decoder  # one int8 copy per model
     assert exact.decoder is not int8.decoder
@@ -297,7 +296,7 @@ def test_cache_key_has_the_precision_only_when_it_is_not_float32(tiny_loading, t
     assert [r.key for r in rows["float32"]] == [cache_key(row=r.seed_key, engine="packed") for r in default]
     # int8: same row seeds, keys of their own
     assert [r.seed_key for r in rows["int8"]] == [r.seed_key for r in rows["float32"]]
-    assert [r.key for r in rows["int8"]] == [cache_key(row=r.seed_key, engine="packed-int8-smoothed")
+    assert [r.key for r in rows["int8"]] == [cache_key(row=r.seed_key, engine="packed-int8-smoothed.2")
                                              for r in rows["int8"]]
     assert not {r.key for r in rows["int8"]} & {r.key for r in rows["float32"]}
     # a cache written in float32 is not served to the int8 expander
