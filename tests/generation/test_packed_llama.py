@@ -68,6 +68,47 @@ def test_prefill_and_decode_logits_match_transformers(prompts, select, prefill_t
         assert torch.allclose(plain, packed[row], atol=1e-4, rtol=1e-4), (row, (plain - packed[row]).abs().max())
 
 
+@torch.inference_mode()
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_scripted_layers_equal_the_python_layers_bit_for_bit(precision):
+    """TorchScript runs the layers' ops without Python between them (the decode step's speed-up); it must run the
+    same ops: logits equal bit for bit at prefill and at every decode step, past the profiling executor's first
+    runs (after which it would fuse or reorder if it did)."""
+    if precision == "int8" and packed_llama.int8_unsupported_reason() is not None:
+        pytest.skip(f"int8 path unavailable: {packed_llama.int8_unsupported_reason()}")
+    from expandr_haystack.generation.local import calibration_ids
+
+    model = tiny_llama(seed=3)
+    calibration = calibration_ids(CharTokenizer()) if precision == "int8" else None
+    scripted = PackedLlamaDecoder(model, precision, calibration)
+    plain = PackedLlamaDecoder(model, precision, calibration, script=False)
+    assert isinstance(scripted.body, torch.jit.ScriptModule)  # compiled here, not fallen back
+    assert isinstance(plain.body, packed_llama._Body) and not isinstance(plain.body, torch.jit.ScriptModule)
+    prompts, select = [[5, 9, 17, 33, 40, 41], [5, 9, 17, 8], [50, 51, 52]], torch.tensor([0, 1, 1, 2])
+    (got, got_state), (ref, ref_state) = (d.prefill(prompts, select, 8) for d in (scripted, plain))
+    for _ in range(8):
+        assert torch.equal(got, ref)
+        tokens = ref.argmax(-1)
+        got, ref = scripted.decode(got_state, tokens), plain.decode(ref_state, tokens)
+    assert torch.equal(got, ref)
+
+
+def test_layers_run_in_python_where_torchscript_cannot_compile_them(monkeypatch, caplog):
+    def refuse(module):
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr(torch.jit, "script", refuse)
+    model = tiny_llama()
+    with caplog.at_level("WARNING", logger="expandr_haystack.generation.packed_llama"):
+        decoder = PackedLlamaDecoder(model)
+    assert isinstance(decoder.body, packed_llama._Body)
+    assert "TorchScript could not compile" in caplog.text and "no TorchScript here" in caplog.text
+    with torch.inference_mode():
+        logits, _ = decoder.prefill([[5, 9, 17]], torch.tensor([0]), 2)
+        expected = model(torch.tensor([[5, 9, 17]])).logits[:, -1]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_same_seeds_give_the_same_text_on_both_decoders():
     model, tok = tiny_llama(seed=1), CharTokenizer()
     prompts = ["Q: what is lift", "Q: heat", "Q: what is lift", "Q: boundary layer flow", "no prefix"]
