@@ -191,7 +191,7 @@ class LLMQueryExpander:
             Serialized as a reference to the variable, never as its value.
         :param precision: Weight precision of the packed CPU decoder: "float32" (exact, the default), "int8"
             (per-channel int8 weights through FBGEMM on smoothed 8-bit inputs, the vocabulary head included, CPUs
-            with AVX512-VNNI only; 1.25-1.35x float32's tokens/s, expand nDCG@10 not measurably different:
+            with AVX512-VNNI only; 1.7x float32's tokens/s, expand nDCG@10 not measurably different:
             docs/benchmarks.md, "Expansion at int8"), "bfloat16" (CPUs with native bfloat16 only: AVX512-BF16 or
             AMX) or "auto" (int8 where the CPU has AVX512-VNNI, else float32; `packed_llama.resolve_precision`). Texts in any precision but
             float32 are cached apart (float32 keys are unchanged). Local packed decoder only.

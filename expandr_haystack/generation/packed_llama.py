@@ -14,7 +14,10 @@ comes from doing less, not from lower precision:
   ``transformers``' in float32), activations kept 2-D ([tokens, hidden]) between the layers;
 * grouped-query attention without ``repeat_kv``: at decode the query heads sharing a KV head are laid out as that
   head's query "positions", so one ``scaled_dot_product_attention`` call covers them;
-* a prompt shared by several rows (several samples of one query) is prefilled once and its KV copied.
+* a prompt shared by several rows (several samples of one query) is prefilled once and its KV copied;
+* the layers compiled by TorchScript (`script_body`): a decode step is ~2,000 small tensor ops, and the Python
+  between them was ~30% of it; compiled, the same ops run bit for bit without it (decode step 69 vs 82 ms in
+  float32, 38 vs 56 ms in int8, 16 rows, 2 cores). Where TorchScript cannot compile them they run in Python.
 
 Weight precision (``precision=``, issue 15). At batch 16 a decode step is memory-bound: it streams every weight once
 per token (~540 MB in float32 for SmolLM2-135M, the 113 MB vocabulary head included), so smaller weights are faster
@@ -39,22 +42,20 @@ weights:
     codes are its own, and the result is rescaled by the row's maximum;
   - **norms in the row scale**: RMSNorm multiplies a row by one factor, which leaves the row's codes unchanged, so
     a layer after a norm quantizes ``norm weight * x`` and multiplies its output's row scale by the norm's factor
-    (`rms_factor`); the residual add is fused with that rescaling (``addcmul``). A decode step is ~2,000 small
-    tensor ops whose Python and dispatch cost is a large part of it: this removes ~250 of them (6-9% of a step).
+    (`rms_factor`); the residual add is fused with that rescaling (``addcmul``): ~250 fewer ops a step.
 
   Measured on SmolLM2-135M-Instruct (AVX-512 VNNI, 2 cores): next-token KL 0.014 nats to float32 and the greedy
   token float32's 97% of the time (8 prompts x 24 teacher-forced steps; 0.017 before the norms moved into the row
   scales, 0.038 without smoothing, 0.004 for the two-level inputs this path used before, which made it slower than
-  float32); **1.31-1.35x** the float32 packed decoder's tokens/s (3.7-3.9x raw ``generate``); expand nDCG@10 on
-  Cranfield test 33.44 ± 0.86 vs float32's 32.55 ± 1.51 (3 seeds, p 0.32: no measurable loss). Text differs from
-  float32 text wherever a draw falls near a
-  boundary, so int8 texts are cached apart (`LocalSampler.engine`). Needs AVX512-VNNI: without it FBGEMM's
+  float32); **5.25x** raw ``generate``'s tokens/s, 1.72x the float32 packed decoder's; expand nDCG@10 on Cranfield
+  test 33.47 ± 1.90 vs float32's 32.55 ± 1.51 (3 seeds, +0.92, p 0.38: no measurable loss). Text differs from
+  float32 text wherever a draw falls near a boundary, so int8 texts are cached apart (`LocalSampler.engine`). Needs AVX512-VNNI: without it FBGEMM's
   inputs are 7-bit (KL 0.044), so int8 is refused there;
 * ``"bfloat16"``: weights and activations rounded to bfloat16 through oneDNN, only on CPUs with native bfloat16
   dot products (AVX512-BF16 or AMX, detected at run time; on AVX2/AVX-512 without them oneDNN emulates bfloat16
   and it is 3-5x slower than float32, so it is refused there);
 * ``"auto"``: `resolve_precision` - the fastest precision measured faster than float32 end to end on this kind of
-  CPU with retrieval quality unchanged: int8 on CPUs with AVX512-VNNI (1.31-1.35x float32's tokens/s), float32
+  CPU with retrieval quality unchanged: int8 on CPUs with AVX512-VNNI (1.72x float32's tokens/s), float32
   elsewhere.
 
 Usage (``LocalSampler`` picks it by itself for a float32 Llama model on CPU):
@@ -151,8 +152,8 @@ def bfloat16_unsupported_reason() -> str | None:
 def resolve_precision(precision: str) -> str:
     """
     The weight precision `precision` runs in on this machine. "auto" = the fastest precision whose exactness is
-    acceptable: "int8" where it runs (FBGEMM with AVX512-VNNI: measured 1.31-1.35x the packed float32 decoder's
-    tokens/s, 3.7-3.9x raw ``generate``, with expand nDCG@10 not measurably different over 3 seeds, +0.89 p 0.32;
+    acceptable: "int8" where it runs (FBGEMM with AVX512-VNNI: measured 1.72x the packed float32 decoder's
+    tokens/s, 5.25x raw ``generate``, with expand nDCG@10 not measurably different over 3 seeds, +0.92 p 0.38;
     docs/benchmarks.md "Expansion at int8"), else "float32" (bfloat16 is unmeasured where native). An explicit
     precision the machine cannot run is a ValueError naming the argument.
     """
