@@ -20,6 +20,7 @@ from expandr_haystack.generation.packed_llama import (
     int8_unsupported_reason,
     quantize_per_channel,
     resolve_precision,
+    rms_factor,
     smoothing_scales,
 )
 
@@ -74,6 +75,23 @@ def test_int8_linear_is_the_dequantized_weight_product_and_row_independent():
     assert not torch.allclose(out, x @ weight.t(), rtol=0, atol=1e-6)  # it does use int8 weights
     for r in range(len(x)):  # per-row scales and a fixed grid: a row's result does not depend on the others
         assert torch.equal(linear(x[r : r + 1])[0], out[r])
+
+
+@needs_int8
+def test_int8_layer_applies_scale_norm_and_residual_around_the_int8_product():
+    """``_Int8Linear(w, scale, eps)(x, residual)`` = residual + int8-product of ``scale * RMSNorm(x)``: the norm's
+    per-row factor moves from the input to the output's row scale (`rms_factor`), which leaves each row's 8-bit
+    codes as they are; so it equals the plain int8 layer on the normed input up to float rounding."""
+    torch.manual_seed(1)
+    weight, scale = torch.randn(48, 32), torch.rand(32) + 0.5
+    x, residual = torch.randn(5, 32) * torch.tensor([1.0, 20.0, 0.01, 3.0, 0.5])[:, None], torch.randn(5, 48)
+    eps = 1e-5
+    normed = scale * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    torch.testing.assert_close(rms_factor(x, torch.tensor(eps)), torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    fused = _Int8Linear(weight, scale, eps)(x, residual)
+    plain = _Int8Linear(weight)(normed)
+    torch.testing.assert_close(fused, residual + plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fused, residual + normed @ weight.t(), rtol=0, atol=1e-4)  # int8, not float32
 
 
 def test_row_input_layout():
@@ -168,8 +186,9 @@ def test_int8_greedy_tokens_agree_on_the_bundled_model():
     """The bundled SmolLM2-135M-Instruct, 8 prompts (4 queries, plain and in the expansion prompt), 24
     teacher-forced greedy steps: the int8 top token is float32's in >= 90% of the steps (measured 97.4% with VNNI's
     8-bit inputs; 96.9% before the norms moved into the row scales) and the mean KL(float32 || int8) of the
-    next-token distributions is below 0.025 nats (measured 0.014; 0.017 before; without the smoothing 0.038, with random-token calibration 0.022, with FBGEMM's 7-bit inputs for CPUs
-    without VNNI 0.044 (hence refused there): this is the test that catches a broken smoothing)."""
+    next-token distributions is below 0.025 nats (measured 0.014; 0.017 before; and, before too: without the
+    smoothing 0.038, with random-token calibration 0.022, with FBGEMM's 7-bit inputs for CPUs without VNNI 0.044
+    (hence refused there)): this is the test that catches a broken smoothing."""
     from expandr_haystack.core.text import EXPANSION_PROMPT
     from expandr_haystack.models import load_llm
 
