@@ -1,0 +1,321 @@
+"""
+Typed option groups: the settings a component passes on to what it loads, written once and shared by every
+component that loads the same thing.
+
+- `EncoderOptions`: how a sentence-transformers encoder is loaded and run (`ExpandRQueryEmbedder`, and through it
+  `ExpandRRetriever` and `RewardScorer`); the names and meanings of Haystack's `SentenceTransformersTextEmbedder`.
+- `SamplerOptions`: how a local LLM (or a chat generator) is loaded and called (`LLMQueryExpander`,
+  `generation.make_sampler`, the training rounds, `expandr pairs`, `expandr eval`).
+- `GenerationSettings`: what is sampled (temperature, top-p, length, batch size, base seed).
+
+Each group checks its values once, when it is made; the code below the components trusts them. Groups serialise
+as Haystack serialises a nested object (``{"type": ..., "init_parameters": {...}}``, loaded under the package's
+allow-list), and a component also accepts a plain dict for a group (``generation={"temperature": 0.7}``).
+
+Usage:
+```python
+from expandr_haystack import LLMQueryExpander, ExpandRQueryEmbedder
+from expandr_haystack.options import EncoderOptions, GenerationSettings, SamplerOptions
+
+embedder = ExpandRQueryEmbedder(model="intfloat/e5-small-v2", prefix="query: ",
+                                encoder=EncoderOptions(batch_size=64, truncate_dim=256))
+expander = LLMQueryExpander(generation=GenerationSettings(temperature=0.7), sampler=SamplerOptions(engine="packed"))
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from haystack.core.serialization import generate_qualified_class_name
+from haystack.utils import ComponentDevice, Secret, deserialize_secrets_inplace
+
+from expandr_haystack.checks import check_choice, check_int, check_number
+
+#: Encoder runtimes (sentence-transformers' `backend`, as Haystack's embedders name it).
+ENCODER_BACKENDS = ("torch", "onnx", "openvino")
+#: Local generation engines (`SamplerOptions.engine`; `expandr eval --engine`, `llm_engine` in configs).
+ENGINES = ("auto", "packed", "transformers", "vllm")
+#: Weight precisions of the packed CPU decoder (`SamplerOptions.weight_precision`).
+WEIGHT_PRECISIONS = ("auto", "float32", "int8", "bfloat16")
+#: Model dtypes of the transformers / vLLM engines (`SamplerOptions.dtype`).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def default_token() -> Secret:
+    """Hugging Face's environment variables, as Haystack's components default `token` (None when neither is set)."""
+    return Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False)
+
+
+def _check_kwargs(value: Any, argument: str) -> dict[str, Any] | None:
+    if value is not None and not (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
+        raise TypeError(f"`{argument}` must be a dict with string keys or None; got {value!r:.120}.")
+    return None if value is None else dict(value)
+
+
+def _check_token(token: Any, argument: str = "token") -> None:
+    if token is not None and not isinstance(token, Secret):
+        raise TypeError(f"`{argument}` must be a haystack.utils.Secret (e.g. Secret.from_env_var('HF_TOKEN')) or "
+                        f"None; got {type(token).__name__}.")
+
+
+def _serialized_model_kwargs(model_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A JSON-friendly copy of `model_kwargs` (torch dtypes as "torch.bfloat16", as Haystack's HF components)."""
+    if model_kwargs is None:
+        return None
+    from haystack.utils.hf import serialize_hf_model_kwargs
+
+    out = copy.deepcopy(model_kwargs)
+    serialize_hf_model_kwargs(out)
+    return out
+
+
+class _Options:
+    """Serialisation shared by the option groups (Haystack's nested-object layout)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (Secret, ComponentDevice)):
+                value = value.to_dict()
+            elif f.name == "model_kwargs":
+                value = _serialized_model_kwargs(value)
+            params[f.name] = copy.deepcopy(value)
+        return {"type": generate_qualified_class_name(type(self)), "init_parameters": params}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        params = copy.deepcopy(data.get("init_parameters", data))
+        return cls.coerce(params, cls.__name__)
+
+    @classmethod
+    def coerce(cls, value: Any, argument: str) -> Any:
+        """`value` as this group: None = the defaults; a group as is; a dict (plain, or as `to_dict` writes it) of
+        its fields. Unknown keys are refused, naming `argument` and the valid keys."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"`{argument}` must be a {cls.__name__}, a dict of its fields or None; got "
+                            f"{type(value).__name__}.")
+        if set(value) <= {"type", "init_parameters"} and "init_parameters" in value:
+            value = value["init_parameters"]
+        params = copy.deepcopy(value)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ValueError(f"`{argument}`: unknown key(s) {unknown}; valid: {sorted(names)}.")
+        if isinstance(params.get("token"), dict):
+            deserialize_secrets_inplace(params, keys=["token"])
+        if isinstance(params.get("device"), dict):
+            params["device"] = ComponentDevice.from_dict(params["device"])
+        if params.get("model_kwargs"):
+            from haystack.utils.hf import deserialize_hf_model_kwargs
+
+            deserialize_hf_model_kwargs(params["model_kwargs"])
+        return cls(**params)
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with `changes` (checked like the constructor)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class EncoderOptions(_Options):
+    """
+    How a sentence-transformers encoder is loaded and run; the names and meanings of Haystack's
+    `SentenceTransformersTextEmbedder` (the text-side settings, `prefix`/`suffix`, stay on each component: a query
+    and a document take different ones).
+
+    :param batch_size: Texts encoded together.
+    :param progress_bar: Show a progress bar when encoding many texts.
+    :param token: Hugging Face token for gated or private models (default: `HF_API_TOKEN` or `HF_TOKEN` when set);
+        serialised as the variable names, never the value.
+    :param trust_remote_code: Allow models with custom code.
+    :param revision: Branch, tag or commit of a hub model.
+    :param local_files_only: Never download; use the local Hugging Face cache only.
+    :param truncate_dim: Truncate embeddings to this dimension (Matryoshka models); None = no truncation.
+    :param model_kwargs: Keyword arguments for the model's `from_pretrained`.
+    :param tokenizer_kwargs: Keyword arguments for the tokenizer (`model_max_length` also sets `max_seq_length`).
+    :param config_kwargs: Keyword arguments for `AutoConfig.from_pretrained`.
+    :param encode_kwargs: Extra keyword arguments for `SentenceTransformer.encode` (e.g. `prompt_name`, `task`);
+        the ones the components set themselves (batch size, normalisation, precision, ...) are refused.
+    :param backend: The encoder runtime: "torch", "onnx" or "openvino" (the last two need `optimum`).
+    """
+
+    batch_size: int = 32
+    progress_bar: bool = False
+    token: Secret | None = field(default_factory=default_token)
+    trust_remote_code: bool = False
+    revision: str | None = None
+    local_files_only: bool = False
+    truncate_dim: int | None = None
+    model_kwargs: dict[str, Any] | None = None
+    tokenizer_kwargs: dict[str, Any] | None = None
+    config_kwargs: dict[str, Any] | None = None
+    encode_kwargs: dict[str, Any] | None = None
+    backend: Literal["torch", "onnx", "openvino"] = "torch"
+
+    #: `SentenceTransformer.encode` arguments the components set themselves, with the setting to use instead.
+    OWN_ENCODE_ARGUMENTS = {
+        "batch_size": "batch_size", "show_progress_bar": "progress_bar", "normalize_embeddings":
+        "normalize_embeddings", "precision": "precision", "convert_to_numpy": "-", "convert_to_tensor": "-",
+        "output_value": "-", "device": "device"}
+
+    def __post_init__(self) -> None:
+        check_int(self.batch_size, "batch_size")
+        _check_token(self.token)
+        if self.truncate_dim is not None:
+            check_int(self.truncate_dim, "truncate_dim")
+        for name in ("model_kwargs", "tokenizer_kwargs", "config_kwargs", "encode_kwargs"):
+            object.__setattr__(self, name, _check_kwargs(getattr(self, name), name))
+        check_choice(self.backend, "backend", ENCODER_BACKENDS)
+        clash = sorted(set(self.encode_kwargs or {}) & set(self.OWN_ENCODE_ARGUMENTS))
+        if clash:
+            raise ValueError(f"`encode_kwargs` may not set {clash}: use the component's own settings "
+                             f"({', '.join(self.OWN_ENCODE_ARGUMENTS[k] for k in clash)}).")
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `expandr_haystack.models.load_encoder`."""
+        return {name: getattr(self, name) for name in ("token", "trust_remote_code", "revision", "local_files_only",
+                                                        "truncate_dim", "model_kwargs", "tokenizer_kwargs",
+                                                        "config_kwargs", "backend")}
+
+
+@dataclass(frozen=True)
+class SamplerOptions(_Options):
+    """
+    How the expander's LLM is loaded and called (`generation.make_sampler`).
+
+    :param engine: Local generation engine: "auto" (the packed CPU decoder for Llama-architecture models on CPU,
+        else transformers), "packed" (fail if the model does not allow it), "transformers", or "vllm" (GPU,
+        in-process vLLM with the LoRA adapter per request; needs the `vllm` extra). Unused with a chat generator.
+    :param device: Device for the local model (None = best available, resolved at `warm_up`).
+    :param dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16".
+    :param weight_precision: Weight precision of the packed CPU decoder: "float32" (exact, the default), "int8"
+        (per-channel int8 weights through FBGEMM on smoothed 8-bit inputs, CPUs with AVX512-VNNI only),
+        "bfloat16" (CPUs with native bfloat16 only) or "auto" (int8 where the CPU has AVX512-VNNI, else float32).
+        Texts in any precision but float32 are cached apart. Packed decoder only.
+    :param max_prompt_tokens: Longer queries (and documents) are truncated, with a warning, so the prompt fits.
+    :param model_kwargs: Keyword arguments for `AutoModelForCausalLM.from_pretrained` (transformers engines), e.g.
+        ``{"device_map": "auto"}`` or a quantization config; part of the cache key when given.
+    :param token: Hugging Face token for gated models; serialised as the variable names, never the value.
+    :param max_retries: Retries for empty generations (new seed) and failing remote calls (with backoff).
+    :param retry_backoff: First wait in seconds between remote retries; doubles each time.
+    :param max_concurrency: Remote calls in flight at once.
+    """
+
+    engine: str = "auto"
+    device: ComponentDevice | None = None
+    dtype: str = "auto"
+    weight_precision: str = "float32"
+    max_prompt_tokens: int = 1024
+    model_kwargs: dict[str, Any] | None = None
+    token: Secret | None = field(default_factory=default_token)
+    max_retries: int = 2
+    retry_backoff: float = 1.0
+    max_concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        check_choice(self.engine, "engine", ENGINES)
+        if self.device is not None and not isinstance(self.device, ComponentDevice):
+            raise TypeError(f"`device` must be a haystack ComponentDevice or None; got {type(self.device).__name__}.")
+        check_choice(self.dtype, "dtype", DTYPES)
+        check_choice(self.weight_precision, "weight_precision", WEIGHT_PRECISIONS)
+        if self.weight_precision not in ("float32", "auto") and self.engine in ("vllm", "transformers"):
+            raise ValueError(f"`weight_precision`={self.weight_precision!r} is the packed CPU decoder's; it does not "
+                             "apply with `engine` 'transformers'/'vllm' (use `dtype` there).")
+        check_int(self.max_prompt_tokens, "max_prompt_tokens")
+        object.__setattr__(self, "model_kwargs", _check_kwargs(self.model_kwargs, "model_kwargs"))
+        if self.model_kwargs and self.engine == "vllm":
+            raise ValueError("`model_kwargs` go to transformers' from_pretrained; `engine='vllm'` does not take them.")
+        _check_token(self.token)
+        check_int(self.max_retries, "max_retries", minimum=0)
+        check_number(self.retry_backoff, "retry_backoff", 0.0)
+        check_int(self.max_concurrency, "max_concurrency")
+
+
+@dataclass(frozen=True)
+class GenerationSettings(_Options):
+    """
+    What the expander samples.
+
+    :param temperature: Sampling temperature (>= 0; 0 = greedy).
+    :param top_p: Nucleus sampling mass, in (0, 1].
+    :param max_new_tokens: Length limit of an expansion. The paper uses 512; the default 96 keeps CPU runs fast and
+        covers the short passages a retriever's 256-token window reads anyway.
+    :param batch_size: Rows generated together by a local model.
+    :param seed: Base seed; each row's seed derives from it, the query and the sample index.
+    :param progress_bar: Show a progress bar while generating.
+    :param generation_kwargs: Further settings passed through to a chat generator's `generation_kwargs` (e.g.
+        ``{"presence_penalty": 0.5}``); refused with a local model, whose engines take only the ones above.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    seed: int = 42
+    progress_bar: bool = False
+    generation_kwargs: dict[str, Any] | None = None
+
+    #: `generation_kwargs` keys that are fields of this group (Haystack generators take them in that dict).
+    OWN_KEYS = ("max_new_tokens", "temperature", "top_p")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temperature", check_number(self.temperature, "temperature", 0.0))
+        object.__setattr__(self, "top_p", check_number(self.top_p, "top_p", 0.0, 1.0, low_open=True))
+        check_int(self.max_new_tokens, "max_new_tokens")
+        check_int(self.batch_size, "batch_size")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"`seed` must be an integer; got {self.seed!r}.")
+        extra = _check_kwargs(self.generation_kwargs, "generation_kwargs")
+        own = sorted(set(extra or {}) & set(self.OWN_KEYS))
+        if own:
+            raise ValueError(f"`generation_kwargs` may not set {own}: they are fields of GenerationSettings.")
+        object.__setattr__(self, "generation_kwargs", extra or None)
+
+    @classmethod
+    def from_generation_kwargs(cls, generation_kwargs: dict[str, Any] | None, **settings: Any) -> GenerationSettings:
+        """Settings from Haystack-style `generation_kwargs` (its `max_new_tokens`, `temperature`, `top_p` win over
+        `settings`; the other keys stay pass-through)."""
+        kwargs = _check_kwargs(generation_kwargs, "generation_kwargs") or {}
+        own = {k: kwargs.pop(k) for k in cls.OWN_KEYS if k in kwargs}
+        return cls(**(settings | own), generation_kwargs=kwargs or None)
+
+
+def fold_legacy(params: dict[str, Any], group: str, cls: type, owner: str,
+                renamed: dict[str, str] | None = None) -> dict[str, Any]:
+    """
+    Fold the flat keys of an older serialised component into its option group `group` (a copy of `params`).
+
+    A key that is a field of `cls` moves into the group; a key of `renamed` (old name -> new field name) moves under
+    its new name with a `DeprecationWarning` naming both. Keys already in the group win over flat ones.
+    """
+    renamed = renamed or {}
+    names = {f.name for f in fields(cls)}
+    moved = {k: params[k] for k in list(params) if k in names or k in renamed}
+    if not moved:
+        return params
+    out = {k: v for k, v in params.items() if k not in moved}
+    old = [k for k in moved if k in renamed]
+    if old:
+        warnings.warn(f"{owner}: {', '.join(f'`{k}` is now `{group}.{renamed[k]}`' for k in old)}; the old name "
+                      "is read from files saved by earlier versions and will be removed. Save the pipeline again to "
+                      "update it.", DeprecationWarning, stacklevel=3)
+    given = out.get(group)
+    given = {} if given is None else dict(given.get("init_parameters", given)) if isinstance(given, dict) else given
+    if not isinstance(given, dict):  # a ready group object: flat keys would be ignored silently otherwise
+        raise ValueError(f"{owner}: both `{group}` and its flat keys {sorted(moved)} are set; keep one.")
+    out[group] = {renamed.get(k, k): v for k, v in moved.items()} | given
+    return out
+
+
+__all__ = ["DTYPES", "ENCODER_BACKENDS", "ENGINES", "WEIGHT_PRECISIONS", "EncoderOptions", "GenerationSettings",
+           "SamplerOptions", "default_token", "fold_legacy"]
