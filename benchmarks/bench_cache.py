@@ -30,6 +30,7 @@ from _common import machine, verdict
 
 from expandr_haystack import LLMQueryExpander
 from expandr_haystack.evaluation.data import bundled_path, load_collection
+from expandr_haystack.options import GenerationSettings
 
 GOAL_MS = 1.0
 
@@ -44,7 +45,7 @@ def main() -> None:
     queries = list(load_collection(bundled_path("cranfield"), "test", max_queries=args.queries).queries.values())
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cache.sqlite"
-        expander = LLMQueryExpander(max_new_tokens=8, cache=str(path))
+        expander = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=8), cache=str(path))
         started = time.perf_counter()
         expander.expand(queries)
         print(f"filled the cache: {len(queries)} queries in {time.perf_counter() - started:.1f} s "
@@ -66,7 +67,7 @@ def main() -> None:
         stats = expander.cache_stats
         assert stats["misses"] == len(queries), stats  # every timed lookup was a hit
 
-        keys = [r.key for r in expander._plan(queries, None, None, None)]
+        keys = [r.key for r in expander._plan(queries, None, None, None, None)]
         conn = sqlite3.connect(str(path))
         conn.execute("SELECT text FROM expansions WHERE key = ?", (keys[0],)).fetchone()
         started = time.perf_counter()

@@ -52,7 +52,7 @@ from _common import machine
 
 from expandr_haystack.evaluation.data import bundled_path, load_collection
 from expandr_haystack.evaluation.metrics import evaluate_run
-from expandr_haystack.generation.packed_llama import cpu_flags
+from expandr_haystack.generation.quantize import cpu_flags
 from expandr_haystack.models import load_encoder
 
 GOAL = 2.0

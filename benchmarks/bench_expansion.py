@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from expandr_haystack.generation.packed_llama import cpu_flags, resolve_precision
+    from expandr_haystack.generation.quantize import cpu_flags, resolve_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
 def precisions_here(names: str) -> list[str]:
     """The precisions of `names` (comma-separated) this machine runs; the others are reported and left out."""
-    from expandr_haystack.generation.packed_llama import resolve_precision
+    from expandr_haystack.generation.quantize import resolve_precision
 
     kept = []
     for name in filter(None, (n.strip() for n in names.split(","))):
@@ -106,6 +106,7 @@ def throughput(args) -> None:
     from expandr_haystack.evaluation.data import bundled_path, load_collection
     from expandr_haystack.generation.local import LocalSampler
     from expandr_haystack.models import load_llm
+    from expandr_haystack.options import GenerationSettings
 
     model, tokenizer = load_llm(None, None, "cpu", "float32")
     queries = list(load_collection(bundled_path("cranfield"), split="train").queries.values())[: args.queries]
@@ -133,9 +134,9 @@ def throughput(args) -> None:
         return tokens
 
     precisions = precisions_here(args.precisions)
-    samplers = {name: LocalSampler(model, tokenizer, backend=name) for name in ("transformers", "packed")}
+    samplers = {name: LocalSampler(model, tokenizer, engine=name) for name in ("transformers", "packed")}
     for precision in precisions:
-        samplers[f"packed-{precision}"] = LocalSampler(model, tokenizer, precision=precision)
+        samplers[f"packed-{precision}"] = LocalSampler(model, tokenizer, weight_precision=precision)
     texts: dict[str, list[str]] = {}
 
     def sampler_run(name: str, seed: int) -> int:
@@ -145,16 +146,17 @@ def throughput(args) -> None:
                                      temperatures=[1.0] * len(prompts), top_p=0.9, max_new_tokens=new, batch_size=bs)
         return sampler.tokens_generated - before
 
-    expanders = [LLMQueryExpander(max_new_tokens=new, batch_size=bs, temperature=1.0, top_p=0.9)]
+    expanders = [LLMQueryExpander(generation=GenerationSettings(max_new_tokens=new, batch_size=bs, temperature=1.0,
+                                                                top_p=0.9))]
     if precisions:  # the fastest non-float32 precision is the one to report at the expander level
-        expanders.append(expanders[0].with_settings(precision=precisions[0]))
+        expanders.append(expanders[0].with_settings(weight_precision=precisions[0]))
     for expander in expanders:
         expander.warm_up()
 
     def expander_run(expander, seed: int) -> int:
         sampler = expander._sampler
         before = sampler.tokens_generated
-        expander.seed = seed  # a fresh seed each repeat: no cache, every row generated
+        expander.generation = expander.generation.replace(seed=seed)  # a fresh seed each repeat: every row generated
         expander.expand(queries)
         return sampler.tokens_generated - before
 
@@ -223,6 +225,7 @@ def quality(args) -> None:
     from expandr_haystack.evaluation.indexing import build_document_store
     from expandr_haystack.evaluation.runner import evaluate
     from expandr_haystack.evaluation.stats import average_per_query, paired_randomization_test
+    from expandr_haystack.options import GenerationSettings, SamplerOptions
 
     collection = load_collection(bundled_path("cranfield"), split="test")
     if args.quality_queries:
@@ -240,8 +243,9 @@ def quality(args) -> None:
             for path in paths:
                 backend, _, precision = path.partition("-")
                 started = time.perf_counter()
-                e = LLMQueryExpander(max_new_tokens=args.quality_tokens, batch_size=args.batch_size, seed=seed,
-                                     backend=backend, precision=precision or "float32",
+                e = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=args.quality_tokens,
+                                                                   batch_size=args.batch_size, seed=seed),
+                                     sampler=SamplerOptions(engine=backend, weight_precision=precision or "float32"),
                                      cache=str(Path(tmp) / f"{path}-{seed}.sqlite"))
                 result = evaluate(collection, ["expand"], expander=e, store=store, progress_bar=False)
                 scores[path].append(100 * result["expand"]["ndcg@10"])

@@ -76,6 +76,7 @@ def main() -> None:
     from expandr_haystack import ExpandRRetriever, LLMQueryExpander
     from expandr_haystack.evaluation.data import bundled_path, load_collection
     from expandr_haystack.evaluation.indexing import build_document_store
+    from expandr_haystack.options import GenerationSettings
 
     print(f"machine: {machine()}")
     cache = args.cache or str(Path(tempfile.mkdtemp(prefix="bench-load-")) / "expansions.sqlite")
@@ -84,7 +85,7 @@ def main() -> None:
     print(f"store: {store.count_documents()} documents embedded in {time.perf_counter() - started:.0f} s")
 
     queries = make_queries(args.queries)
-    expander = LLMQueryExpander(max_new_tokens=args.max_new_tokens, cache=cache)
+    expander = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=args.max_new_tokens), cache=cache)
     p = Pipeline()
     p.add_component("expander", expander)
     p.add_component("retriever", ExpandRRetriever(document_store=store, top_k=10))

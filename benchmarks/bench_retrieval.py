@@ -40,9 +40,10 @@ from _common import interleaved, machine, median, summary, verdict
 from haystack import Document
 from haystack.document_stores.in_memory import InMemoryDocumentStore
 
-from expandr_haystack import ExpandRRetriever
+from expandr_haystack import ExpandRQueryEmbedder, ExpandRRetriever
 from expandr_haystack.evaluation.data import bundled_path, load_collection
 from expandr_haystack.models import load_encoder, resolve_device
+from expandr_haystack.options import EncoderOptions
 
 GOAL = 1.15
 GOAL_OVERHEAD_MS = 1.0
@@ -76,7 +77,8 @@ def main() -> None:
     store = InMemoryDocumentStore(embedding_similarity_function="cosine")
     store.write_documents([Document(id=i, content=d["text"], meta={"title": d["title"]}, embedding=v.tolist())
                            for (i, d), v in zip(corpus.items(), doc_vectors)])
-    retriever = ExpandRRetriever(document_store=store, top_k=args.top_k, batch_size=args.batch_size)
+    embedder = ExpandRQueryEmbedder(encoder=EncoderOptions(batch_size=args.batch_size))
+    retriever = ExpandRRetriever(document_store=store, top_k=args.top_k, query_embedder=embedder)
     retriever.warm_up()
     retriever.refresh_index()  # built once, as in a serving process
 

@@ -44,12 +44,13 @@ def main(argv=None) -> int:
     from expandr_haystack import LLMQueryExpander
     from expandr_haystack.evaluation.data import load_collection
     from expandr_haystack.evaluation.protocol import evaluate_seeds, select_settings
+    from expandr_haystack.options import GenerationSettings
 
     started = time.time()
     print(machine(), flush=True)
     cache = args.cache or (str(Path(args.out).with_suffix(".sqlite")) if args.out else None)
-    expander = LLMQueryExpander(n_expansions=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                batch_size=32, cache=cache)
+    expander = LLMQueryExpander(n_expansions=args.n, cache=cache, generation=GenerationSettings(
+        temperature=args.temperature, max_new_tokens=args.max_new_tokens, batch_size=32))
     methods = [m for m in args.methods.split(",") if m]
     _, validation = load_collection(args.data, args.train_split).split_validation(args.validation_size, seed=0)
     settings = select_settings(validation, methods, expander=expander)

@@ -165,6 +165,7 @@ def check(device: str, llm: str | None, encoder: str | None, dtypes: list[str], 
 
     from expandr_haystack import ExpandRQueryEmbedder, ExpandRRetriever, LLMQueryExpander, RewardScorer
     from expandr_haystack.evaluation.indexing import build_document_store
+    from expandr_haystack.options import GenerationSettings, SamplerOptions
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {device} but torch {torch.__version__} sees no CUDA GPU", file=sys.stderr)
@@ -176,9 +177,10 @@ def check(device: str, llm: str | None, encoder: str | None, dtypes: list[str], 
     cache = str(work / "cache.sqlite")
 
     def expander(dtype: str, **kw) -> LLMQueryExpander:
-        settings = {"model": llm, "backend": "transformers", "dtype": dtype, "device": cdev, "n_expansions": 2,
-                    "max_new_tokens": max_new_tokens, "batch_size": 8, "seed": 7, "progress_bar": False,
-                    "max_retries": 0}
+        settings = {"model": llm, "n_expansions": 2,
+                    "generation": GenerationSettings(max_new_tokens=max_new_tokens, batch_size=8, seed=7,
+                                                     progress_bar=False),
+                    "sampler": SamplerOptions(engine="transformers", dtype=dtype, device=cdev, max_retries=0)}
         return LLMQueryExpander(**(settings | kw))
 
     for dtype in dtypes:
@@ -212,7 +214,7 @@ def check(device: str, llm: str | None, encoder: str | None, dtypes: list[str], 
             e.expand(QUERIES[:1])
             hits[dtype] = e.cache_stats["hits"] - before["hits"]
         # each dtype's own rows were cached above; a row of another dtype must never be served (keys differ)
-        keys = {d: {r.key for r in expander(d)._plan(QUERIES, None, None, None)} for d in dtypes}
+        keys = {d: {r.key for r in expander(d)._plan(QUERIES, None, None, None, None)} for d in dtypes}
         overlap = [(a, b) for a in dtypes for b in dtypes if a < b and keys[a] & keys[b]]
         _expect(not overlap, f"cache keys shared between dtypes {overlap}")
         return {"hits_per_dtype": hits, "identities": [_identity(expander(d)) for d in dtypes]}

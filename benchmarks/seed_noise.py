@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     from expandr_haystack.evaluation.data import bundled_path, load_collection
     from expandr_haystack.evaluation.indexing import build_document_store
     from expandr_haystack.evaluation.runner import evaluate
+    from expandr_haystack.options import GenerationSettings
 
     print(machine())
     collection = load_collection(bundled_path("cranfield"), split="test")
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
     scores = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in [int(s) for s in args.seeds.split(",")]:
-            expander = LLMQueryExpander(seed=seed, max_new_tokens=args.max_new_tokens, batch_size=32,
+            expander = LLMQueryExpander(generation=GenerationSettings(seed=seed, max_new_tokens=args.max_new_tokens,
+                                                                      batch_size=32),
                                         cache=str(Path(tmp) / "c.sqlite"))
             result = evaluate(collection, ["expand"], expander=expander, store=store, progress_bar=False)
             scores.append(100 * result["expand"]["ndcg@10"])

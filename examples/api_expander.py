@@ -20,6 +20,7 @@ from haystack.utils import Secret
 from expandr_haystack import ExpandRRetriever, LLMQueryExpander
 from expandr_haystack.evaluation.data import bundled_path, load_collection
 from expandr_haystack.evaluation.indexing import build_document_store
+from expandr_haystack.options import SamplerOptions
 
 
 def main() -> None:
@@ -32,7 +33,8 @@ def main() -> None:
     generator = OpenAIChatGenerator(api_key=Secret.from_env_var("OPENAI_API_KEY"), model=args.model,
                                     api_base_url=args.api_base_url, generation_kwargs={"max_completion_tokens": 256})
     expander = LLMQueryExpander(chat_generator=generator, n_expansions=2, cache="api_expansions.sqlite",
-                                max_concurrency=8, max_retries=3, retry_backoff=1.0, on_failure="skip")
+                                sampler=SamplerOptions(max_concurrency=8, max_retries=3, retry_backoff=1.0),
+                                on_failure="skip")
     store = build_document_store(load_collection(bundled_path("cranfield"), "test").documents()[:300])
     p = Pipeline()
     p.add_component("expander", expander)

@@ -25,16 +25,18 @@ import expandr_haystack  # noqa: F401 - adds our module to Haystack's deserializ
 from expandr_haystack import ANSWER_PROMPT, LLMQueryExpander, RewardScorer
 from expandr_haystack.core.text import document_text
 from expandr_haystack.evaluation.data import bundled_path, load_collection
+from expandr_haystack.options import GenerationSettings
 
 
 def build_pipeline(n_candidates: int = 4, max_new_tokens: int = 64, threshold: float = 0.6,
                    cache: str | None = None) -> Pipeline:
     """expander -> answerer -> scorer, wired as in the diagram above."""
     p = Pipeline()
-    p.add_component("expander", LLMQueryExpander(n_expansions=n_candidates, temperature=1.0,
-                                                 max_new_tokens=max_new_tokens, cache=cache))
-    p.add_component("answerer", LLMQueryExpander(prompt=ANSWER_PROMPT, n_expansions=1, temperature=0.0,
-                                                 max_new_tokens=max_new_tokens, cache=cache))
+    p.add_component("expander", LLMQueryExpander(n_expansions=n_candidates, cache=cache, generation=GenerationSettings(
+        temperature=1.0, max_new_tokens=max_new_tokens)))
+    p.add_component("answerer", LLMQueryExpander(prompt=ANSWER_PROMPT, n_expansions=1, cache=cache,
+                                                 generation=GenerationSettings(temperature=0.0,
+                                                                               max_new_tokens=max_new_tokens)))
     p.add_component("scorer", RewardScorer(threshold=threshold))
     p.connect("expander.query", "answerer.query")
     p.connect("expander.query", "scorer.query")

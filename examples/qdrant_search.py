@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     search = Pipeline.loads(text)
     retriever, expander = search.get_component("retriever"), search.get_component("expander")
     if args.fusion:
-        retriever.fusion = args.fusion
+        retriever.fusion = retriever.fusion.replace(method=args.fusion)
     if args.max_new_tokens:
-        expander.max_new_tokens = args.max_new_tokens
+        expander.generation = expander.generation.replace(max_new_tokens=args.max_new_tokens)
     try:
         result = search.run({"expander": {"query": args.query}}, include_outputs_from={"expander"})
     finally:

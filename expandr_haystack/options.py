@@ -7,6 +7,7 @@ component that loads the same thing.
 - `SamplerOptions`: how a local LLM (or a chat generator) is loaded and called (`LLMQueryExpander`,
   `generation.make_sampler`, the training rounds, `expandr pairs`, `expandr eval`).
 - `GenerationSettings`: what is sampled (temperature, top-p, length, batch size, base seed).
+- `FusionSettings`: how `ExpandRRetriever` turns a query and its expansions into one ranking (mean / RRF, PRF).
 
 Each group checks its values once, when it is made; the code below the components trusts them. Groups serialise
 as Haystack serialises a nested object (``{"type": ..., "init_parameters": {...}}``, loaded under the package's
@@ -29,7 +30,7 @@ import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from haystack.core.serialization import generate_qualified_class_name
 from haystack.utils import ComponentDevice, Secret, deserialize_secrets_inplace
@@ -163,7 +164,7 @@ class EncoderOptions(_Options):
     backend: Literal["torch", "onnx", "openvino"] = "torch"
 
     #: `SentenceTransformer.encode` arguments the components set themselves, with the setting to use instead.
-    OWN_ENCODE_ARGUMENTS = {
+    OWN_ENCODE_ARGUMENTS: ClassVar[dict[str, str]] = {
         "batch_size": "batch_size", "show_progress_bar": "progress_bar", "normalize_embeddings":
         "normalize_embeddings", "precision": "precision", "convert_to_numpy": "-", "convert_to_tensor": "-",
         "output_value": "-", "device": "device"}
@@ -266,7 +267,7 @@ class GenerationSettings(_Options):
     generation_kwargs: dict[str, Any] | None = None
 
     #: `generation_kwargs` keys that are fields of this group (Haystack generators take them in that dict).
-    OWN_KEYS = ("max_new_tokens", "temperature", "top_p")
+    OWN_KEYS: ClassVar[tuple[str, ...]] = ("max_new_tokens", "temperature", "top_p")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "temperature", check_number(self.temperature, "temperature", 0.0))
@@ -274,7 +275,7 @@ class GenerationSettings(_Options):
         check_int(self.max_new_tokens, "max_new_tokens")
         check_int(self.batch_size, "batch_size")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"`seed` must be an integer; got {self.seed!r}.")
+            raise TypeError(f"`seed` must be an integer; got {self.seed!r}.")
         extra = _check_kwargs(self.generation_kwargs, "generation_kwargs")
         own = sorted(set(extra or {}) & set(self.OWN_KEYS))
         if own:
@@ -288,6 +289,46 @@ class GenerationSettings(_Options):
         kwargs = _check_kwargs(generation_kwargs, "generation_kwargs") or {}
         own = {k: kwargs.pop(k) for k in cls.OWN_KEYS if k in kwargs}
         return cls(**(settings | own), generation_kwargs=kwargs or None)
+
+
+#: How `ExpandRRetriever` combines a query with its expansions (`FusionSettings.method`).
+FUSIONS = ("mean", "rrf")
+
+
+@dataclass(frozen=True)
+class FusionSettings(_Options):
+    """
+    How a query and its expansions become one ranking (`ExpandRRetriever`; the math is `core.fusion`).
+
+    :param method: "mean" (the ExpandR fused vector w·q̂ + (1-w)·mean(ê)) or "rrf" (reciprocal-rank fusion of one
+        search per query and expansion vector).
+    :param query_weight: w, the query's weight in the fused vector (mean), in [0, 1] (0.5 = the paper's mean).
+    :param rrf_k: The k constant of reciprocal-rank fusion.
+    :param rrf_depth: Hits taken from each search before RRF.
+    :param feedback_k: Rocchio pseudo-relevance feedback (mean): 0 = off; k > 0 searches once, then again with
+        v' = f·v̂ + (1-f)·mean(top-k document vectors), f = `feedback_weight`.
+    :param feedback_weight: f above, in [0, 1].
+    """
+
+    method: str = "mean"
+    query_weight: float = 0.5
+    rrf_k: int = 60
+    rrf_depth: int = 100
+    feedback_k: int = 0
+    feedback_weight: float = 0.7
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, "method", FUSIONS)
+        object.__setattr__(self, "query_weight", check_number(self.query_weight, "query_weight", 0.0, 1.0))
+        check_int(self.rrf_k, "rrf_k")
+        check_int(self.rrf_depth, "rrf_depth")
+        check_int(self.feedback_k, "feedback_k", minimum=0)
+        object.__setattr__(self, "feedback_weight", check_number(self.feedback_weight, "feedback_weight", 0.0, 1.0))
+
+    @classmethod
+    def coerce(cls, value: Any, argument: str) -> FusionSettings:
+        """As `_Options.coerce`, and a method name alone ("mean" / "rrf") stands for the defaults with it."""
+        return cls(method=value) if isinstance(value, str) else super().coerce(value, argument)
 
 
 def fold_legacy(params: dict[str, Any], group: str, cls: type, owner: str,
@@ -312,10 +353,10 @@ def fold_legacy(params: dict[str, Any], group: str, cls: type, owner: str,
     given = out.get(group)
     given = {} if given is None else dict(given.get("init_parameters", given)) if isinstance(given, dict) else given
     if not isinstance(given, dict):  # a ready group object: flat keys would be ignored silently otherwise
-        raise ValueError(f"{owner}: both `{group}` and its flat keys {sorted(moved)} are set; keep one.")
+        raise TypeError(f"{owner}: both `{group}` and its flat keys {sorted(moved)} are set; keep one.")
     out[group] = {renamed.get(k, k): v for k, v in moved.items()} | given
     return out
 
 
-__all__ = ["DTYPES", "ENCODER_BACKENDS", "ENGINES", "WEIGHT_PRECISIONS", "EncoderOptions", "GenerationSettings",
-           "SamplerOptions", "default_token", "fold_legacy"]
+__all__ = ["DTYPES", "ENCODER_BACKENDS", "ENGINES", "FUSIONS", "WEIGHT_PRECISIONS", "EncoderOptions", "FusionSettings",
+           "GenerationSettings", "SamplerOptions", "default_token", "fold_legacy"]

@@ -27,6 +27,7 @@ from haystack.utils import Secret
 
 from expandr_haystack import ExpandRQueryEmbedder, ExpandRRetriever, LLMQueryExpander
 from expandr_haystack.cache import ExpansionCache
+from expandr_haystack.options import GenerationSettings, SamplerOptions
 
 ROOT = Path(__file__).parents[1]
 QUERIES = ["what is the lift of a wing in a propeller slipstream .",
@@ -185,7 +186,7 @@ def test_adapter_for_another_base_model_is_a_clear_error(tmp_path):
         load_llm(None, str(bigger), "cpu", "float32")
     # through the component: the same message at warm_up
     with pytest.raises(ValueError, match="`adapter`"):
-        LLMQueryExpander(adapter=str(bigger), max_new_tokens=4).warm_up()
+        LLMQueryExpander(adapter=str(bigger), generation=GenerationSettings(max_new_tokens=4)).warm_up()
 
 
 # -- cache faults --------------------------------------------------------------------------------------------------
@@ -277,7 +278,8 @@ def test_read_only_cache_file_names_the_file_on_write(tmp_path):
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_remote_fault_is_retried_with_exponential_backoff(api_key, sleeps, tmp_path, fault, mode):
     gen = FakeChatGenerator([fault, fault, "ok"])
-    exp = LLMQueryExpander(chat_generator=gen, max_retries=3, retry_backoff=0.25, cache=str(tmp_path / "c.sqlite"))
+    exp = LLMQueryExpander(chat_generator=gen, sampler=SamplerOptions(max_retries=3, retry_backoff=0.25),
+                           cache=str(tmp_path / "c.sqlite"))
     if mode == "sync":
         out = exp.run(query=QUERIES[0])
     else:
@@ -294,7 +296,8 @@ def test_remote_fault_is_retried_with_exponential_backoff(api_key, sleeps, tmp_p
 @pytest.mark.parametrize("fault", ["timeout", "error", "empty"])
 def test_remote_failure_raises_after_the_retries(api_key, sleeps, fault):
     gen = FakeChatGenerator([fault])
-    exp = LLMQueryExpander(chat_generator=gen, max_retries=2, retry_backoff=1.0, on_failure="raise")
+    exp = LLMQueryExpander(chat_generator=gen, sampler=SamplerOptions(max_retries=2, retry_backoff=1.0),
+                           on_failure="raise")
     with pytest.raises(RuntimeError, match=r"no expansion for query .*after 3 attempts"):
         exp.run(query=QUERIES[0])
     assert gen.calls == 3 and sleeps == [1.0, 2.0]
@@ -307,15 +310,15 @@ def test_remote_failure_skip_retrieves_with_the_query_alone_and_says_so(api_key,
 
     gen = FakeChatGenerator(["error"])
     cache = str(tmp_path / "c.sqlite")
-    exp = LLMQueryExpander(chat_generator=gen, n_expansions=2, max_retries=1, retry_backoff=0.1, on_failure="skip",
-                           cache=cache)
+    exp = LLMQueryExpander(chat_generator=gen, n_expansions=2, sampler=SamplerOptions(max_retries=1, retry_backoff=0.1),
+                           on_failure="skip", cache=cache)
     seen = {}
 
-    def fake_retrieve(self, queries, expansions=None, top_k=None, filters=None, **overrides):
-        seen["queries"], seen["expansions"] = list(queries), [list(e) for e in expansions]
-        return [[] for _ in queries]
+    def fake_retrieve(self, plan):  # `run` checks its inputs, then retrieves them (`_retrieve`)
+        seen["queries"], seen["expansions"] = list(plan.queries), [list(e) for e in plan.expansions]
+        return [[] for _ in plan.queries]
 
-    monkeypatch.setattr(ExpandRRetriever, "retrieve", fake_retrieve)
+    monkeypatch.setattr(ExpandRRetriever, "_retrieve", fake_retrieve)
     monkeypatch.setattr(ExpandRRetriever, "warm_up", lambda self: None)  # no encoder needed to see what it gets
     p = Pipeline()
     p.add_component("expander", exp)
@@ -337,8 +340,8 @@ def test_remote_failure_skip_retrieves_with_the_query_alone_and_says_so(api_key,
 
 def test_partial_failure_keeps_the_successful_samples(api_key, sleeps, tmp_path):
     gen = FakeChatGenerator(["ok", "error"])  # sample 0 succeeds, sample 1 always fails
-    exp = LLMQueryExpander(chat_generator=gen, n_expansions=2, max_retries=1, retry_backoff=0.0, on_failure="skip",
-                           max_concurrency=1, cache=str(tmp_path / "c.sqlite"))
+    exp = LLMQueryExpander(chat_generator=gen, n_expansions=2, on_failure="skip", cache=str(tmp_path / "c.sqlite"),
+                           sampler=SamplerOptions(max_retries=1, retry_backoff=0.0, max_concurrency=1))
     out = exp.run(query=QUERIES[0])
     assert len(out["expansions"]) == 1 and "1 of 2" in out["failures"][0]
     assert exp.cache_stats["entries"] == 1
@@ -346,9 +349,9 @@ def test_partial_failure_keeps_the_successful_samples(api_key, sleeps, tmp_path)
 
 def test_backoff_settings_are_checked():
     with pytest.raises(ValueError, match="max_retries"):
-        LLMQueryExpander(chat_generator=FakeChatGenerator(), max_retries=-1)
+        LLMQueryExpander(chat_generator=FakeChatGenerator(), sampler={"max_retries": -1})
     with pytest.raises(ValueError, match="retry_backoff"):
-        LLMQueryExpander(chat_generator=FakeChatGenerator(), retry_backoff=-1)
+        LLMQueryExpander(chat_generator=FakeChatGenerator(), sampler={"retry_backoff": -1})
 
 
 # -- security: keys only through Secret ----------------------------------------------------------------------------
@@ -357,8 +360,8 @@ def test_api_key_never_reaches_to_dict_yaml_logs_or_cache(api_key, tmp_path, cap
 
     cache = tmp_path / "c.sqlite"
     with caplog.at_level(logging.DEBUG):
-        exp = LLMQueryExpander(chat_generator=FakeChatGenerator(["error", "ok"]), retry_backoff=0.0,
-                               cache=str(cache))
+        exp = LLMQueryExpander(chat_generator=FakeChatGenerator(["error", "ok"]),
+                               sampler=SamplerOptions(retry_backoff=0.0), cache=str(cache))
         out = exp.run(query=QUERIES[0])
         assert out["expansions"]
         p = Pipeline()
@@ -383,7 +386,7 @@ def _expand_in_process(cache: str, queries: list[str]) -> None:
     import torch
 
     torch.set_num_threads(1)
-    LLMQueryExpander(max_new_tokens=3, n_expansions=2, cache=cache).expand(queries)
+    LLMQueryExpander(generation=GenerationSettings(max_new_tokens=3), n_expansions=2, cache=cache).expand(queries)
 
 
 def _entries(cache: str) -> tuple[int, int]:
@@ -395,8 +398,8 @@ def test_concurrent_expanders_from_threads_and_processes_share_one_cache(tmp_pat
     queries = [f"{q} (variant {i})" for i in range(3) for q in QUERIES]  # 6 queries x 2 samples = 12 rows
     cache = str(tmp_path / "c.sqlite")
     # threads: two expanders (one shared model) on overlapping halves
-    a = LLMQueryExpander(max_new_tokens=3, n_expansions=2, cache=cache)
-    b = LLMQueryExpander(max_new_tokens=3, n_expansions=2, cache=cache)
+    a = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=3), n_expansions=2, cache=cache)
+    b = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=3), n_expansions=2, cache=cache)
     a.warm_up()
     b.warm_up()
     results: dict[str, Any] = {}

@@ -1,18 +1,31 @@
 """
-The embedded exact index of `ExpandRRetriever` (`DocumentIndex`: FAISS inner product over unit document vectors)
-and the O(1) change signal of an `InMemoryDocumentStore` that tells the retriever when to rebuild it
-(`count_writes`: every write and delete through any store instance sharing the index bumps a counter).
+The embedded exact index of `ExpandRRetriever` (`DocumentIndex`: FAISS inner product over unit document vectors),
+and one such index per document store, shared by every retriever over it (`shared_index`): built on first use,
+rebuilt when the store's documents change.
+
+Change detection, with nothing of the store replaced or patched:
+- a store with an in-memory `storage` dict (`InMemoryDocumentStore`; instances sharing an index share the dict, and
+  share one index here): the index is current while the dict holds, in order, the very `Document` objects it was
+  built from (a C-speed identity scan, ~30 ns a document per search call: far below the exact search itself). Every
+  write, overwrite (a new object), delete and `delete_all_documents` (a new dict), through any instance, shows;
+  a `Document` mutated in place without being written again does not (it is the same object the index returns);
+- any other store: its document count (call `ExpandRRetriever.refresh_index(force=True)` after replacing documents
+  in place there).
 
 Usage:
 ```python
 index = DocumentIndex(documents, dimension=384)
 scores, rows = index.search(query_vectors, k=10)
+current = shared_index(store, dimension=384, device="cpu").current()   # the same object for every caller
 ```
 """
 
 from __future__ import annotations
 
 import logging
+import operator
+import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -76,83 +89,73 @@ class DocumentIndex:
         return np.take_along_axis(scores, top, 1), top
 
 
-class _CountingStorage(dict):
+class SharedIndex:
     """
-    The storage dict of an `InMemoryDocumentStore` with a counter bumped by every write and delete, so that the FAISS
-    index notices documents replaced in place (same ids, same count) in O(1) per query. It replaces the store's
-    storage dict once (`count_writes`); writes through any store instance sharing the index go through it.
+    The `DocumentIndex` of one document store (one storage dict for InMemory stores sharing an index) for one
+    dimension and device, and the state it was built from. Made by `shared_index`; alive while a retriever holds it.
     """
 
-    __slots__ = ("writes",)
+    def __init__(self, store: Any, source: Any, dimension: int, device: str):
+        self.store = store
+        self.source = source  # the storage dict, or the store: held, so its id (the registry key) is never reused
+        self.dimension = dimension
+        self.device = device
+        self.index: DocumentIndex | None = None
+        self.builds = 0
+        self._count: int | None = None
+        self._lock = threading.Lock()
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.writes = 0
+    def current(self, force: bool = False) -> DocumentIndex:
+        """The index of the store's documents now: (re)built when they changed since the last build, or `force`."""
+        with self._lock:
+            if force or self.index is None or not self._unchanged():
+                documents = _stored_documents(self.store, self.source)
+                if not documents:
+                    raise ValueError("The document store is empty: index documents (with embeddings) before "
+                                     "retrieving.")
+                self.index = DocumentIndex(documents, self.dimension, self.device)
+                self._count = None if isinstance(self.source, dict) else len(documents)
+                self.builds += 1
+            return self.index
 
-    def __setitem__(self, key, value):
-        self.writes += 1
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key):
-        self.writes += 1
-        super().__delitem__(key)
-
-    def __ior__(self, other):
-        self.writes += 1
-        return super().__ior__(other)
-
-    def pop(self, *args):
-        self.writes += 1
-        return super().pop(*args)
-
-    def popitem(self):
-        self.writes += 1
-        return super().popitem()
-
-    def clear(self):
-        self.writes += 1
-        super().clear()
-
-    def update(self, *args, **kwargs):
-        self.writes += 1
-        super().update(*args, **kwargs)
-
-    def setdefault(self, key, default=None):
-        self.writes += 1
-        return super().setdefault(key, default)
+    def _unchanged(self) -> bool:
+        built = self.index.documents
+        if isinstance(self.source, dict):
+            storage = self.source
+            return len(storage) == len(built) and all(map(operator.is_, storage.values(), built))
+        return self.store.count_documents() == self._count
 
 
-def count_writes(store: Any) -> _CountingStorage | None:
-    """
-    The `_CountingStorage` of an `InMemoryDocumentStore` (installed on first use in place of its storage dict: the
-    process-wide one of a shared index, or the instance's own), or None for other stores or when the store's layout
-    is not the one known here.
-    """
+_INDEXES: weakref.WeakValueDictionary[tuple, SharedIndex] = weakref.WeakValueDictionary()
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _storage_of(store: Any) -> dict | None:
+    """An in-memory store's `storage` dict (InMemoryDocumentStore's public property), else None."""
     storage = getattr(store, "storage", None)
-    if isinstance(storage, _CountingStorage):
-        return storage
-    if not isinstance(storage, dict):
-        return None
-    shared = getattr(store, "_shared", None)
-    if shared is True:
-        from haystack.document_stores.in_memory import document_store as in_memory
-
-        storages = getattr(in_memory, "_STORAGES", None)
-        if not isinstance(storages, dict) or storages.get(getattr(store, "index", None)) is not storage:
-            return None
-        storages[store.index] = counting = _CountingStorage(storage)
-    elif shared is False and vars(store).get("_local_storage") is storage:
-        store._local_storage = counting = _CountingStorage(storage)
-    else:
-        return None
-    return counting if store.storage is counting else None
+    return storage if isinstance(storage, dict) else None
 
 
-def same_state(a: Any, b: Any) -> bool:
-    """Whether two `ExpandRRetriever._store_state` values describe the same store contents."""
-    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 2 and isinstance(a[0], dict):
-        return a[0] is b[0] and a[1] == b[1]  # the same storage object (held here, so never a recycled id)
-    return a == b
+def _stored_documents(store: Any, source: Any) -> list[Document]:
+    if isinstance(source, dict):  # InMemoryDocumentStore: the stored objects (with embeddings), no copies
+        return list(source.values())
+    return store.filter_documents()
 
 
-__all__ = ["DocumentIndex", "count_writes", "same_state"]
+def shared_index(store: Any, dimension: int, device: str) -> SharedIndex:
+    """
+    The `SharedIndex` of `store`'s documents for `dimension` and `device`: one per storage (InMemory stores sharing
+    an index share it, as every retriever over one store does). The caller keeps it (the registry holds it weakly)
+    and asks again per search: a store whose storage was replaced (`delete_all_documents`) gets a new one.
+    """
+    storage = _storage_of(store)
+    source = store if storage is None else storage
+    key = (id(source), dimension, device)
+    with _REGISTRY_LOCK:
+        entry = _INDEXES.get(key)
+        if entry is None or entry.source is not source:
+            entry = _INDEXES[key] = SharedIndex(store, source, dimension, device)
+    return entry
+
+
+__all__ = ["DocumentIndex", "SharedIndex", "shared_index"]

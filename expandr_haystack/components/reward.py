@@ -4,36 +4,31 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict
-from haystack.utils import ComponentDevice, Secret
+from haystack.utils import ComponentDevice
 
-from expandr_haystack.checks import check_int, check_number
-from expandr_haystack.components.embedder import (
-    DEFAULT_TOKEN,
-    ENCODER_OPTIONS,
-    ExpandRQueryEmbedder,
-    deserialize_encoder_options,
-    serialize_encoder_options,
-)
+from expandr_haystack.checks import check_number
+from expandr_haystack.components.embedder import ExpandRQueryEmbedder
 from expandr_haystack.core.reward import expandr_reward, select_pair
-from expandr_haystack.core.text import document_text
+from expandr_haystack.core.text import check_expansions, check_query, document_text
+from expandr_haystack.options import EncoderOptions, fold_legacy
 
 logger = logging.getLogger(__name__)
 
+
 def _check_expansions(expansions: Any, argument: str = "expansions", allow_empty: bool = False) -> list[str]:
-    if isinstance(expansions, str) or not isinstance(expansions, Sequence):
-        raise TypeError(f"`{argument}` must be a list of strings; got {type(expansions).__name__}.")
+    """The candidates of one item: `check_expansions` (a list of strings), and none blank; at least one unless
+    `allow_empty` (`score_many`: an empty item gives kept=False)."""
+    expansions = check_expansions(expansions, argument)
     for j, e in enumerate(expansions):
-        if not isinstance(e, str):
-            raise TypeError(f"`{argument}[{j}]` must be a string; got {type(e).__name__} ({e!r:.60}).")
         if not e.strip():
             raise ValueError(f"`{argument}[{j}]` is empty: an expansion must be a non-empty string.")
     if not expansions and not allow_empty:
         raise ValueError(f"`{argument}` is empty: pass the candidate expansions to score (at least one).")
-    return list(expansions)
+    return expansions
 
 
 def _check_document(document: Any, argument: str = "document") -> str:
@@ -72,12 +67,18 @@ class RewardScorer:
     each expansion as ``prefix + expansion + suffix``, as the query embedder embeds it (prefixes are empty by
     default; set them for E5/BGE-style encoders).
 
+    The encoder is an `ExpandRQueryEmbedder`: built from `model`, `device` and `encoder` (an `EncoderOptions`), or
+    passed ready as `embedder=` to share one with a retriever or the training code (its prefixes are not used: this
+    component puts each side's prefix itself).
+
     - `kept` is False (and `chosen`/`rejected` None) when fewer than two distinct expansions exist or when
       max_e (cos_doc(e) + cos_answer(e)) < `threshold`.
     - `chosen` has the highest reward (ties: higher summed cosine, then the earlier candidate); `rejected` the lowest
       among texts different from `chosen` (ties: lower summed cosine, then the later candidate).
     - Without `answer` the reward is the document term alone and the threshold applies to max_e cos_doc(e). This is
       an ablation of the paper's reward (which always uses the answer term), useful when no answer LLM is available.
+
+    Inputs are checked once, at the edge (`run`, `score_many`); the scoring below trusts them.
 
     Usage:
     ```python
@@ -99,36 +100,24 @@ class RewardScorer:
         model: str | None = None,
         threshold: float = 0.6,
         device: ComponentDevice | None = None,
-        batch_size: int = 32,
-        progress_bar: bool = False,
+        encoder: EncoderOptions | dict[str, Any] | None = None,
         *,
-        token: Secret | None = DEFAULT_TOKEN,
+        embedder: ExpandRQueryEmbedder | None = None,
         prefix: str = "",
         suffix: str = "",
         document_prefix: str = "",
         document_suffix: str = "",
-        trust_remote_code: bool = False,
-        revision: str | None = None,
-        local_files_only: bool = False,
-        truncate_dim: int | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        tokenizer_kwargs: dict[str, Any] | None = None,
-        config_kwargs: dict[str, Any] | None = None,
-        encode_kwargs: dict[str, Any] | None = None,
-        backend: Literal["torch", "onnx", "openvino"] = "torch",
     ):
         """
-        The encoder options after `progress_bar` are those of `ExpandRQueryEmbedder` (and Haystack's
-        `SentenceTransformersTextEmbedder`); the reward compares cosines, so there is no output precision or
-        normalisation to choose.
-
         :param model: The retriever's encoder: None for the bundled all-MiniLM-L6-v2, or a sentence-transformers id
-            or local directory (e.g. a trained encoder).
+            or local directory (e.g. a trained encoder). Not with `embedder`.
         :param threshold: Minimum of max_e (cos_doc + cos_answer) (or max_e cos_doc without answer) to keep a pair.
-        :param device: Device for the encoder (None = best available).
-        :param batch_size: Texts encoded together.
-        :param progress_bar: Show a progress bar when encoding many texts (`score_many`).
-        :param token: Hugging Face token for gated or private models (default: `HF_API_TOKEN` or `HF_TOKEN` when set).
+        :param device: Device for the encoder (None = best available). Not with `embedder`.
+        :param encoder: How the encoder is loaded and run (`EncoderOptions`, a dict of its fields, or None for the
+            defaults), as `ExpandRQueryEmbedder`'s; the reward compares cosines, so there is no output precision or
+            normalisation to choose. Not with `embedder`.
+        :param embedder: A ready `ExpandRQueryEmbedder` to encode with, shared with other components (no second
+            encoder is built); serialised nested. None = build one from `model`, `device` and `encoder`.
         :param prefix: Put before each expansion: the query embedder's expansion prefix (its `expansion_prefix`, by
             default its query `prefix`, e.g. "query: " for E5), so the reward sees expansions as retrieval does.
         :param suffix: Put after each expansion.
@@ -136,63 +125,51 @@ class RewardScorer:
             "passage: " for E5, as given to `SentenceTransformersDocumentEmbedder(prefix=...)`). The answer is
             scored as the document is (both are what an expansion should be close to).
         :param document_suffix: Put after the gold document and the answer.
-        :param trust_remote_code: Allow models with custom code.
-        :param revision: Branch, tag or commit of a hub model.
-        :param local_files_only: Never download; use the local Hugging Face cache only.
-        :param truncate_dim: Truncate embeddings to this dimension (Matryoshka models); None = no truncation.
-        :param model_kwargs: Keyword arguments for the model's `from_pretrained`.
-        :param tokenizer_kwargs: Keyword arguments for the tokenizer (`model_max_length` also sets `max_seq_length`).
-        :param config_kwargs: Keyword arguments for `AutoConfig.from_pretrained`.
-        :param encode_kwargs: Extra keyword arguments for `SentenceTransformer.encode`.
-        :param backend: "torch", "onnx" or "openvino" (the last two need `optimum`).
         """
         check_number(threshold, "threshold")
-        check_int(batch_size, "batch_size")
         for name, value in (("prefix", prefix), ("suffix", suffix), ("document_prefix", document_prefix),
                             ("document_suffix", document_suffix)):
             if not isinstance(value, str):
                 raise TypeError(f"`{name}` must be a str; got {type(value).__name__}.")
-        self.model = model
+        if embedder is not None:
+            if not isinstance(embedder, ExpandRQueryEmbedder):
+                raise TypeError(f"`embedder` must be an ExpandRQueryEmbedder or None; got {type(embedder).__name__}.")
+            both = [name for name, value in (("model", model), ("device", device), ("encoder", encoder))
+                    if value is not None]
+            if both:
+                raise ValueError(f"Both `embedder` and {', '.join(f'`{n}`' for n in both)} are set: the shared "
+                                 f"embedder brings its own model, device and encoder options; pass one of them.")
         self.threshold = float(threshold)
-        if device is not None and not isinstance(device, ComponentDevice):
-            raise TypeError(f"`device` must be a haystack ComponentDevice or None; got {type(device).__name__}.")
-        self.device = device  # None = best available, resolved at warm_up (keeps YAML portable)
-        self.batch_size = batch_size
-        self.progress_bar = progress_bar
-        self.token = token
         self.prefix = prefix
         self.suffix = suffix
         self.document_prefix = document_prefix
         self.document_suffix = document_suffix
-        self.trust_remote_code = trust_remote_code
-        self.revision = revision
-        self.local_files_only = local_files_only
-        self.truncate_dim = truncate_dim
-        self.model_kwargs = model_kwargs
-        self.tokenizer_kwargs = tokenizer_kwargs
-        self.config_kwargs = config_kwargs
-        self.encode_kwargs = encode_kwargs
-        self.backend = backend
+        #: The `embedder` passed in (serialised nested), or None when this component built its own.
+        self.embedder = embedder
         # the one embedding path of the package (validates `model` and the options; loads nothing until warm_up);
-        # it embeds texts as given: this component adds each side's prefix itself
-        self._embedder = ExpandRQueryEmbedder(model=model, device=self.device, batch_size=batch_size,
-                                              progress_bar=progress_bar, encode_kwargs=encode_kwargs,
-                                              **{name: getattr(self, name) for name in ENCODER_OPTIONS})
+        # it embeds texts as given (prefix="" at each call): this component adds each side's prefix itself
+        self._embedder = embedder or ExpandRQueryEmbedder(model=model, device=device, encoder=encoder)
+        # the settings in effect (those of a shared embedder when one was passed)
+        self.model = self._embedder.model
+        self.device = self._embedder.device  # None = best available, resolved at warm_up (keeps YAML portable)
+        self.encoder_options = self._embedder.encoder_options
 
     def to_dict(self) -> dict[str, Any]:
-        """Serialize to a dictionary (the token as its environment variable names; a plain token is refused)."""
-        data = default_to_dict(
-            self, model=self.model, threshold=self.threshold, device=self.device, batch_size=self.batch_size,
-            progress_bar=self.progress_bar, **{name: getattr(self, name) for name in ENCODER_OPTIONS},
-            prefix=self.prefix, suffix=self.suffix, document_prefix=self.document_prefix,
-            document_suffix=self.document_suffix, encode_kwargs=self.encode_kwargs)
-        return serialize_encoder_options(data)
+        """Serialize to a dictionary: the shared `embedder` nested when one was passed, else `model`, `device` and
+        the `encoder` group (its token as the environment variable names: a plain token is refused)."""
+        own = self.embedder is None
+        return default_to_dict(
+            self, model=self.model if own else None, threshold=self.threshold, device=self.device if own else None,
+            encoder=self.encoder_options if own else None, embedder=self.embedder, prefix=self.prefix,
+            suffix=self.suffix, document_prefix=self.document_prefix, document_suffix=self.document_suffix)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RewardScorer:
-        """Deserialize from a dictionary made by `to_dict` (the input is not modified); older dictionaries without
-        the encoder options load with their defaults."""
-        return default_from_dict(cls, deserialize_encoder_options(data))
+        """Deserialize from a dictionary made by `to_dict` (the input is not modified). Dictionaries saved by earlier
+        versions, with the encoder options as flat keys (`batch_size`, `token`, `backend`, ...), load with the same
+        settings: the flat keys are folded into `encoder`."""
+        params = fold_legacy(dict(data.get("init_parameters", {})), "encoder", EncoderOptions, cls.__name__)
+        return default_from_dict(cls, {**data, "init_parameters": params})
 
     def warm_up(self) -> None:
         """Load the encoder (shared with an expander/retriever naming the same model); idempotent."""
@@ -212,10 +189,9 @@ class RewardScorer:
         :returns: `rewards` (one per expansion), `chosen`/`rejected` (texts, None when not kept), `kept`,
             `document_similarities` and `answer_similarities` (cosines; the latter empty without answer).
         """
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError(f"`query` must be a non-empty string; got {query!r:.80}.")
-        result = self._score([expansions], [document], None if answer is None else [answer], single=True)[0]
-        return self._public(result)
+        check_query(query)
+        item = (_check_expansions(expansions), _check_document(document), _check_answer(answer))
+        return self._public(self._score_items([item])[0])
 
     def score_many(
         self,
@@ -232,9 +208,6 @@ class RewardScorer:
         :returns: For each item the dict `run` returns, plus `chosen_index`, `rejected_index`, `reason`
             ("kept", "fewer_than_two_distinct" or "below_threshold") and `best_score`.
         """
-        return self._score(expansions, documents, answers, single=False)
-
-    def _score(self, expansions, documents, answers, single: bool) -> list[dict[str, Any]]:
         if isinstance(expansions, str) or not isinstance(expansions, Sequence):
             raise TypeError(f"`expansions` must be a list of lists of strings; got {type(expansions).__name__}.")
         if isinstance(documents, (str, Document)) or not isinstance(documents, Sequence):
@@ -243,12 +216,15 @@ class RewardScorer:
             raise ValueError(f"`documents` must have one entry per item ({len(expansions)}); got {len(documents)}.")
         if answers is not None and (isinstance(answers, str) or len(answers) != len(expansions)):
             raise ValueError(f"`answers` must be a list with one entry per item ({len(expansions)}).")
-        items = []
-        for k, exps in enumerate(expansions):
-            exps = _check_expansions(exps, "expansions" if single else f"expansions[{k}]", allow_empty=not single)
-            doc = _check_document(documents[k], "document" if single else f"documents[{k}]")
-            ans = None if answers is None else _check_answer(answers[k], "answer" if single else f"answers[{k}]")
-            items.append((exps, doc, ans))
+        items = [(_check_expansions(exps, f"expansions[{k}]", allow_empty=True),
+                  _check_document(documents[k], f"documents[{k}]"),
+                  None if answers is None else _check_answer(answers[k], f"answers[{k}]"))
+                 for k, exps in enumerate(expansions)]
+        return self._score_items(items)
+
+    def _score_items(self, items: list[tuple[list[str], str, str | None]]) -> list[dict[str, Any]]:
+        """The results for (expansions, document text, answer or None) items. Inputs trusted: checked by the caller
+        (`run` / `score_many`)."""
 
         # every distinct text once, as the encoder sees it: expansions with the query side's prefix, the document
         # and the answer with the indexing side's
@@ -262,7 +238,8 @@ class RewardScorer:
         for exps, doc, ans in items:
             for text in [as_target(doc), *([as_target(ans)] if ans is not None else []), *map(as_expansion, exps)]:
                 unique.setdefault(text, len(unique))
-        emb = self._embedder.encode(list(unique)) if unique else np.zeros((0, 1), dtype=np.float32)
+        emb = (self._embedder.encode(list(unique), prefix="", suffix="") if unique
+               else np.zeros((0, 1), dtype=np.float32))
 
         results = []
         for exps, doc, ans in items:

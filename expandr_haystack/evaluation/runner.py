@@ -274,8 +274,9 @@ def method_settings(name: str, weights: Mapping[str, float], feedback_k: int, fe
 def default_expander(progress_bar: bool = False):
     """The bundled q2d `LLMQueryExpander` with its defaults."""
     from expandr_haystack.components.expander import LLMQueryExpander
+    from expandr_haystack.options import GenerationSettings
 
-    return LLMQueryExpander(progress_bar=progress_bar)
+    return LLMQueryExpander(generation=GenerationSettings(progress_bar=progress_bar))
 
 
 def grounded_like(expander):
@@ -301,8 +302,10 @@ def expand_texts(expander, queries, passages, query_ids, result: EvalResult) -> 
 
 def dense_retriever(collection, encoder, store, device, progress_bar, timings):
     """An `ExpandRRetriever` over `store` (built from the collection's corpus with `encoder` when None)."""
+    from expandr_haystack.components.embedder import ExpandRQueryEmbedder
     from expandr_haystack.components.retriever import ExpandRRetriever
     from expandr_haystack.evaluation.indexing import build_document_store
+    from expandr_haystack.options import EncoderOptions
 
     if store is None:
         started = time.perf_counter()
@@ -311,8 +314,8 @@ def dense_retriever(collection, encoder, store, device, progress_bar, timings):
         timings["index-dense"] = time.perf_counter() - started
     elif store.count_documents() == 0:
         raise ValueError("`store` is empty: pass a store holding the embedded corpus, or None to index it here.")
-    retriever = ExpandRRetriever(document_store=store, model=encoder, top_k=TOP_K, device=device,
-                                 progress_bar=progress_bar)
+    embedder = ExpandRQueryEmbedder(model=encoder, device=device, encoder=EncoderOptions(progress_bar=progress_bar))
+    retriever = ExpandRRetriever(document_store=store, top_k=TOP_K, device=device, query_embedder=embedder)
     retriever.warm_up()
     return retriever
 

@@ -35,11 +35,8 @@ from __future__ import annotations
 
 from typing import Any
 
-#: Local generation engines (`LLMQueryExpander(backend=...)`, `expandr eval --backend`, `llm_backend` in configs).
-BACKENDS = ("auto", "packed", "transformers", "vllm")
-#: Engines whose texts are cached under the plain row key (the others add their name: a draw within rounding of a
-#: nucleus boundary can differ between engines, and a cache hit must be what this configuration generates).
-PLAIN_CACHE_ENGINES = ("transformers", "remote")
+from expandr_haystack.generation.rows import PLAIN_CACHE_ENGINES
+from expandr_haystack.options import ENGINES, SamplerOptions
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -71,46 +68,38 @@ def sampler_identity(model_id: str, dtype: str, device: str) -> str:
 
 
 def make_sampler(model: str | None = None, adapter: str | None = None, chat_generator: Any | None = None,
-                 backend: str = "auto", device: str = "cpu", dtype: str = "auto", max_prompt_tokens: int = 1024,
-                 max_retries: int = 2, retry_backoff: float = 1.0, max_concurrency: int = 8,
-                 model_kwargs: dict[str, Any] | None = None, token: str | None = None, precision: str = "float32"):
+                 options: SamplerOptions | None = None):
     """
-    The sampler for a model (+ LoRA adapter) or a Haystack ChatGenerator.
-
-    :param backend: For a local model: "auto" (the packed float32 CPU decoder where the model allows it, else
-        transformers), "packed", "transformers" or "vllm".
-    :param device: torch device string for a local model.
-    :param max_retries: Remote only: retries of a failed call (local samplers are retried by the caller with new
-        seeds).
-    :param model_kwargs: transformers path only: extra keyword arguments of ``from_pretrained`` (`models.load_llm`).
-    :param token: Hugging Face token for gated models (``from_pretrained(..., token=...)``; vLLM reads `HF_TOKEN`).
-    :param precision: Local packed decoder only: its weight precision (`packed_llama.PRECISIONS`); texts in another
-        precision than float32 are cached apart through the sampler's `engine` ("packed-int8-smoothed.2").
+    The sampler for a model (+ LoRA adapter), loaded and run as `options` say, or for a Haystack ChatGenerator
+    (which takes only `options`' remote settings: max_prompt_tokens, max_retries, retry_backoff, max_concurrency).
+    Local samplers are retried by the caller with new seeds; texts in another `weight_precision` than float32 are
+    cached apart through the sampler's `engine` ("packed-int8-smoothed.2").
     """
-    from expandr_haystack.models import load_llm, model_identity, resolve_llm_path
+    from expandr_haystack.models import load_llm, model_identity, resolve_device, resolve_llm_path
 
+    o = options or SamplerOptions()
     if chat_generator is not None:
         from expandr_haystack.generation.remote import ChatGeneratorSampler
 
-        return ChatGeneratorSampler(chat_generator, max_prompt_tokens=max_prompt_tokens, max_retries=max_retries,
-                                    retry_backoff=retry_backoff, max_concurrency=max_concurrency)
+        return ChatGeneratorSampler(chat_generator, max_prompt_tokens=o.max_prompt_tokens, max_retries=o.max_retries,
+                                    retry_backoff=o.retry_backoff, max_concurrency=o.max_concurrency)
     path = resolve_llm_path(model)
-    if model_kwargs and backend == "vllm":
-        raise ValueError("`model_kwargs` go to transformers' from_pretrained; backend 'vllm' does not take them.")
-    if backend == "vllm":
+    device = resolve_device(o.device)
+    if o.engine == "vllm":
         from expandr_haystack.generation.vllm import VLLMSampler
 
-        sampler = VLLMSampler(path, adapter, dtype=dtype, max_prompt_tokens=max_prompt_tokens)
+        sampler = VLLMSampler(path, adapter, dtype=o.dtype, max_prompt_tokens=o.max_prompt_tokens)
         # vLLM runs on CUDA only, and its engine name is part of every cache key (not in PLAIN_CACHE_ENGINES)
-        sampler.identity = model_identity(path, adapter) + f"@{dtype}"
+        sampler.identity = model_identity(path, adapter) + f"@{o.dtype}"
     else:
         from expandr_haystack.generation.local import LocalSampler
 
-        llm, tokenizer = load_llm(model, adapter, device, dtype, model_kwargs=model_kwargs, token=token)
-        sampler = LocalSampler(llm, tokenizer, max_prompt_tokens=max_prompt_tokens, backend=backend,
-                               precision=precision)
-        sampler.identity = sampler_identity(model_identity(path, adapter), dtype, device)
+        token = o.token.resolve_value() if o.token is not None else None
+        llm, tokenizer = load_llm(model, adapter, device, o.dtype, model_kwargs=o.model_kwargs, token=token)
+        sampler = LocalSampler(llm, tokenizer, max_prompt_tokens=o.max_prompt_tokens, engine=o.engine,
+                               weight_precision=o.weight_precision)
+        sampler.identity = sampler_identity(model_identity(path, adapter), o.dtype, device)
     return sampler
 
 
-__all__ = ["BACKENDS", "PLAIN_CACHE_ENGINES", "make_sampler", "resolve_dtype", "sampler_identity"]
+__all__ = ["ENGINES", "PLAIN_CACHE_ENGINES", "make_sampler", "resolve_dtype", "sampler_identity"]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from expandr_haystack.checks import check_choice
 from expandr_haystack.models import return_freed_memory
+from expandr_haystack.options import WEIGHT_PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -176,35 +177,31 @@ class TransformersDecoder:
         return out.logits[:, -1, :].float()
 
 
-def default_decoder(model, backend: str = "auto", pad_id: int = 0, precision: str = "float32",
+def default_decoder(model, engine: str = "auto", pad_id: int = 0, weight_precision: str = "float32",
                     calibration: list[list[int]] | None = None):
     """
-    The decoder for `backend`: "auto" (the packed decoder where the model allows it, else transformers), "packed"
-    (fail if the model does not allow it) or "transformers"; `precision` is the packed decoder's weight precision
-    (`packed_llama.PRECISIONS`: "int8" and "bfloat16" need the packed decoder, "auto" is float32 where it cannot
+    The decoder for `engine`: "auto" (the packed decoder where the model allows it, else transformers), "packed"
+    (fail if the model does not allow it) or "transformers"; `weight_precision` is the packed decoder's
+    (`quantize.PRECISIONS`: "int8" and "bfloat16" need the packed decoder, "auto" is float32 where it cannot
     run); `calibration` (token id lists, `calibration_ids`) is what int8 smooths its layers by. One packed copy per
     model and resolved precision, however many samplers share it.
     """
-    from expandr_haystack.generation.packed_llama import (
-        PRECISIONS,
-        PackedLlamaDecoder,
-        resolve_precision,
-        unsupported_reason,
-    )
+    from expandr_haystack.generation.packed_llama import PackedLlamaDecoder, unsupported_reason
     from expandr_haystack.generation.pages import release_clean_file_pages
+    from expandr_haystack.generation.quantize import resolve_precision
 
-    if backend not in ("auto", "packed", "transformers"):
-        raise ValueError(f"`backend` must be 'auto', 'packed' or 'transformers'; got {backend!r}.")
-    check_choice(precision, "precision", PRECISIONS)
-    reason = "backend 'transformers'" if backend == "transformers" else unsupported_reason(model)
+    if engine not in ("auto", "packed", "transformers"):
+        raise ValueError(f"`engine` must be 'auto', 'packed' or 'transformers'; got {engine!r}.")
+    check_choice(weight_precision, "weight_precision", WEIGHT_PRECISIONS)
+    reason = "engine 'transformers'" if engine == "transformers" else unsupported_reason(model)
     if reason is not None:
-        if backend == "packed":
-            raise ValueError(f"`backend`='packed' cannot run this model: {reason}. Use 'auto' or 'transformers'.")
-        if precision in ("int8", "bfloat16"):
-            raise ValueError(f"`precision`={precision!r} needs the packed decoder, which cannot run here: {reason}. "
-                             "Use precision 'float32' or 'auto'.")
+        if engine == "packed":
+            raise ValueError(f"`engine`='packed' cannot run this model: {reason}. Use 'auto' or 'transformers'.")
+        if weight_precision in ("int8", "bfloat16"):
+            raise ValueError(f"`weight_precision`={weight_precision!r} needs the packed decoder, which cannot run "
+                             f"here: {reason}. Use weight_precision 'float32' or 'auto'.")
         return TransformersDecoder(model, pad_id)
-    resolved = resolve_precision(precision)
+    resolved = resolve_precision(weight_precision)
     with _LOCK:  # one packed copy per model and precision (the candidates and the answers share it)
         decoders = _PACKED.setdefault(model, {})
         if resolved not in decoders:
@@ -224,10 +221,10 @@ class LocalSampler:
     Batched sampling from a ``transformers`` causal LM with per-row seeds and temperatures.
 
     The sampling loop is shared; the forward passes come from a decoder: `PackedLlamaDecoder` (fast CPU path for
-    Llama-architecture models; float32, or int8/bfloat16 weights with `precision`) or `TransformersDecoder` (any
+    Llama-architecture models; float32, or int8/bfloat16 weights with `weight_precision`) or `TransformersDecoder` (any
     model, any device).
 
-    `precision` ("float32" default, "int8", "bfloat16", "auto": `packed_llama.resolve_precision`) is the packed
+    `weight_precision` ("float32" default, "int8", "bfloat16", "auto": `quantize.resolve_precision`) is the packed
     decoder's weight precision. In int8 the text differs from the float32 text where a draw falls near a boundary
     (logits differ by quantization rounding) and, like bfloat16 on CUDA, a row's text can depend on its batch
     (same batch => same text); `engine` names the precision ("packed-int8-smoothed.2") so the expander caches it
@@ -241,8 +238,8 @@ class LocalSampler:
     ```
     """
 
-    def __init__(self, model, tokenizer, max_prompt_tokens: int = 1024, decoder=None, backend: str = "auto",
-                 precision: str = "float32"):
+    def __init__(self, model, tokenizer, max_prompt_tokens: int = 1024, decoder=None, engine: str = "auto",
+                 weight_precision: str = "float32"):
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
@@ -253,8 +250,8 @@ class LocalSampler:
         self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if decoder is None:
-            calibration = calibration_ids(tokenizer) if precision not in ("float32", "bfloat16") else None
-            decoder = default_decoder(model, backend, self.pad_id, precision, calibration)
+            calibration = calibration_ids(tokenizer) if weight_precision not in ("float32", "bfloat16") else None
+            decoder = default_decoder(model, engine, self.pad_id, weight_precision, calibration)
         self.decoder = decoder
         self.tokens_generated = 0  # running count of sampled tokens (an EOS counts, padding after it does not)
 

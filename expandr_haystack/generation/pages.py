@@ -5,7 +5,7 @@ Hand back the memory of model weights that were read once from a memory-mapped f
 it is read. `PackedLlamaDecoder` reads every weight once to build its own (prepacked or int8) copy of the projections
 and the vocabulary head and from then on decodes with that copy (only the embedding rows of the tokens it meets and
 the norm vectors are read from the model's tensors again), so after packing the model's weights sit in RSS twice
-(~540 MB for SmolLM2-135M in float32: a quarter of `make run`'s footprint, issue 15). Those pages are *clean* file
+(~540 MB for SmolLM2-135M in float32: a quarter of `make run`'s footprint). Those pages are *clean* file
 pages: the kernel can drop them and read them back from the file when they are used again, with the same bytes.
 
 `release_clean_file_pages(tensors)` does exactly that and nothing more: for each mapping the tensors lie in, it asks

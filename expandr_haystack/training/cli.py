@@ -175,7 +175,7 @@ def _out_file(text: str) -> str:
 # -- expandr pairs ---------------------------------------------------------------------------------------------------
 def add_pairs_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `expandr pairs`; their defaults are `PairConfig`'s."""
-    from expandr_haystack.generation import BACKENDS
+    from expandr_haystack.options import ENGINES
 
     d = {f.name: f.default for f in dataclasses.fields(PairConfig)}
     p.add_argument("--data", required=True, type=_collection,
@@ -210,8 +210,9 @@ def add_pairs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-answer", dest="use_answer", action="store_false", default=d["use_answer"],
                    help="document-only reward (ablation; no answers generated)")
     p.add_argument("--device", default=None, help='"cpu", "cuda:0", ... (default: best available)')
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="LLM generation engine (default auto: the packed float32 decoder on CPU)")
+    p.add_argument("--engine", "--backend", dest="engine", default="auto", choices=ENGINES,
+                   help="LLM generation engine (default auto: the packed float32 decoder on CPU; --backend is its "
+                        "old name)")
     p.add_argument("--grounded", action="store_true",
                    help="candidates written with GROUNDED_PROMPT from each query and its top first-pass hits by "
                         "--encoder (beyond the paper; the pair's prompt holds the passages)")
@@ -266,7 +267,7 @@ def run_pairs(args: argparse.Namespace) -> int:
     prompt = GROUNDED_PROMPT if args.grounded else EXPANSION_PROMPT
     expander, answerer, scorer = make_components(config, llm=args.llm, adapter=args.adapter, encoder=args.encoder,
                                                  cache=cache, device=device, progress_bar=False,
-                                                 backend=args.backend, prompt=prompt, passages_k=args.passages_k,
+                                                 engine=args.engine, prompt=prompt, passages_k=args.passages_k,
                                                  passage_words=args.passage_words)
     passages = first_pass_hits(collection, args.encoder, args.passages_k, device) if args.grounded else None
     print(f"{collection.path}: split {args.split!r}, {len(collection.queries)} judged queries; "

@@ -4,8 +4,9 @@ Every training setting, validated before any model loads: `PairConfig` (DPO pair
 holds one of each).
 
 Each dataclass has `validate()`, built on `expandr_haystack.checks`; a bad value is a `ConfigError` (a ValueError)
-naming the key (``pairs.n_candidates`` inside a `JointConfig`) and what was expected. This module imports no
-training code, so reading a config never loads a model or a trainer.
+naming the key (``pairs.n_candidates`` inside a `JointConfig`) and what was expected; the rules, the conversion of
+YAML values and the checks of a whole run are in `config_checks`, what differs between transformers releases in
+`compat`. This module (and those) imports no training code, so reading a config never loads a model or a trainer.
 
 Usage:
 ```python
@@ -26,113 +27,19 @@ from typing import Any
 
 import yaml
 
-from expandr_haystack.checks import check_choice, check_int, check_model_name, check_number
-
-
-class ConfigError(ValueError):
-    """A training configuration is invalid; the message names the key and what was expected."""
-
-
-# -- one validation style -------------------------------------------------------------------------------------------
-def _key(section: str, name: str) -> str:
-    return f"{section}.{name}" if section else name
-
-
-def _fail(key: str, expected: str, value: Any) -> None:
-    """Raise the `ConfigError` of a rule `expandr_haystack.checks` has no helper for, in the same wording."""
-    raise ConfigError(f"`{key}` must be {expected}; got {value!r}.")
-
-
-def _checked(check, value: Any, key: str, *args: Any, hint: str = "", **kwargs: Any) -> Any:
-    """``check(value, key, *args)`` (a `expandr_haystack.checks` helper); its error as a `ConfigError` + `hint`."""
-    try:
-        return check(value, key, *args, **kwargs)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise ConfigError(f"{exc} {hint}".strip()) from None
-
-
-def _check_steps(value: Any, key: str) -> None:
-    if value != -1 and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        _fail(key, "-1 (no limit) or an integer >= 1", value)
-
-
-def _check_fraction(value: Any, key: str) -> None:  # [0, 1)
-    _checked(check_number, value, key, 0.0, 1.0)
-    if value >= 1:
-        _fail(key, "a number in [0, 1)", value)
-
-
-#: Experiment trackers transformers' Trainer reports to (`report_to`), besides "none" and "all", as of transformers
-#: 5.2x; `report_to_trackers()` asks the installed transformers (its list differs between releases).
-REPORT_TO = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow", "mlflow",
-             "neptune", "swanlab", "tensorboard", "trackio", "wandb")
-
-
-def report_to_trackers() -> tuple[str, ...]:
-    """The trackers the installed transformers knows (`REPORT_TO` where transformers is not installed)."""
-    try:
-        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-    except ImportError:
-        return REPORT_TO
-    return tuple(sorted(INTEGRATION_TO_CALLBACK))
-
-
-def _check_report_to(value: Any, key: str) -> None:
-    """"none", "all", one tracker of `report_to_trackers()`, or a non-empty list of them (transformers' `report_to`)."""
-    trackers = report_to_trackers()
-    expected = f'"none", "all", one of {list(trackers)} or a list of them'
-    if isinstance(value, str):
-        if value not in ("none", "all") + trackers:
-            _fail(key, expected, value)
-    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v in trackers for v in value):
-        return
-    else:
-        _fail(key, expected, value)
-
-
-#: The packages a tracker of `report_to` needs (any one of them), checked when a `JointConfig` is validated so that a
-#: missing one is named before any model loads (transformers would only fail when the trainer is built).
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-                    "trackio": ("trackio",), "comet_ml": ("comet_ml",), "neptune": ("neptune",),
-                    "clearml": ("clearml",), "swanlab": ("swanlab",), "dvclive": ("dvclive",),
-                    "codecarbon": ("codecarbon",)}
-
-
-def missing_tracker(value: str | list[str] | tuple[str, ...]) -> str | None:
-    """The first tracker named by `report_to` whose package is not installed (None when all are, or for "none" and
-    "all": transformers' "all" takes what is installed)."""
-    import importlib.util
-
-    for name in [value] if isinstance(value, str) else list(value):
-        packages = TRACKER_PACKAGES.get(name, ())
-        if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
-            return name
-    return None
-
-
-def report_to_value(value: str | list[str] | tuple[str, ...]) -> str | list[str]:
-    """A validated `report_to` setting as transformers' `TrainingArguments(report_to=...)` takes it."""
-    return value if isinstance(value, str) else list(value)
-
-
-def checkpointing_kwarg(config_cls: type, enabled: bool) -> dict[str, bool]:
-    """
-    ``{name: enabled}`` for the activation-checkpointing switch of `config_cls` (a `TrainingArguments` dataclass such
-    as `trl.DPOConfig`): ``activation_checkpointing`` where the class has that field (newer transformers 5.x, where
-    ``gradient_checkpointing`` is a deprecated alias), else ``gradient_checkpointing`` (transformers 5.0-5.17).
-
-    Usage:
-    ```python
-    from trl import DPOConfig
-    DPOConfig(output_dir="out", **checkpointing_kwarg(DPOConfig, True))
-    ```
-    """
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    for name in ("activation_checkpointing", "gradient_checkpointing"):
-        if name in names:
-            return {name: bool(enabled)}
-    raise TypeError(f"{config_cls.__name__} has neither `activation_checkpointing` nor `gradient_checkpointing`: "
-                    f"not a transformers TrainingArguments class?")
+from expandr_haystack.checks import check_choice, check_int, check_number
+from expandr_haystack.training.config_checks import (
+    ConfigError,
+    build_settings,
+    check_fraction,
+    check_report_to,
+    check_run,
+    check_steps,
+    checked,
+    fail,
+    set_dotted,
+    setting_key,
+)
 
 
 # -- pair construction ----------------------------------------------------------------------------------------------
@@ -178,18 +85,19 @@ class PairConfig:
         :param section: Prefix of the keys in messages (``pairs`` inside a `JointConfig`).
         """
         for name in ("max_new_tokens", "answer_max_new_tokens", "chunk_size", "batch_size"):
-            _checked(check_int, getattr(self, name), _key(section, name))
-        _checked(check_int, self.n_candidates, _key(section, "n_candidates"), 2, hint="Two candidates form a pair.")
-        key = _key(section, "temperatures")
+            checked(check_int, getattr(self, name), setting_key(section, name))
+        checked(check_int, self.n_candidates, setting_key(section, "n_candidates"), 2,
+                hint="Two candidates form a pair.")
+        key = setting_key(section, "temperatures")
         if not isinstance(self.temperatures, tuple) or not self.temperatures:
-            _fail(key, "a non-empty list of numbers >= 0", self.temperatures)
+            fail(key, "a non-empty list of numbers >= 0", self.temperatures)
         for i, t in enumerate(self.temperatures):
-            _checked(check_number, t, f"{key}[{i}]", 0.0)
-        _checked(check_number, self.threshold, _key(section, "threshold"))
-        _checked(check_number, self.top_p, _key(section, "top_p"), 0.0, 1.0, low_open=True)
-        _checked(check_int, self.seed, _key(section, "seed"), 0)
+            checked(check_number, t, f"{key}[{i}]", 0.0)
+        checked(check_number, self.threshold, setting_key(section, "threshold"))
+        checked(check_number, self.top_p, setting_key(section, "top_p"), 0.0, 1.0, low_open=True)
+        checked(check_int, self.seed, setting_key(section, "seed"), 0)
         if not isinstance(self.use_answer, bool):
-            _fail(_key(section, "use_answer"), "true or false", self.use_answer)
+            fail(setting_key(section, "use_answer"), "true or false", self.use_answer)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (temperatures as a list), as in ``<pairs>.stats.json``."""
@@ -244,19 +152,19 @@ class DPOSettings:
         :param section: Prefix of the keys in messages (``dpo`` inside a `JointConfig`).
         """
         for name in ("beta", "learning_rate", "num_train_epochs"):
-            _checked(check_number, getattr(self, name), _key(section, name), 0.0, low_open=True)
+            checked(check_number, getattr(self, name), setting_key(section, name), 0.0, low_open=True)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "lora_r",
                      "lora_alpha", "logging_steps"):
-            _checked(check_int, getattr(self, name), _key(section, name))
-        _check_steps(self.max_steps, _key(section, "max_steps"))
-        _check_fraction(self.lora_dropout, _key(section, "lora_dropout"))
-        _checked(check_number, self.warmup_steps, _key(section, "warmup_steps"), 0.0)
+            checked(check_int, getattr(self, name), setting_key(section, name))
+        check_steps(self.max_steps, setting_key(section, "max_steps"))
+        check_fraction(self.lora_dropout, setting_key(section, "lora_dropout"))
+        checked(check_number, self.warmup_steps, setting_key(section, "warmup_steps"), 0.0)
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
-            _fail(_key(section, "target_modules"), "a non-empty list of module names", self.target_modules)
-        _checked(check_int, self.seed, _key(section, "seed"), 0)
-        _check_report_to(self.report_to, _key(section, "report_to"))
+            fail(setting_key(section, "target_modules"), "a non-empty list of module names", self.target_modules)
+        checked(check_int, self.seed, setting_key(section, "seed"), 0)
+        check_report_to(self.report_to, setting_key(section, "report_to"))
         if self.device is not None and (not isinstance(self.device, str) or not self.device.strip()):
-            _fail(_key(section, "device"), "a device name such as 'cpu' or 'cuda:0', or null", self.device)
+            fail(setting_key(section, "device"), "a device name such as 'cpu' or 'cuda:0', or null", self.device)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -308,23 +216,23 @@ class RetrieverSettings:
     def validate(self, section: str = "retriever") -> None:
         """Raise a `ConfigError` naming the first bad setting (keys prefixed with `section`)."""
         for name in ("temperature", "learning_rate"):
-            _checked(check_number, getattr(self, name), _key(section, name), 0.0, low_open=True)
-        _check_steps(self.max_steps, _key(section, "max_steps"))
-        _checked(check_number, self.epochs, _key(section, "epochs"), 0.0)
+            checked(check_number, getattr(self, name), setting_key(section, name), 0.0, low_open=True)
+        check_steps(self.max_steps, setting_key(section, "max_steps"))
+        checked(check_number, self.epochs, setting_key(section, "epochs"), 0.0)
         if self.epochs == 0 and self.max_steps < 1:
-            _fail(_key(section, "epochs"), "> 0 (or max_steps > 0)", self.epochs)
-        _checked(check_int, self.batch_size, _key(section, "batch_size"), 2,
+            fail(setting_key(section, "epochs"), "> 0 (or max_steps > 0)", self.epochs)
+        checked(check_int, self.batch_size, setting_key(section, "batch_size"), 2,
                  hint="A batch needs two rows for in-batch negatives.")
         for name in ("max_length", "max_positives_per_query", "hard_negative_depth", "logging_steps"):
-            _checked(check_int, getattr(self, name), _key(section, name))
-        _checked(check_int, self.hard_negatives, _key(section, "hard_negatives"), 0)
-        _checked(check_int, self.hard_negative_skip, _key(section, "hard_negative_skip"), 0)
+            checked(check_int, getattr(self, name), setting_key(section, name))
+        checked(check_int, self.hard_negatives, setting_key(section, "hard_negatives"), 0)
+        checked(check_int, self.hard_negative_skip, setting_key(section, "hard_negative_skip"), 0)
         if self.hard_negative_skip >= self.hard_negative_depth:
-            _fail(_key(section, "hard_negative_skip"), f"in [0, hard_negative_depth) = [0, {self.hard_negative_depth})",
-                  self.hard_negative_skip)
-        _checked(check_number, self.query_weight, _key(section, "query_weight"), 0.0, 1.0)
-        _check_fraction(self.warmup_ratio, _key(section, "warmup_ratio"))
-        _check_report_to(self.report_to, _key(section, "report_to"))
+            fail(setting_key(section, "hard_negative_skip"),
+                 f"in [0, hard_negative_depth) = [0, {self.hard_negative_depth})", self.hard_negative_skip)
+        checked(check_number, self.query_weight, setting_key(section, "query_weight"), 0.0, 1.0)
+        check_fraction(self.warmup_ratio, setting_key(section, "warmup_ratio"))
+        check_report_to(self.report_to, setting_key(section, "report_to"))
 
 
 #: Expansion modes of training: the paper's query-to-document prompt, or the grounded prompt that reads the top hits
@@ -368,30 +276,18 @@ class ExpansionSettings:
 
     def validate(self, section: str = "expansion") -> None:
         """Raise a `ConfigError` naming the first bad setting (keys prefixed with `section`)."""
-        _checked(check_int, self.n_expansions, _key(section, "n_expansions"))
-        _checked(check_number, self.temperature, _key(section, "temperature"), 0.0)
-        _checked(check_number, self.top_p, _key(section, "top_p"), 0.0, 1.0, low_open=True)
-        _checked(check_int, self.max_new_tokens, _key(section, "max_new_tokens"))
-        _checked(check_int, self.batch_size, _key(section, "batch_size"))
-        _checked(check_choice, self.mode, _key(section, "mode"), EXPANSION_MODES)
-        _checked(check_int, self.passages_k, _key(section, "passages_k"))
-        _checked(check_int, self.passage_words, _key(section, "passage_words"))
+        checked(check_int, self.n_expansions, setting_key(section, "n_expansions"))
+        checked(check_number, self.temperature, setting_key(section, "temperature"), 0.0)
+        checked(check_number, self.top_p, setting_key(section, "top_p"), 0.0, 1.0, low_open=True)
+        checked(check_int, self.max_new_tokens, setting_key(section, "max_new_tokens"))
+        checked(check_int, self.batch_size, setting_key(section, "batch_size"))
+        checked(check_choice, self.mode, setting_key(section, "mode"), EXPANSION_MODES)
+        checked(check_int, self.passages_k, setting_key(section, "passages_k"))
+        checked(check_int, self.passage_words, setting_key(section, "passage_words"))
 
 
 #: The sections of a `JointConfig` and their settings classes.
 SECTIONS = {"expansion": ExpansionSettings, "retriever": RetrieverSettings, "pairs": PairConfig, "dpo": DPOSettings}
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
-    """Set `raw["a"]["b"] = value` for the override key "a.b" (a top-level key has no dot)."""
-    *sections, leaf = key.split(".")
-    node = raw
-    for section in sections:
-        child = node.setdefault(section, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{source}: --set {key}: {section!r} is not a section of the config.")
-        node = child
-    node[leaf] = value
 
 
 @dataclass
@@ -442,8 +338,8 @@ class JointConfig:
             raise ConfigError(f"{source}: expected a mapping of settings; got {type(raw).__name__}.")
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
-            kwargs[key] = _build(SECTIONS[key], value, f"{source}: {key}") if key in SECTIONS else value
-        config = _build(cls, kwargs, source)
+            kwargs[key] = build_settings(SECTIONS[key], value, f"{source}: {key}") if key in SECTIONS else value
+        config = build_settings(cls, kwargs, source)
         config.validate(source)
         return config
 
@@ -460,7 +356,7 @@ class JointConfig:
         if isinstance(raw, dict):
             for key, value in (overrides or {}).items():
                 if value is not None:
-                    _set_dotted(raw, key, value, str(path))
+                    set_dotted(raw, key, value, str(path))
         return cls.from_dict(raw, str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -485,135 +381,10 @@ class JointConfig:
     def validate(self, source: str = "config") -> None:
         """Raise `ConfigError` for impossible values (before any model loads); the message starts with `source`."""
         try:
-            self._validate()
+            check_run(self)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
-    def _validate(self) -> None:
-        from expandr_haystack.evaluation.data import DataError, resolve_collection_path
-        from expandr_haystack.evaluation.runner import parse_methods
-        from expandr_haystack.generation import BACKENDS
 
-        _checked(check_int, self.rounds, "rounds")
-        if self.train_split == self.eval_split:
-            _fail("eval_split", f"different from train_split ({self.train_split!r})", self.eval_split)
-        for key in ("max_train_queries", "max_eval_queries", "max_corpus_documents"):
-            if getattr(self, key) is not None:
-                _checked(check_int, getattr(self, key), key, hint="Use null for no limit.")
-        _checked(check_int, self.seed, "seed", 0)
-        if not isinstance(self.baselines, bool):
-            _fail("baselines", "true or false", self.baselines)
-        v = self.validation_queries
-        if v is not None and v != 0:
-            if isinstance(v, float):
-                if not 0 < v < 1:
-                    _fail("validation_queries", "an integer >= 0, a fraction in (0, 1), or null", v)
-            else:
-                _checked(check_int, v, "validation_queries", 0, hint="Use a fraction in (0, 1), or 0/null for none.")
-        if self.eval_seeds is not None:
-            if isinstance(self.eval_seeds, (str, bytes)) or not isinstance(self.eval_seeds, (list, tuple)) \
-                    or not self.eval_seeds:
-                _fail("eval_seeds", "a non-empty list of integers >= 0, or null (one seed: `seed`)", self.eval_seeds)
-            for i, s in enumerate(self.eval_seeds):
-                _checked(check_int, s, f"eval_seeds[{i}]", 0)
-            if len(set(self.eval_seeds)) != len(self.eval_seeds):
-                _fail("eval_seeds", "distinct seeds", self.eval_seeds)
-        for key in ("data", "train_split", "eval_split", "device"):
-            value = getattr(self, key)
-            if (value is not None or key != "device") and (not isinstance(value, str) or not value.strip()):
-                _fail(key, "a non-empty string" + (" or null" if key == "device" else ""), value)
-        _checked(check_choice, self.llm_backend, "llm_backend", BACKENDS)
-        self.expansion.validate("expansion")
-        self.retriever.validate("retriever")
-        self.pairs.validate("pairs")
-        self.dpo.validate("dpo")
-        try:
-            parse_methods(self.eval_methods)
-        except ValueError as exc:
-            raise ConfigError(f"`eval_methods`: {exc}") from None
-        try:
-            root = resolve_collection_path(self.data)
-        except DataError as exc:
-            raise ConfigError(f"`data`: {exc}") from None
-        for split in (self.train_split, self.eval_split):
-            if not (root / "qrels" / f"{split}.tsv").exists():
-                raise ConfigError(f"split {split!r}: no file {root / 'qrels' / f'{split}.tsv'}.")
-        for key in ("encoder", "llm"):  # hub ids pass; a local-looking path must exist
-            _checked(check_model_name, getattr(self, key), key)
-        # what the machine offers, last, so that the data, the models and every setting above are named the same
-        # way on any machine: the trackers, the device, then the vLLM backend (which needs a GPU too)
-        for section in ("retriever", "dpo"):
-            tracker = missing_tracker(getattr(self, section).report_to)
-            if tracker is not None:
-                raise ConfigError(f"`{section}.report_to` names {tracker!r} but its package is not installed: "
-                                  f"pip install {TRACKER_PACKAGES[tracker][0]} (or set report_to: none).")
-        if self.device and str(self.device).startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError(f"`device` is {self.device!r} but this machine has no CUDA GPU (torch "
-                                  f"{torch.__version__}); this config is meant for GPU machines. Use "
-                                  f"training/configs/tiny-cpu.yaml here, or set device: cpu.")
-        if self.llm_backend == "vllm":
-            from expandr_haystack.generation.vllm import vllm_unavailable_reason
-
-            reason = vllm_unavailable_reason()
-            if reason is not None:
-                raise ConfigError(f"`llm_backend` is 'vllm' but {reason}; this setting is meant for GPU machines. "
-                                  f"Use llm_backend: auto here.")
-
-
-def _build(cls, values: Any, where: str):
-    """An instance of the dataclass `cls` from a mapping, with YAML-friendly conversions; errors name the key."""
-    if isinstance(values, cls):
-        return values
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping; got {type(values).__name__}.")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}.")
-    converted = {}
-    for k, v in values.items():
-        default = names[k].default
-        if isinstance(default, tuple) and isinstance(v, (list, str)):
-            v = tuple(x.strip() for x in v.split(",")) if isinstance(v, str) else tuple(v)
-            if default and isinstance(default[0], float):
-                try:
-                    v = tuple(float(x) for x in v)
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{where}: `{k}` must be a list of numbers; got {values[k]!r}.") from None
-        elif isinstance(default, bool) and not isinstance(v, bool):
-            raise ConfigError(f"{where}: `{k}` must be true or false; got {v!r}.")
-        elif isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        elif isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(v, (int, float)):
-            raise ConfigError(f"{where}: `{k}` must be a number; got {v!r}.")
-        converted[k] = v
-    try:
-        return cls(**converted)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-
-
-__all__ = [
-    "EXPANSION_MODES",
-    "MODE_METHODS",
-    "REPORT_TO",
-    "SECTIONS",
-    "TRACKER_PACKAGES",
-    "ConfigError",
-    "DPOSettings",
-    "ExpansionSettings",
-    "JointConfig",
-    "PairConfig",
-    "RetrieverSettings",
-    "checkpointing_kwarg",
-    "missing_tracker",
-    "report_to_trackers",
-    "report_to_value",
-]
+__all__ = ["EXPANSION_MODES", "MODE_METHODS", "SECTIONS", "ConfigError", "DPOSettings", "ExpansionSettings",
+           "JointConfig", "PairConfig", "RetrieverSettings"]

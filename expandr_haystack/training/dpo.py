@@ -39,7 +39,8 @@ from typing import Any
 
 from expandr_haystack.checks import check_adapter_dir
 from expandr_haystack.files import atomic_write_text
-from expandr_haystack.training.config import DPOSettings, checkpointing_kwarg, report_to_value
+from expandr_haystack.training.compat import checkpointing_kwarg, report_to_value
+from expandr_haystack.training.config import DPOSettings
 
 logger = logging.getLogger(__name__)
 

@@ -59,13 +59,12 @@ from expandr_haystack.core.reward import REASONS as SCORER_REASONS
 from expandr_haystack.core.text import (
     ANSWER_PROMPT,
     EXPANSION_PROMPT,
-    chat_messages,
     document_text,
-    format_passages,
     has_placeholder,
 )
 from expandr_haystack.evaluation.data import Collection, parse_jsonl
 from expandr_haystack.files import append_jsonl, atomic_write_json, cut_partial_last_line
+from expandr_haystack.options import GenerationSettings, SamplerOptions
 from expandr_haystack.training.config import PairConfig
 
 logger = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ def sidecar_paths(out_path: str | Path) -> dict[str, Path]:
 
 def make_components(config: PairConfig | None = None, llm: str | None = None, adapter: str | None = None,
                     encoder: str | None = None, cache: str | None = None, device=None,
-                    progress_bar: bool = False, backend: str = "auto", prompt: str = EXPANSION_PROMPT,
+                    progress_bar: bool = False, engine: str = "auto", prompt: str = EXPANSION_PROMPT,
                     passages_k: int = 3,
                     passage_words: int = 50) -> tuple[LLMQueryExpander, LLMQueryExpander | None, RewardScorer]:
     """
@@ -127,17 +126,19 @@ def make_components(config: PairConfig | None = None, llm: str | None = None, ad
     :param passage_words: Words kept of each hit.
     """
     config = config or PairConfig()
+    generation = GenerationSettings(temperature=config.temperatures[0], top_p=config.top_p,
+                                    max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                                    seed=config.seed, progress_bar=progress_bar)
+    sampler = SamplerOptions(engine=engine, device=device)
     expander = LLMQueryExpander(model=llm, adapter=adapter, prompt=prompt, n_expansions=config.n_candidates,
-                                temperature=config.temperatures[0], top_p=config.top_p,
-                                max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed,
-                                cache=cache, device=device, progress_bar=progress_bar, backend=backend,
-                                passages_k=passages_k, passage_words=passage_words)
+                                generation=generation, sampler=sampler, cache=cache, passages_k=passages_k,
+                                passage_words=passage_words)
     answerer = None
     if config.use_answer:
-        answerer = LLMQueryExpander(model=llm, adapter=adapter, prompt=ANSWER_PROMPT, n_expansions=1, temperature=0.0,
-                                    max_new_tokens=config.answer_max_new_tokens, batch_size=config.batch_size,
-                                    seed=config.seed, cache=cache, device=device, on_failure="skip",
-                                    progress_bar=progress_bar, backend=backend)
+        answerer = LLMQueryExpander(model=llm, adapter=adapter, prompt=ANSWER_PROMPT, n_expansions=1,
+                                    generation=generation.replace(temperature=0.0,
+                                                                  max_new_tokens=config.answer_max_new_tokens),
+                                    sampler=sampler, cache=cache, on_failure="skip")
     scorer = RewardScorer(model=encoder, threshold=config.threshold, device=device)
     return expander, answerer, scorer
 
@@ -341,10 +342,9 @@ def _process_chunk(chunk: Sequence[str], collection: Collection, expander, answe
             record.update(kept=res["kept"], reason=res["reason"],
                           best_score=None if not math.isfinite(res["best_score"]) else res["best_score"])
             if res["kept"]:
-                fields = {} if passages is None else {
-                    "passages": format_passages(passages[qid], expander.passages_k, expander.passage_words)}
-                row = pair_row(qid, chat_messages(expander.prompt, queries[k], expander.system_prompt, **fields), res,
-                               doc_ids[k])
+                messages = expander.prompt_messages([queries[k]],
+                                                    passages=None if passages is None else [passages[qid]])[0]
+                row = pair_row(qid, messages, res, doc_ids[k])
                 record["margin"] = row["rewards"]["margin"]
             else:
                 record["margin"] = None

@@ -31,7 +31,9 @@ from haystack.document_stores.types import DocumentStore
 from expandr_haystack.components.retriever import ExpandRRetriever
 from expandr_haystack.core.text import document_text
 from expandr_haystack.evaluation.data import Collection
-from expandr_haystack.training.config import RetrieverSettings, checkpointing_kwarg, report_to_value
+from expandr_haystack.options import FusionSettings
+from expandr_haystack.training.compat import checkpointing_kwarg, report_to_value
+from expandr_haystack.training.config import RetrieverSettings
 from expandr_haystack.training.runfiles import is_main_process, replace_dir, tensorboard_logging_dir
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def mine_hard_negatives(collection: Collection, query_ids: Sequence[str], expans
     if settings.hard_negatives == 0:
         return {q: [] for q in query_ids}
     retriever = ExpandRRetriever(store, model=encoder, top_k=settings.hard_negative_depth,
-                                 query_weight=settings.query_weight, device=device, progress_bar=False)
+                                 fusion=FusionSettings(query_weight=settings.query_weight), device=device)
     queries = [collection.queries[q] for q in query_ids]
     results = retriever.retrieve(queries, expansions, top_k=settings.hard_negative_depth)
     negatives = {}

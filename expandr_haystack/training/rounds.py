@@ -23,6 +23,9 @@ same encoder (paired randomization test on per-query nDCG@10).
 also shows the LLM the top `expansion.passages_k` hits of a first dense pass: in step 1 by encoder_{r-1}, in steps 3
 and 5 by encoder_r), so DPO teaches the LLM what to take from the passages.
 
+This module runs the rounds and their steps; the evaluations (the baselines, step 5, ``metrics.json``, the report
+and the model cards' metrics) live in `round_eval`, the pipeline that step 6 saves in `round_pipeline`.
+
 Every step writes its outputs atomically and is recorded in ``state.json`` (`runfiles.RunFolder`); ``resume=True``
 skips finished steps. Expansions and answers live in one sqlite cache, pair building is itself resumable, so a killed
 run never regenerates text it already has.
@@ -50,168 +53,14 @@ from expandr_haystack.checks import is_adapter_dir
 from expandr_haystack.evaluation.data import Collection, load_collection
 from expandr_haystack.files import atomic_write_json, atomic_write_text
 from expandr_haystack.training.config import ConfigError, JointConfig
+from expandr_haystack.training.round_eval import RoundEvaluation
+from expandr_haystack.training.round_pipeline import absolute_if_local, round_pipeline_yaml
 from expandr_haystack.training.runfiles import RunFolder, RunFolderError, is_main_process, replace_dir
 
 logger = logging.getLogger(__name__)
 
-#: Labels of the round-0 rows in ``metrics.json``.
-ZERO_SHOT = "zero-shot (untrained LLM)"
-SUPERVISED = "supervised, no expansion"
-#: What every round-0 report evaluates with the base encoder and the untrained LLM (plus `eval_methods`).
-BASELINE_METHODS = ("bm25", "dense", "prf", "expand", "grounded")
-#: What every round evaluates with its encoder (plus the ExpandR method of `expansion.mode`, and `eval_methods`).
-ROUND_METHODS = ("dense", "prf")
-#: Rocchio settings of `prf` when there is no validation split (`evaluation.runner.evaluate`'s defaults).
-DEFAULT_FEEDBACK = {"feedback_k": 3, "feedback_weight": 0.7}
 
-
-#: The init parameters that hold model, adapter or cache paths, rewritten relative to the run folder in a round's
-#: ``pipeline.yaml`` (at any depth: nested query embedders and retrievers too).
-PATH_KEYS = ("model", "adapter", "cache")
-#: The pipeline ``metadata`` key of a round's ``pipeline.yaml``: the folder its ``./`` paths are relative to, itself
-#: relative to the YAML file's folder (".." = the run folder, the parent of ``round_<r>/``).
-PATHS_BASE_KEY = "expandr_paths_relative_to"
-
-
-def _is_relative_marker(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith(("./", "../"))
-
-
-def _rewrite_paths(node: Any, rewrite) -> Any:
-    """A copy of `node` (a pipeline dict) with `rewrite(value)` applied to the string values of `PATH_KEYS`."""
-    if isinstance(node, dict):
-        return {k: (rewrite(v) if k in PATH_KEYS and isinstance(v, str) else _rewrite_paths(v, rewrite))
-                for k, v in node.items()}
-    if isinstance(node, list):
-        return [_rewrite_paths(v, rewrite) for v in node]
-    return node
-
-
-def relative_pipeline_paths(data: dict[str, Any], base: str | Path) -> dict[str, Any]:
-    """
-    `data` (a `Pipeline.to_dict()`) with every model/adapter/cache path inside `base` written as ``./<path relative
-    to base>`` (POSIX separators); other values (hub ids, paths outside `base`, None) unchanged. The ``./`` prefix
-    keeps them local paths for the components (``round_1/encoder`` alone would read as a Hugging Face id).
-    """
-    base = Path(base).resolve()
-
-    def rewrite(value: str) -> str:
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            return value
-        try:
-            return "./" + path.resolve().relative_to(base).as_posix()
-        except ValueError:  # outside the run folder (the base LLM, say): kept as it is
-            return value
-
-    return _rewrite_paths(data, rewrite)
-
-
-def resolve_pipeline_paths(data: dict[str, Any], base: str | Path) -> dict[str, Any]:
-    """The inverse of `relative_pipeline_paths`: every ``./`` or ``../`` model/adapter/cache path made absolute
-    against `base`."""
-    base = Path(base).expanduser().resolve()
-    return _rewrite_paths(data, lambda v: str((base / v).resolve()) if _is_relative_marker(v) else v)
-
-
-def load_round_pipeline(path: str | Path, base: str | Path | None = None):
-    """
-    Load a round's ``pipeline.yaml`` from wherever its run folder now lives (moved or copied folders included).
-
-    The YAML names the round's encoder, adapter and the run's expansion cache by paths relative to the run folder
-    (``./round_1/encoder``); its ``metadata`` says where that folder is from the YAML's own folder (``..``). This
-    reads the file, makes those paths absolute against that folder (or `base`) and builds the pipeline, so it loads
-    from any working directory. (Plain ``Pipeline.loads(text)`` works too when run from inside the run folder.)
-    A YAML written before these relative paths existed (absolute paths) loads unchanged.
-
-    Usage:
-    ```python
-    from expandr_haystack.training import load_round_pipeline
-
-    pipeline = load_round_pipeline("runs/tiny-cpu/round_2/pipeline.yaml")
-    encoder = pipeline.get_component("retriever").model    # index documents with this encoder
-    ```
-
-    :param path: The ``pipeline.yaml`` file.
-    :param base: The folder the ``./`` paths are relative to (default: from the YAML's metadata, else the YAML's
-        folder).
-    :returns: A `haystack.Pipeline`.
-    """
-    from haystack import Pipeline
-    from haystack.marshal import YamlMarshaller
-
-    import expandr_haystack  # noqa: F401 - registers the package with Haystack's deserialization allow-list
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"`path`: no pipeline YAML at {str(path)!r}.")
-    data = YamlMarshaller().unmarshal(path.read_text())
-    if base is None:
-        relative = (data.get("metadata") or {}).get(PATHS_BASE_KEY, ".")
-        base = path.parent / relative
-    return Pipeline.from_dict(resolve_pipeline_paths(data, base))
-
-
-def round_pipeline_yaml(round_: int, expander, encoder: str | Path, query_weight: float = 0.5,
-                        top_k: int = 10, base: str | Path | None = None) -> str:
-    """
-    The YAML of a ready search pipeline for one round's models: `expander` -> `ExpandRRetriever(encoder)` over an
-    in-memory store (index the documents with `SentenceTransformersDocumentEmbedder(model=encoder)`, as the header
-    comment says). A grounded `expander` (`GROUNDED_PROMPT`) gets a first pass: `ExpandRRetriever(encoder,
-    top_k=expander.passages_k)` over the same store, its documents wired to the expander.
-
-    Usage:
-    ```python
-    text = round_pipeline_yaml(1, LLMQueryExpander(adapter="runs/x/round_1/adapter"), "runs/x/round_1/encoder",
-                               base="runs/x")    # paths relative to runs/x: ./round_1/encoder, ./round_1/adapter
-    Pipeline.loads(text)                         # from inside runs/x; anywhere: load_round_pipeline(<file>)
-    ```
-
-    :param round_: The round (names the store's index and the header comment).
-    :param expander: An `LLMQueryExpander` (serialised with its settings: model, adapter, cache, ...).
-    :param encoder: The round's encoder folder.
-    :param query_weight: w of the fused query vector (the round's, chosen on validation).
-    :param top_k: Documents the retriever returns.
-    :param base: The run folder: model, adapter and cache paths inside it are written as ``./<relative path>``
-        (`relative_pipeline_paths`), and the pipeline's metadata records it as ``..`` (the YAML goes to
-        ``<base>/round_<r>/pipeline.yaml``; `load_round_pipeline` reads it). None = absolute paths.
-    :returns: A comment header (how to load, index and run it), then the pipeline's YAML.
-    """
-    from haystack import Pipeline
-    from haystack.document_stores.in_memory import InMemoryDocumentStore
-    from haystack.marshal import YamlMarshaller
-
-    from expandr_haystack.components.retriever import ExpandRRetriever
-
-    encoder = str(Path(encoder).resolve())
-    p = Pipeline(metadata={PATHS_BASE_KEY: ".."} if base is not None else None)
-    store = InMemoryDocumentStore(index=f"expandr-round-{round_}", embedding_similarity_function="cosine")
-
-    inputs = '{"expander": {"query": q}}'
-    if expander.grounded:
-        p.add_component("first_pass", ExpandRRetriever(document_store=store, model=encoder,
-                                                       top_k=expander.passages_k))
-        inputs = '{"first_pass": {"query": q}, "expander": {"query": q}}'
-    p.add_component("expander", expander)
-    p.add_component("retriever", ExpandRRetriever(document_store=store, model=encoder, top_k=top_k,
-                                                  query_weight=query_weight))
-    if expander.grounded:
-        p.connect("first_pass.documents", "expander.documents")
-    p.connect("expander.query", "retriever.query")
-    p.connect("expander.expansions", "retriever.expansions")
-    if base is None:
-        return (f"# Search pipeline of round {round_}: index documents with SentenceTransformersDocumentEmbedder("
-                f"model={encoder!r}), then run this with inputs {inputs}.\n{p.dumps()}")
-    data = relative_pipeline_paths(p.to_dict(), base)
-    shown = relative_pipeline_paths({"model": encoder}, base)["model"]
-    return (f"# Search pipeline of round {round_}: paths are relative to the run folder; load it with\n"
-            f"# expandr_haystack.training.load_round_pipeline(<this file>) from anywhere (or Pipeline.loads from inside "
-            f"the run folder),\n# index documents with SentenceTransformersDocumentEmbedder(model=<the run folder>/"
-            f"{shown[2:]}), then run it with inputs {inputs}.\n"
-            f"{YamlMarshaller().marshal(data)}")
-
-
-class JointTrainer:
+class JointTrainer(RoundEvaluation):
     """
     Runs the rounds of a `JointConfig` into an output folder.
 
@@ -318,15 +167,16 @@ class JointTrainer:
     def _expander(self, r: int, **overrides: Any):
         """LLM_r as the q2d expander of the config (`expansion` settings; its grounded twin: `_grounded`)."""
         from expandr_haystack.components.expander import LLMQueryExpander
+        from expandr_haystack.options import GenerationSettings, SamplerOptions
 
         e = self.config.expansion
-        kwargs = {"model": self.config.llm, "adapter": self._adapter(r), "n_expansions": e.n_expansions,
-                  "temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens,
-                  "batch_size": e.batch_size, "seed": self.config.seed, "cache": self.cache_path,
-                  "device": self._device(), "progress_bar": self.progress_bar, "backend": self.config.llm_backend,
-                  "passages_k": e.passages_k, "passage_words": e.passage_words}
-        kwargs.update(overrides)
-        return LLMQueryExpander(**kwargs)
+        generation = GenerationSettings(temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
+                                        batch_size=e.batch_size, seed=self.config.seed, progress_bar=self.progress_bar)
+        expander = LLMQueryExpander(model=self.config.llm, adapter=self._adapter(r), n_expansions=e.n_expansions,
+                                    generation=generation,
+                                    sampler=SamplerOptions(engine=self.config.llm_backend, device=self._device()),
+                                    cache=self.cache_path, passages_k=e.passages_k, passage_words=e.passage_words)
+        return expander.with_settings(**overrides) if overrides else expander
 
     @staticmethod
     def _grounded(expander):
@@ -376,8 +226,7 @@ class JointTrainer:
         from expandr_haystack.components.retriever import ExpandRRetriever
 
         k = self.config.expansion.passages_k
-        retriever = ExpandRRetriever(self._store(encoder), model=encoder, top_k=k, device=self._device(),
-                                     progress_bar=False)
+        retriever = ExpandRRetriever(self._store(encoder), model=encoder, top_k=k, device=self._device())
         return retriever.retrieve(queries, None, top_k=k)
 
     # -- the run ---------------------------------------------------------------------------------------------
@@ -415,111 +264,7 @@ class JointTrainer:
         if is_main_process():
             self.folder.finish(step, **info)
 
-    # -- evaluation protocol ----------------------------------------------------------------------------------
-    @property
-    def _baseline_methods(self) -> list[str]:
-        from expandr_haystack.evaluation.runner import parse_methods
-
-        return parse_methods([*BASELINE_METHODS, *self.config.eval_methods])
-
-    @property
-    def _methods(self) -> list[str]:
-        """The methods of every round (bm25 is encoder-independent: reported once, with the baselines)."""
-        from expandr_haystack.evaluation.runner import parse_methods
-
-        return parse_methods([*ROUND_METHODS, self._mode_method,
-                              *(m for m in self.config.eval_methods if m != "bm25")])
-
-    def _settings(self, encoder: str | None, llm_round: int | None, methods: list[str], store=None) -> dict[str, Any]:
-        """
-        The fusion settings of `methods` for (encoder, LLM_llm_round): w of each expansion method and PRF's (k, f),
-        chosen by nDCG@10 on the validation split (`protocol.select_settings`), or the config's
-        (`retriever.query_weight`, k = 3, f = 0.7) without one. ``chosen_on`` says which.
-        """
-        from expandr_haystack.evaluation.protocol import select_settings
-        from expandr_haystack.evaluation.runner import WEIGHTED_METHODS
-
-        w = self.config.retriever.query_weight
-        tunable = [m for m in methods if m == "prf" or m in WEIGHTED_METHODS]
-        validation = self.validation_data
-        if validation is None or not tunable:
-            return {"chosen_on": "config", "query_weight": dict.fromkeys(WEIGHTED_METHODS, w), **DEFAULT_FEEDBACK,
-                    "validation_queries": 0, "validation_ndcg@10": {}}
-        expander = self._expander(llm_round) if llm_round is not None else None
-        chosen = select_settings(validation, tunable, encoder=encoder, expander=expander,
-                                 grounded_expander=None if expander is None else self._grounded(expander),
-                                 store=store, device=self._device())
-        settings = {"chosen_on": "validation", **chosen.to_dict()}
-        settings["query_weight"] = {m: chosen.query_weight.get(m, w) for m in WEIGHTED_METHODS}
-        return settings
-
-    def _evaluate(self, encoder: str | None, methods: list[str], llm_round: int | None, store=None,
-                  settings: dict[str, Any] | None = None):
-        """
-        `protocol.evaluate_seeds` of `methods` on the eval split: encoder + LLM_llm_round's expansions (q2d, and
-        grounded with the same settings), once per seed of `eval_seeds` for the expansion methods.
-        """
-        from expandr_haystack.evaluation.protocol import evaluate_seeds
-
-        settings = settings or self._settings(encoder, llm_round, [], store)
-        expander = self._expander(llm_round) if llm_round is not None else None
-        return evaluate_seeds(self.eval_data, methods, self.config.seeds, expander=expander,
-                              grounded_expander=None if expander is None else self._grounded(expander),
-                              encoder=encoder, store=store, device=self._device(), progress_bar=self.progress_bar,
-                              query_weight=settings["query_weight"], feedback_k=settings["feedback_k"],
-                              feedback_weight=settings["feedback_weight"])
-
-    def _record(self, round_: int, label: str, report, settings: dict[str, Any], series: str | None = None,
-                extra: dict[str, dict[str, Any]] | None = None) -> None:
-        """
-        One ``metrics.json`` row per method of a `SeedReport`: the metrics' means (x1, as `evaluate` reports them),
-        ``<metric>_sd`` over the seeds, ``per_seed`` values, ``seeds`` (the expansion seeds; [] for a method
-        without an LLM), ``queries``, the ``settings`` the method ran with (and how they were chosen), and `extra`.
-        """
-        from expandr_haystack.evaluation.metrics import METRICS
-        from expandr_haystack.evaluation.runner import EXPANSION_METHODS
-
-        rows = {}
-        for method, row in report.rows.items():
-            values: dict[str, Any] = {m: row[m] for m in METRICS}
-            values["queries"] = len(self.eval_data.queries)
-            values.update({f"{m}_sd": row[f"{m}_sd"] for m in METRICS})
-            values["seeds"] = list(self.config.seeds) if method in EXPANSION_METHODS else []
-            values["per_seed"] = row["per_seed"]
-            values["settings"] = self._method_settings(method, report, settings)
-            values.update((extra or {}).get(method, {}))
-            rows[method] = values
-        self.folder.record(round_, label, rows, series=series)
-
-    @staticmethod
-    def _method_settings(method: str, report, settings: dict[str, Any]) -> dict[str, Any]:
-        """What `method` ran with (`evaluate`'s settings), how it was chosen, and its validation scores (x100)."""
-        out = dict(report.settings.get(method, {}))
-        if method == "prf" or method in settings["query_weight"]:
-            out["chosen_on"] = settings["chosen_on"]
-            if settings.get("validation_ndcg@10", {}).get(method):
-                out["validation_queries"] = settings["validation_queries"]
-                out["validation_ndcg@10"] = settings["validation_ndcg@10"][method]
-        return out
-
-    @staticmethod
-    def _report_file(path: Path, settings: dict[str, Any], report, **extra: Any) -> None:
-        atomic_write_json(path, {"settings": settings, "report": report.to_dict(), "per_query": report.per_query,
-                                 **extra})
-
-    # -- baselines -------------------------------------------------------------------------------------------
-    def _zero_shot(self) -> None:
-        """BM25, the base encoder without expansion, with PRF, and with the untrained LLM's q2d and grounded
-        expansions (settings chosen on validation with these models)."""
-        c = self.config
-        store = self._store(c.encoder)
-        methods = self._baseline_methods
-        settings = self._settings(c.encoder, 0, methods, store)
-        report = self._evaluate(c.encoder, methods, 0, store, settings)
-        self._record(0, ZERO_SHOT, report, settings)
-        self._report_file(self.output / "baseline" / "zero-shot.json", settings, report)
-        self.folder.finish("baselines.zero-shot", settings=settings)
-
+    # -- baselines (their evaluation: `round_eval.RoundEvaluation`) --------------------------------------------
     def _supervised_baseline(self) -> dict[str, Any]:
         from expandr_haystack.training.retriever import mine_hard_negatives, train_encoder, training_examples
 
@@ -533,23 +278,6 @@ class JointTrainer:
                       device=self._torch_device(), progress_bar=self.progress_bar,
                       **self._tracking(self.output / "baseline", "baseline-retriever"))
         return {"examples": len(rows)}
-
-    def _supervised_eval(self) -> None:
-        """The supervised encoder without expansion; its per-query nDCG@10 is what each round's ExpandR is tested
-        against."""
-        encoder = str(self.output / "baseline" / "encoder")
-        settings = self._settings(encoder, None, [])
-        report = self._evaluate(encoder, ["dense"], None, self._store(encoder), settings)
-        self._record(0, SUPERVISED, report, settings)
-        self._report_file(self.output / "baseline" / "supervised.json", settings, report)
-        self.folder.finish("baselines.eval")
-
-    def _supervised_per_query(self) -> dict[str, float] | None:
-        """Per-query nDCG@10 of the supervised baseline (None when it was not run, or by an older version)."""
-        path = self.output / "baseline" / "supervised.json"
-        if not path.exists():
-            return None
-        return json.loads(path.read_text())["per_query"]["dense"]
 
     # -- round steps -------------------------------------------------------------------------------------------
     def _expand(self, r: int) -> None:
@@ -589,7 +317,7 @@ class JointTrainer:
         expander, answerer, scorer = make_components(c.pairs, llm=c.llm, adapter=self._adapter(r - 1),
                                                      encoder=self._encoder(r), cache=self.cache_path,
                                                      device=self._device(), progress_bar=self.progress_bar,
-                                                     backend=c.llm_backend,
+                                                     engine=c.llm_backend,
                                                      prompt=GROUNDED_PROMPT if self._is_grounded else EXPANSION_PROMPT,
                                                      passages_k=c.expansion.passages_k,
                                                      passage_words=c.expansion.passage_words)
@@ -642,53 +370,6 @@ class JointTrainer:
         dpo = self.config.dpo
         return dpo if dpo.device is not None else dataclasses.replace(dpo, device=self.config.device)
 
-    def _eval_round(self, r: int) -> None:
-        """5. encoder_r without expansion, with PRF and with LLM_r's expansions (then LLM_{r-1}'s), each with the
-        settings chosen on validation for these models; ExpandR tested against the supervised baseline and PRF."""
-        from expandr_haystack.evaluation.runner import EXPANSION_METHODS
-
-        encoder = self._encoder(r)
-        store = self._store(encoder)
-        methods = self._methods
-        settings = self._settings(encoder, r, methods, store)
-        report = self._evaluate(encoder, methods, r, store, settings)
-        comparisons = self._comparisons(r, report)
-        dpo = {k: v for k, v in self.folder.state["done"].get(f"round{r}.dpo", {}).items() if k != "at"}
-        expand_methods = [m for m in methods if m in EXPANSION_METHODS]
-        extra = {m: {"dpo": dpo} for m in expand_methods}
-        extra[self._mode_method]["comparisons"] = comparisons
-        self.folder.record(r, f"round {r}: encoder_{r} + LLM_{r - 1}", {}, series="LLM_r-1")  # drop a stale row
-        self._record(r, f"round {r}: encoder_{r} + LLM_{r}", report, settings, series="LLM_r", extra=extra)
-        previous = {}
-        if expand_methods and self._adapter(r) != self._adapter(r - 1):
-            before_settings = self._settings(encoder, r - 1, expand_methods, store)
-            before = self._evaluate(encoder, expand_methods, r - 1, store, before_settings)
-            self._record(r, f"round {r}: encoder_{r} + LLM_{r - 1}", before, before_settings, series="LLM_r-1")
-            previous = {"previous_llm": {"settings": before_settings, "report": before.to_dict(),
-                                         "per_query": before.per_query}}
-        self._report_file(self._round_dir(r) / "eval.json", settings, report, **previous)
-        self._plot()
-        self.folder.finish(f"round{r}.eval", settings=settings, comparisons=comparisons)
-
-    def _comparisons(self, r: int, report) -> list[dict[str, Any]]:
-        """Paired randomization tests (nDCG@10 per query, seed-averaged) of ExpandR (encoder_r + LLM_r) against the
-        supervised no-expansion retriever and against PRF on encoder_r."""
-        method = self._mode_method
-        label = f"ExpandR ({method}): encoder_{r} + LLM_{r}"
-        out = []
-        supervised = self._supervised_per_query()
-        if supervised is not None:
-            report.per_query[SUPERVISED] = supervised
-            out.append(report.compare(method, SUPERVISED, label=label))
-        else:
-            logger.warning("Round %d: no supervised baseline in %s; ExpandR is compared with PRF only.", r,
-                           self.output)
-        if "prf" in report.per_query:
-            row = report.compare(method, "prf", label=label)
-            row["baseline"] = f"PRF on encoder_{r}"
-            out.append(row)
-        return out
-
     def _save(self, r: int) -> None:
         """6. A ready YAML search pipeline for round r's models (paths relative to the run folder), with the w chosen
         for ExpandR in round r; our section in the model cards of the round's encoder and adapter."""
@@ -696,7 +377,7 @@ class JointTrainer:
         weights = info.get("settings", {}).get("query_weight", {})
         w = weights.get(self._mode_method, self.config.retriever.query_weight)
         adapter = str(Path(self._adapter(r)).resolve()) if self._adapter(r) else None
-        expander = self._mode_expander(r, model=_absolute_if_local(self.config.llm), adapter=adapter,
+        expander = self._mode_expander(r, model=absolute_if_local(self.config.llm), adapter=adapter,
                                        cache=str(Path(self.cache_path).resolve()), progress_bar=False, device=None)
         rdir = self._round_dir(r)
         # paths inside the run folder are written relative to it (a moved or copied run folder still loads)
@@ -705,81 +386,5 @@ class JointTrainer:
         self._write_model_cards(r, w)
         self.folder.finish(f"round{r}.save", query_weight=w)
 
-    def _write_model_cards(self, r: int, query_weight: float) -> None:
-        """Our section in the model cards of round r's encoder and adapter (`cards.model_card_text`), merged into
-        the ``README.md`` sentence-transformers and PEFT wrote there."""
-        from expandr_haystack.training.cards import model_card_text, write_model_card
 
-        rows = [m for m in self.metrics if m.get("round") == r]
-        rdir = self._round_dir(r)
-        for kind, folder, step in (("encoder", rdir / "encoder", f"round{r}.retriever"),
-                                   ("adapter", rdir / "adapter", f"round{r}.dpo")):
-            if kind == "adapter" and not is_adapter_dir(folder):  # no pair kept: LLM_r is LLM_{r-1}
-                continue
-            if folder.is_dir():
-                info = {k: v for k, v in self.folder.state["done"].get(step, {}).items() if k != "at"}
-                write_model_card(folder, model_card_text(kind, r, self.config, rows, query_weight=query_weight,
-                                                         info=info))
-
-    # -- reporting ---------------------------------------------------------------------------------------------
-    def summary(self) -> str:
-        """
-        A table of nDCG@10 (mean ± sd over the expansion seeds) and Recall@100 by round, setting and method, with
-        each method's fusion setting; then each round's paired tests and DPO figures.
-        """
-        lines = [f"{'round':<6}{'setting':<36}{'method':<11}{'nDCG@10':>9}{'± sd':>7}{'R@100':>8}  setting"]
-        notes = []
-        for m in self.metrics:
-            sd = m.get("ndcg@10_sd")
-            sd_text = f"{100 * sd:>7.2f}" if sd is not None and m.get("seeds") else f"{'':>7}"
-            lines.append(f"{m['round']:<6}{m['label'][:35]:<36}{m['method']:<11}{100 * m['ndcg@10']:>9.2f}{sd_text}"
-                         f"{100 * m['recall@100']:>8.2f}  {_setting_text(m.get('settings') or {})}")
-            for c in m.get("comparisons") or []:
-                notes.append(f"round {m['round']}: {c['method']} vs {c['baseline']}: {c['delta_ndcg@10']:+.2f} "
-                             f"nDCG@10, paired randomization p = {c['p_randomization']:.4f}")
-            dpo = m.get("dpo") or {}
-            if m["method"] == self._mode_method and m.get("series") == "LLM_r" and "rewards/margins" in dpo:
-                notes.append(f"round {m['round']}: DPO on {dpo.get('pairs')} pairs, final rewards/margins "
-                             f"{dpo['rewards/margins']:.4f}, rewards/accuracies {dpo.get('rewards/accuracies', 0):.2f}")
-        seeds = self.config.seeds
-        where = (f"chosen on {len(self.validation_data.queries)} validation queries" if self.validation_data is not None
-                 else "from the config (no validation split)")
-        lines.append(f"(x100; expansion methods averaged over {len(seeds)} seed(s) {seeds}; w and PRF's (k, f) "
-                     f"{where})")
-        return "\n".join(lines + notes)
-
-    def _plot(self) -> None:
-        """``metrics.png``: nDCG@10 by round (`expandr_haystack.evaluation.report.plot_rounds`)."""
-        from expandr_haystack.evaluation.report import plot_rounds
-
-        if self.metrics:
-            plot_rounds(self.metrics, self.output / "metrics.png", self.config.eval_split,
-                        title=f"ExpandR joint training on {Path(self.config.data).name} "
-                              f"({self.config.expansion.mode})")  # a data path: its folder's name
-
-
-def _absolute_if_local(model: str | None) -> str | None:
-    """An existing local model path made absolute (a relative one would only load from today's working directory);
-    hub ids, bundled names and None unchanged."""
-    from expandr_haystack.checks import looks_like_local_path
-
-    if model is not None and looks_like_local_path(model) and Path(model).expanduser().exists():
-        return str(Path(model).expanduser().resolve())
-    return model
-
-
-def _setting_text(settings: dict[str, Any]) -> str:
-    """A method's fusion setting in a few characters: ``w=0.7 (validation)``, ``k=5 f=0.8 (config)``, ``rrf``."""
-    where = f" ({settings['chosen_on']})" if "chosen_on" in settings else ""
-    if settings.get("feedback_k"):
-        return f"k={settings['feedback_k']} f={settings.get('feedback_weight', 0):g}{where}"
-    if settings.get("fusion") == "rrf":
-        return "rrf"
-    if "chosen_on" in settings and "query_weight" in settings:
-        return f"w={settings['query_weight']:g}{where}"
-    return ""
-
-
-__all__ = ["BASELINE_METHODS", "PATHS_BASE_KEY", "PATH_KEYS", "ROUND_METHODS", "SUPERVISED", "ZERO_SHOT",
-           "JointTrainer", "RunFolderError", "load_round_pipeline", "relative_pipeline_paths", "resolve_pipeline_paths",
-           "round_pipeline_yaml"]
+__all__ = ["JointTrainer", "RunFolderError"]

@@ -10,12 +10,12 @@ from expandr_haystack.core.text import check_query as _check_query
 @pytest.mark.parametrize("kwargs,match", [
     ({"n_expansions": 0}, "n_expansions"),
     ({"n_expansions": -2}, "n_expansions"),
-    ({"temperature": -0.1}, "temperature"),
-    ({"top_p": 0}, "top_p"),
+    ({"generation": {"temperature": -0.1}}, "temperature"),
+    ({"generation": {"top_p": 0}}, "top_p"),
     ({"prompt": "no placeholder"}, r"\{query\}"),
-    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"generation": {"max_new_tokens": 0}}, "max_new_tokens"),
     ({"on_failure": "ignore"}, "on_failure"),
-    ({"backend": "onnx"}, "backend"),
+    ({"sampler": {"engine": "onnx"}}, "engine"),
 ])
 def test_expander_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -52,8 +52,8 @@ def test_retriever_settings():
         ExpandRRetriever(store, fusion="max")
     with pytest.raises(ValueError, match="top_k"):
         ExpandRRetriever(store, top_k=0)
-    with pytest.raises(ValueError, match="backend"):
-        ExpandRRetriever(store, backend="bm25")
+    with pytest.raises(ValueError, match="search"):
+        ExpandRRetriever(store, search="bm25")
     with pytest.raises(TypeError, match="document_store"):
         ExpandRRetriever(document_store="not a store")
     with pytest.raises(FileNotFoundError, match="`model`"):

@@ -8,6 +8,7 @@ from haystack import Pipeline
 
 from expandr_haystack import ExpandRRetriever, LLMQueryExpander
 from expandr_haystack.core.text import ANSWER_PROMPT, GROUNDED_PROMPT
+from expandr_haystack.options import GenerationSettings, SamplerOptions
 
 pytestmark = pytest.mark.integration
 QUERIES = ["what is the lift of a wing in a propeller slipstream .",
@@ -16,7 +17,8 @@ QUERIES = ["what is the lift of a wing in a propeller slipstream .",
 
 @pytest.fixture(scope="module")
 def expander(tmp_path_factory):
-    e = LLMQueryExpander(max_new_tokens=12, n_expansions=2, cache=str(tmp_path_factory.mktemp("c") / "e.sqlite"))
+    e = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=12), n_expansions=2,
+                         cache=str(tmp_path_factory.mktemp("c") / "e.sqlite"))
     e.warm_up()
     e.warm_up()  # idempotent
     return e
@@ -39,18 +41,20 @@ def test_cache_hits_cost_no_generation_and_seed_is_batch_independent(expander, t
     assert again == first
     assert after["hits"] - before["hits"] == 4 and after["misses"] == before["misses"]
     # a fresh expander with the same seed and no cache gives the same texts, also one query at a time
-    fresh = LLMQueryExpander(max_new_tokens=12, n_expansions=2, batch_size=1)
+    fresh = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=12, batch_size=1), n_expansions=2)
     assert [fresh.expand([q])[0] for q in QUERIES] == first
-    other_seed = LLMQueryExpander(max_new_tokens=12, n_expansions=2, seed=7)
+    other_seed = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=12, seed=7), n_expansions=2)
     assert other_seed.expand(QUERIES) != first
 
 
 def test_packed_and_transformers_backends_agree_on_the_bundled_model(expander):
     assert expander.engine == "packed"  # the CPU default for the bundled float32 Llama model
-    reference = LLMQueryExpander(max_new_tokens=12, n_expansions=2, backend="transformers")
+    reference = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=12), n_expansions=2,
+                                 sampler=SamplerOptions(engine="transformers"))
     assert reference.engine == "transformers"
     # same row seeds, cached apart: the packed engine's texts are keyed with its name
-    packed_rows, plain_rows = expander._plan(QUERIES, None, None, None), reference._plan(QUERIES, None, None, None)
+    packed_rows = expander._plan(QUERIES, None, None, None, None)
+    plain_rows = reference._plan(QUERIES, None, None, None, None)
     assert [r.seed_key for r in packed_rows] == [r.seed_key for r in plain_rows]
     assert all(a.key != b.key for a, b in zip(packed_rows, plain_rows))
     assert all(r.key == r.seed_key for r in plain_rows)
@@ -67,7 +71,7 @@ def test_run_and_run_async(expander):
 
 
 def test_answer_prompt_uses_the_document():
-    answerer = LLMQueryExpander(prompt=ANSWER_PROMPT, temperature=0.0, max_new_tokens=12)
+    answerer = LLMQueryExpander(prompt=ANSWER_PROMPT, generation=GenerationSettings(temperature=0.0, max_new_tokens=12))
     a = answerer.expand(QUERIES[:1], documents=["The lift increase due to slipstream is about 20 percent."])
     b = answerer.expand(QUERIES[:1], documents=["The lift increase due to slipstream is about 20 percent."])
     assert a == b and a[0][0]
@@ -76,14 +80,15 @@ def test_answer_prompt_uses_the_document():
 
 
 def test_long_query_is_truncated_with_a_warning(caplog):
-    e = LLMQueryExpander(max_new_tokens=4, max_prompt_tokens=64)
+    e = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=4), sampler=SamplerOptions(max_prompt_tokens=64))
     out = e.run(query="wing lift " * 50_000)
     assert out["expansions"] and "truncated" in caplog.text
 
 
 def test_pipeline_python_and_yaml(small_store, tmp_path):
     p = Pipeline()
-    p.add_component("expander", LLMQueryExpander(max_new_tokens=12, cache=str(tmp_path / "p.sqlite")))
+    p.add_component("expander", LLMQueryExpander(generation=GenerationSettings(max_new_tokens=12),
+                                                 cache=str(tmp_path / "p.sqlite")))
     p.add_component("retriever", ExpandRRetriever(document_store=small_store, top_k=3))
     p.connect("expander.query", "retriever.query")
     p.connect("expander.expansions", "retriever.expansions")
@@ -102,7 +107,8 @@ def test_yaml_examples_load_and_run(tmp_path, monkeypatch, cranfield_small):
     examples = Path(__file__).parents[2] / "examples"
     indexing = use_bundled_encoder(Pipeline.loads((examples / "indexing.yaml").read_text()))
     search = Pipeline.loads((examples / "search.yaml").read_text())
-    search.get_component("expander").max_new_tokens = 12
+    search_expander = search.get_component("expander")
+    search_expander.generation = search_expander.generation.replace(max_new_tokens=12)
     indexing.run({"embedder": {"documents": cranfield_small[1][:40]}})
     docs = search.run({"expander": {"query": QUERIES[0]}})["retriever"]["documents"]
     assert len(docs) == 5 and {d.id for d in docs} <= {d.id for d in cranfield_small[1][:40]}
@@ -110,7 +116,7 @@ def test_yaml_examples_load_and_run(tmp_path, monkeypatch, cranfield_small):
     grounded = Pipeline.loads((examples / "grounded_search.yaml").read_text())
     expander = grounded.get_component("expander")
     assert expander.grounded and expander.prompt == GROUNDED_PROMPT
-    expander.max_new_tokens, expander.n_expansions = 12, 1
+    expander.generation, expander.n_expansions = expander.generation.replace(max_new_tokens=12), 1
     out = grounded.run({"first_pass": {"query": QUERIES[0]}, "expander": {"query": QUERIES[0]}},
                        include_outputs_from={"expander"})
     assert len(out["retriever"]["documents"]) == 5 and out["expander"]["expansions"][0]

@@ -11,6 +11,8 @@ from haystack.utils import Secret
 from expandr_haystack import LLMQueryExpander
 from expandr_haystack.cache import cache_key
 from expandr_haystack.core.text import EXPANSION_PROMPT, chat_messages, has_placeholder, render_prompt
+from expandr_haystack.generation.rows import _extra_key_parts
+from expandr_haystack.options import GenerationSettings, SamplerOptions
 
 
 class StubSampler:
@@ -22,7 +24,7 @@ class StubSampler:
 
 def _keys(expander, queries=("what is lift",)):
     expander._sampler = StubSampler()
-    return [r.key for r in expander._plan(list(queries), None, None, None)]
+    return [r.key for r in expander._plan(list(queries), None, None, None, None)]
 
 
 @component
@@ -52,7 +54,7 @@ def test_render_prompt_fills_both_placeholder_forms_in_one_pass():
 def test_jinja_prompt_drives_the_expander():
     exp = LLMQueryExpander(prompt=EXPANSION_PROMPT.replace("{query}", "{{ query }}"))
     _keys(exp)
-    assert exp._plan(["lift"], None, None, None)[0].messages == chat_messages(EXPANSION_PROMPT, "lift")
+    assert exp._plan(["lift"], None, None, None, None)[0].messages == chat_messages(EXPANSION_PROMPT, "lift")
     assert LLMQueryExpander(prompt="{{ passages }}\n{{ query }}").grounded
     with pytest.raises(ValueError, match="placeholder"):
         LLMQueryExpander(prompt="no placeholder here {{ question }}")
@@ -61,8 +63,9 @@ def test_jinja_prompt_drives_the_expander():
     answer = LLMQueryExpander(prompt="Passage: {{ document }}\nQ: {{ query }}")
     answer._sampler = StubSampler()
     with pytest.raises(ValueError, match="documents"):
-        answer._plan(["q"], None, None, None)
-    assert "P" in answer._plan(["q"], None, ["P"], None)[0].messages[-1]["content"]
+        answer.prompt_messages(["q"])
+    assert "P" in answer.prompt_messages(["q"], ["P"])[0][-1]["content"]
+    assert "P" in answer._plan(["q"], ["P"], None, None, None)[0].messages[-1]["content"]
 
 
 # -- generation_kwargs and the cache key -------------------------------------------------------------------------
@@ -71,34 +74,43 @@ def test_default_settings_keep_the_cache_keys_of_earlier_versions():
     old = cache_key(model="hub:org/llm@auto", prompt=EXPANSION_PROMPT, system=None, query="what is lift",
                     document=None, index=0, temperature=1.0, top_p=0.9, max_new_tokens=96, seed=42)
     assert _keys(LLMQueryExpander()) == [old]
-    assert _keys(LLMQueryExpander(generation_kwargs={})) == [old]
-    assert _keys(LLMQueryExpander(generation_kwargs={"temperature": 1.0, "top_p": 0.9})) == [old]
+    assert _keys(LLMQueryExpander(generation=GenerationSettings.from_generation_kwargs({}))) == [old]
+    assert _keys(LLMQueryExpander(generation=GenerationSettings.from_generation_kwargs(
+        {"temperature": 1.0, "top_p": 0.9}))) == [old]
 
 
 def test_generation_kwargs_set_the_settings_and_change_the_key():
     base = _keys(LLMQueryExpander())
-    exp = LLMQueryExpander(generation_kwargs={"max_new_tokens": 40, "temperature": 0.5, "top_p": 0.95})
-    assert (exp.max_new_tokens, exp.temperature, exp.top_p, exp.generation_kwargs) == (40, 0.5, 0.95, {})
+    exp = LLMQueryExpander(generation=GenerationSettings.from_generation_kwargs(
+        {"max_new_tokens": 40, "temperature": 0.5, "top_p": 0.95}))
+    g = exp.generation
+    assert (g.max_new_tokens, g.temperature, g.top_p, g.generation_kwargs) == (40, 0.5, 0.95, None)
     assert _keys(exp) != base
-    assert _keys(LLMQueryExpander(generation_kwargs={"max_new_tokens": 40})) != base
+    assert _keys(LLMQueryExpander(generation=GenerationSettings.from_generation_kwargs({"max_new_tokens": 40}))) != base
     with pytest.raises(ValueError, match=r"`temperature`"):
-        LLMQueryExpander(generation_kwargs={"temperature": -1})
-    with pytest.raises(ValueError, match=r"`generation_kwargs`: \['repetition_penalty'\] not supported by the local"):
-        LLMQueryExpander(generation_kwargs={"repetition_penalty": 1.2})
+        LLMQueryExpander(generation=GenerationSettings.from_generation_kwargs({"temperature": -1}))
+    with pytest.raises(ValueError, match=r"`temperature`"):
+        LLMQueryExpander(generation={"temperature": -1})
+    with pytest.raises(ValueError, match=r"`generation\.generation_kwargs`: \['repetition_penalty'\] are not supported "
+                                         r"by the local"):
+        LLMQueryExpander(generation=GenerationSettings.from_generation_kwargs({"repetition_penalty": 1.2}))
     with pytest.raises(TypeError, match="`generation_kwargs` must be a dict"):
-        LLMQueryExpander(generation_kwargs=[("temperature", 0.5)])
+        LLMQueryExpander(generation={"generation_kwargs": [("temperature", 0.5)]})
+    with pytest.raises(TypeError, match="`generation_kwargs` must be a dict"):
+        GenerationSettings.from_generation_kwargs([("temperature", 0.5)])
 
 
 def test_generation_kwargs_reach_the_chat_generator_and_the_key():
     gen = RecordingChatGenerator()
-    exp = LLMQueryExpander(chat_generator=gen, generation_kwargs={"temperature": 0.3, "presence_penalty": 0.5})
-    assert exp.generation_kwargs == {"presence_penalty": 0.5} and exp.temperature == 0.3
+    exp = LLMQueryExpander(chat_generator=gen, generation=GenerationSettings.from_generation_kwargs(
+        {"temperature": 0.3, "presence_penalty": 0.5}))
+    assert exp.generation.generation_kwargs == {"presence_penalty": 0.5} and exp.generation.temperature == 0.3
     assert exp.expand(["what is lift"])[0]
     assert gen.seen == [{"presence_penalty": 0.5, "temperature": 0.3, "top_p": 0.9}]
-    plain = LLMQueryExpander(chat_generator=RecordingChatGenerator(), temperature=0.3)
+    plain = LLMQueryExpander(chat_generator=RecordingChatGenerator(), generation=GenerationSettings(temperature=0.3))
     plain.warm_up()
-    exp_keys = [r.key for r in exp._plan(["what is lift"], None, None, None)]
-    plain_keys = [r.key for r in plain._plan(["what is lift"], None, None, None)]
+    exp_keys = [r.key for r in exp._plan(["what is lift"], None, None, None, None)]
+    plain_keys = [r.key for r in plain._plan(["what is lift"], None, None, None, None)]
     assert exp_keys != plain_keys  # a pass-through setting changes the text, so the key
 
 
@@ -113,16 +125,16 @@ def test_model_kwargs_and_token_reach_from_pretrained(monkeypatch):
     monkeypatch.setattr(local, "LocalSampler", lambda llm, tok, **k: type("S", (), {})())
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
     monkeypatch.delenv("HF_API_TOKEN", raising=False)
-    exp = LLMQueryExpander(model="org/gated-llm", model_kwargs={"attn_implementation": "eager"},
-                           backend="transformers")
+    exp = LLMQueryExpander(model="org/gated-llm",
+                           sampler=SamplerOptions(model_kwargs={"attn_implementation": "eager"}, engine="transformers"))
     exp.warm_up()
     (_, kwargs), = calls
     assert kwargs == {"model_kwargs": {"attn_implementation": "eager"}, "token": "hf_secret_value"}
-    assert exp._extra_key_parts() == {"model_kwargs": {"attn_implementation": "eager"}}
+    assert _extra_key_parts(exp.generation, exp.sampler_options) == {"model_kwargs": {"attn_implementation": "eager"}}
     with pytest.raises(ValueError, match="`model_kwargs`.*vllm"):
-        LLMQueryExpander(model_kwargs={"device_map": "auto"}, backend="vllm")
+        LLMQueryExpander(sampler={"model_kwargs": {"device_map": "auto"}, "engine": "vllm"})
     with pytest.raises(TypeError, match="`token` must be a haystack.utils.Secret"):
-        LLMQueryExpander(token="hf_plain_string")
+        LLMQueryExpander(sampler={"token": "hf_plain_string"})
 
 
 def test_load_llm_passes_model_kwargs_and_token(monkeypatch, tmp_path):
@@ -160,28 +172,32 @@ def test_new_arguments_round_trip_and_secrets_stay_references(monkeypatch):
     import torch
 
     monkeypatch.setenv("MY_HF", "hf_do_not_write")
-    exp = LLMQueryExpander(prompt="Q: {{ query }}", generation_kwargs={"max_new_tokens": 50},
-                           model_kwargs={"torch_dtype": torch.bfloat16, "attn_implementation": "sdpa"},
-                           token=Secret.from_env_var("MY_HF"))
+    exp = LLMQueryExpander(prompt="Q: {{ query }}",
+                           generation=GenerationSettings.from_generation_kwargs({"max_new_tokens": 50}),
+                           sampler=SamplerOptions(model_kwargs={"torch_dtype": torch.bfloat16,
+                                                                "attn_implementation": "sdpa"},
+                                                  token=Secret.from_env_var("MY_HF")))
     data = exp.to_dict()
-    params = data["init_parameters"]
-    assert params["model_kwargs"] == {"torch_dtype": "torch.bfloat16", "attn_implementation": "sdpa"}
-    assert params["token"] == {"type": "env_var", "env_vars": ["MY_HF"], "strict": True}
-    assert params["max_new_tokens"] == 50 and params["generation_kwargs"] is None
+    sampler = data["init_parameters"]["sampler"]["init_parameters"]
+    generation = data["init_parameters"]["generation"]["init_parameters"]
+    assert sampler["model_kwargs"] == {"torch_dtype": "torch.bfloat16", "attn_implementation": "sdpa"}
+    assert sampler["token"] == {"type": "env_var", "env_vars": ["MY_HF"], "strict": True}
+    assert generation["max_new_tokens"] == 50 and generation["generation_kwargs"] is None
     back = LLMQueryExpander.from_dict(data)
-    assert back.model_kwargs == {"torch_dtype": torch.bfloat16, "attn_implementation": "sdpa"}
-    assert back.token.resolve_value() == "hf_do_not_write" and back.prompt == "Q: {{ query }}"
+    assert back.sampler_options.model_kwargs == {"torch_dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    assert back.sampler_options.token.resolve_value() == "hf_do_not_write" and back.prompt == "Q: {{ query }}"
     assert back.to_dict() == data
     p = Pipeline()
     p.add_component("expander", exp)
     assert "hf_do_not_write" not in p.dumps()
     assert Pipeline.loads(p.dumps()).get_component("expander").to_dict() == data
-    default = LLMQueryExpander().to_dict()["init_parameters"]["token"]
+    default = LLMQueryExpander().to_dict()["init_parameters"]["sampler"]["init_parameters"]["token"]
     assert default == {"type": "env_var", "env_vars": ["HF_API_TOKEN", "HF_TOKEN"], "strict": False}
     with pytest.raises(ValueError, match="Cannot serialize token-based secret"):
-        LLMQueryExpander(token=Secret.from_token("hf_plain")).to_dict()
-    remote = LLMQueryExpander(chat_generator=RecordingChatGenerator(), generation_kwargs={"seed": 3})
-    assert remote.to_dict()["init_parameters"]["generation_kwargs"] == {"seed": 3}
+        LLMQueryExpander(sampler=SamplerOptions(token=Secret.from_token("hf_plain"))).to_dict()
+    remote = LLMQueryExpander(chat_generator=RecordingChatGenerator(),
+                              generation=GenerationSettings.from_generation_kwargs({"seed": 3}))
+    assert remote.to_dict()["init_parameters"]["generation"]["init_parameters"]["generation_kwargs"] == {"seed": 3}
 
 
 def test_model_kwargs_reach_a_real_from_pretrained(tmp_path):

@@ -18,6 +18,7 @@ from haystack.utils import ComponentDevice
 
 from expandr_haystack import ExpandRQueryEmbedder, ExpandRRetriever, RewardScorer, models
 from expandr_haystack.models import encoder_backend_problem
+from expandr_haystack.options import EncoderOptions
 
 CPU = ComponentDevice.from_str("cpu")
 TEXTS = ["what similarity laws must be obeyed by aeroelastic models ?",
@@ -29,13 +30,13 @@ ATOL = 1e-4
 
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
 def test_backend_survives_serialisation(backend):
-    embedder = ExpandRQueryEmbedder(backend=backend, query_weight=0.6)
-    assert ExpandRQueryEmbedder.from_dict(embedder.to_dict()).backend == backend
+    embedder = ExpandRQueryEmbedder(encoder=EncoderOptions(backend=backend), query_weight=0.6)
+    assert ExpandRQueryEmbedder.from_dict(embedder.to_dict()).encoder_options.backend == backend
     retriever = ExpandRRetriever(document_store=InMemoryDocumentStore(), query_embedder=embedder)
     back = ExpandRRetriever.from_dict(retriever.to_dict())
-    assert back.query_embedder.backend == backend and back.embedder.backend == backend
-    scorer = RewardScorer(backend=backend)
-    assert RewardScorer.from_dict(scorer.to_dict())._embedder.backend == backend
+    assert back.query_embedder.encoder_options.backend == backend and back.embedder.encoder_options.backend == backend
+    scorer = RewardScorer(encoder=EncoderOptions(backend=backend))
+    assert RewardScorer.from_dict(scorer.to_dict())._embedder.encoder_options.backend == backend
 
 
 @pytest.mark.parametrize(("backend", "module"), [("onnx", "optimum.onnxruntime"),
@@ -46,7 +47,7 @@ def test_unusable_backend_fails_with_the_reason(tiny_bert, monkeypatch, backend,
     assert encoder_backend_problem(backend) is not None
     assert encoder_backend_problem("torch") is None
     with pytest.raises(ImportError, match=rf"`backend`='{backend}' cannot load: `import "):
-        ExpandRQueryEmbedder(model=tiny_bert, device=CPU, backend=backend).warm_up()
+        ExpandRQueryEmbedder(model=tiny_bert, device=CPU, encoder=EncoderOptions(backend=backend)).warm_up()
     assert not models._ENCODERS  # nothing half-loaded is kept
 
 
@@ -55,7 +56,7 @@ def test_onnx_backend_matches_torch(tiny_bert):
     if problem is not None:
         pytest.skip(f"sentence-transformers' ONNX backend cannot load here: {problem}")
     torch_embedder = ExpandRQueryEmbedder(model=tiny_bert, device=CPU)
-    onnx_embedder = ExpandRQueryEmbedder(model=tiny_bert, device=CPU, backend="onnx")
+    onnx_embedder = ExpandRQueryEmbedder(model=tiny_bert, device=CPU, encoder=EncoderOptions(backend="onnx"))
     torch_embedder.warm_up()
     onnx_embedder.warm_up()
     assert onnx_embedder._encoder is not torch_embedder._encoder

@@ -10,6 +10,7 @@ from haystack.document_stores.types import DuplicatePolicy
 
 from expandr_haystack import ExpandRQueryEmbedder, ExpandRRetriever
 from expandr_haystack.models import load_encoder, resolve_encoder_path
+from expandr_haystack.options import FusionSettings
 
 pytestmark = pytest.mark.integration
 
@@ -53,14 +54,14 @@ def test_embedder_run_matches_retriever_fusion(small_store):
     via_store = small_store.embedding_retrieval(query_embedding=emb, top_k=5)
     via_retriever = ExpandRRetriever(small_store, top_k=5).run(query=QUERIES[0], expansions=EXPANSIONS[0])
     assert [d.id for d in via_store] == [d.id for d in via_retriever["documents"]]
-    store_backend = ExpandRRetriever(small_store, top_k=5, backend="store").run(QUERIES[0], EXPANSIONS[0])
+    store_backend = ExpandRRetriever(small_store, top_k=5, search="store").run(QUERIES[0], EXPANSIONS[0])
     assert [d.id for d in store_backend["documents"]] == [d.id for d in via_store]
 
 
 def test_rrf_fuses_reciprocal_ranks(small_store):
     from tests.conftest import QUERIES
 
-    r = ExpandRRetriever(small_store, top_k=5, fusion="rrf", rrf_k=60)
+    r = ExpandRRetriever(small_store, top_k=5, fusion=FusionSettings(method="rrf", rrf_k=60))
     docs = r.run(query=QUERIES[0], expansions=EXPANSIONS[0])["documents"]
     single = ExpandRRetriever(small_store, top_k=100)
     lists = [single.run(query=t)["documents"] for t in [QUERIES[0]] + EXPANSIONS[0]]
@@ -128,7 +129,7 @@ def test_faiss_index_notices_documents_replaced_in_place(shared):
     assert before.id != "0"
     index = r.refresh_index()
     assert r.run(query=query)["documents"][0].id == before.id and r.refresh_index() is index  # nothing rebuilt
-    assert type(store.storage).__name__ == "_CountingStorage"  # the O(1) write counter (not the fallback) is on
+    assert type(store.storage) is dict  # the store is not patched: the index checks the stored objects themselves
     # replace document "0" (not the last one written) in place: same id, same count
     writer = InMemoryDocumentStore(index=store.index) if shared else store  # shared: write through another instance
     writer.write_documents(embedded({"0": "panel flutter of supersonic aircraft"}), policy=DuplicatePolicy.OVERWRITE)
@@ -147,3 +148,31 @@ def test_embedder_run_async_equals_run():
     sync = embedder.run(query=QUERIES[0], expansions=EXPANSIONS[0])["embedding"]
     done = asyncio.run(embedder.run_async(query=QUERIES[0], expansions=EXPANSIONS[0]))["embedding"]
     np.testing.assert_allclose(done, sync, rtol=1e-6)
+
+
+def test_retrievers_over_one_store_share_one_index(monkeypatch):
+    """Every retriever over a store (or over store instances sharing its storage) searches one FAISS index, built
+    once, and rebuilt once after a write."""
+    from expandr_haystack.components import document_index
+
+    builds = []
+
+    class Counted(document_index.DocumentIndex):
+        def __init__(self, *args, **kwargs):
+            builds.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(document_index, "DocumentIndex", Counted)
+    store = InMemoryDocumentStore(index="shared-index-test", embedding_similarity_function="cosine")
+    store.write_documents(embedded({"0": "thermal conductivity of composite slabs",
+                                    "1": "boundary layer transition on flat plates"}))
+    first = ExpandRRetriever(document_store=store, top_k=1)
+    second = ExpandRRetriever(document_store=store, top_k=2, fusion="rrf")
+    other_instance = ExpandRRetriever(document_store=InMemoryDocumentStore(index="shared-index-test"))
+    assert first.run(query="heat conduction")["documents"][0].id == "0"
+    assert [d.id for d in second.run(query="heat conduction")["documents"]] == ["0", "1"]
+    index = first.refresh_index()
+    assert second.refresh_index() is index and other_instance.refresh_index() is index and len(builds) == 1
+    store.write_documents(embedded({"2": "wings generate lift at low speed"}))
+    assert other_instance.run(query="lift of wings")["documents"][0].id == "2"
+    assert first.refresh_index() is second.refresh_index() is not index and len(builds) == 2

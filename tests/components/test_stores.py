@@ -19,6 +19,7 @@ from haystack_integrations.components.embedders.sentence_transformers import Sen
 
 from expandr_haystack import ExpandRQueryEmbedder, ExpandRRetriever
 from expandr_haystack.models import resolve_encoder_path
+from expandr_haystack.options import FusionSettings
 from tests.conftest import QUERIES
 
 qdrant = pytest.importorskip("haystack_integrations.document_stores.qdrant")
@@ -84,7 +85,7 @@ def test_qdrant_and_in_memory_retrievers_equal_the_faiss_path(stores, fusion):
 
 
 def test_pseudo_relevance_feedback_through_a_wrapped_retriever(stores):
-    faiss_path, via_qdrant, via_memory = three_ways(stores, top_k=8, feedback_k=3)
+    faiss_path, via_qdrant, via_memory = three_ways(stores, top_k=8, fusion=FusionSettings(feedback_k=3))
     expected = [[d.id for d in docs] for docs in faiss_path.retrieve(QUERIES, EXPANSIONS)]
     assert expected != [[d.id for d in docs] for docs in faiss_path.retrieve(QUERIES, EXPANSIONS, feedback_k=0)]
     for wrapped in (via_qdrant, via_memory):
@@ -123,7 +124,7 @@ def test_embeddings_and_scaled_scores(stores):
     scaled = faiss_path.run(query=QUERIES[0], expansions=EXPANSIONS[0], scale_score=True)["documents"]
     assert [d.id for d in scaled] == [d.id for d in raw] and all(d.embedding is not None for d in raw)
     np.testing.assert_allclose([d.score for d in scaled], [(d.score + 1) / 2 for d in raw], rtol=1e-6)
-    for r in three_ways(stores, top_k=5, fusion="rrf", rrf_k=60):
+    for r in three_ways(stores, top_k=5, fusion=FusionSettings(method="rrf", rrf_k=60)):
         raw = r.run(query=QUERIES[1], expansions=EXPANSIONS[1])["documents"]
         scaled = r.run(query=QUERIES[1], expansions=EXPANSIONS[1], scale_score=True)["documents"]
         assert all(d.embedding is None for d in raw)
@@ -131,10 +132,11 @@ def test_embeddings_and_scaled_scores(stores):
         assert 0 < scaled[-1].score <= scaled[0].score <= 1
 
 
-@pytest.mark.parametrize("fusion", ["mean", "rrf"])
+@pytest.mark.parametrize("fusion", ["mean", "rrf", FusionSettings(feedback_k=3)], ids=["mean", "rrf", "feedback"])
 def test_run_async_equals_run(stores, fusion):
     _, in_memory = stores
     for r in (ExpandRRetriever(document_store=in_memory, top_k=6, fusion=fusion),
+              ExpandRRetriever(document_store=in_memory, top_k=6, fusion=fusion, search="store"),
               ExpandRRetriever(retriever=InMemoryEmbeddingRetriever(document_store=in_memory), top_k=6,
                                fusion=fusion)):
         sync = r.run(query=QUERIES[1], expansions=EXPANSIONS[1])["documents"]
@@ -158,7 +160,7 @@ def test_wrapped_retriever_serializes_and_loads_from_yaml():
     inner_back = back.retriever.to_dict()["init_parameters"]
     assert isinstance(back.retriever, QdrantEmbeddingRetriever) and back.document_store is None
     assert inner_back["top_k"] == 7 and inner_back["document_store"]["init_parameters"]["index"] == "serialized"
-    assert (back.fusion, back.top_k, back.filter_policy, back.scale_score, back.return_embedding) == (
+    assert (back.fusion.method, back.top_k, back.filter_policy, back.scale_score, back.return_embedding) == (
         "rrf", 4, FilterPolicy.MERGE, True, True)
     assert back.to_dict() == ExpandRRetriever.from_dict(data).to_dict() == frozen
 
@@ -178,8 +180,8 @@ def test_constructor_checks(stores):
         ExpandRRetriever(document_store=in_memory, retriever=wrapped)
     with pytest.raises(ValueError, match="exactly one.*neither"):
         ExpandRRetriever()
-    with pytest.raises(ValueError, match="backend"):
-        ExpandRRetriever(retriever=wrapped, backend="store")
+    with pytest.raises(ValueError, match="search"):
+        ExpandRRetriever(retriever=wrapped, search="store")
     with pytest.raises(TypeError, match="query_embedding"):
         from haystack.components.retrievers.in_memory import InMemoryBM25Retriever
 

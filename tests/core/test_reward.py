@@ -11,6 +11,7 @@ import expandr_haystack
 from expandr_haystack import RewardScorer
 from expandr_haystack.core.reward import competition_ranks, expandr_reward, select_pair
 from expandr_haystack.core.text import document_text
+from expandr_haystack.options import EncoderOptions
 
 
 class StubEmbedder:
@@ -23,7 +24,7 @@ class StubEmbedder:
     def warm_up(self):
         pass
 
-    def encode(self, texts, progress_bar=None):
+    def encode(self, texts, progress_bar=None, *, prefix=None, suffix=None):
         self.calls.append(list(texts))
         return np.stack([self.table[t] for t in texts])
 
@@ -196,7 +197,7 @@ def test_bad_settings():
     with pytest.raises(ValueError, match="threshold"):
         RewardScorer(threshold=float("nan"))
     with pytest.raises(ValueError, match="batch_size"):
-        RewardScorer(batch_size=0)
+        RewardScorer(encoder={"batch_size": 0})
     with pytest.raises(TypeError, match="device"):
         RewardScorer(device="cpu")
     with pytest.raises(FileNotFoundError, match="`model`"):
@@ -206,11 +207,11 @@ def test_bad_settings():
 
 
 def test_serialization_round_trip():
-    s = RewardScorer(threshold=0.4, device=ComponentDevice.from_str("cpu"), batch_size=8)
+    s = RewardScorer(threshold=0.4, device=ComponentDevice.from_str("cpu"), encoder=EncoderOptions(batch_size=8))
     d = s.to_dict()
     assert d["type"] == "expandr_haystack.components.reward.RewardScorer"
     back = RewardScorer.from_dict(d)
-    assert (back.threshold, back.batch_size, back.device) == (0.4, 8, ComponentDevice.from_str("cpu"))
+    assert (back.threshold, back.encoder_options.batch_size, back.device) == (0.4, 8, ComponentDevice.from_str("cpu"))
     assert RewardScorer.from_dict(RewardScorer().to_dict()).device is None
     p = Pipeline()
     p.add_component("scorer", s)

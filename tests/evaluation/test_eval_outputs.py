@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from expandr_haystack import cli
-from expandr_haystack.cli import eval_cache_path, main, run_file_path
-from expandr_haystack.evaluation import evaluate
+from expandr_haystack.cli import main
+from expandr_haystack.evaluation import cli, evaluate
+from expandr_haystack.evaluation.cli import eval_cache_path, run_file_path
 from expandr_haystack.evaluation.data import load_collection
 from expandr_haystack.evaluation.metrics import (
     beir_metrics,

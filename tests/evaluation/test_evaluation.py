@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from expandr_haystack.cli import main, per_query_path
+from expandr_haystack.cli import main
 from expandr_haystack.evaluation import METHODS, EvalResult, evaluate, format_table, parse_methods, plot_metrics
+from expandr_haystack.evaluation.cli import per_query_path
 from expandr_haystack.evaluation.data import bundled_path, load_collection
 
 QUERIES = [
@@ -153,7 +154,7 @@ def test_expand_path_shares_expansions_store_and_cache(beir, tmp_path):
     from expandr_haystack.evaluation.indexing import build_document_store
 
     c = load_collection(beir, "test", max_queries=2)
-    expander = LLMQueryExpander(max_new_tokens=8, cache=str(tmp_path / "cache.sqlite"))
+    expander = LLMQueryExpander(generation={"max_new_tokens": 8}, cache=str(tmp_path / "cache.sqlite"))
     store = build_document_store(c.documents(), progress_bar=False)
     methods = ("dense", "expand", "expand-rrf")
     first = evaluate(c, methods, expander=expander, store=store, progress_bar=False)

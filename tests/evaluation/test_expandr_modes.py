@@ -13,6 +13,7 @@ from expandr_haystack.core.text import format_passages
 from expandr_haystack.evaluation.data import load_collection
 from expandr_haystack.evaluation.protocol import evaluate_seeds, select_settings
 from expandr_haystack.evaluation.stats import mean_sd, paired_randomization_test, paired_t_test
+from expandr_haystack.options import FusionSettings, SamplerOptions
 
 QUERIES = [(str(i), q) for i, q in enumerate([
     "heat conduction in slabs", "laws for models of heated aircraft", "shells under compression",
@@ -104,13 +105,15 @@ def test_grounded_expander_reads_the_passages_and_caches_by_them(tmp_path):
 
 def test_one_failing_row_never_costs_the_batch(caplog):
     gen = EchoGenerator(fail_on="nozzles")
-    expander = LLMQueryExpander(chat_generator=gen, n_expansions=2, max_retries=1, retry_backoff=0.0)
+    expander = LLMQueryExpander(chat_generator=gen, n_expansions=2,
+                                sampler=SamplerOptions(max_retries=1, retry_backoff=0.0))
     queries = ["heat conduction in slabs", "separation in nozzles", "flutter of wings"]
     out = expander.expand(queries)
     assert [len(x) for x in out] == [2, 0, 2]
     assert expander.last_failures == {1: 2}
     assert "skipped (on_failure='skip')" in caplog.text
-    strict = LLMQueryExpander(chat_generator=EchoGenerator(fail_on="nozzles"), max_retries=0, on_failure="raise")
+    strict = LLMQueryExpander(chat_generator=EchoGenerator(fail_on="nozzles"), sampler=SamplerOptions(max_retries=0),
+                              on_failure="raise")
     with pytest.raises(RuntimeError, match="nozzles"):
         strict.expand(queries)
 
@@ -125,7 +128,7 @@ def test_grounded_pipeline_and_rocchio_feedback(beir):
     p = Pipeline()
     p.add_component("first_pass", ExpandRRetriever(document_store=store, top_k=2))
     p.add_component("expander", LLMQueryExpander(chat_generator=EchoGenerator(), prompt=GROUNDED_PROMPT))
-    p.add_component("retriever", ExpandRRetriever(document_store=store, top_k=3, query_weight=0.7))
+    p.add_component("retriever", ExpandRRetriever(document_store=store, top_k=3, fusion=FusionSettings(query_weight=0.7)))
     p.connect("first_pass.documents", "expander.documents")
     p.connect("expander.query", "retriever.query")
     p.connect("expander.expansions", "retriever.expansions")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_packed_llama import CharTokenizer, tiny_llama
 
-from expandr_haystack.generation import packed_llama
+from expandr_haystack.generation import quantize
 from expandr_haystack.generation.local import LocalSampler, TransformersDecoder, calibration_ids, default_decoder
-from expandr_haystack.generation.packed_llama import (
-    PackedLlamaDecoder,
+from expandr_haystack.generation.packed_llama import PackedLlamaDecoder
+from expandr_haystack.generation.quantize import (
     _Int8Linear,
     fbgemm_input_grid,
     input_maxima,
@@ -23,6 +23,7 @@ from expandr_haystack.generation.packed_llama import (
     rms_factor,
     smoothing_scales,
 )
+from expandr_haystack.options import GenerationSettings, SamplerOptions
 
 needs_int8 = pytest.mark.skipif(int8_unsupported_reason() is not None,
                                 reason=f"int8 path unavailable: {int8_unsupported_reason()}")
@@ -219,35 +220,35 @@ def test_int8_greedy_tokens_agree_on_the_bundled_model():
 # -- the option ---------------------------------------------------------------------------------------------------
 def test_precision_option_is_checked_with_its_name_and_choices():
     model, tokenizer = tiny_llama(), CharTokenizer()
-    for call in (lambda: LocalSampler(model, tokenizer, precision="int4"),
+    for call in (lambda: LocalSampler(model, tokenizer, weight_precision="int4"),
                  lambda: PackedLlamaDecoder(model, precision="fp8"), lambda: resolve_precision("half")):
         with pytest.raises(ValueError, match=r"`precision` must be one of 'auto', 'float32', 'int8', 'bfloat16'"):
             call()
     from expandr_haystack import LLMQueryExpander
 
-    with pytest.raises(ValueError, match=r"`precision` must be one of 'auto', 'float32', 'int8', 'bfloat16'"):
-        LLMQueryExpander(precision="int4")
-    with pytest.raises(ValueError, match=r"`precision`='int8' .* 'transformers'"):
-        LLMQueryExpander(precision="int8", backend="transformers")
+    with pytest.raises(ValueError, match=r"`weight_precision` must be one of 'auto', 'float32', 'int8', 'bfloat16'"):
+        LLMQueryExpander(sampler={"weight_precision": "int4"})
+    with pytest.raises(ValueError, match=r"`weight_precision`='int8' .* 'transformers'"):
+        LLMQueryExpander(sampler={"weight_precision": "int8", "engine": "transformers"})
     # int8 needs the packed decoder: a model it cannot run is an error, not a silent float32
     with pytest.raises(ValueError, match=r"`precision`='int8' needs the packed decoder.*projections with bias"):
-        default_decoder(tiny_llama(attention_bias=True), precision="int8")
-    assert isinstance(default_decoder(tiny_llama(attention_bias=True), precision="auto"), TransformersDecoder)
+        default_decoder(tiny_llama(attention_bias=True), weight_precision="int8")
+    assert isinstance(default_decoder(tiny_llama(attention_bias=True), weight_precision="auto"), TransformersDecoder)
 
 
 def test_auto_and_bfloat16_follow_the_cpu_features(monkeypatch):
-    monkeypatch.setattr(packed_llama, "cpu_flags", lambda: frozenset({"avx", "fma"}))
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx", "fma"}))
     assert resolve_precision("auto") == "float32"
     with pytest.raises(ValueError, match=r"`precision`='int8' cannot run here: the CPU has no AVX512-VNNI"):
         resolve_precision("int8")
     with pytest.raises(ValueError, match=r"`precision`='bfloat16' cannot run here: the CPU has no native bfloat16"):
         resolve_precision("bfloat16")
     for flags in ({"avx2", "fma"}, {"avx2", "avx_vnni"}, {"avx512f", "avx512bw"}):  # no AVX512-VNNI
-        monkeypatch.setattr(packed_llama, "cpu_flags", lambda flags=flags: frozenset(flags))
+        monkeypatch.setattr(quantize, "cpu_flags", lambda flags=flags: frozenset(flags))
         with pytest.raises(ValueError, match=r"`precision`='int8' cannot run here: the CPU has no AVX512-VNNI.*7-bit"):
             resolve_precision("int8")
     assert resolve_precision("auto") == "float32"  # int8 refused: auto falls back to float32
-    monkeypatch.setattr(packed_llama, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
     # int8 with VNNI: measured 1.31-1.35x float32's tokens/s with no measurable loss, so "auto" picks it
     if "fbgemm" in torch.backends.quantized.supported_engines:
         assert resolve_precision("int8") == "int8" and resolve_precision("auto") == "int8"
@@ -261,7 +262,7 @@ def test_auto_and_bfloat16_follow_the_cpu_features(monkeypatch):
 @torch.inference_mode()
 def test_bfloat16_decoder_where_allowed(monkeypatch):
     """The bfloat16 path's math, run here by pretending the CPU has native bfloat16 (oneDNN emulates it)."""
-    monkeypatch.setattr(packed_llama, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     model = tiny_llama(seed=1)
     exact, half = PackedLlamaDecoder(model), PackedLlamaDecoder(model, precision="bfloat16")
     ref, _ = exact.prefill(PROMPTS, torch.arange(3), 2)
@@ -272,15 +273,15 @@ def test_bfloat16_decoder_where_allowed(monkeypatch):
 @needs_int8
 def test_sampler_engine_names_the_precision_and_decoders_are_shared():
     model, tokenizer = tiny_llama(seed=3), CharTokenizer()
-    exact, int8 = LocalSampler(model, tokenizer), LocalSampler(model, tokenizer, precision="int8")
+    exact, int8 = LocalSampler(model, tokenizer), LocalSampler(model, tokenizer, weight_precision="int8")
     assert (exact.backend, exact.precision, exact.engine) == ("packed", "float32", "packed")
     assert (int8.backend, int8.precision, int8.engine) == ("packed", "int8", "packed-int8-smoothed.2")
-    auto = LocalSampler(model, tokenizer, precision="auto")  # int8 with VNNI: the same decoder and engine
+    auto = LocalSampler(model, tokenizer, weight_precision="auto")  # int8 with VNNI: the same decoder and engine
     assert auto.engine == {"float32": "packed", "int8": "packed-int8-smoothed.2"}[resolve_precision("auto")]
     assert auto.decoder is {"float32": exact, "int8": int8}[resolve_precision("auto")].decoder
-    assert LocalSampler(model, tokenizer, precision="int8").decoder is int8.decoder  # one int8 copy per model
+    assert LocalSampler(model, tokenizer, weight_precision="int8").decoder is int8.decoder  # one int8 copy per model
     assert exact.decoder is not int8.decoder
-    plain = LocalSampler(model, tokenizer, backend="transformers", precision="auto")
+    plain = LocalSampler(model, tokenizer, engine="transformers", weight_precision="auto")
     assert (plain.engine, plain.precision) == ("transformers", "model")
     kwargs = {"seeds": [1, 2], "temperatures": [1.0, 1.0], "top_p": 0.9, "max_new_tokens": 10}
     texts = int8.sample(["Q: what is lift", "Q: heat"], **kwargs)
@@ -308,9 +309,10 @@ def test_cache_key_has_the_precision_only_when_it_is_not_float32(tiny_loading, t
 
     common = {"model": tiny_loading, "n_expansions": 2, "cache": str(tmp_path / "c.sqlite")}
     queries = ["what is lift", "heat conduction in slabs"]
-    rows = {p: LLMQueryExpander(precision=p, **common)._plan(queries, None, None, None)
+    rows = {p: LLMQueryExpander(sampler=SamplerOptions(weight_precision=p), **common)._plan(queries, None, None, None,
+                                                                                          None)
             for p in ("float32", "int8")}
-    default = LLMQueryExpander(**common)._plan(queries, None, None, None)
+    default = LLMQueryExpander(**common)._plan(queries, None, None, None, None)
     # float32: the key of earlier versions (the row's seed key keyed with the engine "packed"), the default's
     assert [r.key for r in rows["float32"]] == [cache_key(row=r.seed_key, engine="packed") for r in default]
     # int8: same row seeds, keys of their own
@@ -319,9 +321,11 @@ def test_cache_key_has_the_precision_only_when_it_is_not_float32(tiny_loading, t
                                              for r in rows["int8"]]
     assert not {r.key for r in rows["int8"]} & {r.key for r in rows["float32"]}
     # a cache written in float32 is not served to the int8 expander
-    float32 = LLMQueryExpander(precision="float32", max_new_tokens=6, **common)
+    float32 = LLMQueryExpander(sampler=SamplerOptions(weight_precision="float32"),
+                               generation=GenerationSettings(max_new_tokens=6), **common)
     float32.expand(queries)
-    int8 = LLMQueryExpander(precision="int8", max_new_tokens=6, **common)
+    int8 = LLMQueryExpander(sampler=SamplerOptions(weight_precision="int8"),
+                            generation=GenerationSettings(max_new_tokens=6), **common)
     int8.expand(queries)
     assert int8.cache_stats["hits"] == 0 and int8.cache_stats["misses"] == 4
 
@@ -329,14 +333,15 @@ def test_cache_key_has_the_precision_only_when_it_is_not_float32(tiny_loading, t
 def test_precision_round_trips_through_to_dict_and_from_dict():
     from expandr_haystack import LLMQueryExpander
 
-    expander = LLMQueryExpander(precision="int8", n_expansions=2)
+    expander = LLMQueryExpander(sampler=SamplerOptions(weight_precision="int8"), n_expansions=2)
     data = expander.to_dict()
-    assert data["init_parameters"]["precision"] == "int8"
+    assert data["init_parameters"]["sampler"]["init_parameters"]["weight_precision"] == "int8"
     restored = LLMQueryExpander.from_dict(data)
-    assert restored.precision == "int8" and restored.n_expansions == 2
-    assert LLMQueryExpander().to_dict()["init_parameters"]["precision"] == "float32"
+    assert restored.sampler_options.weight_precision == "int8" and restored.n_expansions == 2
+    default = LLMQueryExpander().to_dict()["init_parameters"]["sampler"]["init_parameters"]
+    assert default["weight_precision"] == "float32"
     old = LLMQueryExpander().to_dict()
-    del old["init_parameters"]["precision"]  # a pipeline saved before the option loads as float32
-    assert LLMQueryExpander.from_dict(old).precision == "float32"
-    assert expander.with_settings(precision="float32").precision == "float32"
+    del old["init_parameters"]["sampler"]["init_parameters"]["weight_precision"]  # saved before the option: float32
+    assert LLMQueryExpander.from_dict(old).sampler_options.weight_precision == "float32"
+    assert expander.with_settings(weight_precision="float32").sampler_options.weight_precision == "float32"
 

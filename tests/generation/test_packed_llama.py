@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from expandr_haystack.generation import packed_llama
+from expandr_haystack.generation import packed_llama, quantize
 from expandr_haystack.generation.local import LocalSampler, TransformersDecoder, default_decoder
 from expandr_haystack.generation.packed_llama import PackedLlamaDecoder, unsupported_reason
 
@@ -75,8 +75,8 @@ def test_scripted_layers_equal_the_python_layers_bit_for_bit(precision):
     same ops: logits equal bit for bit at prefill (a shared prefix, several samples of a prompt) and at every decode
     step, past the profiling executor's first run. Calibrated, so every layer kind runs (the smoothed `o` has a
     scale and no norm). With CPU fusion on (off in torch's CPU wheels) TorchScript could reorder: not equal then."""
-    if precision == "int8" and packed_llama.int8_unsupported_reason() is not None:
-        pytest.skip(f"int8 path unavailable: {packed_llama.int8_unsupported_reason()}")
+    if precision == "int8" and quantize.int8_unsupported_reason() is not None:
+        pytest.skip(f"int8 path unavailable: {quantize.int8_unsupported_reason()}")
     from expandr_haystack.generation.local import calibration_ids
 
     model = tiny_llama(seed=3)
@@ -135,8 +135,8 @@ def test_same_seeds_give_the_same_text_on_both_decoders():
     prompts = ["Q: what is lift", "Q: heat", "Q: what is lift", "Q: boundary layer flow", "no prefix"]
     kwargs = {"seeds": [1, 2, 3, 4, 5], "temperatures": [1.0, 0.7, 1.0, 0.0, 1.0], "top_p": 0.9,
               "max_new_tokens": 12, "batch_size": 3}
-    reference = LocalSampler(model, tok, backend="transformers").sample(prompts, **kwargs)
-    packed_sampler = LocalSampler(model, tok, backend="packed")
+    reference = LocalSampler(model, tok, engine="transformers").sample(prompts, **kwargs)
+    packed_sampler = LocalSampler(model, tok, engine="packed")
     assert packed_sampler.backend == "packed"
     assert packed_sampler.sample(prompts, **kwargs) == reference
     assert any(reference), "the tiny model should generate something"

@@ -10,6 +10,7 @@ from haystack.utils import ComponentDevice
 from test_packed_llama import CharTokenizer, tiny_llama
 
 from expandr_haystack.generation.local import LocalSampler
+from expandr_haystack.options import SamplerOptions
 
 #: Prompts of different lengths (padded batches), one of them twice (a shared prefill).
 PROMPTS = ["Q: what is lift", "Q: heat", "Q: boundary layer flow over a flat plate", "Q: what is lift",
@@ -37,7 +38,7 @@ def _batched(sampler, batch_size, order, **kwargs):
 @pytest.mark.parametrize("backend", ["transformers", "packed"])
 def test_float32_row_text_does_not_depend_on_its_batch_on_cpu(backend):
     """The contract in float32 on CPU, for both decoders (transformers is the GPU path's decoder)."""
-    sampler = LocalSampler(tiny_llama(seed=3), CharTokenizer(), backend=backend)
+    sampler = LocalSampler(tiny_llama(seed=3), CharTokenizer(), engine=backend)
     assert sampler.backend == backend
     kwargs = {"top_p": 0.9, "max_new_tokens": 12}
     alone = _alone(sampler, **kwargs)
@@ -73,7 +74,8 @@ def test_sampler_identity_holds_the_precision_and_the_device(fake_loading):
     from expandr_haystack.models import model_identity
 
     path, asked = fake_loading
-    ident = {(device, dtype): make_sampler(path, device=device, dtype=dtype, backend="transformers").identity
+    ident = {(device, dtype): make_sampler(path, options=SamplerOptions(device=ComponentDevice.from_str(device),
+                                                                        dtype=dtype, engine="transformers")).identity
              for device in ("cpu", "cuda:0", "cuda:1") for dtype in ("auto", "float32", "bfloat16", "float16")}
     assert ident[("cpu", "auto")] == model_identity(path) + "@auto"  # CPU keys as in 0.1.0: CPU caches stay valid
     assert ident[("cuda:0", "auto")] == model_identity(path) + "@bfloat16@cuda"
@@ -90,13 +92,14 @@ def test_expander_cache_keys_differ_between_cpu_float32_and_cuda_bfloat16(fake_l
     from expandr_haystack import LLMQueryExpander
 
     path, _ = fake_loading
-    common = {"model": path, "backend": "transformers", "n_expansions": 2, "cache": str(tmp_path / "c.sqlite")}
+    common = {"model": path, "n_expansions": 2, "cache": str(tmp_path / "c.sqlite")}
     queries = ["what is lift", "heat conduction in slabs"]
     keys = {}
     for name, device, dtype in (("cpu", "cpu", "auto"), ("cpu-f32", "cpu", "float32"),
                                 ("cuda", "cuda:0", "auto"), ("cuda-f16", "cuda:0", "float16")):
-        expander = LLMQueryExpander(device=ComponentDevice.from_str(device), dtype=dtype, **common)
-        keys[name] = [r.key for r in expander._plan(queries, None, None, None)]
+        expander = LLMQueryExpander(sampler=SamplerOptions(device=ComponentDevice.from_str(device), dtype=dtype,
+                                                           engine="transformers"), **common)
+        keys[name] = [r.key for r in expander._plan(queries, None, None, None, None)]
     assert len(set(keys["cpu"])) == 4
     for a, a_keys in keys.items():
         for b, b_keys in keys.items():
@@ -112,7 +115,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 def test_float32_row_text_does_not_depend_on_its_batch_on_cuda():
     """What the docs call expected but unchecked: the float32 contract on CUDA (transformers decoder)."""
-    sampler = LocalSampler(tiny_llama(seed=3).to("cuda"), CharTokenizer(), backend="transformers")
+    sampler = LocalSampler(tiny_llama(seed=3).to("cuda"), CharTokenizer(), engine="transformers")
     kwargs = {"top_p": 0.9, "max_new_tokens": 12}
     alone = _alone(sampler, **kwargs)
     assert _batched(sampler, 6, range(6), **kwargs) == alone
@@ -125,7 +128,7 @@ def test_float32_row_text_does_not_depend_on_its_batch_on_cuda():
 def test_reduced_precision_on_cuda_is_deterministic_per_batch(dtype):
     """What the docs promise in bfloat16/float16 on CUDA: the same batch gives the same text, and batch_size=1 makes a
     row independent of the others (whether a batch changes a row's text is measured by gpu_components.py)."""
-    sampler = LocalSampler(tiny_llama(seed=3).to("cuda", dtype), CharTokenizer(), backend="transformers")
+    sampler = LocalSampler(tiny_llama(seed=3).to("cuda", dtype), CharTokenizer(), engine="transformers")
     kwargs = {"top_p": 0.9, "max_new_tokens": 12}
     assert _batched(sampler, 6, range(6), **kwargs) == _batched(sampler, 6, range(6), **kwargs)
     alone = _alone(sampler, **kwargs)

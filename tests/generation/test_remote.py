@@ -12,6 +12,7 @@ from haystack import component, default_to_dict
 from haystack.dataclasses import ChatMessage
 
 from expandr_haystack import LLMQueryExpander
+from expandr_haystack.options import SamplerOptions
 
 QUERIES = [f"what is the effect of mach number {k} on the lift of a swept wing ." for k in range(40)]
 
@@ -61,7 +62,7 @@ class SlowAsyncRemote(SlowRemote):
 @pytest.mark.parametrize("remote_cls", [SlowAsyncRemote, SlowRemote], ids=["run_async", "sync-run-in-threads"])
 def test_remote_expansion_is_concurrent_bounded_and_cached(remote_cls, tmp_path):
     remote = remote_cls()
-    expander = LLMQueryExpander(chat_generator=remote, max_concurrency=8, n_expansions=1,
+    expander = LLMQueryExpander(chat_generator=remote, sampler=SamplerOptions(max_concurrency=8), n_expansions=1,
                                 cache=str(tmp_path / "remote.sqlite"))
     first = expander.expand(QUERIES)
     assert remote.calls == len(QUERIES) and all(len(x) == 1 and x[0] for x in first)
@@ -72,7 +73,8 @@ def test_remote_expansion_is_concurrent_bounded_and_cached(remote_cls, tmp_path)
 
 def test_async_expansion_inside_a_running_event_loop(tmp_path):
     remote = SlowAsyncRemote()
-    expander = LLMQueryExpander(chat_generator=remote, max_concurrency=4, cache=str(tmp_path / "r.sqlite"))
+    expander = LLMQueryExpander(chat_generator=remote, sampler=SamplerOptions(max_concurrency=4),
+                                cache=str(tmp_path / "r.sqlite"))
 
     async def main():
         return await expander.expand_async(QUERIES[:12])

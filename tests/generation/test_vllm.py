@@ -6,6 +6,7 @@ import pytest
 
 from expandr_haystack import LLMQueryExpander
 from expandr_haystack.generation.vllm import vllm_unavailable_reason
+from expandr_haystack.options import GenerationSettings, SamplerOptions
 
 REASON = vllm_unavailable_reason()
 QUERIES = ["what is the lift of a wing in a propeller slipstream .",
@@ -14,9 +15,9 @@ QUERIES = ["what is the lift of a wing in a propeller slipstream .",
 
 @pytest.mark.skipif(REASON is None, reason="vllm and a GPU are present: the refusal cannot be shown here")
 def test_vllm_backend_says_why_it_cannot_run():
-    expander = LLMQueryExpander(backend="vllm")  # construction and serialization need no GPU
-    assert LLMQueryExpander.from_dict(expander.to_dict()).backend == "vllm"
-    with pytest.raises(RuntimeError, match=r"`backend`='vllm' cannot run: .*(vllm|CUDA)"):
+    expander = LLMQueryExpander(sampler=SamplerOptions(engine="vllm"))  # construction and serialization need no GPU
+    assert LLMQueryExpander.from_dict(expander.to_dict()).sampler_options.engine == "vllm"
+    with pytest.raises(RuntimeError, match=r"`(backend|engine)`='vllm' cannot run: .*(vllm|CUDA)"):
         expander.warm_up()
 
 
@@ -39,7 +40,8 @@ def test_vllm_generates_per_row_seeded_text_with_a_lora_adapter(tmp_path):
 
     from expandr_haystack.models import resolve_llm_path
 
-    base = LLMQueryExpander(backend="vllm", max_new_tokens=24, n_expansions=2)
+    base = LLMQueryExpander(sampler=SamplerOptions(engine="vllm"), generation=GenerationSettings(max_new_tokens=24),
+                            n_expansions=2)
     first = base.expand(QUERIES)
     assert [len(x) for x in first] == [2, 2] and all(t for x in first for t in x)
     # per-row seeds: one query at a time gives the same texts as the batch
@@ -50,5 +52,6 @@ def test_vllm_generates_per_row_seeded_text_with_a_lora_adapter(tmp_path):
                                                   init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
-    tuned = LLMQueryExpander(backend="vllm", adapter=str(tmp_path / "adapter"), max_new_tokens=24, n_expansions=2)
+    tuned = LLMQueryExpander(sampler=SamplerOptions(engine="vllm"), adapter=str(tmp_path / "adapter"),
+                             generation=GenerationSettings(max_new_tokens=24), n_expansions=2)
     assert tuned.expand(QUERIES) != first

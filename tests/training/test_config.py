@@ -197,12 +197,16 @@ def test_settings_have_one_definition_reexported():
 def test_config_module_imports_no_training_code():
     import ast
 
-    import expandr_haystack.training.config as config_module
+    from expandr_haystack.training import compat, config_checks
+    from expandr_haystack.training import config as config_module
 
-    tree = ast.parse(Path(config_module.__file__).read_text())
-    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert not {m for m in imported if m.startswith("expandr_haystack.training") or m in ("trl", "peft")}
+    settings_modules = {"expandr_haystack.training.config_checks", "expandr_haystack.training.compat"}
+    for module in (config_module, config_checks, compat):  # config and the settings modules it reads with
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        training = {m for m in imported if m.startswith("expandr_haystack.training") or m in ("trl", "peft")}
+        assert not training - settings_modules, module.__name__
 
 
 def test_command_line_overrides_reach_nested_settings():
@@ -237,9 +241,9 @@ def test_report_to_and_logging_steps_default_to_the_behaviour_before_them():
 
 @pytest.mark.parametrize("section", ["dpo", "retriever"])
 def test_report_to_and_logging_steps_are_validated(section, monkeypatch):
-    from expandr_haystack.training import config as config_module
+    from expandr_haystack.training import config_checks
 
-    monkeypatch.setattr(config_module, "missing_tracker", lambda value: None)  # every tracker "installed"
+    monkeypatch.setattr(config_checks, "missing_tracker", lambda value: None)  # every tracker "installed"
     for value in ("tensorboard", "wandb", "all", "none", ["tensorboard", "wandb"]):
         assert getattr(JointConfig.from_dict({section: {"report_to": value}}), section).report_to == value
     for value, match in [("tensorbord", f"`{section}.report_to`"), ([], f"`{section}.report_to`"),
@@ -253,7 +257,7 @@ def test_report_to_and_logging_steps_are_validated(section, monkeypatch):
 def test_a_tracker_that_is_not_installed_is_named_before_any_model_loads(monkeypatch):
     import importlib.util
 
-    from expandr_haystack.training.config import missing_tracker
+    from expandr_haystack.training.compat import missing_tracker
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -273,7 +277,7 @@ def test_report_to_accepts_the_trackers_the_installed_transformers_knows(monkeyp
 
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    from expandr_haystack.training.config import REPORT_TO, report_to_trackers
+    from expandr_haystack.training.compat import REPORT_TO, report_to_trackers
 
     for tracker in INTEGRATION_TO_CALLBACK:  # whatever this transformers release lists (5.0 has no kubeflow)
         assert RetrieverSettings(report_to=tracker).validate() is None

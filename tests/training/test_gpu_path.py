@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from expandr_haystack.training.config import DPOSettings, JointConfig, checkpointing_kwarg
+from expandr_haystack.training.compat import checkpointing_kwarg
+from expandr_haystack.training.config import DPOSettings, JointConfig
 from expandr_haystack.training.dpo import (
     base_model_dtype,
     dpo_config_kwargs,

@@ -71,7 +71,7 @@ def test_outputs_load_with_stock_and_our_components(run_dir):
     emb.warm_up()
     assert len(emb.run([Document(content="lift of a wing")])["documents"][0].embedding) == 384
     assert (r1 / "adapter" / "adapter_config.json").exists()
-    exp = LLMQueryExpander(adapter=str(r1 / "adapter"), max_new_tokens=8)
+    exp = LLMQueryExpander(adapter=str(r1 / "adapter"), generation={"max_new_tokens": 8})
     assert exp.run(query="what is lift ?")["expansions"][0]
     pairs = [json.loads(x) for x in (r1 / "pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen"][0]["content"] != p["rejected"][0]["content"] for p in pairs)
@@ -180,6 +180,6 @@ def test_grounded_pairs_expansions_and_pipeline(grounded_dir):
         assert f"Question: {trainer.train_data.queries[p['query_id']]}" in content
     pipeline = load_round_pipeline(run_dir / "round_1" / "pipeline.yaml")
     state = json.loads((run_dir / "state.json").read_text())
-    assert pipeline.get_component("retriever").query_weight == state["done"]["round1.save"]["query_weight"]
+    assert pipeline.get_component("retriever").fusion.query_weight == state["done"]["round1.save"]["query_weight"]
     assert pipeline.get_component("first_pass").top_k == 2 and pipeline.get_component("expander").grounded
     assert "grounded" in trainer.summary() and "seed(s) [1, 2]" in trainer.summary()

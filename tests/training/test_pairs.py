@@ -28,8 +28,10 @@ class FakeExpander(LLMQueryExpander):
         self.asked: list[str] = []
         self.duplicate = duplicate
 
-    def warm_up(self):
-        pass
+    def warm_up(self):  # no model: a sampler that only plans prompts (a prompt budget large enough for any query)
+        from types import SimpleNamespace
+
+        self._sampler = SimpleNamespace(truncate=lambda text, argument: text, engine="fake", identity="fake")
 
     def expand(self, queries, n=None, documents=None, temperatures=None):
         if "{document}" in self.prompt:
@@ -48,7 +50,7 @@ class HashEmbedder:
     def warm_up(self):
         pass
 
-    def encode(self, texts, progress_bar=None):
+    def encode(self, texts, progress_bar=None, *, prefix=None, suffix=None):
         out = []
         for t in texts:
             rng = np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16))
@@ -290,17 +292,18 @@ def test_cli_argument_errors(argv, match, capsys):
 def test_cli_defaults_are_pair_config_defaults():
     args = _parse(["--data", "cranfield", "--out", "x.jsonl"])
     assert pair_config(args) == PairConfig()
-    assert args.cache is None and args.backend == "auto" and args.func is not None
+    assert args.cache is None and args.engine == "auto" and args.func is not None
     args = _parse(["--data", "cranfield", "--out", "x.jsonl", "--n-candidates", "4", "--temperatures", "0.7,1.2",
                    "--no-answer", "--seed", "7"])
     assert pair_config(args) == PairConfig(n_candidates=4, temperatures=(0.7, 1.2), use_answer=False, seed=7)
 
 
-def test_cli_backend_choices_are_the_generation_backends():
-    from expandr_haystack.generation import BACKENDS
+def test_cli_engine_choices_are_the_generation_engines():
+    from expandr_haystack.options import ENGINES
 
-    for backend in BACKENDS:
-        assert _parse(["--data", "cranfield", "--out", "x.jsonl", "--backend", backend]).backend == backend
+    for engine in ENGINES:
+        assert _parse(["--data", "cranfield", "--out", "x.jsonl", "--engine", engine]).engine == engine
+        assert _parse(["--data", "cranfield", "--out", "x.jsonl", "--backend", engine]).engine == engine  # old name
 
 
 def test_cli_unknown_split(tmp_path, capsys):
@@ -325,7 +328,7 @@ def test_pairs_pipeline_yaml_loads():
     p = Pipeline.loads((ROOT / "examples" / "pairs_pipeline.yaml").read_text())
     assert isinstance(p.get_component("scorer"), RewardScorer)
     assert p.get_component("answerer").prompt == ANSWER_PROMPT
-    assert p.get_component("answerer").temperature == 0.0
+    assert p.get_component("answerer").generation.temperature == 0.0
     edges = set(p.graph.edges())
     assert {("expander", "scorer"), ("expander", "answerer"), ("answerer", "scorer")} <= edges
     spec = importlib.util.spec_from_file_location("pairs_example", ROOT / "examples" / "pairs_pipeline.py")

@@ -63,7 +63,7 @@ def test_a_moved_run_folder_loads_and_searches(saved_run, tmp_path):
     pipeline = load_round_pipeline(moved / "round_1" / "pipeline.yaml")
     retriever, expander = pipeline.get_component("retriever"), pipeline.get_component("expander")
     assert retriever.model == str((moved / "round_1" / "encoder").resolve())
-    assert expander.adapter == str((moved / "round_1" / "adapter").resolve()) and retriever.query_weight == 0.8
+    assert expander.adapter == str((moved / "round_1" / "adapter").resolve()) and retriever.fusion.query_weight == 0.8
 
     embedder = SentenceTransformersDocumentEmbedder(model=retriever.model, local_files_only=True, progress_bar=False)
     embedder.warm_up()

@@ -128,14 +128,15 @@ def test_round_pipeline_yaml_loads(tmp_path):
 
     import expandr_haystack  # noqa: F401 - allow-list
     from expandr_haystack import LLMQueryExpander
-    from expandr_haystack.training.rounds import round_pipeline_yaml
+    from expandr_haystack.training.round_pipeline import round_pipeline_yaml
 
     (tmp_path / "encoder").mkdir()
-    text = round_pipeline_yaml(2, LLMQueryExpander(max_new_tokens=8), tmp_path / "encoder", query_weight=0.3)
+    text = round_pipeline_yaml(2, LLMQueryExpander(generation={"max_new_tokens": 8}), tmp_path / "encoder",
+                               query_weight=0.3)
     assert text.startswith("# Search pipeline of round 2: index documents with SentenceTransformersDocumentEmbedder(")
     p = Pipeline.loads(text)
-    assert p.get_component("retriever").query_weight == 0.3
-    assert p.get_component("expander").max_new_tokens == 8
+    assert p.get_component("retriever").fusion.query_weight == 0.3
+    assert p.get_component("expander").generation.max_new_tokens == 8
 
 
 def test_evaluation_uses_the_configured_settings_without_validation(tmp_path, monkeypatch):
@@ -155,7 +156,7 @@ def test_evaluation_uses_the_configured_settings_without_validation(tmp_path, mo
     assert (seen["feedback_k"], seen["feedback_weight"]) == (3, 0.7) and seen["seeds"] == [42]
     config = JointConfig.from_dict({"max_eval_queries": 2, "eval_seeds": [1, 2]})
     JointTrainer(config, tmp_path, progress_bar=False)._evaluate(None, ["dense", "expand"], 0)
-    assert seen["seeds"] == [1, 2] and seen["expander"].seed == 42 and seen["grounded_expander"].grounded
+    assert seen["seeds"] == [1, 2] and seen["expander"].generation.seed == 42 and seen["grounded_expander"].grounded
 
 
 def test_round_methods_follow_the_mode(tmp_path):
@@ -191,14 +192,14 @@ def test_grounded_round_pipeline_has_a_first_pass(tmp_path):
 
     import expandr_haystack  # noqa: F401 - allow-list
     from expandr_haystack import GROUNDED_PROMPT, LLMQueryExpander
-    from expandr_haystack.training.rounds import round_pipeline_yaml
+    from expandr_haystack.training.round_pipeline import round_pipeline_yaml
 
     (tmp_path / "encoder").mkdir()
     expander = LLMQueryExpander(prompt=GROUNDED_PROMPT, passages_k=4, n_expansions=2)
     text = round_pipeline_yaml(1, expander, tmp_path / "encoder", query_weight=0.8)
     assert '{"first_pass": {"query": q}, "expander": {"query": q}}' in text.splitlines()[0]
     p = Pipeline.loads(text)
-    assert p.get_component("first_pass").top_k == 4 and p.get_component("retriever").query_weight == 0.8
+    assert p.get_component("first_pass").top_k == 4 and p.get_component("retriever").fusion.query_weight == 0.8
     assert p.get_component("expander").grounded and p.get_component("expander").n_expansions == 2
     assert ("first_pass", "expander") in set(p.graph.edges())
 
@@ -272,12 +273,12 @@ def test_a_moved_run_folder_pipeline_loads_from_its_new_place(tmp_path, monkeypa
     import expandr_haystack  # noqa: F401 - allow-list
     from expandr_haystack import GROUNDED_PROMPT, LLMQueryExpander
     from expandr_haystack.training import load_round_pipeline
-    from expandr_haystack.training.rounds import round_pipeline_yaml
+    from expandr_haystack.training.round_pipeline import round_pipeline_yaml
 
     run = tmp_path / "run"
     r1 = _tiny_run_folder(run)
     expander = LLMQueryExpander(prompt=GROUNDED_PROMPT, adapter=str(r1 / "adapter"), cache=str(run / "cache.sqlite"),
-                                max_new_tokens=8)
+                                generation={"max_new_tokens": 8})
     text = round_pipeline_yaml(1, expander, r1 / "encoder", query_weight=0.3, base=run)
     (r1 / "pipeline.yaml").write_text(text)
     assert str(tmp_path) not in text
@@ -295,7 +296,8 @@ def test_a_moved_run_folder_pipeline_loads_from_its_new_place(tmp_path, monkeypa
     assert p.get_component("first_pass").model == str(new / "encoder")
     assert p.get_component("expander").adapter == str(new / "adapter")
     assert p.get_component("expander").cache == str(moved.resolve() / "cache.sqlite")
-    assert p.get_component("retriever").query_weight == 0.3 and p.get_component("expander").max_new_tokens == 8
+    assert p.get_component("retriever").fusion.query_weight == 0.3 and (
+        p.get_component("expander").generation.max_new_tokens == 8)
 
     monkeypatch.chdir(moved)  # plain Pipeline.loads from inside the run folder
     assert Pipeline.loads(text).get_component("expander").adapter == "./round_1/adapter"
@@ -306,7 +308,7 @@ def test_a_moved_run_folder_pipeline_loads_from_its_new_place(tmp_path, monkeypa
 
 def test_pipeline_paths_outside_the_run_folder_and_old_absolute_yaml_stay(tmp_path):
     from expandr_haystack import LLMQueryExpander
-    from expandr_haystack.training.rounds import (
+    from expandr_haystack.training.round_pipeline import (
         load_round_pipeline,
         relative_pipeline_paths,
         resolve_pipeline_paths,
@@ -417,7 +419,7 @@ def test_the_save_step_writes_pipeline_and_model_cards(tmp_path):
     assert "(3 pairs)" in (r1 / "adapter" / "README.md").read_text()
     trainer._save(1)  # a resumed save step rewrites our section, never repeats it
     assert (r1 / "encoder" / "README.md").read_text().count(BEGIN) == 1
-    assert load_round_pipeline(r1 / "pipeline.yaml").get_component("retriever").query_weight == 0.7
+    assert load_round_pipeline(r1 / "pipeline.yaml").get_component("retriever").fusion.query_weight == 0.7
 
 
 def test_the_retriever_steps_pass_logging_folders_and_run_names(tmp_path, monkeypatch):
