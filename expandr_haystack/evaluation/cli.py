@@ -251,7 +251,7 @@ def eval_provenance(args: argparse.Namespace, methods: Sequence[str], expander: 
                           {"path": str(Path(args.adapter).expanduser()),
                            "fingerprint": fingerprint(Path(args.adapter))})
         out["generation"] = {"n_expansions": args.n_expansions, "temperature": args.temperature,
-                             "top_p": getattr(expander, "top_p", None), "max_new_tokens": args.max_new_tokens,
+                             "top_p": expander.generation.top_p, "max_new_tokens": args.max_new_tokens,
                              "batch_size": args.batch_size, "prompt": expander.prompt,
                              "system_prompt": expander.system_prompt}
         out["seeds"] = list(args.seeds) if args.seeds is not None else [args.seed]

@@ -58,7 +58,7 @@ class VLLMSampler:
                  gpu_memory_utilization: float = 0.4, max_model_len: int | None = 4096, max_prompt_tokens: int = 1024):
         reason = vllm_unavailable_reason()
         if reason is not None:
-            raise RuntimeError(f"`backend`='vllm' cannot run: {reason}. Use backend 'auto' on CPU.")
+            raise RuntimeError(f"`engine`='vllm' cannot run: {reason}. Use engine 'auto' on CPU.")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"`gpu_memory_utilization` must be in (0, 1]; got {gpu_memory_utilization!r}.")
         from transformers import AutoTokenizer

@@ -72,3 +72,14 @@ def test_a_claim_restated_verbatim_is_kept_not_emptied():
     assert clean_generation(claim, claim) == claim
     assert clean_generation(f"Sure! Here is a passage: {claim}", claim) == claim
     assert clean_generation(f"{claim} Folate is a B vitamin.", claim) == "Folate is a B vitamin."
+
+
+def test_reciprocal_rank_fusion_and_rocchio_are_plain_math():
+    from expandr_haystack.core.fusion import reciprocal_rank_fusion, rocchio
+
+    ranked = reciprocal_rank_fusion([["a", "b", "c"], ["b", "a"], ["c"]], k=1)
+    assert ranked == [("a", 1 / 2 + 1 / 3), ("b", 1 / 3 + 1 / 2), ("c", 1 / 4 + 1 / 2)]  # ties by id
+    assert reciprocal_rank_fusion([["a", "b"], ["b"]], k=60, limit=1, scale=True) == [("b", (1 / 62 + 1 / 61) * 61 / 2)]
+    vectors = np.array([[3.0, 4.0], [1.0, 0.0]])
+    moved = rocchio(vectors, [np.array([[0.0, 2.0]]), np.zeros((0, 2))], 0.25)
+    np.testing.assert_allclose(moved, [fuse(vectors[0], np.array([[0.0, 2.0]]), 0.25), [1.0, 0.0]])

@@ -103,6 +103,7 @@ def test_cli_run_file_and_provenance(beir, tmp_path, capsys):
 
 def test_provenance_names_models_and_fingerprints(tmp_path):
     from expandr_haystack.models import model_identity
+    from expandr_haystack.options import GenerationSettings
 
     encoder, adapter = tmp_path / "enc", tmp_path / "lora"
     for d in (encoder, adapter):
@@ -110,9 +111,10 @@ def test_provenance_names_models_and_fingerprints(tmp_path):
         (d / "config.json").write_text("{}")
 
     class Expander:
-        prompt, system_prompt, top_p = "Write a passage: {query}", None, 1.0
+        prompt, system_prompt = "Write a passage: {query}", None
+        generation = GenerationSettings(top_p=1.0)
 
-    args = argparse.Namespace(encoder=str(encoder), llm="org/llm", adapter=str(adapter), backend="auto",
+    args = argparse.Namespace(encoder=str(encoder), llm="org/llm", adapter=str(adapter), engine="auto",
                               n_expansions=2, temperature=0.7, max_new_tokens=32, batch_size=4, seeds=[1, 2],
                               seed=42, query_weight="0.6")
     prov = cli.eval_provenance(args, ["dense", "expand"], Expander(), "/c.sqlite", {"expansion": 1.23456},

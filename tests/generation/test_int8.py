@@ -222,7 +222,7 @@ def test_precision_option_is_checked_with_its_name_and_choices():
     model, tokenizer = tiny_llama(), CharTokenizer()
     for call in (lambda: LocalSampler(model, tokenizer, weight_precision="int4"),
                  lambda: PackedLlamaDecoder(model, precision="fp8"), lambda: resolve_precision("half")):
-        with pytest.raises(ValueError, match=r"`precision` must be one of 'auto', 'float32', 'int8', 'bfloat16'"):
+        with pytest.raises(ValueError, match=r"`(weight_)?precision` must be one of 'auto', 'float32', 'int8', 'bfloat16'"):
             call()
     from expandr_haystack import LLMQueryExpander
 
@@ -231,7 +231,7 @@ def test_precision_option_is_checked_with_its_name_and_choices():
     with pytest.raises(ValueError, match=r"`weight_precision`='int8' .* 'transformers'"):
         LLMQueryExpander(sampler={"weight_precision": "int8", "engine": "transformers"})
     # int8 needs the packed decoder: a model it cannot run is an error, not a silent float32
-    with pytest.raises(ValueError, match=r"`precision`='int8' needs the packed decoder.*projections with bias"):
+    with pytest.raises(ValueError, match=r"`weight_precision`='int8' needs the packed decoder.*projections with bias"):
         default_decoder(tiny_llama(attention_bias=True), weight_precision="int8")
     assert isinstance(default_decoder(tiny_llama(attention_bias=True), weight_precision="auto"), TransformersDecoder)
 
@@ -239,13 +239,13 @@ def test_precision_option_is_checked_with_its_name_and_choices():
 def test_auto_and_bfloat16_follow_the_cpu_features(monkeypatch):
     monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx", "fma"}))
     assert resolve_precision("auto") == "float32"
-    with pytest.raises(ValueError, match=r"`precision`='int8' cannot run here: the CPU has no AVX512-VNNI"):
+    with pytest.raises(ValueError, match=r"`weight_precision`='int8' cannot run here: the CPU has no AVX512-VNNI"):
         resolve_precision("int8")
-    with pytest.raises(ValueError, match=r"`precision`='bfloat16' cannot run here: the CPU has no native bfloat16"):
+    with pytest.raises(ValueError, match=r"`weight_precision`='bfloat16' cannot run here: the CPU has no native bfloat16"):
         resolve_precision("bfloat16")
     for flags in ({"avx2", "fma"}, {"avx2", "avx_vnni"}, {"avx512f", "avx512bw"}):  # no AVX512-VNNI
         monkeypatch.setattr(quantize, "cpu_flags", lambda flags=flags: frozenset(flags))
-        with pytest.raises(ValueError, match=r"`precision`='int8' cannot run here: the CPU has no AVX512-VNNI.*7-bit"):
+        with pytest.raises(ValueError, match=r"`weight_precision`='int8' cannot run here: the CPU has no AVX512-VNNI.*7-bit"):
             resolve_precision("int8")
     assert resolve_precision("auto") == "float32"  # int8 refused: auto falls back to float32
     monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))

@@ -146,9 +146,9 @@ def test_unsupported_models_fall_back_or_fail_clearly():
     model = tiny_llama(attention_bias=True)
     assert "bias" in unsupported_reason(model)
     assert isinstance(default_decoder(model, "auto"), TransformersDecoder)
-    with pytest.raises(ValueError, match="backend.*packed.*bias"):
+    with pytest.raises(ValueError, match="engine.*packed.*bias"):
         default_decoder(model, "packed")
-    with pytest.raises(ValueError, match="`backend` must be"):
+    with pytest.raises(ValueError, match="`engine` must be"):
         default_decoder(model, "fastest")
     assert "float32" in unsupported_reason(tiny_llama().to(torch.bfloat16))
 
