@@ -4,9 +4,11 @@ os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import hashlib
 import json
 import shutil
 
+import numpy as np
 import pytest
 from haystack import Document
 
@@ -93,3 +95,19 @@ def tiny_bert(tmp_path_factory):
     out = root / "st"
     SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(out))
     return str(out)
+
+
+class HashEmbedder:
+    """Deterministic pseudo-random unit vectors per text (no model): stands in for an encoder
+    where a test needs cosines, not meaning."""
+
+    def warm_up(self):
+        pass
+
+    def encode(self, texts, progress_bar=None, *, prefix=None, suffix=None):
+        out = []
+        for t in texts:
+            rng = np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16))
+            v = rng.normal(size=16) + 3.0  # shared offset: cosines are positive, mostly 0.8-1
+            out.append(v / np.linalg.norm(v))
+        return np.asarray(out, dtype=np.float32)

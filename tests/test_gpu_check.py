@@ -73,4 +73,4 @@ def test_the_gpu_check_config_has_the_paper_gpu_settings_at_micro_scale():
     assert config.retriever.hard_negatives == paper["retriever"]["hard_negatives"] == 7
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing"):
         assert getattr(config.dpo, key) == paper["dpo"][key], key
-    assert config.llm_backend == "auto" and config.dpo.max_steps <= 2 and config.retriever.max_steps <= 2
+    assert config.llm_engine == "auto" and config.dpo.max_steps <= 2 and config.retriever.max_steps <= 2

@@ -4,12 +4,13 @@ The training subcommands of the `expandr` command line (registered by `expandr_h
     expandr train --config training/configs/tiny-cpu.yaml [--output runs/tiny-cpu] [--resume] [--rounds K]
         [--set expansion.mode=grounded --set dpo.learning_rate=1e-4 ...]
     expandr pairs --data cranfield --split train --out pairs.jsonl [--n-candidates 8]
-        [--temperatures 0.8,0.9,1.0,1.1] [--threshold 0.6] [--llm PATH --adapter PATH --encoder PATH]
+        [--temperatures 0.8,0.9,1.0,1.1] [--threshold 0.6] [--top-p 0.9] [--llm PATH --adapter PATH --encoder PATH]
         [--max-queries N] [--cache PATH] [--max-new-tokens N] [--no-answer] [--overwrite]
         [--grounded --passages-k 3 --passage-words 50]
 
-`python training/joint.py ...` and `python training/pairs.py ...` are the same commands. The defaults of
-`expandr pairs` are `PairConfig`'s; argument errors use the wording of `expandr_haystack.checks`.
+`python training/joint.py ...` and `python training/pairs.py ...` are the same commands. The pair-construction
+options of `expandr pairs` are generated from `PairConfig`'s fields (`add_settings_arguments`: its defaults, its
+docstring as help, its rules as checks); argument errors use the wording of `expandr_haystack.checks`.
 
 Usage:
 ```python
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from expandr_haystack.checks import check_adapter_dir, check_int, check_model_name, check_number
+from expandr_haystack.checks import check_adapter_dir, check_int, check_model_name
 from expandr_haystack.training.config import PairConfig
 
 
@@ -138,21 +139,42 @@ def _arg(check: Callable[..., Any], option: str, *args: Any, convert: Callable[[
     return parse
 
 
-def _temperatures(text: str) -> tuple[float, ...]:
-    """Comma-separated numbers >= 0, e.g. ``0.8,0.9,1.0,1.1``."""
+def _sequence(text: str) -> tuple[Any, ...] | str:
+    """Comma-separated values (numbers where they read as numbers), e.g. ``0.8,0.9,1.0,1.1``; the text itself when
+    they do not (the setting's rule then names it)."""
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
     try:
-        values = tuple(float(t) for t in text.split(",") if t.strip())
+        return tuple(float(t) for t in items)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.8,0.9,1.0,1.1; got {text!r}") \
-            from None
-    try:
-        if not values:
-            raise ValueError(text)
-        for v in values:
-            check_number(v, "--temperatures", 0.0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected one or more numbers >= 0; got {text!r}") from None
-    return values
+        return text
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, renamed: dict[str, str] | None = None) -> None:
+    """
+    One option per field of the settings dataclass `cls` (`--n-candidates` for `n_candidates`), generated from the
+    fields: the default is the field's, the help its docstring line, and a value is checked by the field's own rule
+    (an argparse error naming the option). A true/false field that defaults to True becomes ``--no-<name>``.
+
+    :param renamed: Option names other than the generated ones (field -> option), e.g. ``{"use_answer": "--no-answer"}``.
+    """
+    helps = cls.help()
+    for f in dataclasses.fields(cls):
+        default, rule = f.default, f.metadata.get("rule")
+        option = (renamed or {}).get(f.name) or "--" + f.name.replace("_", "-")
+        help_text = helps.get(f.name, "").replace("%", "%%")
+        if isinstance(default, bool):
+            if default:
+                option = (renamed or {}).get(f.name) or "--no-" + f.name.replace("_", "-")
+                parser.add_argument(option, dest=f.name, action="store_false", default=True, help=help_text)
+            else:
+                parser.add_argument(option, dest=f.name, action="store_true", help=help_text)
+            continue
+        if isinstance(default, tuple):
+            convert, shown = _sequence, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+        else:
+            convert, shown = type(default), f"{default:g}" if isinstance(default, float) else str(default)
+        parser.add_argument(option, dest=f.name, default=default, help=f"{help_text} (default {shown})",
+                            type=_arg(rule, option, convert=convert) if rule else convert)
 
 
 def _collection(text: str) -> str:
@@ -177,18 +199,12 @@ def add_pairs_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `expandr pairs`; their defaults are `PairConfig`'s."""
     from expandr_haystack.options import ENGINES
 
-    d = {f.name: f.default for f in dataclasses.fields(PairConfig)}
     p.add_argument("--data", required=True, type=_collection,
                    help='BEIR-layout folder, or "cranfield" for the bundled collection')
     p.add_argument("--split", default="train", help="qrels split whose judged queries are used (default: train)")
     p.add_argument("--out", required=True, type=_out_file, help="output JSONL pair file (appended to when it exists)")
-    p.add_argument("--n-candidates", type=_arg(check_int, "--n-candidates", 2), default=d["n_candidates"],
-                   help=f"candidate expansions per query, >= 2 (default {d['n_candidates']})")
-    p.add_argument("--temperatures", type=_temperatures, default=d["temperatures"],
-                   help="sampling temperatures, sample i uses the (i mod k)-th "
-                        f"(default {','.join(f'{t:g}' for t in d['temperatures'])})")
-    p.add_argument("--threshold", type=_arg(check_number, "--threshold", convert=float), default=d["threshold"],
-                   help=f"min of max(cos_doc + cos_answer) to keep a pair (default {d['threshold']:g})")
+    add_settings_arguments(p.add_argument_group("pair construction (PairConfig)"), PairConfig,
+                           renamed={"use_answer": "--no-answer"})
     p.add_argument("--llm", default=None, type=_arg(check_model_name, "--llm", convert=str),
                    help="expander LLM: HF id or local folder (default: bundled SmolLM2)")
     p.add_argument("--adapter", default=None, type=_arg(check_adapter_dir, "--adapter", convert=str),
@@ -199,16 +215,6 @@ def add_pairs_arguments(p: argparse.ArgumentParser) -> None:
                    help="use the first N judged queries")
     p.add_argument("--cache", default=None,
                    help='expansion cache (sqlite; default <expandr home>/cache/expansions.sqlite); "none" disables it')
-    for name, what in (("max_new_tokens", "length limit of a candidate"),
-                       ("answer_max_new_tokens", "length limit of the answer"),
-                       ("chunk_size", "queries processed and saved together"),
-                       ("batch_size", "rows the LLM generates at once")):
-        option = "--" + name.replace("_", "-")
-        p.add_argument(option, type=_arg(check_int, option), default=d[name], help=f"{what} (default {d[name]})")
-    p.add_argument("--seed", type=_arg(check_int, "--seed", 0), default=d["seed"],
-                   help=f"base seed of the candidates (default {d['seed']})")
-    p.add_argument("--no-answer", dest="use_answer", action="store_false", default=d["use_answer"],
-                   help="document-only reward (ablation; no answers generated)")
     p.add_argument("--device", default=None, help='"cpu", "cuda:0", ... (default: best available)')
     p.add_argument("--engine", "--backend", dest="engine", default="auto", choices=ENGINES,
                    help="LLM generation engine (default auto: the packed float32 decoder on CPU; --backend is its "
@@ -247,6 +253,7 @@ def run_pairs(args: argparse.Namespace) -> int:
     from expandr_haystack.core.text import EXPANSION_PROMPT, GROUNDED_PROMPT
     from expandr_haystack.evaluation.data import DataError, load_collection
     from expandr_haystack.models import expandr_home
+    from expandr_haystack.options import SamplerOptions
     from expandr_haystack.training.config import ConfigError
     from expandr_haystack.training.pairs import build_pairs, make_components
 
@@ -266,8 +273,8 @@ def run_pairs(args: argparse.Namespace) -> int:
     device = ComponentDevice.from_str(args.device) if args.device else None
     prompt = GROUNDED_PROMPT if args.grounded else EXPANSION_PROMPT
     expander, answerer, scorer = make_components(config, llm=args.llm, adapter=args.adapter, encoder=args.encoder,
-                                                 cache=cache, device=device, progress_bar=False,
-                                                 engine=args.engine, prompt=prompt, passages_k=args.passages_k,
+                                                 cache=cache, sampler=SamplerOptions(engine=args.engine, device=device),
+                                                 prompt=prompt, passages_k=args.passages_k,
                                                  passage_words=args.passage_words)
     passages = first_pass_hits(collection, args.encoder, args.passages_k, device) if args.grounded else None
     print(f"{collection.path}: split {args.split!r}, {len(collection.queries)} judged queries; "
@@ -300,4 +307,4 @@ def add_pairs_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-__all__ = ["add_pairs_parser", "add_train_parser", "pair_config", "run", "run_pairs"]
+__all__ = ["add_pairs_parser", "add_settings_arguments", "add_train_parser", "pair_config", "run", "run_pairs"]

@@ -21,34 +21,41 @@ PairConfig(n_candidates=1)                     # ConfigError: `n_candidates` mus
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from expandr_haystack.checks import check_choice, check_int, check_number
+from expandr_haystack.options import GenerationSettings
 from expandr_haystack.training.config_checks import (
     ConfigError,
+    Settings,
     build_settings,
+    check_bool,
     check_fraction,
+    check_names,
+    check_numbers,
+    check_optional_device,
     check_report_to,
     check_run,
     check_steps,
-    checked,
     fail,
     set_dotted,
+    setting,
     setting_key,
 )
 
 
 # -- pair construction ----------------------------------------------------------------------------------------------
 @dataclass
-class PairConfig:
+class PairConfig(Settings):
     """
     Settings of pair construction (ExpandR paper defaults where it has them).
 
-    :param n_candidates: Candidate expansions sampled per query.
+    :param n_candidates: Candidate expansions sampled per query (>= 2: two candidates form a pair).
     :param temperatures: Sample i uses temperatures[i % len(temperatures)].
     :param threshold: Minimum of max_e (cos_doc + cos_answer) (max_e cos_doc when `use_answer` is False).
     :param max_new_tokens: Length limit of a candidate expansion (the paper uses 512; 96 is CPU-friendly).
@@ -60,16 +67,16 @@ class PairConfig:
     :param use_answer: False = document-only reward (an ablation of the paper's reward); no answers are generated.
     """
 
-    n_candidates: int = 8
-    temperatures: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1)
-    threshold: float = 0.6
-    max_new_tokens: int = 96
-    answer_max_new_tokens: int = 96
-    top_p: float = 0.9
-    chunk_size: int = 16
-    batch_size: int = 16
-    seed: int = 42
-    use_answer: bool = True
+    n_candidates: int = setting(8, check_int, 2, hint="Two candidates form a pair.")
+    temperatures: tuple[float, ...] = setting((0.8, 0.9, 1.0, 1.1), check_numbers)
+    threshold: float = setting(0.6, check_number)
+    max_new_tokens: int = setting(96, check_int)
+    answer_max_new_tokens: int = setting(96, check_int)
+    top_p: float = setting(0.9, check_number, 0.0, 1.0, low_open=True)
+    chunk_size: int = setting(16, check_int)
+    batch_size: int = setting(16, check_int)
+    seed: int = setting(42, check_int, 0)
+    use_answer: bool = setting(True, check_bool)
 
     def __post_init__(self):
         try:
@@ -78,37 +85,16 @@ class PairConfig:
             pass  # `validate` names it
         self.validate()
 
-    def validate(self, section: str = "") -> None:
-        """
-        Raise a `ConfigError` naming the first bad setting.
-
-        :param section: Prefix of the keys in messages (``pairs`` inside a `JointConfig`).
-        """
-        for name in ("max_new_tokens", "answer_max_new_tokens", "chunk_size", "batch_size"):
-            checked(check_int, getattr(self, name), setting_key(section, name))
-        checked(check_int, self.n_candidates, setting_key(section, "n_candidates"), 2,
-                hint="Two candidates form a pair.")
-        key = setting_key(section, "temperatures")
-        if not isinstance(self.temperatures, tuple) or not self.temperatures:
-            fail(key, "a non-empty list of numbers >= 0", self.temperatures)
-        for i, t in enumerate(self.temperatures):
-            checked(check_number, t, f"{key}[{i}]", 0.0)
-        checked(check_number, self.threshold, setting_key(section, "threshold"))
-        checked(check_number, self.top_p, setting_key(section, "top_p"), 0.0, 1.0, low_open=True)
-        checked(check_int, self.seed, setting_key(section, "seed"), 0)
-        if not isinstance(self.use_answer, bool):
-            fail(setting_key(section, "use_answer"), "true or false", self.use_answer)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (temperatures as a list), as in ``<pairs>.stats.json``."""
-        d = asdict(self)
-        d["temperatures"] = list(self.temperatures)
-        return d
+    def generation(self, progress_bar: bool = False) -> GenerationSettings:
+        """What the candidates are sampled with (the first temperature; `expand` takes them all per sample)."""
+        return GenerationSettings(temperature=self.temperatures[0], top_p=self.top_p,
+                                  max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=self.seed,
+                                  progress_bar=progress_bar)
 
 
 # -- DPO ------------------------------------------------------------------------------------------------------------
 @dataclass
-class DPOSettings:
+class DPOSettings(Settings):
     """
     DPO + LoRA settings (ExpandR paper defaults).
 
@@ -126,55 +112,29 @@ class DPOSettings:
         ``round_<r>/logs/dpo`` of a joint-training run (`TENSORBOARD_LOGGING_DIR` overrides).
     """
 
-    beta: float = 0.1
-    learning_rate: float = 2e-5
-    num_train_epochs: float = 2.0
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512
-    max_steps: int = -1
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    seed: int = 42
-    device: str | None = None
+    beta: float = setting(0.1, check_number, 0.0, low_open=True)
+    learning_rate: float = setting(2e-5, check_number, 0.0, low_open=True)
+    num_train_epochs: float = setting(2.0, check_number, 0.0, low_open=True)
+    per_device_train_batch_size: int = setting(4, check_int)
+    gradient_accumulation_steps: int = setting(1, check_int)
+    max_length: int = setting(512, check_int)
+    max_steps: int = setting(-1, check_steps)
+    lora_r: int = setting(8, check_int)
+    lora_alpha: int = setting(32, check_int)
+    lora_dropout: float = setting(0.1, check_fraction)
+    target_modules: tuple[str, ...] = setting(("q_proj", "v_proj"), check_names)
+    seed: int = setting(42, check_int, 0)
+    device: str | None = setting(None, check_optional_device)
     bf16: bool | None = None
     gradient_checkpointing: bool = False
-    logging_steps: int = 10
-    warmup_steps: float = 0
-    report_to: str | list[str] = "none"
-
-    def validate(self, section: str = "") -> None:
-        """
-        Raise a `ConfigError` naming the first bad setting.
-
-        :param section: Prefix of the keys in messages (``dpo`` inside a `JointConfig`).
-        """
-        for name in ("beta", "learning_rate", "num_train_epochs"):
-            checked(check_number, getattr(self, name), setting_key(section, name), 0.0, low_open=True)
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "lora_r",
-                     "lora_alpha", "logging_steps"):
-            checked(check_int, getattr(self, name), setting_key(section, name))
-        check_steps(self.max_steps, setting_key(section, "max_steps"))
-        check_fraction(self.lora_dropout, setting_key(section, "lora_dropout"))
-        checked(check_number, self.warmup_steps, setting_key(section, "warmup_steps"), 0.0)
-        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
-            fail(setting_key(section, "target_modules"), "a non-empty list of module names", self.target_modules)
-        checked(check_int, self.seed, setting_key(section, "seed"), 0)
-        check_report_to(self.report_to, setting_key(section, "report_to"))
-        if self.device is not None and (not isinstance(self.device, str) or not self.device.strip()):
-            fail(setting_key(section, "device"), "a device name such as 'cpu' or 'cuda:0', or null", self.device)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
+    logging_steps: int = setting(10, check_int)
+    warmup_steps: float = setting(0, check_number, 0.0)
+    report_to: str | list[str] = setting("none", check_report_to)  # noqa: RUF009 - returns a field
 
 
 # -- joint training -------------------------------------------------------------------------------------------------
 @dataclass
-class RetrieverSettings:
+class RetrieverSettings(Settings):
     """
     Encoder training on fused queries (FusedInfoNCELoss) through sentence-transformers' trainer.
 
@@ -195,44 +155,33 @@ class RetrieverSettings:
         document and a negative keeps ~2 GB of activations at 256 tokens without it; ~25% slower.
     """
 
-    learning_rate: float = 2e-5
-    epochs: float = 1.0
-    batch_size: int = 32
-    temperature: float = 0.02
-    max_length: int = 256
-    hard_negatives: int = 1
-    hard_negative_skip: int = 3
-    hard_negative_depth: int = 30
-    warmup_ratio: float = 0.1
-    query_weight: float = 0.5
-    max_positives_per_query: int = 4
+    learning_rate: float = setting(2e-5, check_number, 0.0, low_open=True)
+    epochs: float = setting(1.0, check_number, 0.0)
+    batch_size: int = setting(32, check_int, 2, hint="A batch needs two rows for in-batch negatives.")
+    temperature: float = setting(0.02, check_number, 0.0, low_open=True)
+    max_length: int = setting(256, check_int)
+    hard_negatives: int = setting(1, check_int, 0)
+    hard_negative_skip: int = setting(3, check_int, 0)
+    hard_negative_depth: int = setting(30, check_int)
+    warmup_ratio: float = setting(0.1, check_fraction)
+    query_weight: float = setting(0.5, check_number, 0.0, 1.0)
+    max_positives_per_query: int = setting(4, check_int)
     restart_each_round: bool = True
     bf16: bool = False
-    max_steps: int = -1
-    logging_steps: int = 10
-    report_to: str | list[str] = "none"
+    max_steps: int = setting(-1, check_steps)
+    logging_steps: int = setting(10, check_int)
+    report_to: str | list[str] = setting("none", check_report_to)  # noqa: RUF009 - returns a field
     gradient_checkpointing: bool = False
 
     def validate(self, section: str = "retriever") -> None:
-        """Raise a `ConfigError` naming the first bad setting (keys prefixed with `section`)."""
-        for name in ("temperature", "learning_rate"):
-            checked(check_number, getattr(self, name), setting_key(section, name), 0.0, low_open=True)
-        check_steps(self.max_steps, setting_key(section, "max_steps"))
-        checked(check_number, self.epochs, setting_key(section, "epochs"), 0.0)
+        super().validate(section)
+
+    def check_together(self, section: str) -> None:
         if self.epochs == 0 and self.max_steps < 1:
             fail(setting_key(section, "epochs"), "> 0 (or max_steps > 0)", self.epochs)
-        checked(check_int, self.batch_size, setting_key(section, "batch_size"), 2,
-                 hint="A batch needs two rows for in-batch negatives.")
-        for name in ("max_length", "max_positives_per_query", "hard_negative_depth", "logging_steps"):
-            checked(check_int, getattr(self, name), setting_key(section, name))
-        checked(check_int, self.hard_negatives, setting_key(section, "hard_negatives"), 0)
-        checked(check_int, self.hard_negative_skip, setting_key(section, "hard_negative_skip"), 0)
         if self.hard_negative_skip >= self.hard_negative_depth:
             fail(setting_key(section, "hard_negative_skip"),
                  f"in [0, hard_negative_depth) = [0, {self.hard_negative_depth})", self.hard_negative_skip)
-        checked(check_number, self.query_weight, setting_key(section, "query_weight"), 0.0, 1.0)
-        check_fraction(self.warmup_ratio, setting_key(section, "warmup_ratio"))
-        check_report_to(self.report_to, setting_key(section, "report_to"))
 
 
 #: Expansion modes of training: the paper's query-to-document prompt, or the grounded prompt that reads the top hits
@@ -243,7 +192,7 @@ MODE_METHODS = {"q2d": "expand", "grounded": "grounded"}
 
 
 @dataclass
-class ExpansionSettings:
+class ExpansionSettings(Settings):
     """
     How queries are expanded for the retriever step and for evaluation (the DPO candidates use the same prompt).
 
@@ -260,14 +209,14 @@ class ExpansionSettings:
     :param passage_words: Words kept of each of those hits.
     """
 
-    n_expansions: int = 1
-    temperature: float = 1.0
-    top_p: float = 0.9
-    max_new_tokens: int = 96
-    batch_size: int = 16
-    mode: str = "q2d"
-    passages_k: int = 3
-    passage_words: int = 50
+    n_expansions: int = setting(1, check_int)
+    temperature: float = setting(1.0, check_number, 0.0)
+    top_p: float = setting(0.9, check_number, 0.0, 1.0, low_open=True)
+    max_new_tokens: int = setting(96, check_int)
+    batch_size: int = setting(16, check_int)
+    mode: str = setting("q2d", check_choice, EXPANSION_MODES)
+    passages_k: int = setting(3, check_int)
+    passage_words: int = setting(50, check_int)
 
     @property
     def method(self) -> str:
@@ -275,15 +224,12 @@ class ExpansionSettings:
         return MODE_METHODS[self.mode]
 
     def validate(self, section: str = "expansion") -> None:
-        """Raise a `ConfigError` naming the first bad setting (keys prefixed with `section`)."""
-        checked(check_int, self.n_expansions, setting_key(section, "n_expansions"))
-        checked(check_number, self.temperature, setting_key(section, "temperature"), 0.0)
-        checked(check_number, self.top_p, setting_key(section, "top_p"), 0.0, 1.0, low_open=True)
-        checked(check_int, self.max_new_tokens, setting_key(section, "max_new_tokens"))
-        checked(check_int, self.batch_size, setting_key(section, "batch_size"))
-        checked(check_choice, self.mode, setting_key(section, "mode"), EXPANSION_MODES)
-        checked(check_int, self.passages_k, setting_key(section, "passages_k"))
-        checked(check_int, self.passage_words, setting_key(section, "passage_words"))
+        super().validate(section)
+
+    def generation(self, seed: int, progress_bar: bool = False) -> GenerationSettings:
+        """What these expansions are sampled with (`seed`: the run's)."""
+        return GenerationSettings(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                                  batch_size=self.batch_size, seed=seed, progress_bar=progress_bar)
 
 
 #: The sections of a `JointConfig` and their settings classes.
@@ -305,6 +251,8 @@ class JointConfig:
         evaluations use `retriever.query_weight` and PRF's k = 3, f = 0.7.
     :param eval_seeds: Expansion seeds of every evaluation: each expansion method is evaluated once per seed and
         reported as mean, standard deviation and per-seed values; null = one evaluation with `seed`.
+    :param llm_engine: The expander's generation engine (`SamplerOptions.engine`): "auto", "packed",
+        "transformers" or "vllm" (GPU). Its old name `llm_backend` is still read, with a DeprecationWarning.
     :param eval_methods: Methods evaluated besides those every report has (round 0: bm25, dense, prf, expand and
         grounded; each round: dense, prf and the ExpandR method of `expansion.mode`), e.g. expand-rrf.
     """
@@ -318,7 +266,7 @@ class JointConfig:
     rounds: int = 2
     encoder: str | None = None
     llm: str | None = None
-    llm_backend: str = "auto"
+    llm_engine: str = "auto"
     device: str | None = None
     seed: int = 42
     eval_methods: tuple[str, ...] = ("dense", "expand")
@@ -330,14 +278,30 @@ class JointConfig:
     pairs: PairConfig = field(default_factory=PairConfig)
     dpo: DPOSettings = field(default_factory=DPOSettings)
 
+    #: Keys of earlier versions, read under their new names (old -> new).
+    RENAMED: ClassVar[dict[str, str]] = {"llm_backend": "llm_engine"}
+
     # -- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def upgrade(cls, raw: dict[str, Any], source: str = "config", warn: bool = True) -> dict[str, Any]:
+        """`raw` with the `RENAMED` keys under their new names (a DeprecationWarning naming both when `warn`)."""
+        old = [k for k in cls.RENAMED if k in raw]
+        for key in old:
+            if cls.RENAMED[key] in raw:
+                raise ConfigError(f"{source}: both `{key}` and its new name `{cls.RENAMED[key]}` are set; keep "
+                                  f"`{cls.RENAMED[key]}`.")
+        if old and warn:
+            warnings.warn(f"{source}: {', '.join(f'`{k}` is now `{cls.RENAMED[k]}`' for k in old)}; the old name "
+                          "will be removed.", DeprecationWarning, stacklevel=3)
+        return {cls.RENAMED.get(k, k): v for k, v in raw.items()}
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> JointConfig:
         """Build and validate; unknown keys and wrong types are `ConfigError`s naming the key."""
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping of settings; got {type(raw).__name__}.")
         kwargs: dict[str, Any] = {}
-        for key, value in raw.items():
+        for key, value in cls.upgrade(raw, source).items():
             kwargs[key] = build_settings(SECTIONS[key], value, f"{source}: {key}") if key in SECTIONS else value
         config = build_settings(cls, kwargs, source)
         config.validate(source)
@@ -362,6 +326,12 @@ class JointConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for `config.json` in the run folder and for resume checks)."""
         return dataclasses.asdict(self)
+
+    def sampler(self, device=None):
+        """The `SamplerOptions` of this run's expanders (`llm_engine` on `device`, a ComponentDevice or None)."""
+        from expandr_haystack.options import SamplerOptions
+
+        return SamplerOptions(engine=self.llm_engine, device=device)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

@@ -9,6 +9,8 @@ each section's, then the data, the models and what the machine offers). Imports 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Callable
 from typing import Any
 
 from expandr_haystack.checks import check_choice, check_int, check_model_name, check_number
@@ -48,6 +50,29 @@ def check_fraction(value: Any, key: str) -> None:  # [0, 1)
         fail(key, "a number in [0, 1)", value)
 
 
+def check_bool(value: Any, key: str) -> None:
+    if not isinstance(value, bool):
+        fail(key, "true or false", value)
+
+
+def check_numbers(value: Any, key: str) -> None:
+    """A non-empty tuple of numbers >= 0 (e.g. sampling temperatures)."""
+    if not isinstance(value, tuple) or not value:
+        fail(key, "a non-empty list of numbers >= 0", value)
+    for i, number in enumerate(value):
+        checked(check_number, number, f"{key}[{i}]", 0.0)
+
+
+def check_names(value: Any, key: str) -> None:
+    if not value or not isinstance(value, (tuple, list)) or not all(isinstance(m, str) and m for m in value):
+        fail(key, "a non-empty list of module names", value)
+
+
+def check_optional_device(value: Any, key: str) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        fail(key, "a device name such as 'cpu' or 'cuda:0', or null", value)
+
+
 def check_report_to(value: Any, key: str) -> None:
     """"none", "all", one tracker of `report_to_trackers()`, or a non-empty list of them (transformers' `report_to`)."""
     trackers = report_to_trackers()
@@ -59,6 +84,47 @@ def check_report_to(value: Any, key: str) -> None:
         return
     else:
         fail(key, expected, value)
+
+
+# -- settings dataclasses -------------------------------------------------------------------------------------------
+def setting(default: Any, check: Callable[..., Any] | None = None, *args: Any, hint: str = "", **kwargs: Any):
+    """
+    A field of a settings dataclass: its default and the rule its value follows, ``check(value, key, *args,
+    **kwargs)`` (a `expandr_haystack.checks` helper, or one of this module's ``check_*``), checked by
+    `Settings.validate` with the key named as in the config (``pairs.n_candidates``) and `hint` added to the message.
+    """
+    rule = None if check is None else (lambda value, key: checked(check, value, key, *args, hint=hint, **kwargs))
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
+
+class Settings:
+    """What every training settings dataclass does: check each field by its `setting` rule (then the rules that
+    relate fields, `check_together`), and write plain data."""
+
+    def validate(self, section: str = "") -> None:
+        """
+        Raise a `ConfigError` naming the first bad setting.
+
+        :param section: Prefix of the keys in messages (e.g. ``pairs`` inside a `JointConfig`).
+        """
+        for f in dataclasses.fields(self):
+            rule = f.metadata.get("rule")
+            if rule is not None:
+                rule(getattr(self, f.name), setting_key(section, f.name))
+        self.check_together(section)
+
+    def check_together(self, section: str) -> None:
+        """The rules that relate two settings (none by default)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (tuples as lists), as in ``config.json`` and ``<pairs>.stats.json``."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Each field's ``:param name:`` text of the class docstring (one line), e.g. for command-line help."""
+        text = re.sub(r"\s+", " ", cls.__doc__ or "")
+        return {m.group(1): m.group(2).strip() for m in re.finditer(r":param (\w+): (.*?)(?=:param |$)", text)}
 
 
 # -- reading a mapping ----------------------------------------------------------------------------------------------
@@ -147,7 +213,7 @@ def check_run(config) -> None:
         value = getattr(config, key)
         if (value is not None or key != "device") and (not isinstance(value, str) or not value.strip()):
             fail(key, "a non-empty string" + (" or null" if key == "device" else ""), value)
-    checked(check_choice, config.llm_backend, "llm_backend", ENGINES)
+    checked(check_choice, config.llm_engine, "llm_engine", ENGINES)
     config.expansion.validate("expansion")
     config.retriever.validate("retriever")
     config.pairs.validate("pairs")
@@ -179,14 +245,15 @@ def check_run(config) -> None:
             raise ConfigError(f"`device` is {config.device!r} but this machine has no CUDA GPU (torch "
                               f"{torch.__version__}); this config is meant for GPU machines. Use "
                               f"training/configs/tiny-cpu.yaml here, or set device: cpu.")
-    if config.llm_backend == "vllm":
+    if config.llm_engine == "vllm":
         from expandr_haystack.generation.vllm import vllm_unavailable_reason
 
         reason = vllm_unavailable_reason()
         if reason is not None:
-            raise ConfigError(f"`llm_backend` is 'vllm' but {reason}; this setting is meant for GPU machines. "
-                              f"Use llm_backend: auto here.")
+            raise ConfigError(f"`llm_engine` is 'vllm' but {reason}; this setting is meant for GPU machines. "
+                              f"Use llm_engine: auto here.")
 
 
-__all__ = ["ConfigError", "build_settings", "check_fraction", "check_report_to", "check_run", "check_steps", "checked",
-           "fail", "set_dotted", "setting_key"]
+__all__ = ["ConfigError", "Settings", "build_settings", "check_bool", "check_fraction", "check_names", "check_numbers",
+           "check_optional_device", "check_report_to", "check_run", "check_steps", "checked", "fail", "set_dotted",
+           "setting", "setting_key"]

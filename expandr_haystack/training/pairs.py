@@ -64,7 +64,7 @@ from expandr_haystack.core.text import (
 )
 from expandr_haystack.evaluation.data import Collection, parse_jsonl
 from expandr_haystack.files import append_jsonl, atomic_write_json, cut_partial_last_line
-from expandr_haystack.options import GenerationSettings, SamplerOptions
+from expandr_haystack.options import SamplerOptions
 from expandr_haystack.training.config import PairConfig
 
 logger = logging.getLogger(__name__)
@@ -112,24 +112,22 @@ def sidecar_paths(out_path: str | Path) -> dict[str, Path]:
 
 
 def make_components(config: PairConfig | None = None, llm: str | None = None, adapter: str | None = None,
-                    encoder: str | None = None, cache: str | None = None, device=None,
-                    progress_bar: bool = False, engine: str = "auto", prompt: str = EXPANSION_PROMPT,
-                    passages_k: int = 3,
+                    encoder: str | None = None, cache: str | None = None, sampler: SamplerOptions | None = None,
+                    progress_bar: bool = False, prompt: str = EXPANSION_PROMPT, passages_k: int = 3,
                     passage_words: int = 50) -> tuple[LLMQueryExpander, LLMQueryExpander | None, RewardScorer]:
     """
     The three components `build_pairs` uses: candidate expander (q2d prompt, sampling), answer expander
     (`ANSWER_PROMPT`, greedy; None when `config.use_answer` is False) and scorer, sharing one LLM and one cache.
 
+    :param sampler: How the LLM is loaded and run (engine, device, ...); the scorer's encoder runs on its device.
     :param prompt: The candidates' prompt: `EXPANSION_PROMPT` (the paper's q2d) or `GROUNDED_PROMPT` (the candidates
         also read each query's first-pass hits, given to `build_pairs` as `passages`).
     :param passages_k: First-pass hits a grounded prompt shows.
     :param passage_words: Words kept of each hit.
     """
     config = config or PairConfig()
-    generation = GenerationSettings(temperature=config.temperatures[0], top_p=config.top_p,
-                                    max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                    seed=config.seed, progress_bar=progress_bar)
-    sampler = SamplerOptions(engine=engine, device=device)
+    sampler = sampler or SamplerOptions()
+    generation = config.generation(progress_bar)
     expander = LLMQueryExpander(model=llm, adapter=adapter, prompt=prompt, n_expansions=config.n_candidates,
                                 generation=generation, sampler=sampler, cache=cache, passages_k=passages_k,
                                 passage_words=passage_words)
@@ -139,7 +137,7 @@ def make_components(config: PairConfig | None = None, llm: str | None = None, ad
                                     generation=generation.replace(temperature=0.0,
                                                                   max_new_tokens=config.answer_max_new_tokens),
                                     sampler=sampler, cache=cache, on_failure="skip")
-    scorer = RewardScorer(model=encoder, threshold=config.threshold, device=device)
+    scorer = RewardScorer(model=encoder, threshold=config.threshold, device=sampler.device)
     return expander, answerer, scorer
 
 

@@ -167,15 +167,12 @@ class JointTrainer(RoundEvaluation):
     def _expander(self, r: int, **overrides: Any):
         """LLM_r as the q2d expander of the config (`expansion` settings; its grounded twin: `_grounded`)."""
         from expandr_haystack.components.expander import LLMQueryExpander
-        from expandr_haystack.options import GenerationSettings, SamplerOptions
 
         e = self.config.expansion
-        generation = GenerationSettings(temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
-                                        batch_size=e.batch_size, seed=self.config.seed, progress_bar=self.progress_bar)
         expander = LLMQueryExpander(model=self.config.llm, adapter=self._adapter(r), n_expansions=e.n_expansions,
-                                    generation=generation,
-                                    sampler=SamplerOptions(engine=self.config.llm_backend, device=self._device()),
-                                    cache=self.cache_path, passages_k=e.passages_k, passage_words=e.passage_words)
+                                    generation=e.generation(self.config.seed, self.progress_bar),
+                                    sampler=self.config.sampler(self._device()), cache=self.cache_path,
+                                    passages_k=e.passages_k, passage_words=e.passage_words)
         return expander.with_settings(**overrides) if overrides else expander
 
     @staticmethod
@@ -232,7 +229,8 @@ class JointTrainer(RoundEvaluation):
     # -- the run ---------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
         """Run (or continue) every round; returns the metrics rows."""
-        self.folder.open(self.config.to_dict(), resume, defaults=JointConfig.defaults())
+        self.folder.open(self.config.to_dict(), resume, defaults=JointConfig.defaults(),
+                         renamed=JointConfig.RENAMED)
         main_only = self.folder.run_on_main  # generation/evaluation: rank 0 works, the other ranks wait
         if self.config.baselines:
             main_only("baselines.zero-shot", self._zero_shot)
@@ -316,8 +314,7 @@ class JointTrainer(RoundEvaluation):
         c = self.config
         expander, answerer, scorer = make_components(c.pairs, llm=c.llm, adapter=self._adapter(r - 1),
                                                      encoder=self._encoder(r), cache=self.cache_path,
-                                                     device=self._device(), progress_bar=self.progress_bar,
-                                                     engine=c.llm_backend,
+                                                     sampler=c.sampler(self._device()), progress_bar=self.progress_bar,
                                                      prompt=GROUNDED_PROMPT if self._is_grounded else EXPANSION_PROMPT,
                                                      passages_k=c.expansion.passages_k,
                                                      passage_words=c.expansion.passage_words)

@@ -136,7 +136,8 @@ class RunFolder:
     def metrics_path(self) -> Path:
         return self.path / self.METRICS
 
-    def open(self, config: dict[str, Any], resume: bool, defaults: dict[str, Any] | None = None) -> None:
+    def open(self, config: dict[str, Any], resume: bool, defaults: dict[str, Any] | None = None,
+             renamed: dict[str, str] | None = None) -> None:
         """
         Start a run in the folder, or continue the one there.
 
@@ -146,6 +147,8 @@ class RunFolder:
         :param defaults: The default settings (`JointConfig.defaults()`): a key the saved config lacks (it was
             written before the key existed) counts as having its default, so such a run resumes as long as the new
             keys keep their defaults.
+        :param renamed: Top-level keys of earlier versions and their new names (`JointConfig.RENAMED`): a saved run
+            resumes under the new names.
         :raises FileExistsError: The folder holds a run and `resume` is False (nothing is changed).
         :raises RunFolderError: `resume` is True and the config differs from the run's in more than the
             `FREE_ON_RESUME` keys.
@@ -157,7 +160,8 @@ class RunFolder:
         config = _plain(config)
         if resume and self.state_path.exists():
             self.state = json.loads(self.state_path.read_text())
-            old = _with_defaults(self.state.get("config", {}), _plain(defaults or {}))
+            saved = {(renamed or {}).get(k, k): v for k, v in self.state.get("config", {}).items()}
+            old = _with_defaults(saved, _plain(defaults or {}))
             old, new = _without_free_keys(old), _without_free_keys(config)
             changed = sorted(k for k in new if old.get(k) != new[k])
             if changed:

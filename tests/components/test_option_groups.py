@@ -3,18 +3,17 @@ constructor stays small, and a DPO pair's prompt is the prompt its candidates we
 
 import copy
 import dataclasses
-import hashlib
 import inspect
 import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from expandr_haystack import ExpandRQueryEmbedder, ExpandRRetriever, LLMQueryExpander, RewardScorer
 from expandr_haystack.components.expander import LEGACY_NAMES
 from expandr_haystack.options import GenerationSettings, SamplerOptions
+from tests.conftest import HashEmbedder
 
 SAVED = Path(__file__).parents[1] / "data" / "saved_2026-12-05" / "components.json"
 GENERATION_FIELDS = {f.name for f in dataclasses.fields(GenerationSettings)}
@@ -109,21 +108,6 @@ def test_component_constructors_take_at_most_12_parameters(cls):
 
 
 # -- (3) the DPO prompt is the generation prompt, also for a truncated query ------------------------------------
-class HashEmbedder:
-    """Deterministic pseudo-random unit vectors per text (no encoder model)."""
-
-    def warm_up(self):
-        pass
-
-    def encode(self, texts, progress_bar=None, *, prefix=None, suffix=None):
-        out = []
-        for t in texts:
-            rng = np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16))
-            v = rng.normal(size=16) + 3.0
-            out.append(v / np.linalg.norm(v))
-        return np.asarray(out, dtype=np.float32)
-
-
 @pytest.mark.integration
 def test_dpo_prompt_equals_the_generation_prompt_of_a_truncated_query(tmp_path):
     from expandr_haystack.evaluation.data import bundled_path, load_collection

@@ -25,10 +25,10 @@ def test_vllm_training_config_is_refused_with_the_reason():
     from expandr_haystack.training.config import ConfigError, JointConfig
 
     if REASON is None:
-        assert JointConfig.from_dict({"llm_backend": "vllm"}).llm_backend == "vllm"
+        assert JointConfig.from_dict({"llm_engine": "vllm"}).llm_engine == "vllm"
         return
-    with pytest.raises(ConfigError, match="llm_backend"):
-        JointConfig.from_dict({"llm_backend": "vllm"})
+    with pytest.raises(ConfigError, match="llm_engine"):
+        JointConfig.from_dict({"llm_engine": "vllm"})
 
 
 @pytest.mark.gpu

@@ -49,11 +49,11 @@ def test_paper_gpu_config_with_local_data_names_what_the_machine_lacks(machine):
         with pytest.raises(ConfigError, match=r"`device` is 'cuda' but this machine has no CUDA GPU"):
             JointConfig.from_yaml(CONFIGS / "paper-gpu.yaml", local)
     elif not vllm:
-        with pytest.raises(ConfigError, match=r"`llm_backend` is 'vllm' but the `vllm` package is not installed"):
+        with pytest.raises(ConfigError, match=r"`llm_engine` is 'vllm' but the `vllm` package is not installed"):
             JointConfig.from_yaml(CONFIGS / "paper-gpu.yaml", local)
     else:
         cfg = JointConfig.from_yaml(CONFIGS / "paper-gpu.yaml", local)
-        assert (cfg.device, cfg.llm_backend, cfg.dpo.gradient_checkpointing) == ("cuda", "vllm", True)
+        assert (cfg.device, cfg.llm_engine, cfg.dpo.gradient_checkpointing) == ("cuda", "vllm", True)
 
 
 @pytest.mark.parametrize("raw,match", [
@@ -83,7 +83,7 @@ def test_paper_gpu_config_with_local_data_names_what_the_machine_lacks(machine):
     ({"retriever": {"hard_negative_skip": 30}}, r"retriever\.hard_negative_skip"),
     ({"retriever": {"query_weight": 1.5}}, r"`retriever\.query_weight` must be a number in \[0, 1\]"),
     ({"max_train_queries": 0}, "`max_train_queries` must be an integer >= 1"),
-    ({"llm_backend": "magic"}, "`llm_backend` must be one of"),
+    ({"llm_engine": "magic"}, "`llm_engine` must be one of"),
     ({"data": "/no/such/folder"}, "data"),
     ({"eval_methods": ["dense", "magic"]}, "eval_methods"),
     ({"eval_split": "validation"}, "validation"),
@@ -331,3 +331,26 @@ def test_tensorboard_event_files_go_to_the_given_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "/mine")  # the user's choice wins
     with tensorboard_logging_dir(tmp_path / "logs"):
         assert os.environ["TENSORBOARD_LOGGING_DIR"] == "/mine"
+
+
+def test_llm_backend_is_read_as_llm_engine_with_a_deprecation_warning(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("llm_backend: transformers\nrounds: 1\n")
+    with pytest.warns(DeprecationWarning, match="`llm_backend` is now `llm_engine`"):
+        config = JointConfig.from_yaml(path)
+    assert config.llm_engine == "transformers" and "llm_backend" not in config.to_dict()
+    with pytest.raises(ConfigError, match="both `llm_backend` and its new name `llm_engine`"):
+        JointConfig.from_dict({"llm_backend": "auto", "llm_engine": "auto"})
+
+
+def test_expanders_are_built_from_the_settings_groups():
+    """The rounds and `expandr pairs` take their GenerationSettings/SamplerOptions from the config, one mapping."""
+    from expandr_haystack.options import GenerationSettings
+
+    config = JointConfig.from_dict({"seed": 7, "llm_engine": "transformers",
+                                    "expansion": {"temperature": 0.3, "top_p": 0.5, "max_new_tokens": 12},
+                                    "pairs": {"temperatures": [0.6, 1.2], "top_p": 0.8, "batch_size": 4}})
+    assert config.expansion.generation(config.seed) == GenerationSettings(temperature=0.3, top_p=0.5,
+                                                                           max_new_tokens=12, seed=7)
+    assert config.pairs.generation() == GenerationSettings(temperature=0.6, top_p=0.8, batch_size=4, seed=42)
+    assert config.sampler().engine == "transformers"

@@ -1,12 +1,10 @@
 """DPO pair construction: format, resume, statistics, CLI arguments (fast, stub models); then the real flow + DPO."""
 
 import argparse
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from haystack import Pipeline
 
@@ -16,6 +14,7 @@ from expandr_haystack.core.text import chat_messages, format_passages
 from expandr_haystack.evaluation.data import bundled_path, load_collection
 from expandr_haystack.training.cli import add_pairs_parser, pair_config
 from expandr_haystack.training.pairs import PairConfig, build_pairs, sidecar_paths
+from tests.conftest import HashEmbedder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,21 +41,6 @@ class FakeExpander(LLMQueryExpander):
             return [["the same text"] * n for _ in queries]
         return [[f"{q} :: candidate {i} at {temperatures[i % len(temperatures)] if temperatures else 0}"
                  for i in range(n)] for q in queries]
-
-
-class HashEmbedder:
-    """Deterministic pseudo-random unit vectors per text (no model)."""
-
-    def warm_up(self):
-        pass
-
-    def encode(self, texts, progress_bar=None, *, prefix=None, suffix=None):
-        out = []
-        for t in texts:
-            rng = np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16))
-            v = rng.normal(size=16) + 3.0  # shared offset: cosines are positive, mostly 0.8-1
-            out.append(v / np.linalg.norm(v))
-        return np.asarray(out, dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -392,3 +376,15 @@ def test_cli_grounded_pairs_show_the_first_pass_hits(tmp_path, capsys):
         assert "[1] " in user and "[2] " in user and "[3] " not in user
         first = user.split("[1] ", 1)[1].split("\n", 1)[0]
         assert 1 <= len(first.split()) <= 5  # title + text cut to --passage-words
+
+
+def test_every_pair_config_field_is_an_option_checked_by_its_own_rule(capsys):
+    """The options are generated from PairConfig: a field added there is an option at once (top_p was missing)."""
+    import dataclasses
+
+    args = _parse(["--data", "cranfield", "--out", "x.jsonl", "--top-p", "0.5", "--chunk-size", "3"])
+    assert pair_config(args) == PairConfig(top_p=0.5, chunk_size=3)
+    assert all(hasattr(args, f.name) for f in dataclasses.fields(PairConfig))
+    with pytest.raises(SystemExit):
+        _parse(["--data", "cranfield", "--out", "x.jsonl", "--top-p", "0"])
+    assert "argument --top-p: must be a number in (0, 1]; got 0.0." in capsys.readouterr().err

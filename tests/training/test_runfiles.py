@@ -448,3 +448,15 @@ def test_the_retriever_steps_pass_logging_folders_and_run_names(tmp_path, monkey
     assert [(c["logging_dir"], c["run_name"], c["progress_bar"]) for c in calls] == [
         (tmp_path / "run" / "baseline" / "logs" / "retriever", "run-baseline-retriever", False),
         (tmp_path / "run" / "round_1" / "logs" / "retriever", "run-round1-retriever", False)]
+
+
+def test_a_run_folder_saved_with_llm_backend_resumes_under_llm_engine(tmp_path):
+    """`llm_backend` (until 2026-12-05) is `llm_engine` now: a run saved with it resumes, and a change is still seen."""
+    config = json.loads(json.dumps(JointConfig.from_dict({"llm_engine": "transformers"}).to_dict(), default=str))
+    config["llm_backend"] = config.pop("llm_engine")
+    (tmp_path / "state.json").write_text(json.dumps({"done": {"baselines.zero-shot": {"at": "x"}}, "config": config}))
+    RunFolder(tmp_path).open(JointConfig.from_dict({"llm_engine": "transformers"}).to_dict(), resume=True,
+                             defaults=JointConfig.defaults(), renamed=JointConfig.RENAMED)
+    with pytest.raises(RunFolderError, match="llm_engine"):
+        RunFolder(tmp_path).open(JointConfig().to_dict(), resume=True, defaults=JointConfig.defaults(),
+                                 renamed=JointConfig.RENAMED)
