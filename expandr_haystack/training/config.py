@@ -153,6 +153,11 @@ class RetrieverSettings(Settings):
         ``baseline/logs/retriever``) of a joint-training run (`TENSORBOARD_LOGGING_DIR` overrides).
     :param gradient_checkpointing: Activation checkpointing in the encoder: a batch of 16 rows with 4 expansions, a
         document and a negative keeps ~2 GB of activations at 256 tokens without it; ~25% slower.
+    :param batch_size: The global batch: under `torchrun` / `accelerate launch` each of N processes takes
+        batch_size / N rows of it (N must divide it).
+    :param gather_across_devices: The loss gathers every process's embeddings, so each query is contrasted with the
+        whole global batch as on one device (sentence-transformers' `gather_across_devices`); None = on when there
+        are several processes.
     """
 
     learning_rate: float = setting(2e-5, check_number, 0.0, low_open=True)
@@ -172,6 +177,7 @@ class RetrieverSettings(Settings):
     logging_steps: int = setting(10, check_int)
     report_to: str | list[str] = setting("none", check_report_to)  # noqa: RUF009 - returns a field
     gradient_checkpointing: bool = False
+    gather_across_devices: bool | None = None
 
     def validate(self, section: str = "retriever") -> None:
         super().validate(section)

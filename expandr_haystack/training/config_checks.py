@@ -238,6 +238,11 @@ def check_run(config) -> None:
         if tracker is not None:
             raise ConfigError(f"`{section}.report_to` names {tracker!r} but its package is not installed: "
                               f"pip install {TRACKER_PACKAGES[tracker][0]} (or set report_to: none).")
+    from expandr_haystack.training.distributed import world_size
+
+    if world_size() > 1 and config.retriever.batch_size % world_size():
+        fail("retriever.batch_size", f"divisible by the {world_size()} processes of this launch (the global batch is "
+             f"split evenly)", config.retriever.batch_size)
     if config.device and str(config.device).startswith("cuda"):
         import torch
 

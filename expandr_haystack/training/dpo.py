@@ -50,6 +50,8 @@ DPO_COLUMNS = ("prompt", "chosen", "rejected")
 FINAL_METRICS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "loss")
 #: The file `train_dpo` writes the trainer's log history to, in its `output_dir`.
 LOG_HISTORY = "log_history.json"
+#: Beside it: the trained adapter's weight digest and the number of processes that trained it (`check_ranks_agree`).
+RANKS = "ranks.json"
 
 
 def final_dpo_metrics(log_history: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -134,7 +136,7 @@ def pin_trainer_device(args: Any, device: str) -> None:
     """
     import torch
 
-    from expandr_haystack.training.runfiles import world_size
+    from expandr_haystack.training.distributed import world_size
 
     target = torch.device(device)
     if target.type != "cuda" or target.index is None or world_size() > 1:
@@ -218,7 +220,8 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
     :param run_name: The run's name in the trackers of `settings.report_to`.
     :returns: The adapter directory (PEFT format, with the tokenizer), loadable by `LLMQueryExpander(adapter=...)`.
         The trainer's log history goes to ``<output_dir>/log_history.json`` (logged every `logging_steps` steps, or
-        at least once: the interval is cut to the run's length).
+        at least once: the interval is cut to the run's length), the digest of the trained weights (equal on every
+        rank of a distributed launch, else a RuntimeError) to ``<output_dir>/ranks.json``; rank 0 writes them all.
     """
     import torch
     from peft import LoraConfig, PeftModel
@@ -226,14 +229,15 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
     from trl import DPOConfig, DPOTrainer
 
     from expandr_haystack.models import resolve_llm_path
-    from expandr_haystack.training.runfiles import tensorboard_logging_dir, world_size
+    from expandr_haystack.training.distributed import check_ranks_agree, is_main_process, rank_device, world_size
+    from expandr_haystack.training.runfiles import tensorboard_logging_dir
 
     settings = settings or DPOSettings()
     settings.validate()
     check_adapter_dir(adapter, "adapter")
     dataset = load_pairs_dataset(pairs_path)
 
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = rank_device(settings.device) or ("cuda" if torch.cuda.is_available() else "cpu")
     use_cpu = not str(device).startswith("cuda")
     if not use_cpu and not torch.cuda.is_available():
         raise ValueError(f"`device`: {device!r} requested but CUDA is not available.")
@@ -272,11 +276,14 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
                            len(dataset), settings.max_length)
         trainer.train()
     adapter_dir = out / "adapter"
-    trainer.model.save_pretrained(str(adapter_dir))
-    sort_adapter_config(adapter_dir)
-    tokenizer.save_pretrained(str(adapter_dir))
-    (out / LOG_HISTORY).write_text(json.dumps(trainer.state.log_history, indent=1, default=str))
-    logger.info("DPO adapter saved to %s", adapter_dir)
+    record = check_ranks_agree(trainer.model, "DPO")
+    if is_main_process():  # under accelerate/torchrun every process trains; one saves
+        trainer.model.save_pretrained(str(adapter_dir))
+        sort_adapter_config(adapter_dir)
+        tokenizer.save_pretrained(str(adapter_dir))
+        (out / LOG_HISTORY).write_text(json.dumps(trainer.state.log_history, indent=1, default=str))
+        (out / RANKS).write_text(json.dumps(record))
+        logger.info("DPO adapter saved to %s", adapter_dir)
     return adapter_dir
 
 
@@ -284,6 +291,7 @@ __all__ = [
     "DPO_COLUMNS",
     "FINAL_METRICS",
     "LOG_HISTORY",
+    "RANKS",
     "SET_VALUED_ADAPTER_KEYS",
     "DPOSettings",
     "base_model_dtype",

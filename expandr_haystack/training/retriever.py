@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from haystack.document_stores.types import DocumentStore
 
@@ -34,7 +35,8 @@ from expandr_haystack.evaluation.data import Collection
 from expandr_haystack.options import FusionSettings
 from expandr_haystack.training.compat import checkpointing_kwarg, report_to_value
 from expandr_haystack.training.config import RetrieverSettings
-from expandr_haystack.training.runfiles import is_main_process, replace_dir, tensorboard_logging_dir
+from expandr_haystack.training.distributed import check_ranks_agree, is_main_process, rank_device, world_size
+from expandr_haystack.training.runfiles import replace_dir, tensorboard_logging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +120,8 @@ def encoder_training_kwargs(settings: RetrieverSettings, output_dir: str | Path,
         "output_dir": str(output_dir),
         "num_train_epochs": settings.epochs,
         "max_steps": settings.max_steps,
-        "per_device_train_batch_size": min(settings.batch_size, examples),
+        # the global batch (`batch_size`, cut to the rows) split over the processes of a distributed launch
+        "per_device_train_batch_size": max(1, min(settings.batch_size, examples) // world_size()),
         "learning_rate": settings.learning_rate,
         "warmup_steps": float(settings.warmup_ratio),  # transformers 5: a float in [0, 1) is a fraction of steps
         "save_strategy": "no",
@@ -136,9 +139,14 @@ def encoder_training_kwargs(settings: RetrieverSettings, output_dir: str | Path,
 def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_dir: str | Path,
                   settings: RetrieverSettings, fused: bool = True, seed: int = 42, device: str | None = None,
                   progress_bar: bool = True, logging_dir: str | Path | None = None,
-                  run_name: str | None = None) -> Path:
+                  run_name: str | None = None) -> dict[str, Any]:
     """
     Train the shared encoder and save it (sentence-transformers format) to `output_dir`, atomically.
+
+    Under `torchrun` / `accelerate launch` every rank calls this with the same rows: the trainer gives each rank its
+    share of every batch (`settings.batch_size` is the global batch), the loss gathers the embeddings of all ranks
+    (`gather_across_devices`, so the negatives are the global batch's, as on one device), the ranks' weights are
+    compared after training and rank 0 saves.
 
     :param fused: True = `FusedInfoNCELoss` on (query, expansion_1..n, document, negatives) rows (n = the rows'
         expansion columns); False = the no-expansion baseline with sentence-transformers'
@@ -146,6 +154,8 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
     :param logging_dir: Where TensorBoard event files go when `settings.report_to` includes TensorBoard (the
         trainer's own output folder is temporary; the `TENSORBOARD_LOGGING_DIR` environment variable wins).
     :param run_name: The run's name in the trackers of `settings.report_to`.
+    :returns: ``{"examples": rows, "weights_sha256": ..., "ranks": processes}`` (the trained weights' digest, equal
+        on every rank).
     """
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
@@ -161,18 +171,19 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
         raise ValueError("No training examples: the train split has no query with a judged relevant document.")
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    torch_device = device or resolve_device(None)
+    torch_device = rank_device(device) or resolve_device(None)
     model = SentenceTransformer(resolve_encoder_path(base_encoder), device=torch_device)
     model.max_seq_length = settings.max_length
     n_expansions = sum(1 for k in rows[0] if k.startswith("expansion"))
+    gather = world_size() > 1 if settings.gather_across_devices is None else settings.gather_across_devices
     if fused:
         if n_expansions == 0:
             raise ValueError("`fused=True` needs rows with expansion columns (training_examples with expansions).")
         loss = FusedInfoNCELoss(model, temperature=settings.temperature, query_weight=settings.query_weight,
-                                n_expansions=n_expansions)
+                                n_expansions=n_expansions, gather_across_devices=gather)
     else:
         rows = [{k: v for k, v in r.items() if not k.startswith("expansion")} for r in rows]
-        loss = MultipleNegativesRankingLoss(model, scale=1.0 / settings.temperature)
+        loss = MultipleNegativesRankingLoss(model, scale=1.0 / settings.temperature, gather_across_devices=gather)
     dataset = Dataset.from_list(rows)
     work = Path(tempfile.mkdtemp(prefix=".train-", dir=output_dir.parent))
     try:
@@ -189,10 +200,13 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
         # same loss and gradients (its own note) and train n = 4 expansions ~30% faster here; GPUs keep the merge.
         with column_merging_disabled() if torch_device == "cpu" else contextlib.nullcontext():
             trainer.train()
+        record = check_ranks_agree(model, "encoder training")
         if is_main_process():  # under accelerate/torchrun every process trains; one saves
             staged = work / "model"
             model.save(str(staged))
             replace_dir(staged, output_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return output_dir
+    return {"examples": len(rows), **record}
+
+

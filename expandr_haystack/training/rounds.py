@@ -27,7 +27,10 @@ This module runs the rounds and their steps; the evaluations (the baselines, ste
 and the model cards' metrics) live in `round_eval`, the pipeline that step 6 saves in `round_pipeline`.
 
 Every step writes its outputs atomically and is recorded in ``state.json`` (`runfiles.RunFolder`); ``resume=True``
-skips finished steps. Expansions and answers live in one sqlite cache, pair building is itself resumable, so a killed
+skips finished steps. Under `torchrun` / `accelerate launch` (`distributed`) rank 0 opens the run folder and runs
+every step but the two training ones (expansion, mining the training rows into ``examples.json``, pairs, evaluation,
+saving) while the other ranks wait; every rank then trains on the same rows (the trainers split each batch over the
+ranks), the ranks' weights are compared, and rank 0 writes the model. Expansions and answers live in one sqlite cache, pair building is itself resumable, so a killed
 run never regenerates text it already has.
 
 Usage:
@@ -50,14 +53,18 @@ from pathlib import Path
 from typing import Any
 
 from expandr_haystack.checks import is_adapter_dir
-from expandr_haystack.evaluation.data import Collection, load_collection
+from expandr_haystack.evaluation.data import Collection
 from expandr_haystack.files import atomic_write_json, atomic_write_text
-from expandr_haystack.training.config import ConfigError, JointConfig
+from expandr_haystack.training.config import JointConfig
 from expandr_haystack.training.round_eval import RoundEvaluation
 from expandr_haystack.training.round_pipeline import absolute_if_local, round_pipeline_yaml
 from expandr_haystack.training.runfiles import RunFolder, RunFolderError, is_main_process, replace_dir
+from expandr_haystack.training.splits import run_collections
 
 logger = logging.getLogger(__name__)
+
+#: The rows a retriever step trains on (written once by rank 0, read by every rank): ``<round or baseline>/...``.
+EXAMPLES = "examples.json"
 
 
 class JointTrainer(RoundEvaluation):
@@ -78,7 +85,8 @@ class JointTrainer(RoundEvaluation):
     Output folder: ``config.json``, ``state.json``, ``metrics.json`` (one row per round, setting and method: the
     metrics' mean over `eval_seeds`, ``<metric>_sd``, ``per_seed``, ``seeds``, the fusion ``settings`` it ran with
     and, for ExpandR, ``comparisons`` and ``dpo``), ``metrics.png``, ``cache.sqlite`` (all generated text),
-    ``baseline/{encoder/, zero-shot.json, supervised.json}``, ``round_<r>/{expansions.json, encoder/, pairs.jsonl,
+    ``baseline/{examples.json, encoder/, zero-shot.json, supervised.json}``, ``round_<r>/{expansions.json,
+    examples.json (the encoder's training rows), encoder/, pairs.jsonl,
     adapter/, dpo_log.json, eval.json, pipeline.yaml}`` (the ``.json`` evaluation files hold the settings, the seed
     report and per-query nDCG@10; ``encoder/README.md`` and ``adapter/README.md`` are the model cards of
     sentence-transformers and PEFT with a section of ours, `cards.model_card_text`), and ``logs/{retriever,dpo}``
@@ -90,7 +98,9 @@ class JointTrainer(RoundEvaluation):
     def __init__(self, config: JointConfig, output: str | Path, progress_bar: bool = True):
         self.config = config
         self.output = Path(output)
-        self.progress_bar = progress_bar
+        self.progress_bar = progress_bar and is_main_process()  # one rank's bars and step logs, not N copies
+        if not is_main_process():
+            logging.getLogger("expandr_haystack").setLevel(logging.WARNING)
         self.folder = RunFolder(self.output)
         self.cache_path = str(self.output / "cache.sqlite")
         self._train: Collection | None = None
@@ -110,26 +120,7 @@ class JointTrainer(RoundEvaluation):
 
     # -- data ----------------------------------------------------------------------------------------------
     def _load_data(self) -> None:
-        c = self.config
-        if c.validation_size is None:
-            self._train = load_collection(c.data, c.train_split, c.max_train_queries)
-            self._validation = None
-        else:  # the validation split comes from the whole train split; max_train_queries limits the rest
-            try:
-                rest, self._validation = load_collection(c.data, c.train_split).split_validation(c.validation_size,
-                                                                                                 seed=c.seed)
-            except ValueError as exc:
-                raise ConfigError(f"`validation_queries`: {exc}") from None
-            ids = list(rest.queries)[: c.max_train_queries] if c.max_train_queries else list(rest.queries)
-            self._train = rest.subset(ids)
-        self._eval = load_collection(c.data, c.eval_split, c.max_eval_queries)
-        if c.max_corpus_documents is not None:  # judged documents of the chosen queries + the first N others
-            splits = [s for s in (self._train, self._eval, self._validation) if s is not None]
-            keep = {d for col in splits for j in col.qrels.values() for d in j}
-            keep.update(list(self._train.corpus)[: c.max_corpus_documents])
-            corpus = {d: v for d, v in self._train.corpus.items() if d in keep}
-            for col in splits:
-                col.corpus = corpus
+        self._train, self._validation, self._eval = run_collections(self.config)
 
     @property
     def train_data(self) -> Collection:
@@ -234,11 +225,13 @@ class JointTrainer(RoundEvaluation):
         main_only = self.folder.run_on_main  # generation/evaluation: rank 0 works, the other ranks wait
         if self.config.baselines:
             main_only("baselines.zero-shot", self._zero_shot)
+            self._examples_step("baselines.supervised", "baselines.examples", self.output / "baseline", None)
             self._train_step("baselines.supervised", self._supervised_baseline)
             main_only("baselines.eval", self._supervised_eval)
         for r in range(1, self.config.rounds + 1):
             (self._round_dir(r)).mkdir(parents=True, exist_ok=True)
             main_only(f"round{r}.expand", lambda r=r: self._expand(r))
+            self._examples_step(f"round{r}.retriever", f"round{r}.examples", self._round_dir(r), r)
             self._train_step(f"round{r}.retriever", lambda r=r: self._train_retriever(r))
             main_only(f"round{r}.pairs", lambda r=r: self._pairs(r))
             self._train_step(f"round{r}.dpo", lambda r=r: self._dpo(r))
@@ -248,6 +241,13 @@ class JointTrainer(RoundEvaluation):
             self._plot()
             print(self.summary())
         return self.metrics
+
+    def _examples_step(self, train_step: str, step: str, folder: Path, r: int | None) -> None:
+        """The rows of `train_step`, written once by rank 0 before it (a run folder whose `train_step` finished
+        before this step existed needs none)."""
+        if not self.folder.is_done(train_step):
+            folder.mkdir(parents=True, exist_ok=True)
+            self.folder.run_on_main(step, lambda: self._write_examples(step, folder, r))
 
     def _train_step(self, step: str, work) -> None:
         """A training step: every process trains (distributed trainers); the main one saves and records it."""
@@ -264,18 +264,11 @@ class JointTrainer(RoundEvaluation):
 
     # -- baselines (their evaluation: `round_eval.RoundEvaluation`) --------------------------------------------
     def _supervised_baseline(self) -> dict[str, Any]:
-        from expandr_haystack.training.retriever import mine_hard_negatives, train_encoder, training_examples
-
+        """The no-expansion baseline: the same queries, positives, loss, temperature, budget and seed as round 1's
+        encoder training, on the query alone."""
         c = self.config
-        train_ids = list(self.train_data.queries)
-        negatives = mine_hard_negatives(self.train_data, train_ids, None, self._store(c.encoder), c.encoder,
-                                        c.retriever, self._device())
-        # the same queries, positives, loss, temperature, budget and seed as round 1's encoder training
-        rows = training_examples(self.train_data, train_ids, None, negatives, c.retriever, c.seed + 1)
-        train_encoder(c.encoder, rows, self.output / "baseline" / "encoder", c.retriever, fused=False, seed=c.seed + 1,
-                      device=self._torch_device(), progress_bar=self.progress_bar,
-                      **self._tracking(self.output / "baseline", "baseline-retriever"))
-        return {"examples": len(rows)}
+        return self._train_on_examples(self.output / "baseline", c.encoder, fused=False, seed=c.seed + 1,
+                                       step="baseline-retriever")
 
     # -- round steps -------------------------------------------------------------------------------------------
     def _expand(self, r: int) -> None:
@@ -288,22 +281,42 @@ class JointTrainer(RoundEvaluation):
         self.folder.finish(f"round{r}.expand")
 
     def _train_retriever(self, r: int) -> dict[str, Any]:
-        """2. Mine hard negatives with the starting encoder, train on fused queries -> encoder_r."""
-        from expandr_haystack.training.retriever import mine_hard_negatives, train_encoder, training_examples
+        """2. Train the encoder on fused queries (the examples mined by `_write_examples`) -> encoder_r."""
+        c = self.config
+        return self._train_on_examples(self._round_dir(r), self._start_encoder(r), fused=True, seed=c.seed + r,
+                                       step=f"round{r}-retriever")
+
+    def _start_encoder(self, r: int) -> str | None:
+        """The encoder round r's training starts from (and mines hard negatives with)."""
+        return self.config.encoder if self.config.retriever.restart_each_round else self._encoder(r - 1)
+
+    def _write_examples(self, step: str, folder: Path, r: int | None) -> None:
+        """The training rows of a retriever step, once (rank 0): hard negatives mined with the starting encoder,
+        then (query, [expansions of round r], document, negatives) rows into ``<folder>/examples.json``, which
+        every rank trains on. `r` None = the no-expansion baseline (base encoder, round 1's seed)."""
+        from expandr_haystack.training.retriever import mine_hard_negatives, training_examples
 
         c = self.config
-        start = c.encoder if c.retriever.restart_each_round else self._encoder(r - 1)
+        start = c.encoder if r is None else self._start_encoder(r)
         train_ids = list(self.train_data.queries)
-        by_id = json.loads((self._round_dir(r) / "expansions.json").read_text())
-        expansions = [by_id[q] for q in train_ids]
+        expansions = None
+        if r is not None:
+            by_id = json.loads((self._round_dir(r) / "expansions.json").read_text())
+            expansions = [by_id[q] for q in train_ids]
         negatives = mine_hard_negatives(self.train_data, train_ids, expansions, self._store(start), start,
                                         c.retriever, self._device())
-        rows = training_examples(self.train_data, train_ids, expansions, negatives, c.retriever, c.seed + r,
-                                 n_expansions=c.expansion.n_expansions)
-        train_encoder(start, rows, self._round_dir(r) / "encoder", c.retriever, fused=True, seed=c.seed + r,
-                      device=self._torch_device(), progress_bar=self.progress_bar,
-                      **self._tracking(self._round_dir(r), f"round{r}-retriever"))
-        return {"examples": len(rows)}
+        rows = training_examples(self.train_data, train_ids, expansions, negatives, c.retriever,
+                                 c.seed + (1 if r is None else r), n_expansions=c.expansion.n_expansions)
+        atomic_write_json(folder / EXAMPLES, rows)
+        self.folder.finish(step, examples=len(rows))
+
+    def _train_on_examples(self, folder: Path, start: str | None, fused: bool, seed: int, step: str) -> dict[str, Any]:
+        from expandr_haystack.training.retriever import train_encoder
+
+        rows = json.loads((folder / EXAMPLES).read_text())
+        return train_encoder(start, rows, folder / "encoder", self.config.retriever, fused=fused, seed=seed,
+                             device=self._torch_device(), progress_bar=self.progress_bar,
+                             **self._tracking(folder, step))
 
     def _pairs(self, r: int) -> None:
         """3. DPO pairs: candidates and answers from LLM_{r-1}, rewards from encoder_r (grounded: the candidates
@@ -330,7 +343,7 @@ class JointTrainer(RoundEvaluation):
     def _dpo(self, r: int) -> dict[str, Any]:
         """4. LoRA DPO on the pairs -> LLM_r (continues LLM_{r-1}'s adapter); the final `rewards/margins` and
         `rewards/accuracies` go into the step's info (and the round's ExpandR rows)."""
-        from expandr_haystack.training.dpo import LOG_HISTORY, final_dpo_metrics, train_dpo
+        from expandr_haystack.training.dpo import LOG_HISTORY, RANKS, final_dpo_metrics, train_dpo
 
         kept = self.folder.step_info(f"round{r}.pairs").get("kept", 0)
         if kept == 0:
@@ -349,14 +362,14 @@ class JointTrainer(RoundEvaluation):
                     history = json.loads(log.read_text())
                     info.update(final_dpo_metrics(history))
                     atomic_write_json(rdir / "dpo_log.json", history)
+                info.update(json.loads((work / RANKS).read_text()) if (work / RANKS).exists() else {})
                 replace_dir(adapter, rdir / "adapter")
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return info
 
     def _tracking(self, folder: Path, step: str) -> dict[str, Any]:
-        """A trainer's `logging_dir` (TensorBoard event files: ``<folder>/logs/<retriever|dpo>``) and `run_name`
-        (``<run folder name>-<step>``) for the trackers of `report_to`."""
+        """A trainer's `logging_dir` (``<folder>/logs/<retriever|dpo>``) and `run_name` (``<run>-<step>``)."""
         return {"logging_dir": folder / "logs" / step.rsplit("-", 1)[-1], "run_name": f"{self.output.name}-{step}"}
 
     def _dpo_settings(self):

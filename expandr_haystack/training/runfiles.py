@@ -4,7 +4,9 @@ The run folder of joint training, and the process-rank helpers of distributed ru
 `RunFolder` keeps the bookkeeping files of a run: ``config.json`` (the settings), ``state.json`` (the config and
 every finished step, so a resumed run skips them) and ``metrics.json`` (one row per round, setting and method).
 Every write is atomic (`expandr_haystack.files`), so a kill never leaves half a file. Under `accelerate launch` /
-`torchrun` the main process writes, and the other ranks poll ``state.json`` (`RunFolder.wait_for`).
+`torchrun` the main process opens the folder and writes; the other ranks take its outcome (`distributed.broadcast`)
+and poll ``state.json`` while it works alone (`RunFolder.wait_for`). The rank helpers live in `distributed` (and are
+re-exported here).
 
 Usage:
 ```python
@@ -32,28 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from expandr_haystack.files import atomic_write_json
+from expandr_haystack.training.distributed import barrier, broadcast, is_main_process, rank, world_size
 
 logger = logging.getLogger(__name__)
 
 
 class RunFolderError(ValueError):
     """The output folder holds a run that cannot be resumed with this config."""
-
-
-# -- ranks ------------------------------------------------------------------------------------------------------------
-def rank() -> int:
-    """This process's rank: 0 in a plain run; ``$RANK`` under `accelerate launch` / `torchrun`."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    """The number of processes of the run: 1 in a plain run; ``$WORLD_SIZE`` under `accelerate launch` / `torchrun`."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """True on the single process of a plain run, and on rank 0 under `accelerate launch` / `torchrun`."""
-    return rank() == 0
 
 
 # -- folders ----------------------------------------------------------------------------------------------------------
@@ -121,7 +108,7 @@ class RunFolder:
     #: Work folders a trainer leaves behind when it is killed (removed before the next training step).
     STALE_WORK = ("round_*/.dpo-*", "*/.train-*")
     #: Seconds between reads of ``state.json`` while another process finishes a step.
-    poll_seconds = 10.0
+    poll_seconds = 2.0
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -152,7 +139,28 @@ class RunFolder:
         :raises FileExistsError: The folder holds a run and `resume` is False (nothing is changed).
         :raises RunFolderError: `resume` is True and the config differs from the run's in more than the
             `FREE_ON_RESUME` keys.
+
+        Under `torchrun` / `accelerate launch` rank 0 opens (or refuses) the folder once; every rank then raises the
+        same error, or reads the state rank 0 wrote.
         """
+        if world_size() == 1:
+            self._open(config, resume, defaults, renamed)
+            return
+        error = None
+        if is_main_process():
+            try:
+                self._open(config, resume, defaults, renamed)
+            except (FileExistsError, RunFolderError) as exc:
+                error = exc
+        error = broadcast(error)
+        if error is not None:
+            raise error
+        if not is_main_process():
+            self.state = json.loads(self.state_path.read_text())
+            self._load_metrics()
+
+    def _open(self, config: dict[str, Any], resume: bool, defaults: dict[str, Any] | None,
+              renamed: dict[str, str] | None) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         if self.state_path.exists() and not resume:
             raise FileExistsError(f"--output {self.path} already holds a run (state.json); pass --resume to "
@@ -230,12 +238,13 @@ class RunFolder:
             time.sleep(poll_seconds)
 
     def remove_stale_work(self) -> None:
-        """Remove the work folders of a trainer killed mid-step (only in a single-process run: never another's)."""
-        if world_size() != 1:
-            return
-        for pattern in self.STALE_WORK:
-            for stale in self.path.glob(pattern):
-                shutil.rmtree(stale, ignore_errors=True)
+        """Remove the work folders of a trainer killed mid-step: rank 0 removes them before any rank starts the
+        step (every rank calls this, at the start of each training step)."""
+        if is_main_process():
+            for pattern in self.STALE_WORK:
+                for stale in self.path.glob(pattern):
+                    shutil.rmtree(stale, ignore_errors=True)
+        barrier()
 
     # -- metrics ---------------------------------------------------------------------------------------------------
     def record(self, round_: int, label: str, result: dict[str, dict[str, float]], series: str | None = None) -> None:

@@ -23,8 +23,9 @@ def _trained_weights(tiny_bert, tmp_path, checkpointing: bool, spy: list) -> dic
 
     settings = RetrieverSettings(batch_size=2, epochs=1, learning_rate=1e-3, max_length=32,
                                  gradient_checkpointing=checkpointing, warmup_ratio=0.0)
-    out = train_encoder(tiny_bert, ROWS, tmp_path / f"enc-{checkpointing}", settings, fused=True, seed=3,
-                        device="cpu", progress_bar=False)
+    out = tmp_path / f"enc-{checkpointing}"
+    record = train_encoder(tiny_bert, ROWS, out, settings, fused=True, seed=3, device="cpu", progress_bar=False)
+    assert record["examples"] == len(ROWS) and record["ranks"] == 1 and len(record["weights_sha256"]) == 64
     spy.append(checkpointing)
     model = SentenceTransformer(str(out), device="cpu")
     return {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype == torch.float32}

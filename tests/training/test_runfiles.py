@@ -84,10 +84,8 @@ def test_wait_for_polls(tmp_path, monkeypatch):
 def test_stale_work_and_replace_dir(tmp_path, monkeypatch):
     (tmp_path / "round_1" / ".dpo-abc").mkdir(parents=True)
     (tmp_path / "baseline" / ".train-xyz").mkdir(parents=True)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    RunFolder(tmp_path).remove_stale_work()  # another process may be using them
-    assert (tmp_path / "round_1" / ".dpo-abc").exists()
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    # (several processes: rank 0 removes them, then every rank passes a barrier before starting the step: the
+    # torchrun test, tests/training/test_distributed.py)
     RunFolder(tmp_path).remove_stale_work()
     assert not (tmp_path / "round_1" / ".dpo-abc").exists() and not (tmp_path / "baseline" / ".train-xyz").exists()
 
@@ -440,10 +438,15 @@ def test_the_retriever_steps_pass_logging_folders_and_run_names(tmp_path, monkey
     trainer = JointTrainer(JointConfig.from_dict({"max_train_queries": 3, "max_eval_queries": 2}), tmp_path / "run",
                            progress_bar=False)
     monkeypatch.setattr(trainer, "_store", lambda encoder: None)
+    (tmp_path / "run" / "baseline").mkdir(parents=True)
+    trainer._write_examples("baselines.examples", tmp_path / "run" / "baseline", None)  # rank 0's step: the rows
     trainer._supervised_baseline()
     (tmp_path / "run" / "round_1").mkdir(parents=True)
     (tmp_path / "run" / "round_1" / "expansions.json").write_text(
         json.dumps({q: ["an expansion"] for q in trainer.train_data.queries}))
+    trainer._write_examples("round1.examples", tmp_path / "run" / "round_1", 1)
+    rows = json.loads((tmp_path / "run" / "round_1" / "examples.json").read_text())
+    assert trainer.folder.step_info("round1.examples")["examples"] == len(rows) >= 3 and "expansion_1" in rows[0]
     trainer._train_retriever(1)
     assert [(c["logging_dir"], c["run_name"], c["progress_bar"]) for c in calls] == [
         (tmp_path / "run" / "baseline" / "logs" / "retriever", "run-baseline-retriever", False),
