@@ -13,6 +13,9 @@
 #                reward scorer, YAML round trip, all on the GPU   (gpu_components.py check; components.json)
 #   training     training/configs/gpu-check.yaml: paper-gpu.yaml's GPU settings at micro scale, 2 rounds, on the GPU
 #                (run folder under --work; its metrics.json is copied to DIR/training-metrics.json)
+#   multi-gpu    where torch sees 2 or more GPUs: the same training under `torchrun --nproc_per_node <GPUs>` (one
+#                process per GPU, retriever batch 2 x GPUs), checked for every training step trained by all ranks
+#                with equal weights; "skipped: 1 GPU" otherwise (the 2-process CPU run: tests/training/test_distributed.py)
 #   gpu-tests    the `gpu`-marked tests (pytest -m gpu)
 #
 # --dry-run (or GPU_CHECK_DRY_RUN=1): the same steps on the CPU at the tiniest scale, with no GPU: the components on
@@ -144,6 +147,29 @@ else
         "${SET_MODELS[@]}" --no-progress
     cp "$RUN/metrics.json" "$OUT/training-metrics.json" 2>/dev/null || true
 fi
+
+multi_gpu_step() {
+    local gpus run
+    gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+    if [ "$DRY_RUN" = 1 ] || [ "${gpus:-0}" -lt 2 ]; then
+        echo "skipped: ${gpus:-0} GPU(s)$([ "$DRY_RUN" = 1 ] && echo ', dry run'); the multi-process step needs 2 or" \
+            "more (the 2-process CPU run is tests/training/test_distributed.py)"
+        return 0
+    fi
+    run="$WORK/run-ddp-$(date -u +%Y%m%dT%H%M%SZ)"
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$gpus" -m expandr_haystack train \
+        --config "$CONFIG" --output "$run" --set "device=$DEVICE" --set "retriever.batch_size=$((2 * gpus))" \
+        "${SET_MODELS[@]}" --no-progress || return $?
+    cp "$run/metrics.json" "$OUT/multi-gpu-metrics.json" 2>/dev/null || true
+    "$PY" - "$run/state.json" "$gpus" <<'PYEOF'
+import json, sys
+done, gpus = json.load(open(sys.argv[1]))["done"], int(sys.argv[2])
+steps = [s for s in done if s.endswith((".supervised", ".retriever", ".dpo")) and "ranks" in done[s]]
+print({s: done[s]["ranks"] for s in steps})
+sys.exit(0 if steps and all(done[s]["ranks"] == gpus for s in steps) else 1)
+PYEOF
+}
+step multi-gpu multi_gpu_step
 
 # only the files that hold gpu tests: collecting the others would import the eval/qdrant extras for nothing
 mapfile -t GPU_TESTS < <(grep -rl --include='test_*.py' -e 'pytest.mark.gpu' tests | sort)

@@ -210,6 +210,10 @@ class SamplerOptions(_Options):
     :param max_retries: Retries for empty generations (new seed) and failing remote calls (with backoff).
     :param retry_backoff: First wait in seconds between remote retries; doubles each time.
     :param max_concurrency: Remote calls in flight at once.
+    :param engine_kwargs: Keyword arguments for the engine itself, `engine='vllm'` only: vLLM's ``LLM(...)``, e.g.
+        ``{"tensor_parallel_size": 4}`` (one model over 4 GPUs), ``{"data_parallel_size": 2}``,
+        ``{"gpu_memory_utilization": 0.8}`` (default 0.4: joint training keeps room for its trainers) or
+        ``{"max_model_len": 8192}``. They change where and how fast rows are generated, not their texts.
     """
 
     engine: str = "auto"
@@ -222,6 +226,7 @@ class SamplerOptions(_Options):
     max_retries: int = 2
     retry_backoff: float = 1.0
     max_concurrency: int = 8
+    engine_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.engine, "engine", ENGINES)
@@ -240,6 +245,10 @@ class SamplerOptions(_Options):
         check_int(self.max_retries, "max_retries", minimum=0)
         check_number(self.retry_backoff, "retry_backoff", 0.0)
         check_int(self.max_concurrency, "max_concurrency")
+        object.__setattr__(self, "engine_kwargs", _check_kwargs(self.engine_kwargs, "engine_kwargs"))
+        if self.engine_kwargs and self.engine != "vllm":
+            raise ValueError(f"`engine_kwargs` go to vLLM's LLM(...); `engine`={self.engine!r} does not take them (use "
+                             "`model_kwargs` for transformers' from_pretrained).")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from expandr_haystack.training.config import JointConfig
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 CONFIG = ROOT / "training" / "configs" / "gpu-check.yaml"
-STEPS = ["env", "models", "components", "training", "gpu-tests"]
+STEPS = ["env", "models", "components", "training", "multi-gpu", "gpu-tests"]
 
 
 def _run(*args, timeout=300, **env):
@@ -46,6 +46,7 @@ def test_dry_run_does_every_step_on_the_cpu(tmp_path):
     assert (work / "models" / "llm" / "config.json").exists() and (work / "models" / "encoder").is_dir()
 
     assert "valid (2 rounds, device cpu" in (out / "training.log").read_text()
+    assert "skipped: " in (out / "multi-gpu.log").read_text()
     tests_log = (out / "gpu-tests.log").read_text()
     assert "tests/training/test_gpu_path.py" in tests_log and "tests/generation/test_precision.py" in tests_log
     if not torch.cuda.is_available():

@@ -88,7 +88,8 @@ def make_sampler(model: str | None = None, adapter: str | None = None, chat_gene
     if o.engine == "vllm":
         from expandr_haystack.generation.vllm import VLLMSampler
 
-        sampler = VLLMSampler(path, adapter, dtype=o.dtype, max_prompt_tokens=o.max_prompt_tokens)
+        sampler = VLLMSampler(path, adapter, dtype=o.dtype, max_prompt_tokens=o.max_prompt_tokens,
+                              engine_kwargs=o.engine_kwargs)
         # vLLM runs on CUDA only, and its engine name is part of every cache key (not in PLAIN_CACHE_ENGINES)
         sampler.identity = model_identity(path, adapter) + f"@{o.dtype}"
     else:

@@ -9,7 +9,9 @@ Checked against the vLLM 0.33 API (``LLM.generate(prompts, sampling_params, use_
 ``TokensPrompt``, ``LoRARequest``); vLLM 0.33 requires torch 2.14.0.
 
 The engine takes ``gpu_memory_utilization`` of the GPU (default 0.4, leaving room for the retriever and DPO steps of
-joint training) and is memoised per (model, dtype); ``models.release_models()`` frees it. The adapter is not merged:
+joint training); `engine_kwargs` (``SamplerOptions.engine_kwargs``) go to ``vllm.LLM`` as they are, e.g.
+``tensor_parallel_size`` / ``data_parallel_size`` to spread one engine over several GPUs. It is memoised per
+(model, dtype, settings); ``models.release_models()`` frees it. The adapter is not merged:
 vLLM applies it per request (``LoRARequest``), so a new round's adapter needs no new engine.
 
 Usage:
@@ -55,7 +57,8 @@ class VLLMSampler:
     """Per-row-seeded sampling with ``vllm.LLM`` (see the module docstring)."""
 
     def __init__(self, model: str, adapter: str | None = None, dtype: str = "auto",
-                 gpu_memory_utilization: float = 0.4, max_model_len: int | None = 4096, max_prompt_tokens: int = 1024):
+                 gpu_memory_utilization: float = 0.4, max_model_len: int | None = 4096, max_prompt_tokens: int = 1024,
+                 engine_kwargs: dict | None = None):
         reason = vllm_unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"`engine`='vllm' cannot run: {reason}. Use engine 'auto' on CPU.")
@@ -82,12 +85,13 @@ class VLLMSampler:
         max_lora_rank = next((r for r in _LORA_RANKS if r >= rank), None)
         if max_lora_rank is None:
             raise ValueError(f"`adapter`: LoRA rank {rank} is above what vLLM supports ({_LORA_RANKS[-1]}).")
-        key = (model, dtype, max_model_len, max_lora_rank)
+        settings = {"gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len,
+                    **(engine_kwargs or {})}  # e.g. tensor_parallel_size / data_parallel_size (SamplerOptions)
+        key = (model, dtype, max_lora_rank, json.dumps(settings, sort_keys=True, default=str))
         with _LOCK:
             if key not in _ENGINES:
                 _ENGINES[key] = LLM(model=model, dtype="bfloat16" if dtype == "auto" else dtype, enable_lora=True,
-                                    max_lora_rank=max_lora_rank, enable_prefix_caching=True,
-                                    gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+                                    max_lora_rank=max_lora_rank, enable_prefix_caching=True, **settings)
             self.engine = _ENGINES[key]
 
     backend = engine = "vllm"

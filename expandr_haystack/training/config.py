@@ -259,6 +259,8 @@ class JointConfig:
         reported as mean, standard deviation and per-seed values; null = one evaluation with `seed`.
     :param llm_engine: The expander's generation engine (`SamplerOptions.engine`): "auto", "packed",
         "transformers" or "vllm" (GPU). Its old name `llm_backend` is still read, with a DeprecationWarning.
+    :param llm_engine_kwargs: `SamplerOptions.engine_kwargs` of every expander (vLLM only), e.g.
+        ``{tensor_parallel_size: 2}``; free to change on resume (they change where rows are generated, not the rows).
     :param eval_methods: Methods evaluated besides those every report has (round 0: bm25, dense, prf, expand and
         grounded; each round: dense, prf and the ExpandR method of `expansion.mode`), e.g. expand-rrf.
     """
@@ -273,6 +275,7 @@ class JointConfig:
     encoder: str | None = None
     llm: str | None = None
     llm_engine: str = "auto"
+    llm_engine_kwargs: dict[str, Any] | None = None
     device: str | None = None
     seed: int = 42
     eval_methods: tuple[str, ...] = ("dense", "expand")
@@ -337,7 +340,7 @@ class JointConfig:
         """The `SamplerOptions` of this run's expanders (`llm_engine` on `device`, a ComponentDevice or None)."""
         from expandr_haystack.options import SamplerOptions
 
-        return SamplerOptions(engine=self.llm_engine, device=device)
+        return SamplerOptions(engine=self.llm_engine, device=device, engine_kwargs=self.llm_engine_kwargs)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

@@ -214,6 +214,10 @@ def check_run(config) -> None:
         if (value is not None or key != "device") and (not isinstance(value, str) or not value.strip()):
             fail(key, "a non-empty string" + (" or null" if key == "device" else ""), value)
     checked(check_choice, config.llm_engine, "llm_engine", ENGINES)
+    try:
+        config.sampler()  # the engine's own rules (llm_engine_kwargs: a mapping, vLLM only)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"`llm_engine_kwargs`: {exc}") from None
     config.expansion.validate("expansion")
     config.retriever.validate("retriever")
     config.pairs.validate("pairs")

@@ -68,8 +68,10 @@ def _plain(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
-#: Settings that may change when a run resumes: the number of rounds, and how the trainers log (not what they train).
-FREE_ON_RESUME = ("rounds", "retriever.logging_steps", "retriever.report_to", "dpo.logging_steps", "dpo.report_to")
+#: Settings that may change when a run resumes: the number of rounds, how the trainers log (not what they train), and
+#: how the generation engine spreads over GPUs (not what it generates).
+FREE_ON_RESUME = ("rounds", "retriever.logging_steps", "retriever.report_to", "dpo.logging_steps", "dpo.report_to",
+                  "llm_engine_kwargs")
 
 
 def _without_free_keys(config: dict[str, Any]) -> dict[str, Any]:

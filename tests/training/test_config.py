@@ -355,3 +355,14 @@ def test_expanders_are_built_from_the_settings_groups():
                                                                            max_new_tokens=12, seed=7)
     assert config.pairs.generation() == GenerationSettings(temperature=0.6, top_p=0.8, batch_size=4, seed=42)
     assert config.sampler().engine == "transformers"
+
+
+def test_llm_engine_kwargs_reach_the_sampler_and_are_vllm_only():
+    from expandr_haystack.options import SamplerOptions
+
+    assert SamplerOptions(engine="vllm", engine_kwargs={"tensor_parallel_size": 2}).engine_kwargs == {
+        "tensor_parallel_size": 2}
+    with pytest.raises(ConfigError, match="`llm_engine_kwargs`: .*vLLM"):
+        JointConfig.from_dict({"llm_engine_kwargs": {"tensor_parallel_size": 2}})  # llm_engine auto
+    with pytest.raises(ConfigError, match="`llm_engine_kwargs`"):
+        JointConfig.from_dict({"llm_engine": "transformers", "llm_engine_kwargs": [2]})
