@@ -12,6 +12,10 @@ generation). The output says whether expansions were generated or read from the 
     python benchmarks/bench_memory.py [--max-queries N] [--cache PATH] [--interval 0.05]
     python benchmarks/bench_memory.py --train training/configs/tiny-cpu.yaml --output runs/tiny-cpu \
         [--set expansion.mode=grounded ...] [--timeline runs/tiny-cpu.memory.json]
+    python benchmarks/bench_memory.py --train training/configs/tiny-cpu.yaml --output runs/tiny-cpu-2p --nproc 2
+
+`--nproc N` runs the training under `torchrun --standalone --nproc_per_node N` (OMP_NUM_THREADS=1 per process unless
+set) and reports the peak RSS of each rank as well (the processes found by their ``RANK`` variable).
 """
 
 from __future__ import annotations
@@ -45,13 +49,17 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="passed to training/joint.py")
     parser.add_argument("--timeline", default=None, help="write the RSS timeline and the run's log lines (JSON)")
     parser.add_argument("--resume", action="store_true", help="passed to training/joint.py (continue a stopped run)")
+    parser.add_argument("--nproc", type=int, default=1, help="with --train: processes under torchrun (default 1)")
     args = parser.parse_args()
 
     import psutil
 
     print(f"machine: {machine()}")
     if args.train:
-        cmd = [sys.executable, str(ROOT / "training" / "joint.py"), "--config", args.train, "--no-progress"]
+        launcher = [sys.executable]
+        if args.nproc > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
+        cmd = [*launcher, str(ROOT / "training" / "joint.py"), "--config", args.train, "--no-progress"]
         cmd += ["--output", args.output] if args.output else []
         cmd += [f"--set={item}" for item in args.overrides]
         cmd += ["--resume"] if args.resume else []
@@ -63,6 +71,9 @@ def main() -> None:
         cmd += ["--cache", args.cache]
     print("command:", " ".join(cmd))
     env = dict(os.environ, HAYSTACK_TELEMETRY_ENABLED="False", TOKENIZERS_PARALLELISM="false")
+    if args.nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    ranks: dict[str, int] = {}  # RANK -> peak RSS of that process
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = {"rss": 0, "at": 0.0}
@@ -73,9 +84,17 @@ def main() -> None:
         p = psutil.Process(proc.pid)
         while not stop.is_set():
             try:
-                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+                children = p.children(recursive=True)
+                rss = p.memory_info().rss + sum(c.memory_info().rss for c in children)
             except psutil.Error:
                 break
+            for child in children if args.nproc > 1 else ():
+                try:
+                    rank = child.environ().get("RANK")
+                    if rank is not None:
+                        ranks[rank] = max(ranks.get(rank, 0), child.memory_info().rss)
+                except psutil.Error:
+                    pass
             now = time.perf_counter() - started
             if rss > peak["rss"]:
                 peak.update(rss=rss, at=now)
@@ -105,6 +124,7 @@ def main() -> None:
         Path(args.timeline).write_text(json.dumps({
             "command": cmd, "machine": machine(), "wall_s": round(elapsed), "peak_rss_mib": round(peak["rss"] / 2**20),
             "peak_at_s": round(peak["at"]), "ru_maxrss_mib": round(maxrss_kib / 1024),
+            "peak_rss_mib_by_rank": {r: round(v / 2**20) for r, v in sorted(ranks.items())},
             "rss_mib": timeline, "log": lines}, indent=1))
 
     if proc.returncode != 0:
@@ -113,6 +133,8 @@ def main() -> None:
     print(f"wall time {elapsed:.0f} s")
     print(f"peak RSS (sampled every {args.interval} s): {peak['rss'] / 2**20:.0f} MiB at {peak['at']:.0f} s")
     print(f"peak RSS (ru_maxrss of the child):       {maxrss_kib / 1024:.0f} MiB")
+    for rank, value in sorted(ranks.items()):
+        print(f"peak RSS of rank {rank}:                    {value / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ The `expandr` command line.
     expandr eval DATA_DIR ...                               retrieval evaluation (expandr_haystack.evaluation.cli)
     expandr pairs --data DATA_DIR --out pairs.jsonl ...     DPO preference pairs (expandr_haystack.training.cli)
     expandr train --config CONFIG.yaml ...                  joint training rounds (expandr_haystack.training.cli)
+    expandr expand --data DATA_DIR --out exp.jsonl ...      expansions to JSONL, whole or one --shard I/N of a job
+                                                            array (expandr_haystack.expand_cli)
+    expandr merge-shards exp.jsonl [SHARD_FILE ...]         merge the shard files of `expandr expand --shard I/N`
 
 DATA_DIR is a BEIR-layout folder, `cranfield` for the bundled collection, or a BEIR dataset name (`scifact`,
 `nfcorpus`, ...: downloaded once into $EXPANDR_HOME/beir). `python -m expandr_haystack ...` is
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `expandr` parser with all subcommands."""
     from expandr_haystack import __version__
     from expandr_haystack.evaluation.cli import add_eval_parser
+    from expandr_haystack.expand_cli import add_expand_parser, add_merge_parser
     from expandr_haystack.training.cli import add_pairs_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="expandr", description="ExpandR for Haystack: evaluation and training.")
@@ -52,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(subparsers)
     add_pairs_parser(subparsers)
     add_train_parser(subparsers)
+    add_expand_parser(subparsers)
+    add_merge_parser(subparsers)
     return parser
 
 

@@ -4,31 +4,50 @@ Writing files so that a kill never leaves half of one: atomic replace for whole 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 logger = logging.getLogger(__name__)
 
+_UMASK = os.umask(0)  # read once, at import (reading it means setting it)
+os.umask(_UMASK)
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to a temporary file in the same folder, fsync, then rename it over `path`."""
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """
+    A file object whose content replaces `path` when the block ends (written to a temporary file in the same folder,
+    fsynced, then renamed over it; nothing changes at `path` if the block raises). The file gets the permissions a
+    plain ``open`` would give (0666 less the umask), not `mkstemp`'s 0600.
+
+    :param mode: "w" (text, UTF-8) or "wb".
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to a temporary file in the same folder, fsync, then rename it over `path`."""
+    with atomic_writer(path) as f:
+        f.write(text)
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
@@ -70,4 +89,5 @@ def cut_partial_last_line(path: Path) -> str:
     return data.decode("utf-8")
 
 
-__all__ = ["append_jsonl", "atomic_save_figure", "atomic_write_json", "atomic_write_text", "cut_partial_last_line"]
+__all__ = ["append_jsonl", "atomic_save_figure", "atomic_write_json", "atomic_write_text", "atomic_writer",
+           "cut_partial_last_line"]

@@ -14,8 +14,11 @@ a list of chat messages the sampler templates itself. `make_sampler` builds the 
 Where a row's text does not depend on its batch (local engines; each row has its own seed and temperature):
 - float32 on CPU (the default there; pinned by tests on the bundled model with the packed decoder and on a tiny
   random Llama with both decoders): a row's text is the same alone, in any batch, at any batch size, and from the
-  cache. Padding to the batch's longest prompt changes float32 rounding only (~1e-7 relative), so a row could change
-  only if a draw fell that close to a nucleus or sampling boundary; no test has seen it.
+  cache, except where a draw falls within float32 rounding of a boundary: the batch's padding and size move a row's
+  logits by ~1e-5 (the packed decoder's attention blocks past prompt position 32, its single-row MLP projection),
+  and where the nucleus holds many near-equal tail tokens that reorders them. Seen once: 1 row of 60 Cranfield
+  queries x 32 tokens at batch 5 (issue 24's sharding check). What holds exactly: the same rows in the same batches
+  give the same text, so `expandr expand --shard` shards by blocks of rows (`shards`), not by single rows.
 - bfloat16 / float16 (on CUDA, where ``dtype="auto"`` means bfloat16, and on CPU alike): it does *not* hold. A row's
   logits depend on its batch (the padded width and the batch size pick other kernels and reduction orders) by about
   the format's rounding (~1e-2 relative for bfloat16), enough to flip draws: ``expand([q])`` and the same query
