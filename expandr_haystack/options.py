@@ -315,7 +315,7 @@ class FusionSettings(_Options):
     :param rrf_k: The k constant of reciprocal-rank fusion.
     :param rrf_depth: Hits taken from each search before RRF.
     :param feedback_k: Rocchio pseudo-relevance feedback (mean): 0 = off; k > 0 searches once, then again with
-        v' = f·v̂ + (1-f)·mean(top-k document vectors), f = `feedback_weight`.
+        v' = f·v̂ + (1-f)·mean(top-k document vectors), f = `feedback_weight`. Refused with "rrf".
     :param feedback_weight: f above, in [0, 1].
     """
 
@@ -331,13 +331,25 @@ class FusionSettings(_Options):
         object.__setattr__(self, "query_weight", check_number(self.query_weight, "query_weight", 0.0, 1.0))
         check_int(self.rrf_k, "rrf_k")
         check_int(self.rrf_depth, "rrf_depth")
-        check_int(self.feedback_k, "feedback_k", minimum=0)
+        check_feedback(self.method, self.feedback_k)
         object.__setattr__(self, "feedback_weight", check_number(self.feedback_weight, "feedback_weight", 0.0, 1.0))
 
     @classmethod
     def coerce(cls, value: Any, argument: str) -> FusionSettings:
         """As `_Options.coerce`, and a method name alone ("mean" / "rrf") stands for the defaults with it."""
         return cls(method=value) if isinstance(value, str) else super().coerce(value, argument)
+
+
+def check_feedback(method: str, feedback_k: Any, method_argument: str = "method") -> int:
+    """`feedback_k` (an int >= 0) for fusion `method`: Rocchio feedback is a mean-fusion setting, so k > 0 with
+    "rrf", which would ignore it, is a ValueError naming both (`method_argument`: the method's name where it was
+    given, `fusion` for a `retrieve` call)."""
+    check_int(feedback_k, "feedback_k", minimum=0)
+    if feedback_k and method == "rrf":
+        raise ValueError(f"`feedback_k`={feedback_k} (pseudo-relevance feedback) applies to `{method_argument}`='mean' "
+                         f"only; with `{method_argument}`='rrf' it would be ignored: set feedback_k=0 or "
+                         f"{method_argument}='mean'.")
+    return feedback_k
 
 
 def fold_legacy(params: dict[str, Any], group: str, cls: type, owner: str,
@@ -368,4 +380,4 @@ def fold_legacy(params: dict[str, Any], group: str, cls: type, owner: str,
 
 
 __all__ = ["DTYPES", "ENCODER_BACKENDS", "ENGINES", "FUSIONS", "WEIGHT_PRECISIONS", "EncoderOptions", "FusionSettings",
-           "GenerationSettings", "SamplerOptions", "default_token", "fold_legacy"]
+           "GenerationSettings", "SamplerOptions", "check_feedback", "default_token", "fold_legacy"]

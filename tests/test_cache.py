@@ -1,6 +1,7 @@
 import multiprocessing as mp
 import sqlite3
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -36,6 +37,62 @@ def test_corrupt_file_is_moved_aside_not_deleted(tmp_path):
     assert c.get_many(["a"]) == {"a": "x"}
     aside = list(tmp_path.glob("c.sqlite.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
+
+
+def _table_leaf(path, middle: bool) -> tuple[int, int]:
+    """The page size, and the 1-based number of a leaf page of the `expansions` table: the middle one (rows a full
+    read meets) or the right-most (where the next insert goes), from the child pointers of its interior root page
+    (sqlite's b-tree page format)."""
+    with sqlite3.connect(path) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'expansions'").fetchone()[0]
+    page = path.read_bytes()[(root - 1) * page_size:root * page_size]
+    header = 100 if root == 1 else 0
+    assert page[header] == 0x05, "the table should span several pages (an interior root)"
+    if not middle:
+        return page_size, int.from_bytes(page[header + 8:header + 12], "big")
+    cells = int.from_bytes(page[header + 3:header + 5], "big")
+    cell = int.from_bytes(page[header + 12 + 2 * (cells // 2):header + 14 + 2 * (cells // 2)], "big")
+    return page_size, int.from_bytes(page[cell:cell + 4], "big")
+
+
+@pytest.mark.parametrize("first_use", ["read", "write"])
+def test_file_corrupted_past_its_header_is_kept_aside_not_deleted(tmp_path, caplog, first_use):
+    """A valid cache whose page 1 is intact (it opens) but one of its table pages is overwritten (read: a page in the
+    middle of the file; write: the last leaf, where the insert goes): the first read or write that meets the damage
+    (sqlite: "database disk image is malformed") keeps the file aside (a copy: the file itself is emptied in place,
+    so connections of other threads and processes see the fresh cache too), with a warning naming both paths, and
+    goes on with a fresh cache (before: that raw sqlite3.DatabaseError on every query, naming no file)."""
+    path = tmp_path / "c.sqlite"
+    keys = [cache_key(query=f"q{i}") for i in range(400)]
+    ExpansionCache(path).put_many({k: f"an expansion of {k} " * 4 for k in keys})
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every row in the main file
+    cache = ExpansionCache(path)  # opens: the header and the index are sound
+    worker = ThreadPoolExecutor(max_workers=1)  # one more thread, with its own connection, opened before the damage
+    assert len(worker.submit(cache.get_many, keys[:3]).result()) == 3
+    page_size, leaf = _table_leaf(path, middle=first_use == "read")
+    assert 1 < leaf and (first_use == "write" or leaf < path.stat().st_size // page_size)
+    with path.open("r+b") as f:
+        f.seek((leaf - 1) * page_size)
+        f.write(b"\xff" * page_size)
+    damaged = path.read_bytes()
+    caplog.set_level("WARNING", logger="expandr_haystack.cache")
+    if first_use == "read":
+        assert cache.get_many(keys) == {}  # the damaged file's rows are gone with it: all misses
+    else:
+        cache.put_many({"new": "x"})  # lands on the damaged page: done again on the fresh cache
+        assert cache.get_many(["new", keys[0]]) == {"new": "x"}
+    kept, = [a for a in tmp_path.glob("c.sqlite.corrupt-*") if not a.name.endswith(("-wal", "-shm"))]
+    assert kept.read_bytes() == damaged  # kept as it was, never deleted
+    warning, = [r.getMessage() for r in caplog.records if "aside" in r.getMessage()]
+    assert warning == (f"Cache file {path} is not a valid sqlite database (database disk image is malformed); copied "
+                       f"aside to {kept} and emptied in place, starting fresh.")
+    worker.submit(cache.put_many, {"after": "y"}).result()  # its connection sees the fresh cache
+    worker.shutdown()
+    assert cache.get_many(["after"]) == {"after": "y"} and ExpansionCache(path).get_many(["after"]) == {"after": "y"}
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 def test_bad_path_argument():

@@ -7,6 +7,7 @@ for another base model, cache faults (locked, read-only, concurrent expanders), 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -17,11 +18,13 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from haystack import component, default_to_dict
+from haystack import Document, component, default_to_dict
 from haystack.dataclasses import ChatMessage
 from haystack.utils import Secret
 
@@ -189,6 +192,252 @@ def test_adapter_for_another_base_model_is_a_clear_error(tmp_path):
         LLMQueryExpander(adapter=str(bigger), generation=GenerationSettings(max_new_tokens=4)).warm_up()
 
 
+# -- models: an LLM `model` that is not a model -------------------------------------------------------------------
+def test_llm_model_that_is_not_a_model_is_named_at_construction(tmp_path):
+    """A file that is not GGUF, or a folder without config.json, as `model` (before: transformers' JSON or tokenizer
+    errors at warm_up, naming neither `model` nor what was expected); a GGUF file (magic bytes) is accepted."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    with pytest.raises(ValueError, match=r"`model`: '.*notes\.txt' is a file but not a GGUF model file; expected a "
+                                         r"Hugging Face model folder \(config\.json, weights, tokenizer files\), a "
+                                         r"\.gguf file or a hub id"):
+        LLMQueryExpander(model=str(text))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"`model`: the folder '.*empty' has no config\.json; expected"):
+        LLMQueryExpander(model=str(tmp_path / "empty"))
+    _fake_adapter(tmp_path / "adapter", "HuggingFaceTB/SmolLM2-135M-Instruct", ["q_proj"])
+    with pytest.raises(FileNotFoundError, match=r"no config\.json.*It holds adapter_config\.json: pass it as "
+                                                r"`adapter`, its base model as `model`"):
+        LLMQueryExpander(model=str(tmp_path / "adapter"))
+    gguf = tmp_path / "ggufs" / "small.Q4.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(FileNotFoundError, match=r"It holds small\.Q4\.gguf: pass that file as `model`"):
+        LLMQueryExpander(model=str(gguf.parent))
+    assert LLMQueryExpander(model=str(gguf)).model == str(gguf)
+
+
+def test_gguf_model_file_loads_through_transformers_gguf_reader(tmp_path, monkeypatch):
+    """A GGUF `model` is loaded as the bundled one is: `from_pretrained(<its folder>, gguf_file=<its name>)`; its
+    cache identity follows its content."""
+    import transformers
+
+    from expandr_haystack import models
+
+    monkeypatch.setattr(models, "_LLMS", {})  # the fake model is memoised apart from the session's
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    seen = {}
+
+    class Loaded:
+        def __init__(self):
+            self.config = types.SimpleNamespace(quantization_config={"quant_method": "gguf"})
+
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda path, **k: seen.setdefault("tok", (path, k)) and type("T", (), {"pad_token": "p"})())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda path, **k: seen.setdefault("model", (path, k)) and Loaded())
+    llm, _ = models.load_llm(str(gguf), None, "cpu", "float32")
+    assert seen["tok"] == (str(tmp_path), {"token": None, "gguf_file": "m.gguf"})
+    assert seen["model"][0] == str(tmp_path) and seen["model"][1]["gguf_file"] == "m.gguf"
+    assert llm.hf_quantizer is None and not hasattr(llm.config, "quantization_config")  # a plain model now
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF" + bytes([1]) * 60)
+    assert models.model_identity(str(gguf)) != models.model_identity(str(other))
+
+
+def test_hub_model_not_cached_offline_or_unreachable_fails_fast_naming_model(monkeypatch):
+    """A hub id that is not in the local Hugging Face cache: offline (HF_HUB_OFFLINE=1, as the tests run), the
+    expander's warm_up fails at once naming `model` (before: transformers' OSError naming neither); with the hub
+    unreachable (here a stand-in for the HTTP client's connection error), one request, no ~50 s of retries."""
+    import huggingface_hub
+    import transformers
+    from huggingface_hub import constants
+
+    def never(*args, **kwargs):
+        raise AssertionError("transformers must not be asked")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", never)
+    exp = LLMQueryExpander(model="expandr-tests/not-a-cached-llm")  # construction needs no hub
+    assert constants.is_offline_mode()
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError, match=r"`model`: 'expandr-tests/not-a-cached-llm' is not in the local "
+                                                r"Hugging Face cache .* and downloads are off \(HF_HUB_OFFLINE"):
+        exp.warm_up()
+    assert time.monotonic() - started < 5
+    asked = []
+
+    def unreachable(url, **kwargs):
+        asked.append(url)
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    with pytest.raises(OSError, match=r"`model`: cannot reach the Hugging Face hub to download "
+                                      r"'expandr-tests/not-a-cached-llm' \(ConnectionError: .*\), and it is not in the "
+                                      r"local Hugging Face cache"):
+        exp.warm_up()
+    assert len(asked) == 1 and asked[0].endswith("/expandr-tests/not-a-cached-llm/resolve/main/config.json")
+
+
+# -- documents behind a wrapped retriever (`retriever=`): the FAISS path's checks, once per store change -------------
+def _documents(n: int, dimension: int | None, seed: int = 0, prefix: str = "d") -> list[Document]:
+    """`n` hand-made documents with random embeddings of `dimension` (None: no embedding)."""
+    rng = np.random.default_rng(seed)
+    return [Document(id=f"{prefix}{i}", content=f"document {i}",
+                     embedding=None if dimension is None else rng.normal(size=dimension).tolist()) for i in range(n)]
+
+
+def _wrapped(kind: str, documents: list[Document], embedding_dim: int = 8, **kwargs) -> tuple[ExpandRRetriever, Any]:
+    """An ExpandRRetriever wrapping InMemory's or Qdrant's (local mode) embedding retriever over `documents`."""
+    if kind == "memory":
+        from haystack.components.retrievers.in_memory import InMemoryEmbeddingRetriever
+        from haystack.document_stores.in_memory import InMemoryDocumentStore
+
+        store = InMemoryDocumentStore(embedding_similarity_function="cosine")
+        wrapped = InMemoryEmbeddingRetriever(document_store=store)
+    else:
+        qdrant = pytest.importorskip("haystack_integrations.document_stores.qdrant")
+        from haystack_integrations.components.retrievers.qdrant import QdrantEmbeddingRetriever
+
+        store = qdrant.QdrantDocumentStore(":memory:", embedding_dim=embedding_dim, similarity="cosine",
+                                           progress_bar=False)
+        wrapped = QdrantEmbeddingRetriever(document_store=store)
+    if documents:
+        store.write_documents(documents)
+    return ExpandRRetriever(retriever=wrapped, **kwargs), store
+
+
+@pytest.mark.parametrize("kind", ["memory", "qdrant"])
+def test_wrapped_retriever_store_without_embeddings_is_named(kind):
+    """Documents written without embeddings: the wrapped retriever skipped them and returned [] (InMemory logged a
+    line, Qdrant nothing); now the FAISS path's error, naming a document and the store. Partly embedded: the
+    unembedded ones were missed silently; now named too (Qdrant: its documents came back with embeddings, so the
+    missing ones are known to be missing)."""
+    store_name = f"the document store of the wrapped retriever \\({'InMemory' if kind == 'memory' else 'Qdrant'}"
+    retriever, store = _wrapped(kind, _documents(5, None))
+    query = np.ones(8, dtype=np.float32)
+    with pytest.raises(ValueError, match=rf"5 document\(s\) in {store_name}EmbeddingRetriever\) have no embedding "
+                                         r"\(e\.g\. id 'd\d'\); embed them first with SentenceTransformersDocumentEmb"):
+        retriever.search(query)
+    retriever, store = _wrapped(kind, _documents(4, 8) + [Document(id="plain", content="no embedding")])
+    with pytest.raises(ValueError, match=rf"1 document\(s\) in {store_name}.*\(e\.g\. id 'plain'\)"):
+        retriever.search(query)
+    store.delete_documents(["plain"])
+    assert len(retriever.search(query)[0]) == 4  # fixed: checked again (the store changed), and searched
+
+
+@pytest.mark.parametrize("kind", ["memory", "qdrant"])
+def test_wrapped_retriever_dimension_mismatch_is_named(kind, monkeypatch):
+    """Documents of another encoder (768) than the retriever's (384): Qdrant failed inside qdrant_client with numpy's
+    "shapes (5,768) and (384,) not aligned", InMemory with its own store error; now the FAISS path's wording. A store
+    too big to read is checked against its declared `embedding_dim` (Qdrant)."""
+    retriever, _ = _wrapped(kind, _documents(5, 768), embedding_dim=768)
+    query = np.ones(384, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"Document 'd\d' has an embedding of dimension 768 but the retriever's "
+                                         r"encoder produces 384: embed the documents with the same `model`"):
+        retriever.search(query)
+    if kind == "qdrant":
+        from expandr_haystack.components.search import StoreCheck
+
+        monkeypatch.setattr(StoreCheck, "READ_LIMIT", 2)  # 5 documents: not read
+        retriever, _ = _wrapped(kind, _documents(5, 768), embedding_dim=768)
+        with pytest.raises(ValueError, match=r"QdrantEmbeddingRetriever\) is set up \(`embedding_dim`\) for embeddings "
+                                             r"of dimension 768 but the retriever's encoder produces 384"):
+            retriever.search(query)
+
+
+@pytest.mark.parametrize("kind", ["memory", "qdrant"])
+def test_wrapped_retriever_store_is_checked_once_per_change(kind, monkeypatch):
+    """The check reads the store when it changed (InMemory: its storage dict; Qdrant: `count_documents`, then
+    `filter_documents`), not at every search."""
+    from expandr_haystack.components import search
+
+    checks = []
+    real_check = search.check_embeddings
+    monkeypatch.setattr(search, "check_embeddings", lambda docs, *a: checks.append(len(docs)) or real_check(docs, *a))
+    retriever, store = _wrapped(kind, _documents(5, 8))
+    reads = []
+    if kind == "qdrant":
+        real_filter = store.filter_documents
+        monkeypatch.setattr(store, "filter_documents", lambda *a, **k: reads.append(1) or real_filter(*a, **k))
+    query = np.ones((2, 8), dtype=np.float32)
+    for _ in range(3):
+        assert [len(hits) for hits in retriever.search(query, top_k=3)] == [3, 3]
+    assert checks == [5] and len(reads) == (kind == "qdrant")
+    store.write_documents(_documents(2, 8, seed=1, prefix="new"))
+    retriever.search(query)
+    retriever.search(query)
+    assert checks == [5, 7] and len(reads) == 2 * (kind == "qdrant")
+
+
+def test_wrapped_retriever_checks_run_and_run_async(tiny_bert):
+    """Through `run` and `run_async` with a real (tiny, dimension 32) encoder: a store of its dimension searches; one
+    of dimension 8 is named, sync and async."""
+    from tests.conftest import TINY_BERT_DIM
+
+    good, _ = _wrapped("memory", _documents(5, TINY_BERT_DIM), model=tiny_bert, top_k=3)
+    assert len(good.run(query=QUERIES[0])["documents"]) == 3
+    assert len(asyncio.run(good.run_async(query=QUERIES[0]))["documents"]) == 3
+    bad, _ = _wrapped("memory", _documents(5, 8), model=tiny_bert)
+    match = rf"Document 'd\d' has an embedding of dimension 8 but the retriever's encoder produces {TINY_BERT_DIM}"
+    with pytest.raises(ValueError, match=match):
+        bad.run(query=QUERIES[0])
+    with pytest.raises(ValueError, match=match):
+        asyncio.run(bad.run_async(query=QUERIES[0], expansions=["an expansion"]))
+
+
+@component
+class _StubRetriever:
+    """An embedding retriever over `document_store`, returning `hits` whatever it is asked."""
+
+    def __init__(self, document_store: Any = None, hits: list[Document] | None = None):
+        self.document_store = document_store
+        self.hits = hits or []
+
+    @component.output_types(documents=list[Document])
+    def run(self, query_embedding: list[float], filters: dict[str, Any] | None = None, top_k: int = 10):
+        return {"documents": list(self.hits)}
+
+
+class _HidingStore:
+    """A store that holds embeddings but returns its documents without them (as some stores' filter_documents do)."""
+
+    def __init__(self, documents: list[Document], fail: bool = False):
+        self.documents, self.fail = documents, fail
+
+    def count_documents(self) -> int:
+        if self.fail:
+            raise ConnectionError("store unreachable")
+        return len(self.documents)
+
+    def filter_documents(self, filters=None) -> list[Document]:
+        return [Document(id=d.id, content=d.content) for d in self.documents]
+
+
+def test_wrapped_retriever_store_that_cannot_be_read_is_not_guessed_about():
+    """Documents that come back without embeddings prove nothing while the retriever finds them; only a search
+    without filters that finds nothing in such a store is the silent empty result (named). A store with no
+    `document_store`, or whose count fails, is not checked."""
+    query = np.ones(8, dtype=np.float32)
+    docs = _documents(3, 8)
+    finds = ExpandRRetriever(retriever=_StubRetriever(_HidingStore(docs), hits=docs[:2]))
+    assert [d.id for d in finds.search(query)[0]] == ["d0", "d1"]
+    empty = ExpandRRetriever(retriever=_StubRetriever(_HidingStore(docs)))
+    assert empty.search(query, filters={"field": "meta.x", "operator": "==", "value": 1}) == [[]]  # may be right
+    with pytest.raises(ValueError, match=r"3 document\(s\) in the document store of the wrapped retriever "
+                                         r"\(_StubRetriever\) have no embedding"):
+        empty.search(query)
+    for unreadable in (_StubRetriever(None), _StubRetriever(_HidingStore(docs, fail=True))):
+        assert ExpandRRetriever(retriever=unreadable).search(query) == [[]]
+
+
 # -- cache faults --------------------------------------------------------------------------------------------------
 _HOLD_LOCK = """
 import sqlite3, sys, time
@@ -271,6 +520,119 @@ def test_read_only_cache_file_names_the_file_on_write(tmp_path):
             cache.put_many({"b": "y"})
     finally:
         cache_module.sqlite3.connect = original
+
+
+def _prefilled_cache(folder: Path, api_key_env: str) -> tuple[Path, list[str]]:
+    """A cache filled by an expander (one query, FakeChatGenerator), closed: the file a container image ships."""
+    import gc
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "expansions.sqlite"
+    filled = LLMQueryExpander(chat_generator=FakeChatGenerator(), cache=str(path))
+    texts = filled.run(query=QUERIES[0])["expansions"]
+    del filled
+    gc.collect()  # its connection closes: the WAL is folded into the file, -wal/-shm removed
+    assert sorted(p.name for p in folder.iterdir()) == ["expansions.sqlite"]
+    return path, texts
+
+
+@pytest.mark.parametrize("unwritable", ["folder", "file"])
+def test_pre_filled_cache_in_a_read_only_folder_serves_hits_and_stores_no_misses(api_key, tmp_path, monkeypatch,
+                                                                                caplog, unwritable):
+    """A pre-filled cache in a folder that cannot be written (a container image; before: "cannot open ... attempt to
+    write a readonly database" at warm_up), or itself not writable. Tests run as root, where chmod does not stop
+    writes, so `os.access`, by which the cache decides it is read-only, reports the folder (or the file) not
+    writable; sqlite then really opens the file read-only (`mode=ro`; in the folder case immutable too: no
+    -wal/-shm files), so a write would fail even as root.
+    `test_pre_filled_cache_in_a_really_read_only_folder` runs the same as another user, with real permissions."""
+    path, texts = _prefilled_cache(tmp_path / "image", api_key)
+    before = path.read_bytes()
+    real_access = os.access
+    target = path.parent if unwritable == "folder" else path
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == target and mode == os.W_OK
+                        else real_access(p, mode, **k))
+    caplog.set_level("WARNING", logger="expandr_haystack.cache")
+    gen = FakeChatGenerator()
+    exp = LLMQueryExpander(chat_generator=gen, cache=str(path))
+    assert exp.run(query=QUERIES[0])["expansions"] == texts and gen.calls == 0  # a hit, no remote call
+    for calls in (1, 2):  # a miss is generated, not stored: asked again, it is generated again
+        assert exp.run(query=QUERIES[1])["expansions"] and gen.calls == calls
+    assert exp.cache_stats == {"hits": 1, "misses": 2, "entries": 1}
+    warnings = [r.getMessage() for r in caplog.records if "read-only" in r.getMessage()]
+    reason = f"its folder {path.parent} is not writable" if unwritable == "folder" else "the file is not writable"
+    once = f"Cache {path} is read-only ({reason}): cached expansions are served, new ones are not stored."
+    assert warnings == [once]
+    assert path.read_bytes() == before
+    assert unwritable == "file" or sorted(p.name for p in path.parent.iterdir()) == ["expansions.sqlite"]
+    with pytest.raises(OSError, match=r"`cache`: cannot write to .*expansions\.sqlite: the file or its folder is "
+                                      r"read-only"):
+        ExpansionCache(path).put_many({"k": "v"})  # the raw cache's default: a write is an error naming the file
+
+
+_OPEN_AS_ANOTHER_USER = """
+import json, sqlite3, sys, types
+from pathlib import Path
+package = types.ModuleType("expandr_haystack")  # the cache module alone: not the package's heavy __init__
+package.__path__ = [sys.argv[2]]
+sys.modules["expandr_haystack"] = package
+from expandr_haystack.cache import ExpansionCache
+out = {}
+try:
+    sqlite3.connect(sys.argv[1]).execute("SELECT count(*) FROM expansions")
+except sqlite3.Error as exc:
+    out["plain_sqlite"] = str(exc)
+cache = ExpansionCache(sys.argv[1], on_read_only="skip")
+cache.put_many({"new": "not stored"})
+out.update(read_only=cache.read_only, entries=len(cache), hits=len(cache.get_many(json.loads(sys.argv[3]))))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+@pytest.mark.parametrize("leftover_wal", [False, True], ids=["closed", "leftover-wal"])
+def test_pre_filled_cache_in_a_really_read_only_folder(api_key, leftover_wal):
+    """The same with real permissions: the cache's folder is mode 555 and the cache is opened by a process of
+    another user (`setpriv` to nobody when the tests run as root, where chmod does not stop writes; the test's own
+    user otherwise). Skipped as root without `setpriv`. `leftover-wal`: a writer still holds the file, so a row is
+    only in its -wal file (as a killed writer leaves it): read through the existing -shm, it is a hit too."""
+    import shutil
+    import tempfile
+
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: chmod cannot make a folder read-only here")
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    root = Path(tempfile.mkdtemp())  # under /tmp: pytest's tmp_path is private to its user
+    try:
+        root.chmod(0o755)
+        path, _ = _prefilled_cache(root / "image", api_key)
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            keys = [k for (k,) in conn.execute("SELECT key FROM expansions")]
+        assert sorted(p.name for p in path.parent.iterdir()) == ["expansions.sqlite"]
+        writer = sqlite3.connect(path, isolation_level=None)
+        if leftover_wal:
+            writer.execute("PRAGMA wal_autocheckpoint = 0")
+            writer.execute("INSERT INTO expansions VALUES ('in-wal', 'x', 0)")
+            keys.append("in-wal")
+        else:
+            writer.close()
+        path.parent.chmod(0o555)
+        done = subprocess.run([*prefix, sys.executable, "-c", _OPEN_AS_ANOTHER_USER, str(path),
+                               str(ROOT / "expandr_haystack"), json.dumps(keys)],
+                              capture_output=True, text=True, timeout=120, check=False)
+        writer.close()
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout)
+        if not leftover_wal:  # the fault: sqlite cannot make the -shm file a WAL database needs
+            assert "readonly" in out.pop("plain_sqlite")
+        n = 1 + leftover_wal
+        assert out == {"read_only": f"its folder {path.parent} is not writable", "entries": n, "hits": n}
+        assert "read-only" in done.stderr
+        assert leftover_wal or sorted(p.name for p in path.parent.iterdir()) == ["expansions.sqlite"]  # no -shm
+    finally:
+        (root / "image").chmod(0o755)
+        shutil.rmtree(root)
 
 
 # -- remote chat generator: retries, backoff, skip, cache ----------------------------------------------------------

@@ -34,6 +34,34 @@ from haystack import Document
 logger = logging.getLogger(__name__)
 
 
+def has_embedding(document: Document) -> bool:
+    """Whether a stored document carries an embedding (some stores return an empty one, e.g. Qdrant's ``{}``)."""
+    return document.embedding is not None and len(document.embedding) > 0
+
+
+def dimension_error(subject: str, found: int, dimension: int) -> ValueError:
+    """The error of embeddings of another size than the encoder's: `subject` says whose ("Document 'a' has an
+    embedding")."""
+    return ValueError(f"{subject} of dimension {found} but the retriever's encoder produces {dimension}: embed the "
+                      "documents with the same `model` as the retriever.")
+
+
+def check_embeddings(documents: list[Document], dimension: int, store: str = "the document store",
+                     hint: str = "") -> None:
+    """
+    The checks of stored documents before they are searched: every one has an embedding of the encoder's
+    `dimension`; else a ValueError naming a document (and `store`, where they live) and the fix (`hint` adds why it
+    matters there). Used by `DocumentIndex` and, for a wrapped retriever's store, `search.StoreCheck`.
+    """
+    missing = [d.id for d in documents if not has_embedding(d)]
+    if missing:
+        raise ValueError(f"{len(missing)} document(s) in {store} have no embedding (e.g. id {missing[0]!r}); embed "
+                         f"them first with SentenceTransformersDocumentEmbedder and the retriever's encoder{hint}.")
+    bad = next((d for d in documents if len(d.embedding) != dimension), None)
+    if bad is not None:
+        raise dimension_error(f"Document {bad.id!r} has an embedding", len(bad.embedding), dimension)
+
+
 class DocumentIndex:
     """
     An exact inner-product index over L2-normalised document embeddings (cosine similarity).
@@ -43,17 +71,8 @@ class DocumentIndex:
     """
 
     def __init__(self, documents: list[Document], dimension: int, device: str = "cpu"):
-        missing = [d.id for d in documents if d.embedding is None]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} document(s) in the document store have no embedding (e.g. id {missing[0]!r}); "
-                "embed them first with SentenceTransformersDocumentEmbedder and the retriever's encoder (if the store "
-                "has them but does not return them, pass its embedding retriever as `retriever=` instead).")
-        bad = next((d for d in documents if len(d.embedding) != dimension), None)
-        if bad is not None:
-            raise ValueError(
-                f"Document {bad.id!r} has an embedding of dimension {len(bad.embedding)} but the retriever's encoder "
-                f"produces {dimension}: embed the documents with the same `model` as the retriever.")
+        check_embeddings(documents, dimension, hint=" (if the store has them but does not return them, pass its "
+                         "embedding retriever as `retriever=` instead)")
         self.documents = documents
         self.row_of = {d.id: i for i, d in enumerate(documents)}
         matrix = np.asarray([d.embedding for d in documents], dtype=np.float32).reshape(len(documents), dimension)
@@ -133,7 +152,7 @@ _INDEXES: weakref.WeakValueDictionary[tuple, SharedIndex] = weakref.WeakValueDic
 _REGISTRY_LOCK = threading.Lock()
 
 
-def _storage_of(store: Any) -> dict | None:
+def storage_of(store: Any) -> dict | None:
     """An in-memory store's `storage` dict (InMemoryDocumentStore's public property), else None."""
     storage = getattr(store, "storage", None)
     return storage if isinstance(storage, dict) else None
@@ -151,7 +170,7 @@ def shared_index(store: Any, dimension: int, device: str) -> SharedIndex:
     an index share it, as every retriever over one store does). The caller keeps it (the registry holds it weakly)
     and asks again per search: a store whose storage was replaced (`delete_all_documents`) gets a new one.
     """
-    storage = _storage_of(store)
+    storage = storage_of(store)
     source = store if storage is None else storage
     key = (id(source), dimension, device)
     with _REGISTRY_LOCK:
@@ -161,4 +180,5 @@ def shared_index(store: Any, dimension: int, device: str) -> SharedIndex:
     return entry
 
 
-__all__ = ["DocumentIndex", "SharedIndex", "shared_index"]
+__all__ = ["DocumentIndex", "SharedIndex", "check_embeddings", "dimension_error", "has_embedding", "shared_index",
+           "storage_of"]

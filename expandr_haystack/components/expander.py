@@ -9,7 +9,7 @@ from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict
 
-from expandr_haystack.cache import ExpansionCache
+from expandr_haystack.cache import ExpansionCache, check_cache_path
 from expandr_haystack.checks import check_adapter_dir, check_choice, check_int
 from expandr_haystack.core.text import (
     ANSWER_PROMPT,
@@ -102,7 +102,7 @@ class LLMQueryExpander:
             `chat_generator`.
         :param sampler: How the local model is loaded and run: a `SamplerOptions` (or a dict of its fields): engine,
             device, dtype, weight_precision, max_prompt_tokens, model_kwargs, token, and the remote retry settings.
-        :param cache: Path of a persistent sqlite cache; None = no cache.
+        :param cache: Path of a persistent sqlite cache; None = no cache. Read-only: hits served, misses not stored.
         :param on_failure: "skip" (a row that fails every attempt is left out, with a warning; retrieval uses the
             query and its remaining expansions) or "raise".
         :param passages_k: Grounded prompts: how many of the given documents go into `{passages}`.
@@ -141,7 +141,7 @@ class LLMQueryExpander:
         self.prompt = prompt
         self.system_prompt = system_prompt
         self.n_expansions = n_expansions
-        self.cache = cache
+        self.cache = check_cache_path(cache)  # a bad value in a pipeline YAML fails when it loads
         self.on_failure = on_failure
         self.passages_k = passages_k
         self.passage_words = passage_words
@@ -173,7 +173,7 @@ class LLMQueryExpander:
         if self._sampler is None:
             self._sampler = make_sampler(self.model, self.adapter, self.chat_generator, self.sampler_options)
         if self.cache is not None and self._cache is None:
-            self._cache = ExpansionCache(self.cache)
+            self._cache = ExpansionCache(self.cache, on_read_only="skip")  # hits served, misses not stored
 
     def with_settings(self, **changes: Any) -> LLMQueryExpander:
         """

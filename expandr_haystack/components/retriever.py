@@ -22,7 +22,7 @@ from expandr_haystack.components.embedder import ExpandRQueryEmbedder, checked_e
 from expandr_haystack.components.search import check_search, make_search, with_score
 from expandr_haystack.core.fusion import reciprocal_rank_fusion, rocchio
 from expandr_haystack.core.text import check_query
-from expandr_haystack.options import FUSIONS, EncoderOptions, FusionSettings, fold_legacy
+from expandr_haystack.options import FUSIONS, EncoderOptions, FusionSettings, check_feedback, fold_legacy
 
 _with_score = with_score  # the name earlier versions (and their tests) import from here
 
@@ -269,8 +269,8 @@ class ExpandRRetriever:
         plan.method = check_choice(settings.method if fusion is None else fusion, "fusion", FUSIONS)
         plan.query_weight = float(check_number(settings.query_weight if query_weight is None else query_weight,
                                                "query_weight", 0.0, 1.0))
-        if plan.method == "mean":  # feedback is a mean-fusion setting
-            plan.feedback_k = check_int(settings.feedback_k if feedback_k is None else feedback_k, "feedback_k", 0)
+        k = settings.feedback_k if plan.method == "mean" else 0  # a mean-fusion setting: k > 0 with rrf is refused
+        plan.feedback_k = check_feedback(plan.method, k if feedback_k is None else feedback_k, "fusion")
         plan.feedback_weight = float(check_number(
             settings.feedback_weight if feedback_weight is None else feedback_weight, "feedback_weight", 0.0, 1.0))
         plan.filters = apply_filter_policy(self.filter_policy, self.filters, filters)

@@ -111,7 +111,9 @@ class RewardScorer:
         """
         :param model: The retriever's encoder: None for the bundled all-MiniLM-L6-v2, or a sentence-transformers id
             or local directory (e.g. a trained encoder). Not with `embedder`.
-        :param threshold: Minimum of max_e (cos_doc + cos_answer) (or max_e cos_doc without answer) to keep a pair.
+        :param threshold: Minimum of max_e (cos_doc + cos_answer) (or max_e cos_doc without answer) to keep a pair:
+            at most 2, the largest sum of two cosines (without answer only 1 can be reached); -2 or less keeps every
+            pair of two distinct expansions.
         :param device: Device for the encoder (None = best available). Not with `embedder`.
         :param encoder: How the encoder is loaded and run (`EncoderOptions`, a dict of its fields, or None for the
             defaults), as `ExpandRQueryEmbedder`'s; the reward compares cosines, so there is no output precision or
@@ -126,7 +128,7 @@ class RewardScorer:
             scored as the document is (both are what an expansion should be close to).
         :param document_suffix: Put after the gold document and the answer.
         """
-        check_number(threshold, "threshold")
+        check_number(threshold, "threshold", high=2.0)  # a sum of two cosines (one without answer); low: keep all
         for name, value in (("prefix", prefix), ("suffix", suffix), ("document_prefix", document_prefix),
                             ("document_suffix", document_suffix)):
             if not isinstance(value, str):

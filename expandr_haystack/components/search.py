@@ -6,7 +6,9 @@ feedback). The retriever picks one at init (`make_search`) and never branches on
 
 - `FaissSearch`: an exact FAISS index of a document store's documents, one per store (`document_index.shared_index`).
 - `StoreSearch`: the store's own `embedding_retrieval` (InMemoryDocumentStore).
-- `RetrieverSearch`: any Haystack embedding retriever (`run(query_embedding, filters, top_k)`).
+- `RetrieverSearch`: any Haystack embedding retriever (`run(query_embedding, filters, top_k)`), with the FAISS
+  path's checks of the documents behind it (`StoreCheck`: embeddings present, of the encoder's dimension), redone
+  only when its document store changed.
 
 Inputs are trusted: the retriever checks them once, at its edge.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +26,18 @@ from haystack import Document
 from haystack.utils import ComponentDevice
 
 from expandr_haystack.checks import check_choice
-from expandr_haystack.components.document_index import DocumentIndex, SharedIndex, shared_index
+from expandr_haystack.components.document_index import (
+    DocumentIndex,
+    SharedIndex,
+    check_embeddings,
+    dimension_error,
+    has_embedding,
+    shared_index,
+    storage_of,
+)
 from expandr_haystack.models import resolve_device
+
+logger = logging.getLogger(__name__)
 
 #: The `search` settings of a retriever over a `document_store`.
 SEARCHES = ("faiss", "store")
@@ -143,6 +156,7 @@ class RetrieverSearch(Search):
     def __init__(self, retriever: Any):
         self.retriever = retriever
         self._params = embedding_retriever_params(retriever)
+        self.check = StoreCheck(retriever)
 
     def __str__(self) -> str:
         return f"the wrapped retriever ({type(self.retriever).__name__})"
@@ -155,17 +169,21 @@ class RetrieverSearch(Search):
         return kwargs
 
     def search(self, vectors, top_k, filters, scale_score, return_embedding) -> list[list[Document]]:
+        self.check.check(vectors.shape[1])
         kwargs = self._kwargs(top_k, filters, scale_score, return_embedding)
-        return [documents_of(self.retriever.run(query_embedding=v.tolist(), **kwargs), return_embedding)
+        hits = [documents_of(self.retriever.run(query_embedding=v.tolist(), **kwargs), return_embedding)
                 for v in vectors]
+        return self.check.after_search(hits, filters, vectors.shape[1])
 
     async def search_async(self, vectors, top_k, filters, scale_score, return_embedding) -> list[list[Document]]:
         from haystack.utils.async_utils import _execute_component_async
 
+        await self.check.check_async(vectors.shape[1])
         kwargs = self._kwargs(top_k, filters, scale_score, return_embedding)
         results = await asyncio.gather(*(_execute_component_async(self.retriever, query_embedding=v.tolist(),
                                                                   **kwargs) for v in vectors))
-        return [documents_of(r, return_embedding) for r in results]
+        return self.check.after_search([documents_of(r, return_embedding) for r in results], filters,
+                                       vectors.shape[1])
 
     async def neighbours_async(self, vectors, k, filters) -> list[np.ndarray]:
         hits = await self.search_async(vectors, k, filters, False, True)
@@ -190,6 +208,106 @@ class RetrieverSearch(Search):
             await self.retriever.close_async()
         else:
             self.close()
+
+
+class StoreCheck:
+    """
+    The FAISS path's checks of stored documents (`document_index.check_embeddings`: every document embedded, at the
+    encoder's dimension) for the document store of a wrapped retriever (its `document_store`), which would otherwise
+    skip unembedded documents silently (an empty result) or fail deep inside its client on a dimension mismatch.
+
+    Cheap: redone only when the store changed, seen through its storage dict (InMemoryDocumentStore: its identity
+    and size, no I/O) or `count_documents()` (one call a search; a store replaced in place with as many documents is
+    not re-read). A change reads the documents (the storage itself, or `filter_documents()` for stores of at most
+    `READ_LIMIT` documents) and a declared `embedding_dim`. A store that returns documents without embeddings,
+    which some stores do even when they hold them, is trusted only once a search without filters finds nothing:
+    that is the silent empty result. A store that cannot be read (no `document_store`, no count, a failing call)
+    is not checked.
+    """
+
+    #: Larger stores (by `count_documents`) are not read to check them (~0.1 s for 1,000 documents of Qdrant's local
+    #: mode, at every change); their declared `embedding_dim` still is.
+    READ_LIMIT = 1_000
+
+    def __init__(self, retriever: Any):
+        # `document_store` (Haystack's retrievers) or `_document_store` (the integrations': Qdrant, pgvector, ...)
+        self.store = getattr(retriever, "document_store", None) or getattr(retriever, "_document_store", None)
+        self.name = f"the document store of the wrapped retriever ({type(retriever).__name__})"
+        self._checked: tuple | None = None  # (store state, dimension) of the last check that passed
+        self._unembedded: list[Document] = []  # read, none with an embedding, in a store that may hide them
+        self._storage: dict | None = None  # the storage dict last seen, held so that its id is not reused
+
+    def _state(self) -> tuple | None:
+        storage = storage_of(self.store)
+        if storage is not None:
+            self._storage = storage
+            return "storage", id(storage), len(storage)
+        count = getattr(self.store, "count_documents", None)
+        return ("count", count()) if callable(count) else None
+
+    def _read(self, state: tuple, read: Any) -> list[Document] | None:
+        """The documents to check: the storage's, or `read()` (filter_documents) for small stores; None = too many."""
+        if state[0] == "storage":
+            return list(storage_of(self.store).values())
+        return [] if state[1] == 0 else read() if state[1] <= self.READ_LIMIT else None
+
+    def check(self, dimension: int) -> None:
+        """Check the store for query vectors of `dimension` if it changed since the last check (ValueError if bad)."""
+        if self.store is None:
+            return
+        try:
+            state = self._state()
+            if state is None or (state, dimension) == self._checked:
+                return
+            documents = self._read(state, getattr(self.store, "filter_documents", lambda: None))
+        except Exception as exc:  # noqa: BLE001 - a store that cannot be read is not checked
+            logger.debug("%s: not checked (%s: %s)", self.name, type(exc).__name__, exc)
+            return
+        self._judge(state, dimension, documents)
+
+    async def check_async(self, dimension: int) -> None:
+        """`check` through the store's async methods where it has them (its async client may hold other data, as
+        Qdrant's local mode does)."""
+        count = getattr(self.store, "count_documents_async", None)
+        if self.store is None or storage_of(self.store) is not None:
+            return self.check(dimension)  # the storage dict: nothing to wait for
+        if not callable(count):
+            return await asyncio.to_thread(self.check, dimension)
+        read = getattr(self.store, "filter_documents_async", None)
+        try:
+            state = ("count", await count())
+            if (state, dimension) == self._checked:
+                return
+            n = state[1]
+            documents = [] if n == 0 else await read() if callable(read) and n <= self.READ_LIMIT else None
+        except Exception as exc:  # noqa: BLE001 - a store that cannot be read is not checked
+            logger.debug("%s: not checked (%s: %s)", self.name, type(exc).__name__, exc)
+            return
+        self._judge(state, dimension, documents)
+
+    def _judge(self, state: tuple, dimension: int, documents: list[Document] | None) -> None:
+        """The checks of what `check` read (a ValueError when they fail); the state is remembered when they pass."""
+        self._unembedded = []
+        if documents:
+            if state[0] == "storage" or any(map(has_embedding, documents)):  # the documents as they are stored
+                check_embeddings(documents, dimension, self.name, _SKIPPED)
+            else:
+                self._unembedded = documents
+        declared = getattr(self.store, "embedding_dim", None)
+        if isinstance(declared, int) and not isinstance(declared, bool) and declared != dimension:
+            raise dimension_error(f"{self.name[0].upper()}{self.name[1:]} is set up (`embedding_dim`) for embeddings",
+                                  declared, dimension)
+        self._checked = (state, dimension)
+
+    def after_search(self, hits: list[list[Document]], filters: Any, dimension: int) -> list[list[Document]]:
+        """`hits` as they are, unless a store whose documents came back without embeddings found nothing for a search
+        without filters: then they have none (the no-embedding error)."""
+        if self._unembedded and not filters and not any(hits):
+            check_embeddings(self._unembedded, dimension, self.name, _SKIPPED)
+        return hits
+
+
+_SKIPPED = " (the wrapped retriever skips documents without one: its searches miss them, or find nothing)"
 
 
 def check_search(document_store: Any, retriever: Any, search: Any) -> None:
@@ -258,5 +376,5 @@ def with_score(document: Document, score: float | None, keep_embedding: bool = T
     return scored
 
 
-__all__ = ["SEARCHES", "FaissSearch", "RetrieverSearch", "Search", "StoreSearch", "check_search", "make_search",
-           "with_score"]
+__all__ = ["SEARCHES", "FaissSearch", "RetrieverSearch", "Search", "StoreCheck", "StoreSearch", "check_search",
+           "make_search", "with_score"]

@@ -69,7 +69,7 @@ class PairConfig(Settings):
 
     n_candidates: int = setting(8, check_int, 2, hint="Two candidates form a pair.")
     temperatures: tuple[float, ...] = setting((0.8, 0.9, 1.0, 1.1), check_numbers)
-    threshold: float = setting(0.6, check_number)
+    threshold: float = setting(0.6, check_number, None, 2.0, hint="A summed cosine is at most 2.")
     max_new_tokens: int = setting(96, check_int)
     answer_max_new_tokens: int = setting(96, check_int)
     top_p: float = setting(0.9, check_number, 0.0, 1.0, low_open=True)

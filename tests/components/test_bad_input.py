@@ -63,3 +63,38 @@ def test_retriever_settings():
 def test_embedder_settings():
     with pytest.raises(ValueError, match="query_weight"):
         ExpandRQueryEmbedder(query_weight=1.5)
+
+
+def test_options_that_would_be_ignored_or_fail_late_are_refused_at_construction():
+    """Settings accepted before and then silently ignored (feedback with rrf), impossible (a threshold no summed
+    cosine reaches), or failing only at run time (a `cache` that is not a path, e.g. `cache: 42` in a YAML)."""
+    from haystack import Pipeline
+    from haystack.core.errors import DeserializationError
+
+    from expandr_haystack import RewardScorer
+    from expandr_haystack.options import FusionSettings
+
+    rrf_feedback = r"`feedback_k`=3 \(pseudo-relevance feedback\) applies to `{0}`='mean' only; with `{0}`='rrf'"
+    with pytest.raises(ValueError, match=rrf_feedback.format("method")):
+        FusionSettings(method="rrf", feedback_k=3)
+    with pytest.raises(ValueError, match=rrf_feedback.format("method")):
+        ExpandRRetriever(InMemoryDocumentStore(), fusion={"method": "rrf", "feedback_k": 3})
+    with pytest.raises(ValueError, match=rrf_feedback.format("method")):
+        FusionSettings(feedback_k=3).replace(method="rrf")
+    retriever = ExpandRRetriever(InMemoryDocumentStore(), fusion=FusionSettings(feedback_k=3))
+    with pytest.raises(ValueError, match=rrf_feedback.format("fusion")):  # per call, before any model loads
+        retriever.retrieve(["what is lift"], fusion="rrf", feedback_k=3)
+    assert retriever._plan(["q"], [[]], None, None, fusion="rrf").feedback_k == 0  # the init feedback: mean only
+
+    for threshold in (5, 2.01, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"`threshold` must be a number <= 2; got"):
+            RewardScorer(threshold=threshold)
+    assert RewardScorer(threshold=2).threshold == 2.0 and RewardScorer(threshold=-10).threshold == -10.0  # keep all
+
+    for cache in (42, "", "  ", ["a.sqlite"]):
+        with pytest.raises(ValueError, match=r"`cache` must be a file path \(str or Path\) or None"):
+            LLMQueryExpander(cache=cache)
+    yaml = Pipeline()
+    yaml.add_component("expander", LLMQueryExpander(cache="x.sqlite"))
+    with pytest.raises(DeserializationError, match=r"`cache` must be a file path"):  # when it loads, not runs
+        Pipeline.loads(yaml.dumps().replace("cache: x.sqlite", "cache: 42"))

@@ -160,7 +160,10 @@ def test_load_llm_passes_model_kwargs_and_token(monkeypatch, tmp_path):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
                         lambda path, **k: seen.setdefault("model", k) and Loaded())
     monkeypatch.setattr(models, "resolve_llm_path", lambda m: "org/gated-llm")
+    # the hub id is checked first (offline here: it is not cached), with the token and revision transformers gets
+    monkeypatch.setattr(models, "check_hub_model", lambda *a: seen.setdefault("hub", a))
     models.load_llm("org/gated-llm", None, "cpu", model_kwargs={"device_map": "cpu", "revision": "r1"}, token="t")
+    assert seen["hub"] == ("org/gated-llm", "model", "t", "r1", None, False)
     assert seen["tok"] == {"token": "t"}
     assert set(seen["model"]) == {"token", "dtype", "device_map", "revision"} and seen["model"]["token"] == "t"
     assert "to" not in seen  # device_map placed it

@@ -366,3 +366,8 @@ def test_llm_engine_kwargs_reach_the_sampler_and_are_vllm_only():
         JointConfig.from_dict({"llm_engine_kwargs": {"tensor_parallel_size": 2}})  # llm_engine auto
     with pytest.raises(ConfigError, match="`llm_engine_kwargs`"):
         JointConfig.from_dict({"llm_engine": "transformers", "llm_engine_kwargs": [2]})
+
+
+def test_pair_threshold_above_a_summed_cosine_is_refused():
+    with pytest.raises(ConfigError, match=r"pairs: `threshold` must be a number <= 2; got 5.0. A summed cosine"):
+        JointConfig.from_dict({"pairs": {"threshold": 5}})

@@ -131,13 +131,13 @@ def test_resume_appends_only_missing_queries(tmp_path, train_collection):
 def test_dropped_queries_are_recorded_and_skipped(tmp_path, train_collection):
     out = tmp_path / "pairs.jsonl"
     ids = list(train_collection.queries)[:3]
-    expander, answerer, scorer = _parts(threshold=5.0)
-    stats = build_pairs(train_collection, out, expander, answerer, scorer, PairConfig(n_candidates=3, threshold=5.0),
+    expander, answerer, scorer = _parts()  # build_pairs takes the threshold of the config
+    stats = build_pairs(train_collection, out, expander, answerer, scorer, PairConfig(n_candidates=3, threshold=2.0),
                         query_ids=ids, progress_bar=False)
     assert out.read_text() == "" and stats.kept == 0 and stats.dropped["below_threshold"] == 3
     assert stats.kept_fraction == 0.0 and stats.margin_mean is None
-    expander, answerer, scorer = _parts(threshold=5.0)
-    build_pairs(train_collection, out, expander, answerer, scorer, PairConfig(n_candidates=3, threshold=5.0),
+    expander, answerer, scorer = _parts()
+    build_pairs(train_collection, out, expander, answerer, scorer, PairConfig(n_candidates=3, threshold=2.0),
                 query_ids=ids, progress_bar=False)
     assert expander.asked == []
 
