@@ -38,6 +38,7 @@ from expandr_haystack.training.config_checks import (
     check_fraction,
     check_names,
     check_numbers,
+    check_optional_bool,
     check_optional_device,
     check_report_to,
     check_run,
@@ -177,7 +178,7 @@ class RetrieverSettings(Settings):
     logging_steps: int = setting(10, check_int)
     report_to: str | list[str] = setting("none", check_report_to)  # noqa: RUF009 - returns a field
     gradient_checkpointing: bool = False
-    gather_across_devices: bool | None = None
+    gather_across_devices: bool | None = setting(None, check_optional_bool)
 
     def validate(self, section: str = "retriever") -> None:
         super().validate(section)

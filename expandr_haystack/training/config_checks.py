@@ -55,6 +55,11 @@ def check_bool(value: Any, key: str) -> None:
         fail(key, "true or false", value)
 
 
+def check_optional_bool(value: Any, key: str) -> None:
+    if value is not None and not isinstance(value, bool):
+        fail(key, "true, false or null", value)
+
+
 def check_numbers(value: Any, key: str) -> None:
     """A non-empty tuple of numbers >= 0 (e.g. sampling temperatures)."""
     if not isinstance(value, tuple) or not value:
@@ -264,5 +269,5 @@ def check_run(config) -> None:
 
 
 __all__ = ["ConfigError", "Settings", "build_settings", "check_bool", "check_fraction", "check_names", "check_numbers",
-           "check_optional_device", "check_report_to", "check_run", "check_steps", "checked", "fail", "set_dotted",
-           "setting", "setting_key"]
+           "check_optional_bool", "check_optional_device", "check_report_to", "check_run", "check_steps", "checked",
+           "fail", "set_dotted", "setting", "setting_key"]

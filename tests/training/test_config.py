@@ -371,3 +371,9 @@ def test_llm_engine_kwargs_reach_the_sampler_and_are_vllm_only():
 def test_pair_threshold_above_a_summed_cosine_is_refused():
     with pytest.raises(ConfigError, match=r"pairs: `threshold` must be a number <= 2; got 5.0. A summed cosine"):
         JointConfig.from_dict({"pairs": {"threshold": 5}})
+
+
+def test_gather_across_devices_is_true_false_or_null():
+    assert JointConfig.from_dict({"retriever": {"gather_across_devices": False}}).retriever.gather_across_devices is False
+    with pytest.raises(ConfigError, match="`retriever.gather_across_devices` must be true, false or null"):
+        JointConfig.from_dict({"retriever": {"gather_across_devices": "yes"}})
