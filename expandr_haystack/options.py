@@ -211,7 +211,7 @@ class SamplerOptions(_Options):
     :param retry_backoff: First wait in seconds between remote retries; doubles each time.
     :param max_concurrency: Remote calls in flight at once.
     :param engine_kwargs: Keyword arguments for the engine itself, `engine='vllm'` only: vLLM's ``LLM(...)``, e.g.
-        ``{"tensor_parallel_size": 4}`` (one model over 4 GPUs), ``{"data_parallel_size": 2}``,
+        ``{"tensor_parallel_size": 4}`` (one model over 4 GPUs; an in-process ``LLM`` refuses ``data_parallel_size`` > 1),
         ``{"gpu_memory_utilization": 0.8}`` (default 0.4: joint training keeps room for its trainers) or
         ``{"max_model_len": 8192}``. They change where and how fast rows are generated, not their texts.
     """

@@ -10,7 +10,7 @@ Checked against the vLLM 0.33 API (``LLM.generate(prompts, sampling_params, use_
 
 The engine takes ``gpu_memory_utilization`` of the GPU (default 0.4, leaving room for the retriever and DPO steps of
 joint training); `engine_kwargs` (``SamplerOptions.engine_kwargs``) go to ``vllm.LLM`` as they are, e.g.
-``tensor_parallel_size`` / ``data_parallel_size`` to spread one engine over several GPUs. It is memoised per
+``tensor_parallel_size`` to spread one engine over several GPUs. It is memoised per
 (model, dtype, settings); ``models.release_models()`` frees it. The adapter is not merged:
 vLLM applies it per request (``LoRARequest``), so a new round's adapter needs no new engine.
 
@@ -86,7 +86,7 @@ class VLLMSampler:
         if max_lora_rank is None:
             raise ValueError(f"`adapter`: LoRA rank {rank} is above what vLLM supports ({_LORA_RANKS[-1]}).")
         settings = {"gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len,
-                    **(engine_kwargs or {})}  # e.g. tensor_parallel_size / data_parallel_size (SamplerOptions)
+                    **(engine_kwargs or {})}  # e.g. tensor_parallel_size (SamplerOptions)
         key = (model, dtype, max_lora_rank, json.dumps(settings, sort_keys=True, default=str))
         with _LOCK:
             if key not in _ENGINES:

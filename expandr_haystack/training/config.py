@@ -261,7 +261,7 @@ class JointConfig:
     :param llm_engine: The expander's generation engine (`SamplerOptions.engine`): "auto", "packed",
         "transformers" or "vllm" (GPU). Its old name `llm_backend` is still read, with a DeprecationWarning.
     :param llm_engine_kwargs: `SamplerOptions.engine_kwargs` of every expander (vLLM only), e.g.
-        ``{tensor_parallel_size: 2}``; free to change on resume (they change where rows are generated, not the rows).
+        ``{tensor_parallel_size: 2}`` (part of the run's config: a resumed run keeps them).
     :param eval_methods: Methods evaluated besides those every report has (round 0: bm25, dense, prf, expand and
         grounded; each round: dense, prf and the ExpandR method of `expansion.mode`), e.g. expand-rrf.
     """

@@ -60,11 +60,12 @@ def rank_device(device: str | None) -> str | None:
     """
     if world_size() == 1:
         return device
-    if device is None:
-        import torch
+    import torch
 
+    if device is None:
         device = "cuda" if torch.cuda.is_available() else None
-    return f"cuda:{local_rank()}" if device == "cuda" else device
+    # one GPU per process (CUDA_VISIBLE_DEVICES set per rank) shows each rank a single device
+    return f"cuda:{local_rank() % max(torch.cuda.device_count(), 1)}" if device == "cuda" else device
 
 
 def _coordination_group():
@@ -75,12 +76,12 @@ def _coordination_group():
     import torch.distributed as dist
 
     if _group is None:
-        if not dist.is_initialized():
+        if not dist.is_initialized():  # as Accelerate would: gloo for CPU tensors, NCCL for CUDA ones
             backend = "gloo"
             if torch.cuda.is_available():
-                torch.cuda.set_device(local_rank())
-                backend = "nccl"
-            dist.init_process_group(backend=backend)
+                torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+                backend = "cpu:gloo,cuda:nccl"
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=1800))
         _group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
     return _group
 
@@ -127,20 +128,35 @@ def weights_digest(module) -> str:
     return digest.hexdigest()
 
 
-def check_ranks_agree(module, what: str) -> dict[str, Any]:
+def compare_ranks(module) -> tuple[dict[str, Any], list[int]]:
     """
-    Compare `module`'s weights on every rank after a training step (DDP keeps them equal; a difference means the
-    ranks trained on different rows or settings). Returns ``{"weights_sha256": ..., "ranks": N}`` for the run's
-    records; raises RuntimeError naming the ranks that differ.
+    Compare `module`'s trainable weights on every rank after a training step (DDP keeps them equal; a difference
+    means the ranks trained on different rows or settings). Returns ``({"weights_sha256": ..., "ranks": N}, the
+    ranks whose weights differ from rank 0's)``; ``({}, [])`` in a plain run (nothing to compare). Callers save rank
+    0's model first, then raise (`ranks_differ_error`), so a mismatch never costs the trained model.
     """
-    mine = weights_digest(module)
+    if world_size() == 1:
+        return {}, []
+    trainable = _Trainable(module)
+    mine = weights_digest(trainable)
     digests = gather(mine)
-    differ = [r for r, d in enumerate(digests) if d != digests[0]]
-    if differ:
-        raise RuntimeError(f"{what}: the weights of rank(s) {differ} differ from rank 0's after training; the ranks "
-                           f"did not train the same model (same rows, same settings?).")
-    return {"weights_sha256": mine, "ranks": len(digests)}
+    return {"weights_sha256": mine, "ranks": len(digests)}, [r for r, d in enumerate(digests) if d != digests[0]]
 
 
-__all__ = ["COLLECTIVE_TIMEOUT", "barrier", "broadcast", "check_ranks_agree", "gather", "is_main_process",
-           "local_rank", "rank", "rank_device", "weights_digest", "world_size"]
+class _Trainable:
+    """The trainable parameters of a module, as a `state_dict` (a LoRA adapter, not the frozen base under it)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def state_dict(self) -> dict[str, Any]:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+
+def ranks_differ_error(what: str, differ: list[int]) -> RuntimeError:
+    return RuntimeError(f"{what}: the weights of rank(s) {differ} differ from rank 0's after training (rank 0's were "
+                        f"saved); the ranks did not train the same model (same rows, same settings?).")
+
+
+__all__ = ["COLLECTIVE_TIMEOUT", "barrier", "broadcast", "compare_ranks", "gather", "is_main_process", "local_rank",
+           "rank", "rank_device", "ranks_differ_error", "weights_digest", "world_size"]

@@ -50,7 +50,7 @@ DPO_COLUMNS = ("prompt", "chosen", "rejected")
 FINAL_METRICS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "loss")
 #: The file `train_dpo` writes the trainer's log history to, in its `output_dir`.
 LOG_HISTORY = "log_history.json"
-#: Beside it: the trained adapter's weight digest and the number of processes that trained it (`check_ranks_agree`).
+#: Beside it: the trained adapter's weight digest and the number of processes that trained it (`compare_ranks`).
 RANKS = "ranks.json"
 
 
@@ -229,7 +229,13 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
     from trl import DPOConfig, DPOTrainer
 
     from expandr_haystack.models import resolve_llm_path
-    from expandr_haystack.training.distributed import check_ranks_agree, is_main_process, rank_device, world_size
+    from expandr_haystack.training.distributed import (
+        compare_ranks,
+        is_main_process,
+        rank_device,
+        ranks_differ_error,
+        world_size,
+    )
     from expandr_haystack.training.runfiles import tensorboard_logging_dir
 
     settings = settings or DPOSettings()
@@ -276,7 +282,7 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
                            len(dataset), settings.max_length)
         trainer.train()
     adapter_dir = out / "adapter"
-    record = check_ranks_agree(trainer.model, "DPO")
+    record, differ = compare_ranks(trainer.model)  # the LoRA weights (the frozen base is not hashed)
     if is_main_process():  # under accelerate/torchrun every process trains; one saves
         trainer.model.save_pretrained(str(adapter_dir))
         sort_adapter_config(adapter_dir)
@@ -284,6 +290,8 @@ def train_dpo(base_model_path: str | None, pairs_path: str | Path, output_dir: s
         (out / LOG_HISTORY).write_text(json.dumps(trainer.state.log_history, indent=1, default=str))
         (out / RANKS).write_text(json.dumps(record))
         logger.info("DPO adapter saved to %s", adapter_dir)
+    if differ:
+        raise ranks_differ_error("DPO", differ)
     return adapter_dir
 
 

@@ -35,7 +35,13 @@ from expandr_haystack.evaluation.data import Collection
 from expandr_haystack.options import FusionSettings
 from expandr_haystack.training.compat import checkpointing_kwarg, report_to_value
 from expandr_haystack.training.config import RetrieverSettings
-from expandr_haystack.training.distributed import check_ranks_agree, is_main_process, rank_device, world_size
+from expandr_haystack.training.distributed import (
+    compare_ranks,
+    is_main_process,
+    rank_device,
+    ranks_differ_error,
+    world_size,
+)
 from expandr_haystack.training.runfiles import replace_dir, tensorboard_logging_dir
 
 logger = logging.getLogger(__name__)
@@ -120,8 +126,10 @@ def encoder_training_kwargs(settings: RetrieverSettings, output_dir: str | Path,
         "output_dir": str(output_dir),
         "num_train_epochs": settings.epochs,
         "max_steps": settings.max_steps,
-        # the global batch (`batch_size`, cut to the rows) split over the processes of a distributed launch
-        "per_device_train_batch_size": max(1, min(settings.batch_size, examples) // world_size()),
+        # the global batch (`batch_size`, cut to the rows); several processes: the batch sampler builds global
+        # batches as one process would (no duplicates within the whole batch) and Accelerate splits each over them
+        "per_device_train_batch_size": min(settings.batch_size, examples),
+        **({"accelerator_config": {"split_batches": True}} if world_size() > 1 else {}),
         "learning_rate": settings.learning_rate,
         "warmup_steps": float(settings.warmup_ratio),  # transformers 5: a float in [0, 1) is a fraction of steps
         "save_strategy": "no",
@@ -154,8 +162,9 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
     :param logging_dir: Where TensorBoard event files go when `settings.report_to` includes TensorBoard (the
         trainer's own output folder is temporary; the `TENSORBOARD_LOGGING_DIR` environment variable wins).
     :param run_name: The run's name in the trackers of `settings.report_to`.
-    :returns: ``{"examples": rows, "weights_sha256": ..., "ranks": processes}`` (the trained weights' digest, equal
-        on every rank).
+    :returns: ``{"examples": rows}``, and under several processes ``"weights_sha256"`` (the trained weights' digest,
+        equal on every rank, else a RuntimeError after rank 0 saved) and ``"ranks"``. Several processes drop the last
+        incomplete global batch of an epoch (sentence-transformers sets `dataloader_drop_last` under DDP).
     """
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
@@ -169,6 +178,10 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
 
     if not rows:
         raise ValueError("No training examples: the train split has no query with a judged relevant document.")
+    if world_size() > 1 and len(rows) < settings.batch_size:
+        raise ValueError(f"{len(rows)} training rows are fewer than one global batch (`retriever.batch_size` = "
+                         f"{settings.batch_size}) of this {world_size()}-process launch, which drops incomplete "
+                         "batches: lower the batch size or train on one process.")
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     torch_device = rank_device(device) or resolve_device(None)
@@ -200,11 +213,13 @@ def train_encoder(base_encoder: str | None, rows: list[dict[str, str]], output_d
         # same loss and gradients (its own note) and train n = 4 expansions ~30% faster here; GPUs keep the merge.
         with column_merging_disabled() if torch_device == "cpu" else contextlib.nullcontext():
             trainer.train()
-        record = check_ranks_agree(model, "encoder training")
+        record, differ = compare_ranks(model)
         if is_main_process():  # under accelerate/torchrun every process trains; one saves
             staged = work / "model"
             model.save(str(staged))
             replace_dir(staged, output_dir)
+        if differ:
+            raise ranks_differ_error("encoder training", differ)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"examples": len(rows), **record}

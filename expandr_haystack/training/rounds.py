@@ -192,11 +192,6 @@ class JointTrainer(RoundEvaluation):
 
         return ComponentDevice.from_str(self.config.device) if self.config.device else None
 
-    def _torch_device(self) -> str:
-        from expandr_haystack.models import resolve_device
-
-        return resolve_device(self._device())
-
     def _store(self, encoder: str | None):
         """The corpus (shared by the train, validation and eval splits) embedded with `encoder`; built once per
         encoder (the base encoder's and the latest other one are kept)."""
@@ -315,7 +310,7 @@ class JointTrainer(RoundEvaluation):
 
         rows = json.loads((folder / EXAMPLES).read_text())
         return train_encoder(start, rows, folder / "encoder", self.config.retriever, fused=fused, seed=seed,
-                             device=self._torch_device(), progress_bar=self.progress_bar,
+                             device=self.config.device, progress_bar=self.progress_bar,  # per rank there
                              **self._tracking(folder, step))
 
     def _pairs(self, r: int) -> None:

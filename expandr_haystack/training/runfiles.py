@@ -68,10 +68,8 @@ def _plain(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
-#: Settings that may change when a run resumes: the number of rounds, how the trainers log (not what they train), and
-#: how the generation engine spreads over GPUs (not what it generates).
-FREE_ON_RESUME = ("rounds", "retriever.logging_steps", "retriever.report_to", "dpo.logging_steps", "dpo.report_to",
-                  "llm_engine_kwargs")
+#: Settings that may change when a run resumes: the number of rounds, and how the trainers log (not what they train).
+FREE_ON_RESUME = ("rounds", "retriever.logging_steps", "retriever.report_to", "dpo.logging_steps", "dpo.report_to")
 
 
 def _without_free_keys(config: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +152,8 @@ class RunFolder:
                 self._open(config, resume, defaults, renamed)
             except (FileExistsError, RunFolderError) as exc:
                 error = exc
+            except Exception as exc:  # noqa: BLE001 - any failure reaches every rank (none waits for ever)
+                error = RuntimeError(f"rank 0 could not open the run folder {self.path}: {type(exc).__name__}: {exc}")
         error = broadcast(error)
         if error is not None:
             raise error

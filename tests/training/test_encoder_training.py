@@ -25,7 +25,7 @@ def _trained_weights(tiny_bert, tmp_path, checkpointing: bool, spy: list) -> dic
                                  gradient_checkpointing=checkpointing, warmup_ratio=0.0)
     out = tmp_path / f"enc-{checkpointing}"
     record = train_encoder(tiny_bert, ROWS, out, settings, fused=True, seed=3, device="cpu", progress_bar=False)
-    assert record["examples"] == len(ROWS) and record["ranks"] == 1 and len(record["weights_sha256"]) == 64
+    assert record == {"examples": len(ROWS)}  # one process: no ranks to compare
     spy.append(checkpointing)
     model = SentenceTransformer(str(out), device="cpu")
     return {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype == torch.float32}
