@@ -293,14 +293,14 @@ class JointConfig:
 
     # -- loading -------------------------------------------------------------------------------------------
     @classmethod
-    def upgrade(cls, raw: dict[str, Any], source: str = "config", warn: bool = True) -> dict[str, Any]:
-        """`raw` with the `RENAMED` keys under their new names (a DeprecationWarning naming both when `warn`)."""
+    def upgrade(cls, raw: dict[str, Any], source: str = "config") -> dict[str, Any]:
+        """`raw` with the `RENAMED` keys under their new names (a DeprecationWarning naming both)."""
         old = [k for k in cls.RENAMED if k in raw]
         for key in old:
             if cls.RENAMED[key] in raw:
                 raise ConfigError(f"{source}: both `{key}` and its new name `{cls.RENAMED[key]}` are set; keep "
                                   f"`{cls.RENAMED[key]}`.")
-        if old and warn:
+        if old:
             warnings.warn(f"{source}: {', '.join(f'`{k}` is now `{cls.RENAMED[k]}`' for k in old)}; the old name "
                           "will be removed.", DeprecationWarning, stacklevel=3)
         return {cls.RENAMED.get(k, k): v for k, v in raw.items()}

@@ -116,12 +116,12 @@ def gather(value: Any) -> list[Any]:
     return out
 
 
-def weights_digest(module) -> str:
-    """A SHA-256 of a torch module's parameters (names, shapes, bytes): equal on two ranks iff their weights are."""
+def weights_digest(tensors: dict[str, Any]) -> str:
+    """A SHA-256 of named tensors (names, shapes, dtypes, bytes): equal on two ranks iff their weights are."""
     import torch
 
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         data = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
         digest.update(data.view(-1).view(torch.uint8).numpy().tobytes())
@@ -137,20 +137,10 @@ def compare_ranks(module) -> tuple[dict[str, Any], list[int]]:
     """
     if world_size() == 1:
         return {}, []
-    trainable = _Trainable(module)
-    mine = weights_digest(trainable)
+    # the trainable parameters: a LoRA adapter's, not the frozen base under it
+    mine = weights_digest({n: p for n, p in module.named_parameters() if p.requires_grad})
     digests = gather(mine)
     return {"weights_sha256": mine, "ranks": len(digests)}, [r for r, d in enumerate(digests) if d != digests[0]]
-
-
-class _Trainable:
-    """The trainable parameters of a module, as a `state_dict` (a LoRA adapter, not the frozen base under it)."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def state_dict(self) -> dict[str, Any]:
-        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
 
 def ranks_differ_error(what: str, differ: list[int]) -> RuntimeError:

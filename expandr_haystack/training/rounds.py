@@ -30,7 +30,8 @@ Every step writes its outputs atomically and is recorded in ``state.json`` (`run
 skips finished steps. Under `torchrun` / `accelerate launch` (`distributed`) rank 0 opens the run folder and runs
 every step but the two training ones (expansion, mining the training rows into ``examples.json``, pairs, evaluation,
 saving) while the other ranks wait; every rank then trains on the same rows (the trainers split each batch over the
-ranks), the ranks' weights are compared, and rank 0 writes the model. Expansions and answers live in one sqlite cache, pair building is itself resumable, so a killed
+ranks), the ranks' weights are compared, and rank 0 writes the model. Expansions and answers live in one sqlite
+cache, pair building is itself resumable, so a killed
 run never regenerates text it already has.
 
 Usage:
@@ -220,13 +221,13 @@ class JointTrainer(RoundEvaluation):
         main_only = self.folder.run_on_main  # generation/evaluation: rank 0 works, the other ranks wait
         if self.config.baselines:
             main_only("baselines.zero-shot", self._zero_shot)
-            self._examples_step("baselines.supervised", "baselines.examples", self.output / "baseline", None)
+            self._examples_step("baselines.supervised", "baselines.examples", None)
             self._train_step("baselines.supervised", self._supervised_baseline)
             main_only("baselines.eval", self._supervised_eval)
         for r in range(1, self.config.rounds + 1):
             (self._round_dir(r)).mkdir(parents=True, exist_ok=True)
             main_only(f"round{r}.expand", lambda r=r: self._expand(r))
-            self._examples_step(f"round{r}.retriever", f"round{r}.examples", self._round_dir(r), r)
+            self._examples_step(f"round{r}.retriever", f"round{r}.examples", r)
             self._train_step(f"round{r}.retriever", lambda r=r: self._train_retriever(r))
             main_only(f"round{r}.pairs", lambda r=r: self._pairs(r))
             self._train_step(f"round{r}.dpo", lambda r=r: self._dpo(r))
@@ -237,12 +238,12 @@ class JointTrainer(RoundEvaluation):
             print(self.summary())
         return self.metrics
 
-    def _examples_step(self, train_step: str, step: str, folder: Path, r: int | None) -> None:
+    def _examples_step(self, train_step: str, step: str, r: int | None) -> None:
         """The rows of `train_step`, written once by rank 0 before it (a run folder whose `train_step` finished
         before this step existed needs none)."""
         if not self.folder.is_done(train_step):
-            folder.mkdir(parents=True, exist_ok=True)
-            self.folder.run_on_main(step, lambda: self._write_examples(step, folder, r))
+            self._retriever_folder(r).mkdir(parents=True, exist_ok=True)
+            self.folder.run_on_main(step, lambda: self._write_examples(step, r))
 
     def _train_step(self, step: str, work) -> None:
         """A training step: every process trains (distributed trainers); the main one saves and records it."""
@@ -259,11 +260,8 @@ class JointTrainer(RoundEvaluation):
 
     # -- baselines (their evaluation: `round_eval.RoundEvaluation`) --------------------------------------------
     def _supervised_baseline(self) -> dict[str, Any]:
-        """The no-expansion baseline: the same queries, positives, loss, temperature, budget and seed as round 1's
-        encoder training, on the query alone."""
-        c = self.config
-        return self._train_on_examples(self.output / "baseline", c.encoder, fused=False, seed=c.seed + 1,
-                                       step="baseline-retriever")
+        """No expansion: round 1's queries, positives, loss, temperature, budget and seed, on the query alone."""
+        return self._train_on_examples(None, step="baseline-retriever")
 
     # -- round steps -------------------------------------------------------------------------------------------
     def _expand(self, r: int) -> None:
@@ -277,22 +275,27 @@ class JointTrainer(RoundEvaluation):
 
     def _train_retriever(self, r: int) -> dict[str, Any]:
         """2. Train the encoder on fused queries (the examples mined by `_write_examples`) -> encoder_r."""
+        return self._train_on_examples(r, step=f"round{r}-retriever")
+
+    def _retriever_folder(self, r: int | None) -> Path:
+        return self.output / "baseline" if r is None else self._round_dir(r)
+
+    def _start_encoder(self, r: int | None) -> str | None:
+        """A retriever step's start and miner (r None = baseline): the base encoder, or round r-1's without restart."""
         c = self.config
-        return self._train_on_examples(self._round_dir(r), self._start_encoder(r), fused=True, seed=c.seed + r,
-                                       step=f"round{r}-retriever")
+        return c.encoder if r is None or c.retriever.restart_each_round else self._encoder(r - 1)
 
-    def _start_encoder(self, r: int) -> str | None:
-        """The encoder round r's training starts from (and mines hard negatives with)."""
-        return self.config.encoder if self.config.retriever.restart_each_round else self._encoder(r - 1)
+    def _step_seed(self, r: int | None) -> int:  # of a retriever step's rows and training; the baseline: round 1's
+        return self.config.seed + (1 if r is None else r)
 
-    def _write_examples(self, step: str, folder: Path, r: int | None) -> None:
+    def _write_examples(self, step: str, r: int | None) -> None:
         """The training rows of a retriever step, once (rank 0): hard negatives mined with the starting encoder,
         then (query, [expansions of round r], document, negatives) rows into ``<folder>/examples.json``, which
         every rank trains on. `r` None = the no-expansion baseline (base encoder, round 1's seed)."""
         from expandr_haystack.training.retriever import mine_hard_negatives, training_examples
 
         c = self.config
-        start = c.encoder if r is None else self._start_encoder(r)
+        start = self._start_encoder(r)
         train_ids = list(self.train_data.queries)
         expansions = None
         if r is not None:
@@ -300,18 +303,20 @@ class JointTrainer(RoundEvaluation):
             expansions = [by_id[q] for q in train_ids]
         negatives = mine_hard_negatives(self.train_data, train_ids, expansions, self._store(start), start,
                                         c.retriever, self._device())
-        rows = training_examples(self.train_data, train_ids, expansions, negatives, c.retriever,
-                                 c.seed + (1 if r is None else r), n_expansions=c.expansion.n_expansions)
-        atomic_write_json(folder / EXAMPLES, rows)
+        rows = training_examples(self.train_data, train_ids, expansions, negatives, c.retriever, self._step_seed(r),
+                                 n_expansions=c.expansion.n_expansions)
+        atomic_write_json(self._retriever_folder(r) / EXAMPLES, rows)
         self.folder.finish(step, examples=len(rows))
 
-    def _train_on_examples(self, folder: Path, start: str | None, fused: bool, seed: int, step: str) -> dict[str, Any]:
+    def _train_on_examples(self, r: int | None, step: str) -> dict[str, Any]:
+        """Every rank: train on ``examples.json`` (fused in a round, the query alone for the baseline) -> ``encoder``."""
         from expandr_haystack.training.retriever import train_encoder
 
+        folder = self._retriever_folder(r)
         rows = json.loads((folder / EXAMPLES).read_text())
-        return train_encoder(start, rows, folder / "encoder", self.config.retriever, fused=fused, seed=seed,
-                             device=self.config.device, progress_bar=self.progress_bar,  # per rank there
-                             **self._tracking(folder, step))
+        return train_encoder(self._start_encoder(r), rows, folder / "encoder", self.config.retriever,
+                             fused=r is not None, seed=self._step_seed(r), device=self.config.device,  # per rank there
+                             progress_bar=self.progress_bar, **self._tracking(folder, step))
 
     def _pairs(self, r: int) -> None:
         """3. DPO pairs: candidates and answers from LLM_{r-1}, rewards from encoder_r (grounded: the candidates

@@ -439,12 +439,12 @@ def test_the_retriever_steps_pass_logging_folders_and_run_names(tmp_path, monkey
                            progress_bar=False)
     monkeypatch.setattr(trainer, "_store", lambda encoder: None)
     (tmp_path / "run" / "baseline").mkdir(parents=True)
-    trainer._write_examples("baselines.examples", tmp_path / "run" / "baseline", None)  # rank 0's step: the rows
+    trainer._write_examples("baselines.examples", None)  # rank 0's step: the rows (into run/baseline)
     trainer._supervised_baseline()
     (tmp_path / "run" / "round_1").mkdir(parents=True)
     (tmp_path / "run" / "round_1" / "expansions.json").write_text(
         json.dumps({q: ["an expansion"] for q in trainer.train_data.queries}))
-    trainer._write_examples("round1.examples", tmp_path / "run" / "round_1", 1)
+    trainer._write_examples("round1.examples", 1)
     rows = json.loads((tmp_path / "run" / "round_1" / "examples.json").read_text())
     assert trainer.folder.step_info("round1.examples")["examples"] == len(rows) >= 3 and "expansion_1" in rows[0]
     trainer._train_retriever(1)
