@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import types
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -395,15 +396,18 @@ def test_wrapped_retriever_checks_run_and_run_async(tiny_bert):
 
 @component
 class _StubRetriever:
-    """An embedding retriever over `document_store`, returning `hits` whatever it is asked."""
+    """An embedding retriever over `document_store`, returning `hits` whatever it is asked, scored as real retrievers
+    score them (`unscored`: the hits without an embedding come back with score None, as pgvector's do)."""
 
-    def __init__(self, document_store: Any = None, hits: list[Document] | None = None):
+    def __init__(self, document_store: Any = None, hits: list[Document] | None = None, unscored: bool = False):
         self.document_store = document_store
         self.hits = hits or []
+        self.unscored = unscored
 
     @component.output_types(documents=list[Document])
     def run(self, query_embedding: list[float], filters: dict[str, Any] | None = None, top_k: int = 10):
-        return {"documents": list(self.hits)}
+        return {"documents": [replace(d, score=None if self.unscored and d.embedding is None else 1.0 / (1 + i))
+                              for i, d in enumerate(self.hits)]}
 
 
 class _HidingStore:
@@ -436,6 +440,63 @@ def test_wrapped_retriever_store_that_cannot_be_read_is_not_guessed_about():
         empty.search(query)
     for unreadable in (_StubRetriever(None), _StubRetriever(_HidingStore(docs, fail=True))):
         assert ExpandRRetriever(retriever=unreadable).search(query) == [[]]
+
+
+def test_wrapped_retriever_hits_without_a_score_are_documents_without_an_embedding():
+    """pgvector returns rows without an embedding too (their similarity NULL, ranked last) instead of skipping them:
+    the hits without a score are named as unembedded documents (a large table is not read, so only the hits show
+    them)."""
+    query = np.ones(8, dtype=np.float32)
+    docs = _documents(2, 8) + [Document(id="plain", content="no embedding")]
+    retriever = ExpandRRetriever(retriever=_StubRetriever(None, hits=docs, unscored=True))
+    with pytest.raises(ValueError, match=r"1 document\(s\) in the document store of the wrapped retriever "
+                                         r"\(_StubRetriever\) have no embedding \(e\.g\. id 'plain'\).*without a score"):
+        retriever.search(query)
+    assert [d.id for d in ExpandRRetriever(retriever=_StubRetriever(None, hits=docs[:2])).search(query)[0]] == \
+        ["d0", "d1"]
+
+
+def test_wrapped_large_store_is_counted_once(monkeypatch):
+    """A store of more than READ_LIMIT documents is never read; once its declared dimension passed, it is not
+    counted again at every search (a COUNT(*) on PostgreSQL reads the whole table). A small one is, as it may change."""
+    from expandr_haystack.components.search import StoreCheck
+
+    class Counted(_HidingStore):
+        counts = 0
+        embedding_dimension = 8  # pgvector's name for the declared dimension
+
+        def count_documents(self) -> int:
+            Counted.counts += 1
+            return super().count_documents()
+
+    query = np.ones(8, dtype=np.float32)
+    docs = _documents(5, 8)
+    small = ExpandRRetriever(retriever=_StubRetriever(Counted(docs), hits=docs))
+    for _ in range(3):
+        small.search(query)
+    assert Counted.counts == 3
+    monkeypatch.setattr(StoreCheck, "READ_LIMIT", 2)
+    Counted.counts = 0
+    large = ExpandRRetriever(retriever=_StubRetriever(Counted(docs), hits=docs))
+    for _ in range(3):
+        large.search(query)
+    asyncio.run(large.searcher.search_async(query[None], 3, None, False, False))  # the async check too
+    assert Counted.counts == 1
+    Counted.embedding_dimension = 768
+    with pytest.raises(ValueError, match=r"is set up \(`embedding_dimension`\) for embeddings of dimension 768"):
+        ExpandRRetriever(retriever=_StubRetriever(Counted(docs), hits=docs)).search(query)
+
+
+def test_wrapped_retriever_without_scale_score_refuses_it():
+    """pgvector's and Chroma's retrievers take no `scale_score`: asking for it with mean fusion was ignored silently
+    (their raw scores came back); now an error naming the argument. rrf scales its own scores."""
+    docs = _documents(3, 8)
+    retriever = ExpandRRetriever(retriever=_StubRetriever(None, hits=docs), scale_score=True)
+    with pytest.raises(ValueError, match=r"`scale_score=True`: the wrapped retriever \(_StubRetriever\) takes no "
+                                         r"`scale_score`"):
+        retriever.search(np.ones(8, dtype=np.float32))
+    assert ExpandRRetriever(retriever=_StubRetriever(None, hits=docs)).search(np.ones(8, dtype=np.float32),
+                                                                              scale_score=False)
 
 
 # -- cache faults --------------------------------------------------------------------------------------------------

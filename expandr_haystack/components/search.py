@@ -166,6 +166,10 @@ class RetrieverSearch(Search):
         for name, value in (("scale_score", scale_score), ("return_embedding", return_embedding)):
             if self._params is None or name in self._params:
                 kwargs[name] = value
+        if scale_score and "scale_score" not in kwargs:
+            raise ValueError(f"`scale_score=True`: {self} takes no `scale_score`, so its scores stay its own "
+                             "(e.g. pgvector's cosine similarity, Chroma's distance). Leave scale_score=False, or "
+                             "use fusion='rrf' (scores scaled to [0, 1] by ExpandR).")
         return kwargs
 
     def search(self, vectors, top_k, filters, scale_score, return_embedding) -> list[list[Document]]:
@@ -218,8 +222,9 @@ class StoreCheck:
 
     Cheap: redone only when the store changed, seen through its storage dict (InMemoryDocumentStore: its identity
     and size, no I/O) or `count_documents()` (one call a search; a store replaced in place with as many documents is
-    not re-read). A change reads the documents (the storage itself, or `filter_documents()` for stores of at most
-    `READ_LIMIT` documents) and a declared `embedding_dim`. A store that returns documents without embeddings,
+    not re-read; a store of more than `READ_LIMIT` documents is counted once). A change reads the documents (the
+    storage itself, or `filter_documents()` for stores of at most `READ_LIMIT` documents) and a declared
+    `embedding_dim` / `embedding_dimension`. Hits without a score are documents without an embedding (pgvector). A store that returns documents without embeddings,
     which some stores do even when they hold them, is trusted only once a search without filters finds nothing:
     that is the silent empty result. A store that cannot be read (no `document_store`, no count, a failing call)
     is not checked.
@@ -251,9 +256,15 @@ class StoreCheck:
             return list(storage_of(self.store).values())
         return [] if state[1] == 0 else read() if state[1] <= self.READ_LIMIT else None
 
+    def _settled(self, dimension: int) -> bool:
+        """Checked already, as a store too large to read: counting it again (a full COUNT(*) on PostgreSQL, 5-40 ms
+        at 100,000 rows) could only lead back to its declared dimension, which does not change."""
+        return self._checked is not None and self._checked[1] == dimension and self._checked[0][0] == "count" \
+            and self._checked[0][1] > self.READ_LIMIT
+
     def check(self, dimension: int) -> None:
         """Check the store for query vectors of `dimension` if it changed since the last check (ValueError if bad)."""
-        if self.store is None:
+        if self.store is None or self._settled(dimension):
             return
         try:
             state = self._state()
@@ -269,7 +280,7 @@ class StoreCheck:
         """`check` through the store's async methods where it has them (its async client may hold other data, as
         Qdrant's local mode does)."""
         count = getattr(self.store, "count_documents_async", None)
-        if self.store is None or storage_of(self.store) is not None:
+        if self.store is None or self._settled(dimension) or storage_of(self.store) is not None:
             return self.check(dimension)  # the storage dict: nothing to wait for
         if not callable(count):
             return await asyncio.to_thread(self.check, dimension)
@@ -293,21 +304,27 @@ class StoreCheck:
                 check_embeddings(documents, dimension, self.name, _SKIPPED)
             else:
                 self._unembedded = documents
-        declared = getattr(self.store, "embedding_dim", None)
-        if isinstance(declared, int) and not isinstance(declared, bool) and declared != dimension:
-            raise dimension_error(f"{self.name[0].upper()}{self.name[1:]} is set up (`embedding_dim`) for embeddings",
-                                  declared, dimension)
+        for name in ("embedding_dim", "embedding_dimension"):  # Qdrant, Elasticsearch, ...; pgvector
+            declared = getattr(self.store, name, None)
+            if isinstance(declared, int) and not isinstance(declared, bool) and declared != dimension:
+                raise dimension_error(f"{self.name[0].upper()}{self.name[1:]} is set up (`{name}`) for embeddings",
+                                      declared, dimension)
         self._checked = (state, dimension)
 
     def after_search(self, hits: list[list[Document]], filters: Any, dimension: int) -> list[list[Document]]:
-        """`hits` as they are, unless a store whose documents came back without embeddings found nothing for a search
-        without filters: then they have none (the no-embedding error)."""
+        """`hits` as they are, unless they show documents without embeddings (the no-embedding error): hits without a
+        score (pgvector returns unembedded rows, their similarity NULL, after the others), or nothing found without
+        filters in a store whose documents came back without embeddings."""
+        unscored = list({d.id: d for found in hits for d in found if d.score is None}.values())
+        if unscored:  # all of the store's unembedded documents where it was read, else those found
+            check_embeddings(self._unembedded or unscored, dimension, self.name, _UNSCORED)
         if self._unembedded and not filters and not any(hits):
             check_embeddings(self._unembedded, dimension, self.name, _SKIPPED)
         return hits
 
 
 _SKIPPED = " (the wrapped retriever skips documents without one: its searches miss them, or find nothing)"
+_UNSCORED = " (the wrapped retriever returned them without a score, ranked after every embedded document)"
 
 
 def check_search(document_store: Any, retriever: Any, search: Any) -> None:
