@@ -4,12 +4,14 @@ ExpandR search over the bundled Cranfield collection (the `make run` job).
 1. Index the corpus with Haystack's stock SentenceTransformersDocumentEmbedder (bundled all-MiniLM-L6-v2).
 2. Choose the fusion settings on a validation split carved from the *train* queries (never the test split): the
    query weight w of each ExpandR mode and Rocchio's (k, f).
-3. Build two Haystack pipelines with the bundled SmolLM2-135M-Instruct:
+3. Build three Haystack pipelines with the bundled SmolLM2-135M-Instruct:
    - q2d (the paper's):    LLMQueryExpander -> ExpandRRetriever
    - grounded (ours):      ExpandRRetriever (first pass) -> LLMQueryExpander(GROUNDED_PROMPT) -> ExpandRRetriever
-4. Expand the test queries in batches (this fills the persistent cache), run both pipelines on each query (cache
+   - Haystack's own:       QueryExpander(LocalChatGenerator) -> MultiQueryEmbeddingRetriever (same LLM, settings,
+                           encoder and store: the baseline that isolates the method)
+4. Expand the test queries in batches (this fills the persistent cache), run the pipelines on each query (cache
    hits), print a few queries with their expansions and top documents, then nDCG@10 of dense retrieval (no
-   expansion), PRF and each ExpandR mode.
+   expansion), PRF, each ExpandR mode and Haystack's multi-query expansion (with how often its JSON was readable).
 
     python examples/search.py [--max-queries N] [--n-expansions 1] [--temperature 0.7] [--max-new-tokens 48]
                                [--passage-words 30] [--validation-size 16]
@@ -29,10 +31,17 @@ os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 
 from haystack import Pipeline
 
-from expandr_haystack import GROUNDED_PROMPT, ExpandRRetriever, LLMQueryExpander
+from expandr_haystack import GROUNDED_PROMPT, ExpandRRetriever, LLMQueryExpander, LocalChatGenerator
 from expandr_haystack.evaluation.data import bundled_path, load_collection
 from expandr_haystack.evaluation.indexing import build_document_store
 from expandr_haystack.evaluation.metrics import evaluate_run, run_from_documents
+from expandr_haystack.evaluation.multiquery import (
+    MultiQueryStats,
+    expander_messages,
+    multiquery_pipeline,
+    quiet_query_expander,
+    stats_line,
+)
 from expandr_haystack.evaluation.protocol import select_settings
 from expandr_haystack.models import expandr_home
 from expandr_haystack.options import FusionSettings, GenerationSettings
@@ -96,8 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"chosen on validation: w(q2d) {w['expand']:g}, w(grounded) {w['grounded']:g}, "
           f"PRF k {chosen.feedback_k} f {chosen.feedback_weight:g}")
 
-    pipelines = {"q2d": q2d_pipeline(store, q2d, w["expand"]), "grounded": grounded_pipeline(store, grounded,
-                                                                                             w["grounded"])}
+    pipelines = {"q2d": q2d_pipeline(store, q2d, w["expand"]),
+                 "grounded": grounded_pipeline(store, grounded, w["grounded"]),
+                 # Haystack's QueryExpander + MultiQueryEmbeddingRetriever on the same LLM (and settings) and store
+                 "multiquery": multiquery_pipeline(store, LocalChatGenerator(generation=generation, cache=args.cache),
+                                                   n_expansions=args.n_expansions, top_k=100)}
     for p in pipelines.values():
         p.warm_up()
     query_ids, queries = list(test.queries), list(test.queries.values())
@@ -106,15 +118,24 @@ def main(argv: list[str] | None = None) -> None:
     plain = dense.retrieve(queries, None)
     q2d.expand(queries)  # batched generation: the pipeline runs below are cache hits
     grounded.expand(queries, passages=dense.retrieve(queries, None, top_k=grounded.passages_k))
-    results = {"q2d": [], "grounded": []}
+    multiquery = pipelines["multiquery"].get_component("expander")
+    replies = multiquery.chat_generator.generate(expander_messages(multiquery, queries))  # batched, cached
+    results, parsed = {mode: [] for mode in pipelines}, MultiQueryStats()
     for i, (qid, query) in enumerate(zip(query_ids, queries)):
         for mode, pipeline in pipelines.items():
             inputs = {"expander": {"query": query}} | ({"first_pass": {"query": query}} if mode == "grounded" else {})
-            out = pipeline.run(inputs, include_outputs_from={"expander"})
-            docs = out["retriever"]["documents"]
+            with quiet_query_expander():  # its warning per unreadable reply is counted in `parsed` instead
+                out = pipeline.run(inputs, include_outputs_from={"expander"})
+            docs = out["retriever"]["documents"][:100]  # multi-query: the best 100 of the merged searches
             results[mode].append(docs)
+            if mode == "multiquery":
+                parsed.add(query, out["expander"]["queries"], replies[i].text or "")
             if i < args.show:
-                print(f"\n[{qid}] {query}\n  {mode} expansion: {out['expander']['expansions'][0][:240]!r}")
+                if mode == "multiquery":
+                    print(f"\n[{qid}] {query}\n  multiquery queries: {out['expander']['queries']!r} (LLM reply: "
+                          f"{(replies[i].text or '')[:160]!r})")
+                else:
+                    print(f"\n[{qid}] {query}\n  {mode} expansion: {out['expander']['expansions'][0][:240]!r}")
                 for rank, d in enumerate(docs[:3], start=1):
                     mark = "*" if d.id in test.qrels[qid] else " "
                     print(f"  {rank}.{mark} {d.id:>5} {d.score:.3f} {d.meta.get('title', '')[:90]}")
@@ -124,10 +145,12 @@ def main(argv: list[str] | None = None) -> None:
           f"`expandr eval --seeds` gives mean ± sd)")
     rows = (("dense, no expansion", plain), (f"PRF (Rocchio k={chosen.feedback_k}), no LLM", prf),
             (f"ExpandR q2d (n={args.n_expansions}, w={w['expand']:g})", results["q2d"]),
-            (f"ExpandR grounded (n={args.n_expansions}, w={w['grounded']:g})", results["grounded"]))
+            (f"ExpandR grounded (n={args.n_expansions}, w={w['grounded']:g})", results["grounded"]),
+            (f"Haystack multi-query (n={args.n_expansions})", results["multiquery"]))
     for name, hits in rows:
         means, _ = evaluate_run(test.qrels, run_from_documents(query_ids, hits))
         print(f"  {name:<36} nDCG@10 {100 * means['ndcg@10']:6.2f}   Recall@100 {100 * means['recall@100']:6.2f}")
+    print(f"  ({stats_line([parsed.to_dict()], 'Haystack multi-query')})")
     print(f"\ncache: {q2d.cache_stats}; total {time.time() - started:.0f} s")
 
 

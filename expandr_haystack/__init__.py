@@ -7,7 +7,13 @@ pipelines naming our components load with `Pipeline.loads` while every other mod
 
 from haystack.core.serialization import allow_deserialization_module
 
-from expandr_haystack.components import ExpandRQueryEmbedder, ExpandRRetriever, LLMQueryExpander, RewardScorer
+from expandr_haystack.components import (
+    ExpandRQueryEmbedder,
+    ExpandRRetriever,
+    LLMQueryExpander,
+    LocalChatGenerator,
+    RewardScorer,
+)
 from expandr_haystack.core import ANSWER_PROMPT, EXPANSION_PROMPT, GROUNDED_PROMPT, fuse
 
 allow_deserialization_module("expandr_haystack")
@@ -22,6 +28,7 @@ __all__ = [
     "ExpandRQueryEmbedder",
     "ExpandRRetriever",
     "LLMQueryExpander",
+    "LocalChatGenerator",
     "RewardScorer",
     "__version__",
     "fuse",

@@ -10,7 +10,7 @@ from typing import Any
 from haystack import Document, component, default_from_dict, default_to_dict
 
 from expandr_haystack.cache import ExpansionCache, check_cache_path
-from expandr_haystack.checks import check_adapter_dir, check_choice, check_int
+from expandr_haystack.checks import check_choice, check_int
 from expandr_haystack.core.text import (
     ANSWER_PROMPT,
     EXPANSION_PROMPT,
@@ -19,7 +19,7 @@ from expandr_haystack.core.text import (
     clean_generation,
     has_placeholder,
 )
-from expandr_haystack.generation import make_sampler
+from expandr_haystack.generation import check_local_model, make_sampler
 from expandr_haystack.generation.rows import (
     ExpansionRow,
     collect_rows,
@@ -29,7 +29,7 @@ from expandr_haystack.generation.rows import (
     row_seed,
     take_outputs,
 )
-from expandr_haystack.models import DEFAULT_LLM, resolve_llm_path
+from expandr_haystack.models import DEFAULT_LLM
 from expandr_haystack.options import GenerationSettings, SamplerOptions, fold_legacy
 
 ON_FAILURE = ("skip", "raise")
@@ -128,13 +128,8 @@ class LLMQueryExpander:
                                                                                                    "auto"):
                 raise ValueError("`sampler` settings `model_kwargs`, `engine='vllm'` and `weight_precision` apply to "
                                  "a local model, not with `chat_generator`.")
-        elif self.generation.generation_kwargs:
-            raise ValueError(f"`generation.generation_kwargs`: {sorted(self.generation.generation_kwargs)} are not "
-                             f"supported by the local engines (they take {list(GenerationSettings.OWN_KEYS)}); other "
-                             "keys go only to a `chat_generator`.")
-        check_adapter_dir(adapter)
-        if model is not None and chat_generator is None:
-            resolve_llm_path(model)  # fails early, with the argument's name, on a missing local path
+        else:
+            check_local_model(model, adapter, self.generation)  # a missing local path fails here, naming `model`
         self.model = model
         self.adapter = adapter
         self.chat_generator = chat_generator

@@ -1,7 +1,7 @@
 """
 `expandr eval`: retrieval evaluation on a BEIR-layout collection (registered by `expandr_haystack.cli`).
 
-    expandr eval DATA_DIR [--split test] [--methods bm25,dense,expand,expand-rrf] [--encoder PATH] [--llm PATH]
+    expandr eval DATA_DIR [--split test] [--methods bm25,dense,...,haystack_multiquery] [--encoder PATH] [--llm PATH]
                  [--adapter PATH] [--n-expansions N] [--temperature T] [--query-weight W] [--cache PATH | --no-cache]
                  [--json OUT] [--run-file RUN.trec] [--plot OUT.png] [--max-queries N] [--max-new-tokens N] [--engine E]
                  [--depth N] [--keep-identical-ids]
@@ -36,7 +36,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     from expandr_haystack.options import ENGINES
 
     p = subparsers.add_parser(
-        "eval", help="evaluate BM25 / dense / PRF / ExpandR retrieval on a BEIR-format collection",
+        "eval", help="evaluate BM25 / dense / PRF / ExpandR / Haystack multi-query retrieval on a BEIR-format "
+                     "collection",
         description="Evaluate retrieval methods on a BEIR-layout collection (nDCG@10, Recall@100, MRR@10 by "
                     "pytrec_eval over the judged queries of one split; --json adds BEIR's own table: nDCG, MAP, "
                     "Recall, P at 1, 3, 5, 10, 100 (1000 with --depth 1000) and MRR@10, as "
@@ -51,7 +52,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--encoder", default=None, help="sentence-transformers encoder (default: bundled MiniLM)")
     p.add_argument("--llm", default=None, help="expansion LLM (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory for the LLM")
-    p.add_argument("--n-expansions", type=int, default=1, help="expansions per query, averaged (default: 1)")
+    p.add_argument("--n-expansions", type=int, default=1,
+                   help="expansions per query, averaged (haystack_multiquery: the alternative queries asked for; "
+                        "default: 1)")
     p.add_argument("--temperature", type=float, default=1.0, help="expansion sampling temperature (default: 1.0)")
     p.add_argument("--query-weight", default="0.5", metavar="W",
                    help="w of the fused query w*q + (1-w)*mean(e): one number, or per method like "
@@ -292,6 +295,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from expandr_haystack.components.expander import LLMQueryExpander
     from expandr_haystack.evaluation import evaluate, format_table, parse_methods, plot_metrics
     from expandr_haystack.evaluation.data import load_collection
+    from expandr_haystack.evaluation.multiquery import MultiQueryStats, stats_line
     from expandr_haystack.evaluation.protocol import evaluate_seeds, select_settings
     from expandr_haystack.evaluation.runner import EXPANSION_METHODS, method_weights
     from expandr_haystack.files import atomic_write_json
@@ -341,6 +345,7 @@ def run_eval(args: argparse.Namespace) -> int:
         payload = {"methods": means, **info, "comparisons": report.comparisons,
                    "expansion_failures": report.failures,
                    "per_seed": {m: r["per_seed"] for m, r in report.rows.items()}, "beir": report.beir}
+        multiquery = report.multiquery
         per_query = report.per_query
         failures = report.failures
         timings, runs = report.timings, report.runs
@@ -357,10 +362,15 @@ def run_eval(args: argparse.Namespace) -> int:
                 print(f"  warning: {w}")
         payload = {"methods": result.metrics, **info, "expansion_failures": sum(result.failures.values()),
                    "beir": result.beir}
+        multiquery = [result.multiquery["stats"]] if result.multiquery else []
+        if multiquery:
+            print(stats_line(multiquery))
         per_query = result.per_query
         failures = sum(result.failures.values())
         means = result.metrics
         timings, runs = result.timings, result.runs
+    if multiquery:
+        payload["haystack_multiquery"] = {"per_seed": multiquery, "total": MultiQueryStats.total(multiquery).to_dict()}
     if failures:
         print(f"expansion failures: {failures} samples fell back to the query alone (see the warnings above)")
     if args.run_file:

@@ -28,6 +28,7 @@ from expandr_haystack.evaluation.data import Collection
 from expandr_haystack.evaluation.metrics import METRICS, evaluate_run, run_from_documents
 from expandr_haystack.evaluation.runner import (
     EXPANSION_METHODS,
+    MULTIQUERY,
     TOP_K,
     EvalResult,
     default_expander,
@@ -123,7 +124,8 @@ class SeedReport:
     "seeds": n}`` (methods without an LLM run once: sd 0), seed-averaged per-query nDCG@10, and paired tests;
     ``beir[method]`` is BEIR's own metrics of each run (one dict per seed; `EvalResult.beir`); ``runs[method]`` the
     evaluated rankings of each run (one per seed, in `seeds` order; `EvalResult.runs`), ``timings`` the seconds per
-    step summed over the runs.
+    step summed over the runs; ``multiquery`` what Haystack's QueryExpander made of the LLM's replies in each
+    `haystack_multiquery` run (`multiquery.MultiQueryStats.to_dict`, one per seed).
     """
 
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -134,6 +136,7 @@ class SeedReport:
     beir: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     runs: dict[str, list[dict[str, list[tuple[str, float | None]]]]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    multiquery: list[dict[str, Any]] = field(default_factory=list)
 
     def compare(self, method: str, baseline: str, label: str | None = None, seed: int = 0) -> dict[str, Any]:
         """Add (and return) the paired randomization test of `method` against `baseline` on nDCG@10."""
@@ -155,11 +158,15 @@ class SeedReport:
         for c in self.comparisons:
             lines.append(f"  {labels.get(c['method'], c['method'])} vs {labels.get(c['baseline'], c['baseline'])}: "
                          f"{c['delta_ndcg@10']:+.2f} nDCG@10, paired randomization p = {c['p_randomization']:.4f}")
+        if self.multiquery:
+            from expandr_haystack.evaluation.multiquery import stats_line
+
+            lines.append("  " + stats_line(self.multiquery, labels.get(MULTIQUERY, MULTIQUERY)))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {"methods": self.rows, "comparisons": self.comparisons, "expansion_failures": self.failures,
-                "settings": self.settings}
+                "settings": self.settings, "multiquery": self.multiquery}
 
 
 def evaluate_seeds(collection: Collection, methods: Sequence[str], seeds: Sequence[int] = (1, 2, 3),
@@ -198,6 +205,8 @@ def evaluate_seeds(collection: Collection, methods: Sequence[str], seeds: Sequen
             run = evaluate(collection, expanding, expander=_with_seed(expander, s),
                            grounded_expander=_with_seed(grounded_expander, s), **kwargs)
             report.failures += sum(run.failures.values())
+            if run.multiquery:
+                report.multiquery.append(run.multiquery["stats"])
             report.settings.update(run.settings)
             for m in expanding:
                 results[m].append(run)

@@ -81,9 +81,10 @@ def plot_rounds(metrics_rows: list[dict[str, Any]], path: str | Path, eval_split
                 title: str | None = None) -> Path:
     """
     Save the nDCG@10 of a joint-training run by round: the baselines (round 0: BM25, zero-shot dense, PRF, the
-    untrained LLM's q2d and grounded expansions, the supervised no-expansion retriever) as horizontal lines, and one
-    line per round setting (encoder_r without expansion, with PRF, with LLM_r's and LLM_{r-1}'s expansions), with
-    ± sd error bars where a row has several expansion seeds. Written atomically (a kill never leaves half an image).
+    untrained LLM's q2d and grounded expansions and Haystack multi-query, the supervised no-expansion retriever) as
+    horizontal lines, and one line per round setting (encoder_r without expansion, with PRF, with LLM_r's and
+    LLM_{r-1}'s expansions), with ± sd error bars where a row has several expansion seeds. Written atomically (a kill
+    never leaves half an image).
 
     Usage:
     ```python
@@ -106,10 +107,12 @@ def plot_rounds(metrics_rows: list[dict[str, Any]], path: str | Path, eval_split
     figure = _agg_figure((10, 4.6))
     ax = figure.subplots()
     colors = iter(["0.45", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink", "0.7", "tab:gray"])
-    styles = {"bm25": (0, (1, 1)), "prf": (0, (5, 2, 1, 2)), "grounded": (0, (3, 1, 1, 1, 1, 1))}
+    styles = {"bm25": (0, (1, 1)), "prf": (0, (5, 2, 1, 2)), "grounded": (0, (3, 1, 1, 1, 1, 1)),
+              "haystack_multiquery": (0, (2, 2))}
     zero_shot = {"bm25": "BM25", "dense": "zero-shot dense", "prf": "PRF, zero-shot encoder",
                  "expand": "untrained LLM, q2d (zero-shot encoder)",
-                 "grounded": "untrained LLM, grounded (zero-shot encoder)"}
+                 "grounded": "untrained LLM, grounded (zero-shot encoder)",
+                 "haystack_multiquery": "untrained LLM, Haystack multi-query (zero-shot encoder)"}
     for m in metrics_rows:
         if m["round"] == 0:
             supervised = m["label"].startswith("supervised")

@@ -1,5 +1,6 @@
 """
-Retrieval evaluation on a BEIR-layout collection: BM25, dense, and ExpandR (mean and RRF fusion).
+Retrieval evaluation on a BEIR-layout collection: BM25, dense, PRF, ExpandR (mean and RRF fusion, grounded), and
+Haystack's own multi-query expansion with the same LLM and encoder (`multiquery`).
 
 `evaluate` is the library entry point used by `expandr eval` and by the joint-training code for its per-round
 numbers; `format_table` and `plot_metrics` present the result.
@@ -36,11 +37,14 @@ from expandr_haystack.evaluation.metrics import K_VALUES, METRICS, beir_metrics,
 logger = logging.getLogger(__name__)
 
 #: The methods `evaluate` knows, in their canonical order.
-METHODS = ("bm25", "dense", "prf", "expand", "expand-rrf", "grounded")
+METHODS = ("bm25", "dense", "prf", "expand", "expand-rrf", "grounded", "haystack_multiquery")
 #: What `expandr eval` runs without --methods.
 DEFAULT_METHODS = ("bm25", "dense", "expand", "expand-rrf")
-#: The expansion methods and the prompt family each uses ("q2d": the paper's; "grounded": reads first-pass hits).
-EXPANSION_METHODS = {"expand": "q2d", "expand-rrf": "q2d", "grounded": "grounded"}
+#: The expansion methods and the prompt family each uses ("q2d": the paper's; "grounded": reads first-pass hits;
+#: "multiquery": Haystack QueryExpander's, its alternative queries searched by MultiQueryEmbeddingRetriever).
+EXPANSION_METHODS = {"expand": "q2d", "expand-rrf": "q2d", "grounded": "grounded", "haystack_multiquery": "multiquery"}
+#: Haystack's QueryExpander + MultiQueryEmbeddingRetriever with the expansion methods' LLM (`evaluation.multiquery`).
+MULTIQUERY = "haystack_multiquery"
 #: Methods that fuse with a query weight w (`query_weight` may give each its own).
 WEIGHTED_METHODS = ("expand", "grounded")
 #: Documents retrieved per query (Recall@100 needs 100).
@@ -55,6 +59,8 @@ class EvalResult(dict):
     - `per_query`: ``{method: {query_id: {"ndcg@10", "recall@100", "mrr@10"}}}``;
     - `expansions`: ``{query_id: [expansion, ...]}`` of the q2d methods (`expand`, `expand-rrf`), else ``{}``;
     - `grounded_expansions`: the same for `grounded`;
+    - `multiquery`: of `haystack_multiquery`, ``{"stats": MultiQueryStats.to_dict(), "queries": {query_id: [searched
+      query, ...]}, "replies": {query_id: the LLM's reply}}``, else ``{}``;
     - `settings`: the fusion settings each method ran with (``{"expand": {"query_weight": 0.7}, ...}``);
     - `warnings`: the data warnings of the collection (e.g. judged documents missing from the corpus);
     - `failures`: ``{query_id: number of expansions that failed}`` (rows that fell back to the query alone);
@@ -76,6 +82,7 @@ class EvalResult(dict):
         self.timings = timings or {}
         self.failures: dict[str, int] = {}
         self.grounded_expansions: dict[str, list[str]] = {}
+        self.multiquery: dict[str, Any] = {}
         self.settings: dict[str, dict[str, Any]] = {}
         self.beir: dict[str, dict[str, float]] = {}
         self.runs: dict[str, dict[str, list[tuple[str, float | None]]]] = {}
@@ -142,7 +149,9 @@ def evaluate(
     - `expand`: the ExpandR fused query vector w·q̂ + (1-w)·mean(ê) over the q2d expansions;
     - `expand-rrf`: the same expansions, reciprocal-rank fusion of the query's and each expansion's search;
     - `grounded`: the fused vector over grounded expansions, written by `grounded_expander` from the query and the
-      top dense hits (beyond the paper).
+      top dense hits (beyond the paper);
+    - `haystack_multiquery`: Haystack's `QueryExpander` (its prompt, `expander`'s LLM, settings and `n_expansions`)
+      and `MultiQueryEmbeddingRetriever` over the same store and encoder (`evaluation.multiquery`).
     q2d expansions come from `expansions` when given, else from `expander`, else from the bundled
     `LLMQueryExpander()`; grounded ones from `grounded_expander`, else from `expander`'s settings with
     `GROUNDED_PROMPT`. Each family is generated once (batched, through the expander's cache). Each method retrieves
@@ -205,6 +214,14 @@ def evaluate(
         started = time.perf_counter()
         if name == "bm25":
             hits = _bm25(collection, queries, progress_bar, result.timings, depth)
+        elif name == MULTIQUERY:
+            from expandr_haystack.evaluation.multiquery import multiquery_hits
+
+            mq_expander = expander if expander is not None else default_expander(progress_bar)
+            hits, result.multiquery = multiquery_hits(retriever.document_store, queries, query_ids, mq_expander,
+                                                      depth, encoder, device, progress_bar, result.timings)
+            result.settings[name] = {"merge": "max", "n_expansions": mq_expander.n_expansions}
+            started += result.timings.get("expansion-multiquery", 0.0)  # its generation is timed apart, as q2d's
         else:
             settings = method_settings(name, weights, feedback_k, feedback_weight)
             family = EXPANSION_METHODS.get(name)
@@ -333,5 +350,6 @@ def _bm25(collection, queries, progress_bar, timings, top_k: int = TOP_K) -> lis
             for q in tqdm(queries, desc="BM25 search", unit="query", disable=not progress_bar)]
 
 
-__all__ = ["DEFAULT_METHODS", "EXPANSION_METHODS", "METHODS", "TOP_K", "WEIGHTED_METHODS", "EvalResult", "bm25_documents",
-           "default_expander", "dense_retriever", "evaluate", "expand_texts", "family_texts", "grounded_like", "method_settings", "method_weights", "parse_methods"]
+__all__ = ["DEFAULT_METHODS", "EXPANSION_METHODS", "METHODS", "MULTIQUERY", "TOP_K", "WEIGHTED_METHODS", "EvalResult",
+           "bm25_documents", "default_expander", "dense_retriever", "evaluate", "expand_texts", "family_texts",
+           "grounded_like", "method_settings", "method_weights", "parse_methods"]

@@ -70,6 +70,27 @@ def sampler_identity(model_id: str, dtype: str, device: str) -> str:
     return f"{model_id}@{resolve_dtype(dtype, device)}@{kind}"
 
 
+def check_local_model(model: str | None, adapter: str | None, generation) -> None:
+    """
+    The construction-time checks of a local model's settings, shared by the components that load one
+    (`LLMQueryExpander`, `LocalChatGenerator`): `generation` (a `GenerationSettings`) has no pass-through
+    `generation_kwargs` (the local engines take only its own fields), `adapter` is a PEFT adapter folder or None, and a
+    named `model` resolves (a missing local path fails here, naming `model`; None, the bundled model, is prepared at
+    `warm_up`).
+    """
+    from expandr_haystack.checks import check_adapter_dir
+    from expandr_haystack.models import resolve_llm_path
+    from expandr_haystack.options import GenerationSettings
+
+    if generation.generation_kwargs:
+        raise ValueError(f"`generation.generation_kwargs`: {sorted(generation.generation_kwargs)} are not "
+                         f"supported by the local engines (they take {list(GenerationSettings.OWN_KEYS)}); other "
+                         "keys go only to a `chat_generator`.")
+    check_adapter_dir(adapter)
+    if model is not None:
+        resolve_llm_path(model)
+
+
 def make_sampler(model: str | None = None, adapter: str | None = None, chat_generator: Any | None = None,
                  options: SamplerOptions | None = None):
     """
@@ -106,4 +127,4 @@ def make_sampler(model: str | None = None, adapter: str | None = None, chat_gene
     return sampler
 
 
-__all__ = ["ENGINES", "PLAIN_CACHE_ENGINES", "make_sampler", "resolve_dtype", "sampler_identity"]
+__all__ = ["ENGINES", "PLAIN_CACHE_ENGINES", "check_local_model", "make_sampler", "resolve_dtype", "sampler_identity"]

@@ -45,6 +45,12 @@ class ExpansionRow:
     error: Exception | None = None
 
 
+def engine_cache_key(seed_key: str, engine: str) -> str:
+    """The cache key of a text whose seed key is `seed_key`: the seed key itself for `PLAIN_CACHE_ENGINES`, else a key
+    that adds the engine (its texts are cached apart)."""
+    return seed_key if engine in PLAIN_CACHE_ENGINES else cache_key(row=seed_key, engine=engine)
+
+
 def row_seed(*parts: Any) -> int:
     """The sampling seed of a row (its base seed, seed key and attempt)."""
     return int(hashlib.sha256("|".join(map(str, parts)).encode("utf-8", errors="replace")).hexdigest()[:15], 16)
@@ -81,7 +87,6 @@ def plan_rows(sampler, prompts: list[dict[str, Any]], n: int, temperatures: Sequ
               system_prompt: str | None, generation, sampler_options) -> list[ExpansionRow]:
     """`n` rows per query of `prompts` (`row_prompts`); sample i at `temperatures[i % len(temperatures)]`. The seed
     key holds everything the text depends on; the cache key adds the engine where its texts are cached apart."""
-    cache_engine = "" if sampler.engine in PLAIN_CACHE_ENGINES else sampler.engine
     extra = _extra_key_parts(generation, sampler_options)
     rows = []
     for qi, p in enumerate(prompts):
@@ -91,7 +96,7 @@ def plan_rows(sampler, prompts: list[dict[str, Any]], n: int, temperatures: Sequ
                                  document=p["document"], index=i, temperature=t, top_p=generation.top_p,
                                  max_new_tokens=generation.max_new_tokens, seed=generation.seed, **p["fields"],
                                  **extra)
-            key = cache_key(row=seed_key, engine=cache_engine) if cache_engine else seed_key
+            key = engine_cache_key(seed_key, sampler.engine)
             rows.append(ExpansionRow(qi, i, p["query"], p["messages"], t, key, seed_key))
     return rows
 
@@ -134,5 +139,5 @@ def collect_rows(rows: list[ExpansionRow], n_queries: int, attempts: int, raise_
     return out
 
 
-__all__ = ["PLAIN_CACHE_ENGINES", "ExpansionRow", "collect_rows", "failure_counts", "plan_rows", "row_prompts", "row_seed",
-           "take_outputs"]
+__all__ = ["PLAIN_CACHE_ENGINES", "ExpansionRow", "collect_rows", "engine_cache_key", "failure_counts", "plan_rows",
+           "row_prompts", "row_seed", "take_outputs"]

@@ -262,8 +262,9 @@ class JointConfig:
         "transformers" or "vllm" (GPU). Its old name `llm_backend` is still read, with a DeprecationWarning.
     :param llm_engine_kwargs: `SamplerOptions.engine_kwargs` of every expander (vLLM only), e.g.
         ``{tensor_parallel_size: 2}`` (part of the run's config: a resumed run keeps them).
-    :param eval_methods: Methods evaluated besides those every report has (round 0: bm25, dense, prf, expand and
-        grounded; each round: dense, prf and the ExpandR method of `expansion.mode`), e.g. expand-rrf.
+    :param eval_methods: Methods evaluated besides those every report has (round 0: bm25, dense, prf, expand,
+        grounded and haystack_multiquery; each round: dense, prf and the ExpandR method of `expansion.mode`), e.g.
+        expand-rrf.
     """
 
     data: str = "cranfield"

@@ -26,8 +26,10 @@ logger = logging.getLogger(__name__)
 #: Labels of the round-0 rows in ``metrics.json``.
 ZERO_SHOT = "zero-shot (untrained LLM)"
 SUPERVISED = "supervised, no expansion"
-#: What every round-0 report evaluates with the base encoder and the untrained LLM (plus `eval_methods`).
-BASELINE_METHODS = ("bm25", "dense", "prf", "expand", "grounded")
+#: What every round-0 report evaluates with the base encoder and the untrained LLM (plus `eval_methods`);
+#: `haystack_multiquery` is Haystack's own query expansion (QueryExpander + MultiQueryEmbeddingRetriever) with the
+#: same LLM, settings and seeds.
+BASELINE_METHODS = ("bm25", "dense", "prf", "expand", "grounded", "haystack_multiquery")
 #: What every round evaluates with its encoder (plus the ExpandR method of `expansion.mode`, and `eval_methods`).
 ROUND_METHODS = ("dense", "prf")
 #: Rocchio settings of `prf` when there is no validation split (`evaluation.runner.evaluate`'s defaults).
@@ -99,10 +101,11 @@ class RoundEvaluation:
         """
         One ``metrics.json`` row per method of a `SeedReport`: the metrics' means (x1, as `evaluate` reports them),
         ``<metric>_sd`` over the seeds, ``per_seed`` values, ``seeds`` (the expansion seeds; [] for a method
-        without an LLM), ``queries``, the ``settings`` the method ran with (and how they were chosen), and `extra`.
+        without an LLM), ``queries``, the ``settings`` the method ran with (and how they were chosen), for
+        `haystack_multiquery` ``multiquery`` (what QueryExpander made of the LLM's replies, per seed), and `extra`.
         """
         from expandr_haystack.evaluation.metrics import METRICS
-        from expandr_haystack.evaluation.runner import EXPANSION_METHODS
+        from expandr_haystack.evaluation.runner import EXPANSION_METHODS, MULTIQUERY
 
         rows = {}
         for method, row in report.rows.items():
@@ -112,6 +115,8 @@ class RoundEvaluation:
             values["seeds"] = list(self.config.seeds) if method in EXPANSION_METHODS else []
             values["per_seed"] = row["per_seed"]
             values["settings"] = self._method_settings(method, report, settings)
+            if method == MULTIQUERY and getattr(report, "multiquery", None):
+                values["multiquery"] = report.multiquery
             values.update((extra or {}).get(method, {}))
             rows[method] = values
         self.folder.record(round_, label, rows, series=series)
@@ -135,13 +140,18 @@ class RoundEvaluation:
     # -- baselines -------------------------------------------------------------------------------------------
     def _zero_shot(self) -> None:
         """BM25, the base encoder without expansion, with PRF, and with the untrained LLM's q2d and grounded
-        expansions (settings chosen on validation with these models)."""
+        expansions and Haystack's multi-query expansion (settings chosen on validation with these models); each
+        expansion method tested against dense and PRF (paired randomization test on per-query nDCG@10)."""
+        from expandr_haystack.evaluation.runner import EXPANSION_METHODS
+
         c = self.config
         store = self._store(c.encoder)
         methods = self._baseline_methods
         settings = self._settings(c.encoder, 0, methods, store)
         report = self._evaluate(c.encoder, methods, 0, store, settings)
-        self._record(0, ZERO_SHOT, report, settings)
+        tests = {m: [report.compare(m, b) for b in ("dense", "prf") if b in methods]
+                 for m in methods if m in EXPANSION_METHODS}
+        self._record(0, ZERO_SHOT, report, settings, extra={m: {"comparisons": t} for m, t in tests.items() if t})
         self._report_file(self.output / "baseline" / "zero-shot.json", settings, report)
         self.folder.finish("baselines.zero-shot", settings=settings)
 
@@ -216,16 +226,20 @@ class RoundEvaluation:
         A table of nDCG@10 (mean ± sd over the expansion seeds) and Recall@100 by round, setting and method, with
         each method's fusion setting; then each round's paired tests and DPO figures.
         """
-        lines = [f"{'round':<6}{'setting':<36}{'method':<11}{'nDCG@10':>9}{'± sd':>7}{'R@100':>8}  setting"]
+        from expandr_haystack.evaluation.multiquery import stats_line
+
+        lines = [f"{'round':<6}{'setting':<36}{'method':<20}{'nDCG@10':>9}{'± sd':>7}{'R@100':>8}  setting"]
         notes = []
         for m in self.metrics:
             sd = m.get("ndcg@10_sd")
             sd_text = f"{100 * sd:>7.2f}" if sd is not None and m.get("seeds") else f"{'':>7}"
-            lines.append(f"{m['round']:<6}{m['label'][:35]:<36}{m['method']:<11}{100 * m['ndcg@10']:>9.2f}{sd_text}"
+            lines.append(f"{m['round']:<6}{m['label'][:35]:<36}{m['method']:<20}{100 * m['ndcg@10']:>9.2f}{sd_text}"
                          f"{100 * m['recall@100']:>8.2f}  {_setting_text(m.get('settings') or {})}")
             for c in m.get("comparisons") or []:
                 notes.append(f"round {m['round']}: {c['method']} vs {c['baseline']}: {c['delta_ndcg@10']:+.2f} "
                              f"nDCG@10, paired randomization p = {c['p_randomization']:.4f}")
+            if m.get("multiquery"):
+                notes.append(f"round {m['round']}: {stats_line(m['multiquery'])}")
             dpo = m.get("dpo") or {}
             if m["method"] == self._mode_method and m.get("series") == "LLM_r" and "rewards/margins" in dpo:
                 notes.append(f"round {m['round']}: DPO on {dpo.get('pairs')} pairs, final rewards/margins "

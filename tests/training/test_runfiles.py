@@ -162,9 +162,54 @@ def test_round_methods_follow_the_mode(tmp_path):
 
     q2d = JointTrainer(JointConfig.from_dict({"eval_methods": ["bm25", "dense", "expand-rrf"]}), tmp_path)
     assert q2d._methods == ["dense", "prf", "expand", "expand-rrf"]
-    assert q2d._baseline_methods == ["bm25", "dense", "prf", "expand", "grounded", "expand-rrf"]
+    assert q2d._baseline_methods == ["bm25", "dense", "prf", "expand", "grounded", "haystack_multiquery",
+                                     "expand-rrf"]
     grounded = JointTrainer(JointConfig.from_dict({"expansion": {"mode": "grounded"}}), tmp_path)
     assert grounded._methods == ["dense", "prf", "grounded", "expand"]  # eval_methods' default adds q2d's expand
+
+
+def test_zero_shot_report_tests_every_expansion_method_and_keeps_the_multiquery_parse_counts(tmp_path):
+    """Round 0 with Haystack's multi-query baseline (the report stands in for `evaluate_seeds`' output): each
+    expansion method paired-tested against dense and PRF, QueryExpander's parse counts per seed in its row, a note in
+    the summary, a line in the plot."""
+    from expandr_haystack.evaluation.protocol import SeedReport
+    from expandr_haystack.training.round_eval import BASELINE_METHODS
+    from expandr_haystack.training.rounds import JointTrainer
+
+    assert "haystack_multiquery" in BASELINE_METHODS
+    trainer = JointTrainer(JointConfig.from_dict({"max_eval_queries": 3, "eval_seeds": [1, 2]}), tmp_path / "run",
+                           progress_bar=False)
+    trainer.folder.open(trainer.config.to_dict(), resume=False)
+    methods = trainer._baseline_methods
+    report = SeedReport(multiquery=[{"queries": 3, "json_parsed": 0, "fallback": 3, "searched": 3},
+                                    {"queries": 3, "json_parsed": 1, "fallback": 2, "searched": 4}])
+    for i, m in enumerate(methods):
+        expanding = m in ("expand", "grounded", "haystack_multiquery")
+        report.rows[m] = {"ndcg@10": 0.3 + i / 100, "recall@100": 0.7, "mrr@10": 0.5, "ndcg@10_sd": 0.01,
+                          "recall@100_sd": 0.0, "mrr@10_sd": 0.0, "seeds": 2 if expanding else 0,
+                          "per_seed": {"ndcg@10": [0.3, 0.31]}}
+        report.per_query[m] = {"1": 0.2 + i / 100, "2": 0.5, "3": 0.4 - i / 200}
+    settings = {"chosen_on": "config", "query_weight": {"expand": 0.5, "grounded": 0.5}, "feedback_k": 3,
+                "feedback_weight": 0.7, "validation_queries": 0, "validation_ndcg@10": {}}
+    trainer._store = lambda encoder: None
+    trainer._settings = lambda *args, **kwargs: settings
+    trainer._evaluate = lambda *args, **kwargs: report
+    trainer._zero_shot()
+    rows = {m["method"]: m for m in trainer.metrics}
+    assert set(rows) == set(methods)
+    for m in ("expand", "grounded", "haystack_multiquery"):
+        assert [c["baseline"] for c in rows[m]["comparisons"]] == ["dense", "prf"]
+        assert 0 < rows[m]["comparisons"][0]["p_randomization"] <= 1 and rows[m]["seeds"] == [1, 2]
+    assert "comparisons" not in rows["prf"] and "multiquery" not in rows["expand"]
+    assert rows["haystack_multiquery"]["multiquery"] == report.multiquery
+    text = trainer.summary()
+    assert "haystack_multiquery" in text and "round 0: haystack_multiquery vs dense:" in text
+    assert ("round 0: haystack_multiquery: QueryExpander read the LLM's JSON in 1 of 6 replies (16.7%); 5 of 6 "
+            "queries (83.3%) fell back to the original query alone over 2 seeds") in text
+    saved = json.loads((tmp_path / "run" / "baseline" / "zero-shot.json").read_text())
+    assert saved["report"]["multiquery"] == report.multiquery
+    trainer._plot()
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
 
 
 def test_a_run_folder_without_the_new_keys_resumes_while_they_keep_their_defaults(tmp_path):
