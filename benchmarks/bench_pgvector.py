@@ -19,8 +19,9 @@ Printed (and written to `--out` as JSON):
   pipeline pays) and of the search step alone (`ExpandRRetriever.search` with the query's precomputed vectors: the
   fused vector for mean; the query and expansion vectors, `rrf_depth` hits each, for rrf), the paths interleaved
   query by query;
-- the cost of the wrapped retriever's store check (`components.search.StoreCheck`: one `count_documents()` per
-  search, a `SELECT COUNT(*)` in PostgreSQL): the search step with the check and with it switched off, and
+- the cost of the wrapped retriever's store check (`components.search.StoreCheck`: one `count_documents()`, a
+  `SELECT COUNT(*)` in PostgreSQL, per search for tables of at most READ_LIMIT rows, once for larger ones): the
+  search step with the check and with it switched off, and
   `count_documents()` alone; with `--count-rows`, `SELECT COUNT(*)` on synthetic tables of those sizes (it scans the
   table: it grows with the table, unlike the search of an HNSW index).
 
@@ -330,7 +331,7 @@ def measure(args: argparse.Namespace, dsn: str, header: dict[str, str]) -> dict[
     for f in FUSIONS:
         with_check = latency[f"search pg exact {f}"]["p50_ms"]
         without = latency[f"search pg exact {f}, no check"]["p50_ms"]
-        print(f"store check (count_documents per search), pg exact {f}: {with_check - without:+.2f} ms p50 "
+        print(f"store check, pg exact {f}: {with_check - without:+.2f} ms p50 "
               f"({100 * (with_check - without) / without:+.1f}% of the search step)")
 
     if args.count_rows:
