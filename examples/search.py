@@ -8,13 +8,15 @@ ExpandR search over the bundled Cranfield collection (the `make run` job).
    - q2d (the paper's):    LLMQueryExpander -> ExpandRRetriever
    - grounded (ours):      ExpandRRetriever (first pass) -> LLMQueryExpander(GROUNDED_PROMPT) -> ExpandRRetriever
    - Haystack's own:       QueryExpander(LocalChatGenerator) -> MultiQueryEmbeddingRetriever (same LLM, settings,
-                           encoder and store: the baseline that isolates the method)
+                           encoder and store: the baseline that isolates the method); the LLM's reply is prefilled
+                           with '{"queries": ["' and ends at the first ']}' (JSON_PREFILL: structured output, as a
+                           Haystack user turns it on for a small model; --no-multiquery-prefill: its free replies)
 4. Expand the test queries in batches (this fills the persistent cache), run the pipelines on each query (cache
    hits), print a few queries with their expansions and top documents, then nDCG@10 of dense retrieval (no
    expansion), PRF, each ExpandR mode and Haystack's multi-query expansion (with how often its JSON was readable).
 
     python examples/search.py [--max-queries N] [--n-expansions 1] [--temperature 0.7] [--max-new-tokens 48]
-                               [--passage-words 30] [--validation-size 16]
+                               [--passage-words 30] [--validation-size 16] [--no-multiquery-prefill]
 
 The defaults are small so that `make run` stays near 10 minutes on 2 CPU cores (grounded prompts are long: their
 prefill dominates); `expandr eval --tune-on train --seeds 1,2,3 --n-expansions 4` is the full protocol
@@ -36,6 +38,7 @@ from expandr_haystack.evaluation.data import bundled_path, load_collection
 from expandr_haystack.evaluation.indexing import build_document_store
 from expandr_haystack.evaluation.metrics import evaluate_run, run_from_documents
 from expandr_haystack.evaluation.multiquery import (
+    JSON_PREFILL,
     MultiQueryStats,
     expander_messages,
     multiquery_pipeline,
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--validation-size", type=int, default=16, help="train queries carved for validation")
     parser.add_argument("--cache", default=str(expandr_home() / "cache" / "expansions.sqlite"))
     parser.add_argument("--show", type=int, default=2, help="queries to print in full")
+    parser.add_argument("--multiquery-prefill", action=argparse.BooleanOptionalAction, default=True,
+                        help="start Haystack multi-query's LLM replies with the JSON opening, end them at ']}'")
     args = parser.parse_args(argv)
 
     started = time.time()
@@ -105,11 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"chosen on validation: w(q2d) {w['expand']:g}, w(grounded) {w['grounded']:g}, "
           f"PRF k {chosen.feedback_k} f {chosen.feedback_weight:g}")
 
+    # Haystack's QueryExpander + MultiQueryEmbeddingRetriever on the same LLM (and settings) and store
+    chat = LocalChatGenerator(generation=generation, cache=args.cache,
+                              **(JSON_PREFILL if args.multiquery_prefill else {}))
     pipelines = {"q2d": q2d_pipeline(store, q2d, w["expand"]),
                  "grounded": grounded_pipeline(store, grounded, w["grounded"]),
-                 # Haystack's QueryExpander + MultiQueryEmbeddingRetriever on the same LLM (and settings) and store
-                 "multiquery": multiquery_pipeline(store, LocalChatGenerator(generation=generation, cache=args.cache),
-                                                   n_expansions=args.n_expansions, top_k=100)}
+                 "multiquery": multiquery_pipeline(store, chat, n_expansions=args.n_expansions, top_k=100)}
     for p in pipelines.values():
         p.warm_up()
     query_ids, queries = list(test.queries), list(test.queries.values())
@@ -146,10 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = (("dense, no expansion", plain), (f"PRF (Rocchio k={chosen.feedback_k}), no LLM", prf),
             (f"ExpandR q2d (n={args.n_expansions}, w={w['expand']:g})", results["q2d"]),
             (f"ExpandR grounded (n={args.n_expansions}, w={w['grounded']:g})", results["grounded"]),
-            (f"Haystack multi-query (n={args.n_expansions})", results["multiquery"]))
+            (f"Haystack multi-query (n={args.n_expansions}{', JSON prefill' if args.multiquery_prefill else ''})",
+             results["multiquery"]))
     for name, hits in rows:
         means, _ = evaluate_run(test.qrels, run_from_documents(query_ids, hits))
-        print(f"  {name:<36} nDCG@10 {100 * means['ndcg@10']:6.2f}   Recall@100 {100 * means['recall@100']:6.2f}")
+        print(f"  {name:<42} nDCG@10 {100 * means['ndcg@10']:6.2f}   Recall@100 {100 * means['recall@100']:6.2f}")
     print(f"  ({stats_line([parsed.to_dict()], 'Haystack multi-query')})")
     print(f"\ncache: {q2d.cache_stats}; total {time.time() - started:.0f} s")
 

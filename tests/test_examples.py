@@ -19,7 +19,7 @@ def test_make_run_prints_dense_prf_both_expandr_modes_and_haystack_multiquery(tm
     out = capsys.readouterr().out
     assert "chosen on validation: w(q2d)" in out
     labels = [r"dense, no expansion", r"PRF \(Rocchio k=\d+\), no LLM", r"ExpandR q2d \(n=1, w=[\d.]+\)",
-              r"ExpandR grounded \(n=1, w=[\d.]+\)", r"Haystack multi-query \(n=1\)"]
+              r"ExpandR grounded \(n=1, w=[\d.]+\)", r"Haystack multi-query \(n=1, JSON prefill\)"]
     for label in labels:
         assert re.search(label + r"\s+nDCG@10\s+\d+\.\d\d", out), (label, out)
     assert "grounded expansion:" in out and "q2d expansion:" in out and "multiquery queries:" in out

@@ -17,6 +17,8 @@ from expandr_haystack.options import GenerationSettings, SamplerOptions, fold_le
 
 #: `generation_kwargs` a `run` call may set (Haystack's names; each overrides the `generation` field of that name).
 RUN_GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "seed")
+#: `generation_kwargs` a `run` call may set that shape the reply (each overrides the init parameter of that name).
+RUN_REPLY_KEYS = ("reply_prefix", "reply_stop")
 #: Roles a prompt message may have (text only: no tool calls, images or files).
 _ROLES = (ChatRole.SYSTEM, ChatRole.USER, ChatRole.ASSISTANT)
 
@@ -35,6 +37,13 @@ class LocalChatGenerator:
     seeded per conversation: the same messages with the same settings and `seed` give the same reply, alone or in a
     batch (float32 on CPU; see `expandr_haystack.generation` for other precisions), and from the cache.
 
+    Structured output by assistant prefill: `reply_prefix` is written as the start of the assistant's turn (after the
+    template's generation prompt) and the model continues it; `reply_stop` ends the reply at its first occurrence in
+    the continuation. The returned reply is prefix + continuation (cut just after the stop, which is kept): with
+    ``reply_prefix='{"queries": ["'`` and ``reply_stop="]}"`` it is the JSON object a component like ``QueryExpander``
+    parses, when the model keeps to the shape in between: a lighter form of the structured output of OpenAI's
+    `response_format` or llama.cpp's JSON grammar (the reply is started and stopped, not constrained token by token).
+
     `generate` answers many conversations at once (batched; cached ones cost nothing): call it first to fill the
     cache, and the per-conversation `run` calls a component like ``QueryExpander`` makes are cache hits.
 
@@ -43,7 +52,8 @@ class LocalChatGenerator:
     from haystack.components.query import QueryExpander
     from expandr_haystack import LocalChatGenerator
 
-    generator = LocalChatGenerator(generation={"temperature": 0.7, "max_new_tokens": 64}, cache="chat.sqlite")
+    generator = LocalChatGenerator(generation={"temperature": 0.7, "max_new_tokens": 64}, cache="chat.sqlite",
+                                   reply_prefix='{"queries": ["', reply_stop="]}")
     expander = QueryExpander(chat_generator=generator, n_expansions=2)
     print(expander.run(query="heat conduction in composite slabs")["queries"])
     ```
@@ -56,6 +66,8 @@ class LocalChatGenerator:
         generation: GenerationSettings | dict[str, Any] | None = None,
         sampler: SamplerOptions | dict[str, Any] | None = None,
         cache: str | None = None,
+        reply_prefix: str | None = None,
+        reply_stop: str | None = None,
     ):
         """
         :param model: None for the bundled SmolLM2-135M-Instruct, or a Hugging Face model id, local directory or GGUF
@@ -67,6 +79,12 @@ class LocalChatGenerator:
             device, dtype, weight_precision, max_prompt_tokens (each message is cut to it), model_kwargs, token.
         :param cache: Path of a persistent sqlite cache (the expansion cache file may be shared: keys differ); None =
             no cache. A read-only file serves hits and stores nothing.
+        :param reply_prefix: Text the assistant's reply starts with (assistant prefill): appended to the templated
+            prompt after the generation prompt, and returned at the start of the reply. Part of the cache key:
+            prefixed and unprefixed replies never mix. None = the model's reply from its first token.
+        :param reply_stop: Text that ends the reply: the continuation is cut just after its first occurrence (kept,
+            so a JSON object stays closed; a reply without it is returned whole). The cut is made on the sampled text,
+            which sampling token by token makes the same as stopping there (the cache stores the uncut text).
         """
         self.generation = GenerationSettings.coerce(generation, "generation")
         self.sampler_options = SamplerOptions.coerce(sampler, "sampler")
@@ -74,13 +92,16 @@ class LocalChatGenerator:
         self.model = model
         self.adapter = adapter
         self.cache = check_cache_path(cache)
+        self.reply_prefix = check_reply_text(reply_prefix, "reply_prefix")
+        self.reply_stop = check_reply_text(reply_stop, "reply_stop")
         self._sampler = None
         self._cache: ExpansionCache | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Serialize to a dictionary (the token stays an environment-variable reference)."""
         return default_to_dict(self, model=self.model, adapter=self.adapter, generation=self.generation,
-                               sampler=self.sampler_options, cache=self.cache)
+                               sampler=self.sampler_options, cache=self.cache, reply_prefix=self.reply_prefix,
+                               reply_stop=self.reply_stop)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LocalChatGenerator:
@@ -110,8 +131,9 @@ class LocalChatGenerator:
         Reply to one conversation.
 
         :param messages: The conversation: text messages from the system, user or assistant.
-        :param generation_kwargs: Overrides of `generation` for this call: `max_new_tokens`, `temperature`, `top_p`,
-            `seed` (other keys are refused: the local engines take no others).
+        :param generation_kwargs: Overrides for this call: of `generation` (`max_new_tokens`, `temperature`,
+            `top_p`, `seed`) and of `reply_prefix` / `reply_stop` (other keys are refused: the local engines take no
+            others).
         :returns: `replies`: one assistant `ChatMessage` whose meta holds `model` and `cached` (served by the cache).
         """
         return {"replies": self.generate([messages], generation_kwargs, argument="messages")}
@@ -132,14 +154,20 @@ class LocalChatGenerator:
         :param generation_kwargs: As in `run`, for every conversation.
         :returns: One assistant `ChatMessage` per conversation, in order.
         """
-        settings = self._settings(generation_kwargs)
+        settings, prefix, stop = self._settings(generation_kwargs)
         prompts = self._prompts(conversations, argument)  # loads the model (warm_up): the budget is in its tokens
+        prefixed = {"reply_prefix": prefix} if prefix is not None else {}  # unprefixed keys as before the option
         seed_keys = [cache_key(kind="chat", model=self._sampler.identity, messages=p, temperature=settings.temperature,
-                               top_p=settings.top_p, max_new_tokens=settings.max_new_tokens, seed=settings.seed)
+                               top_p=settings.top_p, max_new_tokens=settings.max_new_tokens, seed=settings.seed,
+                               **prefixed)
                      for p in prompts]
         keys = [engine_cache_key(k, self._sampler.engine) for k in seed_keys]
         texts = self._cache.get_many(keys) if self._cache is not None else {}
         cached = set(texts)
+        if prefix is not None:  # the assistant's turn already begun: the model continues the prefix
+            from expandr_haystack.generation.local import template
+
+            prompts = [template(self._sampler.tokenizer, p) + prefix for p in prompts]
         todo = {k: (p, s) for k, p, s in zip(keys, prompts, seed_keys) if k not in texts}  # unique keys, in order
         if todo:
             outs = self._sampler.sample([p for p, _ in todo.values()],
@@ -151,19 +179,24 @@ class LocalChatGenerator:
             if self._cache is not None:
                 self._cache.put_many(new)
         name = self.model or DEFAULT_LLM
-        return [ChatMessage.from_assistant(texts[k], meta={"model": name, "cached": k in cached}) for k in keys]
+        return [ChatMessage.from_assistant(reply_text(texts[k], prefix, stop),
+                                           meta={"model": name, "cached": k in cached}) for k in keys]
 
     # -- internals ---------------------------------------------------------------------------------------------
-    def _settings(self, generation_kwargs: dict[str, Any] | None) -> GenerationSettings:
+    def _settings(self, generation_kwargs: dict[str, Any] | None) -> tuple[GenerationSettings, str | None, str | None]:
+        """This call's generation settings, reply prefix and stop."""
         if generation_kwargs is None:
-            return self.generation
+            return self.generation, self.reply_prefix, self.reply_stop
         if not isinstance(generation_kwargs, dict):
             raise TypeError(f"`generation_kwargs` must be a dict or None; got {type(generation_kwargs).__name__}.")
-        unknown = sorted(set(generation_kwargs) - set(RUN_GENERATION_KEYS))
+        unknown = sorted(set(generation_kwargs) - set(RUN_GENERATION_KEYS + RUN_REPLY_KEYS))
         if unknown:
             raise ValueError(f"`generation_kwargs`: {unknown} are not supported by the local engines; they take "
-                             f"{list(RUN_GENERATION_KEYS)}.")
-        return self.generation.replace(**generation_kwargs)
+                             f"{list(RUN_GENERATION_KEYS + RUN_REPLY_KEYS)}.")
+        prefix, stop = (check_reply_text(generation_kwargs.get(k, getattr(self, k)), f"generation_kwargs['{k}']")
+                        for k in RUN_REPLY_KEYS)
+        settings = self.generation.replace(**{k: v for k, v in generation_kwargs.items() if k in RUN_GENERATION_KEYS})
+        return settings, prefix, stop
 
     def _prompts(self, conversations: Sequence[Sequence[ChatMessage]], argument: str) -> list[list[dict[str, str]]]:
         """The conversations as the sampler's chat messages (role, text cut to `max_prompt_tokens`): checked first,
@@ -190,4 +223,20 @@ class LocalChatGenerator:
                 for messages in checked]
 
 
-__all__ = ["RUN_GENERATION_KEYS", "LocalChatGenerator"]
+def check_reply_text(value: Any, argument: str) -> str | None:
+    """`value` (a reply prefix or stop) if it is a non-empty str or None, else an error naming `argument`."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"`{argument}` must be a str or None; got {type(value).__name__}.")
+    if value == "":
+        raise ValueError(f"`{argument}` must be a non-empty str or None; got ''.")
+    return value
+
+
+def reply_text(generated: str, prefix: str | None, stop: str | None) -> str:
+    """The reply: `prefix` (if any) + the generated continuation, cut just after the first `stop` in it (kept)."""
+    if stop is not None and stop in generated:
+        generated = generated[: generated.index(stop) + len(stop)]
+    return (prefix or "") + generated
+
+
+__all__ = ["RUN_GENERATION_KEYS", "RUN_REPLY_KEYS", "LocalChatGenerator", "check_reply_text", "reply_text"]

@@ -4,7 +4,7 @@
     expandr eval DATA_DIR [--split test] [--methods bm25,dense,...,haystack_multiquery] [--encoder PATH] [--llm PATH]
                  [--adapter PATH] [--n-expansions N] [--temperature T] [--query-weight W] [--cache PATH | --no-cache]
                  [--json OUT] [--run-file RUN.trec] [--plot OUT.png] [--max-queries N] [--max-new-tokens N] [--engine E]
-                 [--depth N] [--keep-identical-ids]
+                 [--depth N] [--keep-identical-ids] [--no-multiquery-prefill]
 
 Argument errors raise `expandr_haystack.cli.CommandError`, which `expandr_haystack.cli.main` reports as one line.
 
@@ -94,6 +94,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--keep-identical-ids", dest="ignore_identical_ids", action="store_false",
                    help="score hits whose document id equals the query id (by default they are dropped, as BEIR "
                         "does, for collections whose queries are corpus documents)")
+    p.add_argument("--multiquery-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help='haystack_multiquery: start the LLM\'s replies with {"queries": [" and end them at the first '
+                        "]} (assistant prefill: structured output for a small model; QueryExpander still parses "
+                        "them); --no-multiquery-prefill: its free replies (default: on)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_eval)
     return p
@@ -309,7 +313,8 @@ def run_eval(args: argparse.Namespace) -> int:
     cache = eval_cache_path(args)
     settings = {"query_weight": parse_query_weight(args.query_weight), "feedback_k": args.feedback_k,
                 "feedback_weight": args.feedback_weight}
-    scoring = {"ignore_identical_ids": args.ignore_identical_ids, "depth": args.depth}
+    run_options = {"ignore_identical_ids": args.ignore_identical_ids, "depth": args.depth,
+                   "multiquery_prefill": args.multiquery_prefill}
     method_weights(settings["query_weight"])  # a bad weight fails before any loading
 
     collection = load_collection(args.data_dir, split=args.split, max_queries=args.max_queries)
@@ -328,13 +333,13 @@ def run_eval(args: argparse.Namespace) -> int:
                                 progress_bar=not args.no_progress)
         settings = tuned.evaluate_kwargs()
         print(f"chosen on {tuned.queries} validation queries of {args.tune_on!r}: {json.dumps(settings)}", flush=True)
-    info: dict[str, Any] = {"settings": settings | scoring | {"n_expansions": args.n_expansions,
-                                                              "temperature": args.temperature}}
+    info: dict[str, Any] = {"settings": settings | run_options | {"n_expansions": args.n_expansions,
+                                                                  "temperature": args.temperature}}
     if tuned is not None:
         info["validation"] = tuned.to_dict()
     if args.seeds is not None:
         report = evaluate_seeds(collection, methods, seeds=args.seeds, expander=expander, encoder=args.encoder,
-                                progress_bar=not args.no_progress, **settings, **scoring)
+                                progress_bar=not args.no_progress, **settings, **run_options)
         for m in methods:
             for baseline in ("dense", "prf"):
                 if m in EXPANSION_METHODS and baseline in methods:
@@ -351,7 +356,7 @@ def run_eval(args: argparse.Namespace) -> int:
         timings, runs = report.timings, report.runs
     else:
         result = evaluate(collection, methods, encoder=args.encoder, expander=expander,
-                          progress_bar=not args.no_progress, **settings, **scoring)
+                          progress_bar=not args.no_progress, **settings, **run_options)
         print()
         print(format_table(result, title=f"{collection.path.name} {collection.split} (metrics x100)"))
         timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())

@@ -137,6 +137,7 @@ def evaluate(
     progress_bar: bool = True,
     ignore_identical_ids: bool = True,
     depth: int = TOP_K,
+    multiquery_prefill: bool = True,
 ) -> EvalResult:
     """
     Evaluate retrieval methods on a collection's judged queries with pytrec_eval (nDCG@10, Recall@100, MRR@10).
@@ -151,7 +152,9 @@ def evaluate(
     - `grounded`: the fused vector over grounded expansions, written by `grounded_expander` from the query and the
       top dense hits (beyond the paper);
     - `haystack_multiquery`: Haystack's `QueryExpander` (its prompt, `expander`'s LLM, settings and `n_expansions`)
-      and `MultiQueryEmbeddingRetriever` over the same store and encoder (`evaluation.multiquery`).
+      and `MultiQueryEmbeddingRetriever` over the same store and encoder (`evaluation.multiquery`); a local LLM's
+      replies start with ``{"queries": ["`` and end at the first ``]}`` (`multiquery.JSON_PREFILL`) unless
+      `multiquery_prefill` is False.
     q2d expansions come from `expansions` when given, else from `expander`, else from the bundled
     `LLMQueryExpander()`; grounded ones from `grounded_expander`, else from `expander`'s settings with
     `GROUNDED_PROMPT`. Each family is generated once (batched, through the expander's cache). Each method retrieves
@@ -180,6 +183,8 @@ def evaluate(
     :param depth: Documents retrieved per query (100; BEIR retrieves 1000, which its @1000 metrics need). Metrics at
         k < depth are those of any deeper run (except for `expand-rrf`, which fuses `max(100, depth)` hits); at
         k = depth a query whose own id was retrieved and dropped has one document fewer than a deeper run.
+    :param multiquery_prefill: `haystack_multiquery` with the JSON prefill (the default; see above); False = the
+        LLM's free replies, parsed or not by QueryExpander.
     :returns: An `EvalResult`: ``{method: {"ndcg@10", "recall@100", "mrr@10", "queries"}}`` (a dict) with
         `.per_query`, `.expansions`, `.grounded_expansions`, `.settings`, `.failures`, `.warnings` and `.timings`.
     :raises ValueError: On an unknown method, bad settings, or a collection without judged queries.
@@ -196,6 +201,8 @@ def evaluate(
     check_int(feedback_k, "feedback_k")
     check_number(feedback_weight, "feedback_weight", 0.0, 1.0)
     check_int(depth, "depth")
+    if not isinstance(multiquery_prefill, bool):
+        raise TypeError(f"`multiquery_prefill` must be a bool; got {type(multiquery_prefill).__name__}.")
     if expansions is not None and not isinstance(expansions, Mapping):
         raise TypeError(f"`expansions` must be a mapping {{query_id: [text, ...]}}; got {type(expansions).__name__}.")
 
@@ -215,12 +222,15 @@ def evaluate(
         if name == "bm25":
             hits = _bm25(collection, queries, progress_bar, result.timings, depth)
         elif name == MULTIQUERY:
-            from expandr_haystack.evaluation.multiquery import multiquery_hits
+            from expandr_haystack.evaluation.multiquery import JSON_PREFILL, multiquery_hits
 
             mq_expander = expander if expander is not None else default_expander(progress_bar)
             hits, result.multiquery = multiquery_hits(retriever.document_store, queries, query_ids, mq_expander,
-                                                      depth, encoder, device, progress_bar, result.timings)
-            result.settings[name] = {"merge": "max", "n_expansions": mq_expander.n_expansions}
+                                                      depth, encoder, device, progress_bar, result.timings,
+                                                      prefill=multiquery_prefill)
+            prefilled = multiquery_prefill and mq_expander.chat_generator is None  # a ready generator runs as is
+            result.settings[name] = {"merge": "max", "n_expansions": mq_expander.n_expansions,
+                                     **{k: v if prefilled else None for k, v in JSON_PREFILL.items()}}
             started += result.timings.get("expansion-multiquery", 0.0)  # its generation is timed apart, as q2d's
         else:
             settings = method_settings(name, weights, feedback_k, feedback_weight)

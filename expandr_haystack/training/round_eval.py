@@ -28,7 +28,7 @@ ZERO_SHOT = "zero-shot (untrained LLM)"
 SUPERVISED = "supervised, no expansion"
 #: What every round-0 report evaluates with the base encoder and the untrained LLM (plus `eval_methods`);
 #: `haystack_multiquery` is Haystack's own query expansion (QueryExpander + MultiQueryEmbeddingRetriever) with the
-#: same LLM, settings and seeds.
+#: same LLM, settings and seeds, its replies prefilled as JSON (`evaluation.multiquery.JSON_PREFILL`).
 BASELINE_METHODS = ("bm25", "dense", "prf", "expand", "grounded", "haystack_multiquery")
 #: What every round evaluates with its encoder (plus the ExpandR method of `expansion.mode`, and `eval_methods`).
 ROUND_METHODS = ("dense", "prf")

@@ -8,12 +8,13 @@ from haystack.components.query import QueryExpander
 from haystack.dataclasses import ChatMessage, ToolCall
 
 from expandr_haystack import LLMQueryExpander, LocalChatGenerator
-from expandr_haystack.components.chat_generator import RUN_GENERATION_KEYS
+from expandr_haystack.components.chat_generator import RUN_GENERATION_KEYS, RUN_REPLY_KEYS, reply_text
 from expandr_haystack.options import GenerationSettings, SamplerOptions
 
 CONVERSATION = [ChatMessage.from_system("You answer in one short sentence."),
                 ChatMessage.from_user("What is a boundary layer?")]
 OTHER = [ChatMessage.from_user("Name one cause of wing flutter.")]
+PREFIX = '{"queries": ["'
 
 
 # -- no model loading --------------------------------------------------------------------------------------------
@@ -26,6 +27,10 @@ def test_bad_arguments_fail_at_construction_naming_them(tmp_path):
         LocalChatGenerator(cache="  ")
     with pytest.raises(ValueError, match="`generation`: unknown key"):
         LocalChatGenerator(generation={"temprature": 0.5})
+    with pytest.raises(TypeError, match="`reply_prefix` must be a str or None; got list"):
+        LocalChatGenerator(reply_prefix=["{"])
+    with pytest.raises(ValueError, match="`reply_stop` must be a non-empty str or None"):
+        LocalChatGenerator(reply_stop="")
 
 
 def test_bad_messages_and_generation_kwargs_fail_before_loading_the_model():
@@ -45,21 +50,36 @@ def test_bad_messages_and_generation_kwargs_fail_before_loading_the_model():
         g.run(CONVERSATION, generation_kwargs={"do_sample": False})
     with pytest.raises(ValueError, match="`top_p` must be a number in"):
         g.run(CONVERSATION, generation_kwargs={"top_p": 0})
+    with pytest.raises(TypeError, match=r"`generation_kwargs\['reply_prefix'\]` must be a str or None; got int"):
+        g.run(CONVERSATION, generation_kwargs={"reply_prefix": 3})
+    with pytest.raises(ValueError, match=r"they take \[.*'seed', 'reply_prefix', 'reply_stop'\]"):
+        g.run(CONVERSATION, generation_kwargs={"stop": ["]}"]})
     assert g._sampler is None  # nothing was loaded
     assert RUN_GENERATION_KEYS == ("max_new_tokens", "temperature", "top_p", "seed")
+    assert RUN_REPLY_KEYS == ("reply_prefix", "reply_stop")
+
+
+def test_reply_is_the_prefix_then_the_continuation_cut_just_after_the_first_stop():
+    assert reply_text('a", "b"]} and more ]}', PREFIX, "]}") == '{"queries": ["a", "b"]}'
+    assert reply_text('a", "b"] and on', PREFIX, "]}") == '{"queries": ["a", "b"] and on'  # no stop: whole
+    assert reply_text("free text", None, None) == "free text"
+    assert reply_text("x]} y", None, "]}") == "x]}"
 
 
 def test_to_dict_from_dict_and_yaml_inside_haystack_query_expander():
     g = LocalChatGenerator(generation=GenerationSettings(temperature=0.7, max_new_tokens=20, seed=5),
-                           sampler=SamplerOptions(engine="transformers"), cache="chat.sqlite")
+                           sampler=SamplerOptions(engine="transformers"), cache="chat.sqlite", reply_prefix=PREFIX,
+                           reply_stop="]}")
     data = g.to_dict()
     assert data["type"] == "expandr_haystack.components.chat_generator.LocalChatGenerator"
+    assert (data["init_parameters"]["reply_prefix"], data["init_parameters"]["reply_stop"]) == (PREFIX, "]}")
     back = LocalChatGenerator.from_dict(data)
-    assert (back.generation, back.sampler_options, back.cache, back.model) == (
-        g.generation, g.sampler_options, "chat.sqlite", None)
+    assert (back.generation, back.sampler_options, back.cache, back.model, back.reply_prefix, back.reply_stop) == (
+        g.generation, g.sampler_options, "chat.sqlite", None, PREFIX, "]}")
     flat = {"type": data["type"], "init_parameters": {"temperature": 0.3, "engine": "transformers"}}
-    old = LocalChatGenerator.from_dict(flat)
+    old = LocalChatGenerator.from_dict(flat)  # a dict from before the reply options: no prefix, no stop
     assert (old.generation.temperature, old.sampler_options.engine) == (0.3, "transformers")
+    assert (old.reply_prefix, old.reply_stop) == (None, None)
 
     p = Pipeline()
     p.add_component("expander", QueryExpander(chat_generator=g, n_expansions=3))
@@ -67,6 +87,7 @@ def test_to_dict_from_dict_and_yaml_inside_haystack_query_expander():
     q = Pipeline.loads(text)  # our module is on Haystack's allow-list (imported with expandr_haystack)
     loaded = q.get_component("expander").chat_generator
     assert isinstance(loaded, LocalChatGenerator) and loaded.generation == g.generation
+    assert (loaded.reply_prefix, loaded.reply_stop) == (PREFIX, "]}")
     assert q.dumps() == text
 
 
@@ -133,3 +154,38 @@ def test_haystack_query_expander_takes_it_and_batch_generation_fills_its_calls(g
     assert queries[0] in result["queries"] and generator.cache_stats["misses"] == misses
     reply = asyncio.run(generator.run_async(CONVERSATION))["replies"][0]
     assert reply.text == generator.run(CONVERSATION)["replies"][0].text
+
+
+@pytest.mark.integration
+def test_reply_prefix_is_the_start_of_the_assistant_turn_keyed_apart_and_returned(generator):
+    from expandr_haystack.generation.local import template
+
+    before = generator.cache_stats["entries"]
+    plain = generator.run(OTHER, {"temperature": 0.0})["replies"][0]
+    prefixed = generator.run(OTHER, {"temperature": 0.0, "reply_prefix": PREFIX})["replies"][0]
+    assert prefixed.meta["cached"] is False  # its own key: never the unprefixed reply
+    assert generator.cache_stats["entries"] == before + 2
+    # greedy: the reply is the prefix + the model's continuation of the templated prompt followed by the prefix
+    sampler = generator._sampler
+    prompt = template(sampler.tokenizer, [{"role": "user", "content": OTHER[0].text}])
+    assert prompt.endswith("assistant\n")  # the prefix goes after the generation prompt
+    continuation = sampler.sample([prompt + PREFIX], [0], [0.0], generator.generation.top_p, 8)[0]
+    assert prefixed.text == PREFIX + continuation and plain.text != prefixed.text
+    # the init parameter is the same as the per-call one (same key, served by the cache)
+    fixed = LocalChatGenerator(generation=generator.generation, cache=generator.cache, reply_prefix=PREFIX)
+    again = fixed.run(OTHER, {"temperature": 0.0})["replies"][0]
+    assert again.text == prefixed.text and again.meta["cached"] is True
+    assert fixed.run(OTHER, {"temperature": 0.0, "reply_prefix": None})["replies"][0].text == plain.text
+
+
+@pytest.mark.integration
+def test_reply_stop_cuts_the_reply_after_the_stop_and_shares_the_cached_text(generator):
+    whole = generator.run(OTHER, {"reply_prefix": PREFIX})["replies"][0].text
+    continuation = whole[len(PREFIX):]
+    assert whole.startswith(PREFIX) and len(continuation) >= 5
+    stop = continuation[3:5]  # a text the model wrote: the reply ends just after its first occurrence
+    cut = generator.run(OTHER, {"reply_prefix": PREFIX, "reply_stop": stop})["replies"][0]
+    assert cut.meta["cached"] is True  # the stop is applied to the stored text: the same sample, not a new one
+    assert cut.text == PREFIX + continuation[: continuation.index(stop) + len(stop)] and cut.text.endswith(stop)
+    absent = generator.run(OTHER, {"reply_prefix": PREFIX, "reply_stop": "\x00never"})["replies"][0]
+    assert absent.text == whole

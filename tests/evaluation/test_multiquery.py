@@ -1,5 +1,6 @@
 """`haystack_multiquery`: Haystack's QueryExpander + MultiQueryEmbeddingRetriever with our LLM, encoder and store."""
 
+import argparse
 import json
 import sqlite3
 
@@ -9,7 +10,16 @@ from haystack.document_stores.in_memory import InMemoryDocumentStore
 from expandr_haystack.cli import main
 from expandr_haystack.evaluation import METHODS, evaluate, parse_methods
 from expandr_haystack.evaluation.data import load_collection
-from expandr_haystack.evaluation.multiquery import MultiQueryStats, json_parsed, multiquery_pipeline, stats_line
+from expandr_haystack.evaluation.multiquery import (
+    JSON_PREFILL,
+    MULTIQUERY_REPLY_PREFIX,
+    MULTIQUERY_REPLY_STOP,
+    MultiQueryStats,
+    chat_generator_like,
+    json_parsed,
+    multiquery_pipeline,
+    stats_line,
+)
 from expandr_haystack.evaluation.runner import EXPANSION_METHODS, MULTIQUERY
 
 QUERIES = [
@@ -18,8 +28,11 @@ QUERIES = [
     ("3", "buckling of cylindrical shells under axial compression"),
 ]
 QRELS = "query-id\tcorpus-id\tscore\n1\td1\t2\n2\td2\t1\n2\td6\t1\n3\td4\t1\n"
-#: The reply planted in the cache to take QueryExpander's parse-success path (the 135M model rarely writes JSON).
+#: The reply that takes QueryExpander's parse-success path (the 135M model's own JSON is often broken): the cache
+#: stores the continuation of the prefill (`PLANTED_CONTINUATION`, run-on text included); the reply is prefix +
+#: continuation cut after the stop.
 PLANTED = '{"queries": ["flutter of swept wings in a wind tunnel"]}'
+PLANTED_CONTINUATION = 'flutter of swept wings in a wind tunnel"]}\n\nExample 2: {"queries": ['
 
 
 @pytest.fixture()
@@ -40,6 +53,32 @@ def test_cli_lists_it_and_refuses_a_near_miss(beir, capsys):
     assert "unknown method(s) ['haystack-multiquery']" in err and "haystack_multiquery" in err
     assert main(["eval", "--help"]) == 0
     assert "haystack_multiquery" in capsys.readouterr().out
+
+
+def test_json_prefill_opens_the_object_query_expanders_own_prompt_asks_for():
+    from haystack.components.query.query_expander import DEFAULT_PROMPT_TEMPLATE
+
+    assert MULTIQUERY_REPLY_PREFIX == '{"queries": ["' and MULTIQUERY_REPLY_PREFIX in DEFAULT_PROMPT_TEMPLATE
+    assert MULTIQUERY_REPLY_STOP == "]}" and JSON_PREFILL == {"reply_prefix": '{"queries": ["', "reply_stop": "]}"}
+    assert json_parsed(MULTIQUERY_REPLY_PREFIX + 'a", "b"' + MULTIQUERY_REPLY_STOP)
+
+
+def test_the_methods_chat_generator_has_the_prefill_unless_turned_off(beir, capsys):
+    from expandr_haystack import LLMQueryExpander
+    from expandr_haystack.evaluation.cli import add_eval_parser
+
+    expander = LLMQueryExpander(generation={"temperature": 0.3, "seed": 7}, cache="c.sqlite")
+    on, off = chat_generator_like(expander), chat_generator_like(expander, prefill=False)
+    assert (on.reply_prefix, on.reply_stop) == (MULTIQUERY_REPLY_PREFIX, MULTIQUERY_REPLY_STOP)
+    assert (off.reply_prefix, off.reply_stop) == (None, None)  # the free replies of before the option
+    assert on.generation == off.generation == expander.generation and on.cache == off.cache == "c.sqlite"
+    assert on._sampler is None  # nothing loaded
+    parser = add_eval_parser(argparse.ArgumentParser().add_subparsers())
+    assert parser.parse_args(["cranfield"]).multiquery_prefill is True
+    assert parser.parse_args(["cranfield", "--no-multiquery-prefill"]).multiquery_prefill is False
+    c = load_collection(beir, "test")
+    with pytest.raises(TypeError, match="`multiquery_prefill` must be a bool; got str"):
+        evaluate(c, ["dense", MULTIQUERY], expander=expander, multiquery_prefill="no", progress_bar=False)
 
 
 def test_json_parsed_is_what_query_expander_reads():
@@ -86,7 +125,11 @@ def test_same_llm_encoder_and_store_as_dense_only_the_method_differs(beir, tmp_p
     assert set(info) == {"stats", "queries", "replies"} and set(info["replies"]) == {"1", "2", "3"}
     assert info["stats"]["queries"] == 3 and info["stats"]["json_parsed"] == sum(map(json_parsed,
                                                                                     info["replies"].values()))
-    assert first.settings[MULTIQUERY] == {"merge": "max", "n_expansions": 2}
+    for reply in info["replies"].values():  # prefilled: each reply starts with the prefix, ends at the first stop
+        assert reply.startswith(MULTIQUERY_REPLY_PREFIX)
+        rest = reply[len(MULTIQUERY_REPLY_PREFIX):]
+        assert MULTIQUERY_REPLY_STOP not in rest or rest.index(MULTIQUERY_REPLY_STOP) == len(rest) - 2
+    assert first.settings[MULTIQUERY] == {"merge": "max", "n_expansions": 2, **JSON_PREFILL}
     assert first.timings["expansion-multiquery"] > 0 and first.timings[MULTIQUERY] > 0  # generation timed apart
     for qid, query in QUERIES:
         assert query in info["queries"][qid]  # include_original_query=True
@@ -95,11 +138,12 @@ def test_same_llm_encoder_and_store_as_dense_only_the_method_differs(beir, tmp_p
             assert [s for _, s in first.runs[MULTIQUERY][qid]] == pytest.approx(
                 [s for _, s in first.runs["dense"][qid]], abs=1e-5)
 
-    # the parse-success path: plant a valid JSON reply in the cache (a hit returns the stored text)
+    # the parse-success path: plant a continuation in the cache (a hit returns the stored text, prefixed and cut)
     with sqlite3.connect(cache) as db:
         assert db.execute("SELECT count(*) FROM expansions").fetchone()[0] == 3  # one reply per query, cached
-        db.execute("UPDATE expansions SET text = ?", (PLANTED,))
+        db.execute("UPDATE expansions SET text = ?", (PLANTED_CONTINUATION,))
     second = evaluate(c, ["dense", MULTIQUERY], expander=expander, store=store, progress_bar=False)
+    assert set(second.multiquery["replies"].values()) == {PLANTED}  # QueryExpander parsed the prefilled reply
     assert second.multiquery["stats"] == {"queries": 3, "json_parsed": 3, "fallback": 0, "searched": 6}
     alternative = json.loads(PLANTED)["queries"][0]
     dense = ExpandRRetriever(document_store=store, top_k=100)
@@ -125,6 +169,7 @@ def test_cli_seeds_paired_tests_run_files_and_parse_rate(beir, tmp_path, capsys)
     assert "haystack_multiquery vs dense:" in stdout and "QueryExpander read the LLM's JSON in" in stdout
     written = json.loads(out.read_text())
     assert written["methods"]["haystack_multiquery"]["seeds"] == 2
+    assert written["settings"]["multiquery_prefill"] is True  # the default
     assert len(written["per_seed"]["haystack_multiquery"]["ndcg@10"]) == 2
     assert [c["baseline"] for c in written["comparisons"] if c["method"] == MULTIQUERY] == ["dense"]
     mq = written["haystack_multiquery"]
@@ -132,4 +177,28 @@ def test_cli_seeds_paired_tests_run_files_and_parse_rate(beir, tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.glob("run.*.trec")) == [
         "run.dense.trec", "run.haystack_multiquery.seed1.trec", "run.haystack_multiquery.seed2.trec"]
     with sqlite3.connect(tmp_path / "c.sqlite") as db:  # one reply per query and seed: the seeds sample apart
+        assert db.execute("SELECT count(*) FROM expansions").fetchone()[0] == 6
+
+
+@pytest.mark.integration
+def test_without_the_prefill_the_replies_are_the_free_ones_of_before(beir, tmp_path):
+    from haystack.components.query import QueryExpander
+
+    from expandr_haystack import LLMQueryExpander, LocalChatGenerator
+    from expandr_haystack.evaluation.multiquery import expander_messages
+
+    c = load_collection(beir, "test")
+    cache = tmp_path / "cache.sqlite"
+    expander = LLMQueryExpander(generation={"max_new_tokens": 12}, n_expansions=2, cache=str(cache))
+    free = evaluate(c, [MULTIQUERY], expander=expander, multiquery_prefill=False, progress_bar=False)
+    assert free.settings[MULTIQUERY] == {"merge": "max", "n_expansions": 2, "reply_prefix": None, "reply_stop": None}
+    # the same replies as a plain LocalChatGenerator's (no prefix, no stop), served by its keys
+    plain = LocalChatGenerator(generation=expander.generation, cache=str(cache))
+    replies = plain.generate(expander_messages(QueryExpander(chat_generator=plain, n_expansions=2),
+                                               [q for _, q in QUERIES]))
+    assert [r.text for r in replies] == [free.multiquery["replies"][qid] for qid, _ in QUERIES]
+    assert all(r.meta["cached"] for r in replies)
+    prefilled = evaluate(c, [MULTIQUERY], expander=expander, progress_bar=False)  # keyed apart: generated anew
+    assert all(r.startswith(MULTIQUERY_REPLY_PREFIX) for r in prefilled.multiquery["replies"].values())
+    with sqlite3.connect(cache) as db:
         assert db.execute("SELECT count(*) FROM expansions").fetchone()[0] == 6
