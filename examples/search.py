@@ -39,6 +39,7 @@ from expandr_haystack.evaluation.indexing import build_document_store
 from expandr_haystack.evaluation.metrics import evaluate_run, run_from_documents
 from expandr_haystack.evaluation.multiquery import (
     JSON_PREFILL,
+    MULTIQUERY_BATCH_SIZE,
     MultiQueryStats,
     expander_messages,
     multiquery_pipeline,
@@ -111,8 +112,7 @@ def main(argv: list[str] | None = None) -> None:
           f"PRF k {chosen.feedback_k} f {chosen.feedback_weight:g}")
 
     # Haystack's QueryExpander + MultiQueryEmbeddingRetriever on the same LLM (and settings) and store
-    # its prompt (QueryExpander's, ~330 tokens) is ~10x q2d's: 8 rows a batch keep the KV cache near q2d's at 32
-    chat = LocalChatGenerator(generation=generation.replace(batch_size=8), cache=args.cache,
+    chat = LocalChatGenerator(generation=generation.replace(batch_size=MULTIQUERY_BATCH_SIZE), cache=args.cache,
                               **(JSON_PREFILL if args.multiquery_prefill else {}))
     pipelines = {"q2d": q2d_pipeline(store, q2d, w["expand"]),
                  "grounded": grounded_pipeline(store, grounded, w["grounded"]),

@@ -358,11 +358,11 @@ def test_wrapped_retriever_dimension_mismatch_is_named(kind, monkeypatch):
 def test_wrapped_retriever_store_is_checked_once_per_change(kind, monkeypatch):
     """The check reads the store when it changed (InMemory: its storage dict; Qdrant: `count_documents`, then
     `filter_documents`), not at every search."""
-    from expandr_haystack.components import search
+    from expandr_haystack.components import store_check
 
     checks = []
-    real_check = search.check_embeddings
-    monkeypatch.setattr(search, "check_embeddings", lambda docs, *a: checks.append(len(docs)) or real_check(docs, *a))
+    real_check = store_check.check_embeddings
+    monkeypatch.setattr(store_check, "check_embeddings", lambda docs, *a: checks.append(len(docs)) or real_check(docs, *a))
     retriever, store = _wrapped(kind, _documents(5, 8))
     reads = []
     if kind == "qdrant":
@@ -454,6 +454,12 @@ def test_wrapped_retriever_hits_without_a_score_are_documents_without_an_embeddi
         retriever.search(query)
     assert [d.id for d in ExpandRRetriever(retriever=_StubRetriever(None, hits=docs[:2])).search(query)[0]] == \
         ["d0", "d1"]
+    # a retriever that scores nothing (Weaviate with a dot-product collection: certainty only exists for cosine)
+    # returns embedded documents without scores: not judged
+    unscoring = _StubRetriever(None, hits=docs[:2])
+    unscoring.run = lambda query_embedding, filters=None, top_k=10: {
+        "documents": [replace(d, score=None) for d in docs[:2]]}
+    assert [d.id for d in ExpandRRetriever(retriever=unscoring).search(query)[0]] == ["d0", "d1"]
 
 
 def test_wrapped_large_store_is_counted_once(monkeypatch):
@@ -491,12 +497,14 @@ def test_wrapped_retriever_without_scale_score_refuses_it():
     """pgvector's and Chroma's retrievers take no `scale_score`: asking for it with mean fusion was ignored silently
     (their raw scores came back); now an error naming the argument. rrf scales its own scores."""
     docs = _documents(3, 8)
-    retriever = ExpandRRetriever(retriever=_StubRetriever(None, hits=docs), scale_score=True)
-    with pytest.raises(ValueError, match=r"`scale_score=True`: the wrapped retriever \(_StubRetriever\) takes no "
-                                         r"`scale_score`"):
-        retriever.search(np.ones(8, dtype=np.float32))
-    assert ExpandRRetriever(retriever=_StubRetriever(None, hits=docs)).search(np.ones(8, dtype=np.float32),
-                                                                              scale_score=False)
+    match = r"`scale_score=True`: the wrapped retriever \(_StubRetriever\) takes no `scale_score`"
+    with pytest.raises(ValueError, match=match):  # at init: a YAML saying so does not load
+        ExpandRRetriever(retriever=_StubRetriever(None, hits=docs), scale_score=True)
+    assert ExpandRRetriever(retriever=_StubRetriever(None, hits=docs), scale_score=True, fusion="rrf")
+    retriever = ExpandRRetriever(retriever=_StubRetriever(None, hits=docs))
+    with pytest.raises(ValueError, match=match):  # at run time
+        retriever.search(np.ones(8, dtype=np.float32), scale_score=True)
+    assert retriever.search(np.ones(8, dtype=np.float32), scale_score=False)
 
 
 # -- cache faults --------------------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-UNPRIVILEGED = ("nobody", "nogroup")
+#: The user PostgreSQL runs as when started by root (it refuses root); its group is looked up (nogroup on Debian,
+#: nobody on RHEL/Fedora/Alpine).
+UNPRIVILEGED_USER = "nobody"
 # A development server: durability off (the data of a crash may be lost; startup and writes are faster).
 FAST_SETTINGS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 
@@ -46,6 +48,18 @@ def pg_bin(version: int = 18) -> Path:
     return folder
 
 
+def unprivileged() -> tuple[int, int]:
+    """(uid, gid) of `UNPRIVILEGED_USER`, the user PostgreSQL runs as when started by root."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(UNPRIVILEGED_USER)
+    except KeyError as e:
+        raise RuntimeError(f"PostgreSQL refuses to run as root and there is no user {UNPRIVILEGED_USER!r} to run it "
+                           "as: run this as an ordinary user") from e
+    return entry.pw_uid, entry.pw_gid
+
+
 def as_server_user() -> list[str]:
     """The command prefix that runs PostgreSQL's binaries unprivileged: none, or `setpriv` to nobody as root."""
     if os.geteuid() != 0:
@@ -53,7 +67,8 @@ def as_server_user() -> list[str]:
     if shutil.which("setpriv") is None:
         raise RuntimeError("PostgreSQL refuses to run as root and `setpriv` (util-linux) is missing: "
                            "run this as an ordinary user")
-    return ["setpriv", f"--reuid={UNPRIVILEGED[0]}", f"--regid={UNPRIVILEGED[1]}", "--clear-groups", "--"]
+    uid, gid = unprivileged()
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
 
 
 def free_port() -> int:
@@ -84,6 +99,8 @@ def running(data: str | Path) -> PostgresServer | None:
         lines = pid_file.read_text().splitlines()
         pid, port = int(lines[0]), int(lines[3])
         os.kill(pid, 0)
+    except PermissionError:  # alive, another user's: the server runs as nobody when root started it
+        pass
     except (FileNotFoundError, IndexError, ValueError, ProcessLookupError):
         return None
     return PostgresServer(Path(data).resolve(), port)
@@ -101,7 +118,7 @@ def start(data: str | Path, port: int | None = None, version: int = 18, timeout:
             raise FileExistsError(f"--data {data}: not empty and not a PostgreSQL data folder")
         data.mkdir(parents=True, exist_ok=True)
         if prefix:
-            shutil.chown(data, *UNPRIVILEGED)
+            os.chown(data, *unprivileged())
         data.chmod(0o700)
         run([*prefix, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
              "--encoding=UTF8", "--no-locale", "-N"], data)
@@ -110,8 +127,12 @@ def start(data: str | Path, port: int | None = None, version: int = 18, timeout:
     run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-t", str(int(timeout)),
          "-l", str(data / "server.log"), "-o", options, "start"], data)
     server = PostgresServer(data, port)
-    run([str(bin_dir / "psql"), server.dsn, "-q", "-v", "ON_ERROR_STOP=1",
-         "-c", "CREATE EXTENSION IF NOT EXISTS vector"], data)
+    try:
+        run([str(bin_dir / "psql"), server.dsn, "-q", "-v", "ON_ERROR_STOP=1",
+             "-c", "CREATE EXTENSION IF NOT EXISTS vector"], data)
+    except BaseException:
+        stop(data)  # started here: not left running when it cannot serve
+        raise
     return server
 
 

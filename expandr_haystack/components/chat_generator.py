@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ from haystack.dataclasses import ChatMessage, ChatRole
 
 from expandr_haystack.cache import ExpansionCache, cache_key, check_cache_path
 from expandr_haystack.generation import check_local_model, make_sampler
-from expandr_haystack.generation.rows import engine_cache_key, row_seed
+from expandr_haystack.generation.rows import engine_cache_key, extra_key_parts, row_seed
 from expandr_haystack.models import DEFAULT_LLM
 from expandr_haystack.options import GenerationSettings, SamplerOptions, fold_legacy
 
@@ -96,6 +97,7 @@ class LocalChatGenerator:
         self.reply_stop = check_reply_text(reply_stop, "reply_stop")
         self._sampler = None
         self._cache: ExpansionCache | None = None
+        self._lock = threading.Lock()
 
     def to_dict(self) -> dict[str, Any]:
         """Serialize to a dictionary (the token stays an environment-variable reference)."""
@@ -115,10 +117,11 @@ class LocalChatGenerator:
     def warm_up(self) -> None:
         """Load the model (shared with other components naming it) and open the cache; calling it again does
         nothing."""
-        if self._sampler is None:
-            self._sampler = make_sampler(self.model, self.adapter, None, self.sampler_options)
-        if self.cache is not None and self._cache is None:
-            self._cache = ExpansionCache(self.cache, on_read_only="skip")
+        with self._lock:  # concurrent first calls (run_async) load and open once
+            if self._sampler is None:
+                self._sampler = make_sampler(self.model, self.adapter, None, self.sampler_options)
+            if self.cache is not None and self._cache is None:
+                self._cache = ExpansionCache(self.cache, on_read_only="skip")
 
     @property
     def cache_stats(self) -> dict[str, int]:
@@ -159,7 +162,7 @@ class LocalChatGenerator:
         prefixed = {"reply_prefix": prefix} if prefix is not None else {}  # unprefixed keys as before the option
         seed_keys = [cache_key(kind="chat", model=self._sampler.identity, messages=p, temperature=settings.temperature,
                                top_p=settings.top_p, max_new_tokens=settings.max_new_tokens, seed=settings.seed,
-                               **prefixed)
+                               **prefixed, **extra_key_parts(settings, self.sampler_options))
                      for p in prompts]
         keys = [engine_cache_key(k, self._sampler.engine) for k in seed_keys]
         texts = self._cache.get_many(keys) if self._cache is not None else {}

@@ -110,10 +110,10 @@ class ExpandRRetriever:
         :param return_embedding: Return the documents with their embeddings (False: `embedding=None`, as Haystack's
             retrievers do by default).
         """
-        check_search(document_store, retriever, search)
         check_int(top_k, "top_k")
         fusion = FusionSettings.coerce(check_choice(fusion, "fusion", FUSIONS) if isinstance(fusion, str) else fusion,
                                        "fusion")
+        check_search(document_store, retriever, search, scale_score=bool(scale_score) and fusion.method == "mean")
         _check_filters(filters)
         if isinstance(filter_policy, str):
             filter_policy = FilterPolicy.from_str(filter_policy)

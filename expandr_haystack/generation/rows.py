@@ -71,7 +71,7 @@ def row_prompts(sampler, prompt: str, system_prompt: str | None, queries: Sequen
     return out
 
 
-def _extra_key_parts(generation, sampler_options) -> dict[str, Any]:
+def extra_key_parts(generation, sampler_options) -> dict[str, Any]:
     """Cache-key parts of the settings beyond the original ones, present only when set: keys made with the default
     settings stay exactly those of earlier versions (existing caches stay valid)."""
     parts: dict[str, Any] = {}
@@ -87,7 +87,7 @@ def plan_rows(sampler, prompts: list[dict[str, Any]], n: int, temperatures: Sequ
               system_prompt: str | None, generation, sampler_options) -> list[ExpansionRow]:
     """`n` rows per query of `prompts` (`row_prompts`); sample i at `temperatures[i % len(temperatures)]`. The seed
     key holds everything the text depends on; the cache key adds the engine where its texts are cached apart."""
-    extra = _extra_key_parts(generation, sampler_options)
+    extra = extra_key_parts(generation, sampler_options)
     rows = []
     for qi, p in enumerate(prompts):
         for i in range(n):
@@ -139,5 +139,5 @@ def collect_rows(rows: list[ExpansionRow], n_queries: int, attempts: int, raise_
     return out
 
 
-__all__ = ["PLAIN_CACHE_ENGINES", "ExpansionRow", "collect_rows", "engine_cache_key", "failure_counts", "plan_rows",
+__all__ = ["PLAIN_CACHE_ENGINES", "ExpansionRow", "collect_rows", "engine_cache_key", "extra_key_parts", "failure_counts", "plan_rows",
            "row_prompts", "row_seed", "take_outputs"]

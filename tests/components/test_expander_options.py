@@ -11,7 +11,7 @@ from haystack.utils import Secret
 from expandr_haystack import LLMQueryExpander
 from expandr_haystack.cache import cache_key
 from expandr_haystack.core.text import EXPANSION_PROMPT, chat_messages, has_placeholder, render_prompt
-from expandr_haystack.generation.rows import _extra_key_parts
+from expandr_haystack.generation.rows import extra_key_parts
 from expandr_haystack.options import GenerationSettings, SamplerOptions
 
 
@@ -130,7 +130,7 @@ def test_model_kwargs_and_token_reach_from_pretrained(monkeypatch):
     exp.warm_up()
     (_, kwargs), = calls
     assert kwargs == {"model_kwargs": {"attn_implementation": "eager"}, "token": "hf_secret_value"}
-    assert _extra_key_parts(exp.generation, exp.sampler_options) == {"model_kwargs": {"attn_implementation": "eager"}}
+    assert extra_key_parts(exp.generation, exp.sampler_options) == {"model_kwargs": {"attn_implementation": "eager"}}
     with pytest.raises(ValueError, match="`model_kwargs`.*vllm"):
         LLMQueryExpander(sampler={"model_kwargs": {"device_map": "auto"}, "engine": "vllm"})
     with pytest.raises(TypeError, match="`token` must be a haystack.utils.Secret"):

@@ -12,6 +12,7 @@ from expandr_haystack.evaluation import METHODS, evaluate, parse_methods
 from expandr_haystack.evaluation.data import load_collection
 from expandr_haystack.evaluation.multiquery import (
     JSON_PREFILL,
+    MULTIQUERY_BATCH_SIZE,
     MULTIQUERY_REPLY_PREFIX,
     MULTIQUERY_REPLY_STOP,
     MultiQueryStats,
@@ -71,7 +72,9 @@ def test_the_methods_chat_generator_has_the_prefill_unless_turned_off(beir, caps
     on, off = chat_generator_like(expander), chat_generator_like(expander, prefill=False)
     assert (on.reply_prefix, on.reply_stop) == (MULTIQUERY_REPLY_PREFIX, MULTIQUERY_REPLY_STOP)
     assert (off.reply_prefix, off.reply_stop) == (None, None)  # the free replies of before the option
-    assert on.generation == off.generation == expander.generation and on.cache == off.cache == "c.sqlite"
+    # the expander's sampling settings, at most MULTIQUERY_BATCH_SIZE rows a batch (QueryExpander's long prompts)
+    assert on.generation == off.generation == expander.generation.replace(batch_size=MULTIQUERY_BATCH_SIZE)
+    assert on.cache == off.cache == "c.sqlite"
     assert on._sampler is None  # nothing loaded
     parser = add_eval_parser(argparse.ArgumentParser().add_subparsers())
     assert parser.parse_args(["cranfield"]).multiquery_prefill is True

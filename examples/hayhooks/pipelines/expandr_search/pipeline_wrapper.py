@@ -26,9 +26,10 @@ from typing import Any
 
 from fastapi import HTTPException
 from hayhooks import BasePipelineWrapper
-from haystack import Pipeline
+from haystack import Document, Pipeline
 from haystack.core.errors import PipelineRuntimeError
 from haystack.errors import FilterError
+from haystack.utils.filters import document_matches_filter
 from pydantic import BaseModel
 
 import expandr_haystack  # noqa: F401 - adds `expandr_haystack` (only) to Haystack's deserialization allow-list
@@ -106,6 +107,11 @@ class PipelineWrapper(BasePipelineWrapper):
             raise bad_request(str(error)) from None
         if top_k is not None and not 1 <= top_k <= MAX_TOP_K:
             raise bad_request(f"`top_k` must be between 1 and {MAX_TOP_K}; got {top_k}.")
+        if filters is not None:  # checked before the LLM runs: a malformed filter costs no generation
+            try:
+                document_matches_filter(filters, Document(content=""))
+            except FilterError as error:
+                raise bad_request(f"`filters`: {error}") from None
         data: dict[str, Any] = {"expander": {"query": query}, "retriever": {"top_k": top_k, "filters": filters}}
         try:
             result = await self.pipeline.run_async(data, include_outputs_from={"expander"})
