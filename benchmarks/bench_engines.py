@@ -1,0 +1,173 @@
+"""
+Expansion engines side by side (issue 26, item 1): the engines a user would pick instead of ours, on the same
+prompts and sampling, at batch 1 (one interactive query: seconds to the finished expansion) and at batch 16
+(throughput), in one process.
+
+Paths (each skipped with the reason when it cannot run here):
+- `raw generate`: transformers ``model.generate`` in float32 (the baseline of every ratio);
+- `packed float32` / `packed int8`: our ``LocalSampler`` with the packed decoder (int8 needs AVX512-VNNI);
+- `ctranslate2 int8` / `ctranslate2 float32`: ``ctranslate2.Generator`` over the dequantised bundled SmolLM2, converted
+  once with ``TransformersConverter`` into `--work` (`pip install ctranslate2`);
+- `llama.cpp <file>`: ``llama_cpp.Llama`` on the bundled GGUF as shipped (Q4_1), and on any `--gguf` file (e.g. a
+  Q8_0 conversion); llama-cpp-python's high-level API generates one prompt at a time, so its batch-16 figure is 16
+  sequential generations (llama.cpp's own batched decoding is not measured).
+
+Same ExpandR q2d prompts (the first `--queries` Cranfield train queries through the chat template), T 1.0, top-p
+0.9, no top-k, no min-p, no repetition penalty, `--max-new-tokens`; tokens counted as generated up to and including
+EOS. Batch 1 reports the median seconds per expansion and tokens/s; batch 16 tokens/s. Every ratio is against raw
+generate at the same batch size, measured in the same run (paths interleaved, `--repeats`).
+
+    python benchmarks/bench_engines.py [--queries 16] [--batch-sizes 1,16] [--max-new-tokens 64] [--repeats 2]
+                                       [--work /tmp/expandr-engines] [--gguf extra.gguf ...] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, median
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--queries", type=int, default=16)
+    parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--work", default="/tmp/expandr-engines", help="folder of the converted CTranslate2 models")
+    parser.add_argument("--gguf", action="append", default=[], help="another GGUF file for llama.cpp (repeatable)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for every engine (default: torch's)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    print(machine())
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: python {' '.join(sys.argv)}")
+    paths, prompts = build_paths(args, threads)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, T 1.0, top-p 0.9, {threads} threads, "
+          f"{args.repeats} repeats; paths: {', '.join(paths)}")
+    for size in sizes:
+        counted = {n: [] for n in paths}
+        times = {n: [] for n in paths}
+        for name, run in paths.items():  # warm-up: first-call allocations
+            run(prompts[:size], size, 10_000)
+        for r in range(args.repeats):
+            for name in list(paths) if r % 2 == 0 else list(paths)[::-1]:
+                started = time.perf_counter()
+                counted[name].append(paths[name](prompts, size, r))
+                times[name].append(time.perf_counter() - started)
+        base = sum(counted["raw generate"]) / sum(times["raw generate"])
+        print(f"\nbatch {size}:")
+        print("| path | tokens/s | vs raw generate | s per expansion (median repeat / prompts) |")
+        print("|---|---:|---:|---:|")
+        for name in paths:
+            rate = sum(counted[name]) / sum(times[name])
+            print(f"| {name} | {rate:.1f} | {rate / base:.2f}x | {median(times[name]) / len(prompts):.3f} |")
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+def build_paths(args, threads: int):
+    import torch
+
+    from expandr_haystack.core.text import EXPANSION_PROMPT
+    from expandr_haystack.evaluation.data import bundled_path, load_collection
+    from expandr_haystack.generation.local import LocalSampler
+    from expandr_haystack.generation.quantize import int8_unsupported_reason
+    from expandr_haystack.models import _SMOLLM2_GGUF, _smollm2_dir, ensure_default_llm, load_llm
+
+    model, tokenizer = load_llm(None, None, "cpu", "float32")
+    queries = list(load_collection(bundled_path("cranfield"), split="train").queries.values())[: args.queries]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": EXPANSION_PROMPT.format(query=q)}],
+                                             tokenize=False, add_generation_prompt=True) for q in queries]
+    new = args.max_new_tokens
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tokenizer.eos_token_id}
+
+    def counted(rows) -> int:
+        return sum(min(next((k for k, t in enumerate(row) if t in eos_ids), len(row)) + 1, len(row)) for row in rows)
+
+    @torch.inference_mode()
+    def raw(batch, size, seed) -> int:
+        torch.manual_seed(seed)
+        tokens = 0
+        for start in range(0, len(batch), size):
+            enc = tokenizer(batch[start : start + size], return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.9, top_k=0, max_new_tokens=new,
+                                 pad_token_id=tokenizer.pad_token_id)
+            tokens += counted(out[:, enc["input_ids"].shape[1] :].tolist())
+        return tokens
+
+    paths = {"raw generate": raw}
+
+    def ours(sampler):
+        def run(batch, size, seed) -> int:
+            before = sampler.tokens_generated
+            sampler.sample(batch, seeds=[seed * 1000 + i for i in range(len(batch))],
+                           temperatures=[1.0] * len(batch), top_p=0.9, max_new_tokens=new, batch_size=size)
+            return sampler.tokens_generated - before
+        return run
+
+    paths["packed float32"] = ours(LocalSampler(model, tokenizer))
+    reason = int8_unsupported_reason()
+    if reason is None:
+        paths["packed int8"] = ours(LocalSampler(model, tokenizer, weight_precision="int8"))
+    else:
+        print(f"packed int8: skipped ({reason})")
+
+    try:
+        import ctranslate2
+    except ImportError:
+        print("ctranslate2: skipped (pip install ctranslate2)")
+    else:
+        source = ensure_default_llm()
+        token_of = {p: tokenizer.convert_ids_to_tokens(tokenizer(p, add_special_tokens=False).input_ids)
+                    for p in prompts}  # CTranslate2 takes token strings
+        for precision in ("int8", "float32"):
+            target = Path(args.work) / f"smollm2-ct2-{precision}"
+            if not (target / "model.bin").exists():
+                ctranslate2.converters.TransformersConverter(str(source)).convert(str(target), quantization=precision,
+                                                                                   force=True)
+            generator = ctranslate2.Generator(str(target), device="cpu", compute_type=precision,
+                                              intra_threads=threads)
+
+            def ct2(batch, size, seed, generator=generator) -> int:
+                ctranslate2.set_random_seed(seed + 1)
+                results = generator.generate_batch([token_of[p] for p in batch], max_batch_size=size,
+                                                   max_length=new, sampling_temperature=1.0, sampling_topp=0.9,
+                                                   sampling_topk=0, include_prompt_in_result=False,
+                                                   return_end_token=True)
+                return counted([r.sequences_ids[0] for r in results])
+            paths[f"ctranslate2 {precision}"] = ct2
+
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp: skipped (pip install llama-cpp-python: builds from source)")
+    else:
+        for file in [_smollm2_dir() / _SMOLLM2_GGUF, *map(Path, args.gguf)]:
+            llm = Llama(model_path=str(file), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+            def llama(batch, size, seed, llm=llm) -> int:
+                tokens = 0
+                for i, p in enumerate(batch):  # one prompt at a time (high-level API), whatever the batch size
+                    out = llm.create_completion(p, max_tokens=new, temperature=1.0, top_p=0.9, top_k=0, min_p=0.0,
+                                                repeat_penalty=1.0, seed=seed * 1000 + i)
+                    done = out["choices"][0]["finish_reason"] == "stop"
+                    tokens += out["usage"]["completion_tokens"] + done  # + the EOS, counted as the others count it
+                return tokens
+            paths[f"llama.cpp {file.name}"] = llama
+    return paths, prompts
+
+
+if __name__ == "__main__":
+    sys.exit(main())
