@@ -155,6 +155,10 @@ def build_paths(args, threads: int):
         print("llama.cpp: skipped (pip install llama-cpp-python: builds from source)")
     else:
         for file in [_smollm2_dir() / _SMOLLM2_GGUF, *map(Path, args.gguf)]:
+            crash = llama_crashes(file, prompts[0], threads)
+            if crash:
+                print(f"llama.cpp {file.name}: skipped ({crash})")
+                continue
             llm = Llama(model_path=str(file), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
 
             def llama(batch, size, seed, llm=llm) -> int:
@@ -167,6 +171,27 @@ def build_paths(args, threads: int):
                 return tokens
             paths[f"llama.cpp {file.name}"] = llama
     return paths, prompts
+
+
+_PROBE = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=1024, n_threads=int(sys.argv[3]), verbose=False)
+llm.create_completion(sys.argv[2], max_tokens=4, temperature=1.0, top_p=0.9, top_k=0, min_p=0.0, seed=1)
+"""
+
+
+def llama_crashes(file: Path, prompt: str, threads: int) -> str | None:
+    """Why llama.cpp cannot generate from `file` here (None when it can), tried in a child process: a native build
+    can die in `llama_decode` (seen: SIGSEGV on multi-token prompts on an AMX-capable Xeon), which would end this run."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(file), prompt, str(threads)], capture_output=True,
+                          text=True, timeout=300, check=False)
+    if done.returncode == 0:
+        return None
+    return f"a {prompt.count(' ') + 1}-word prompt ends the process with exit code {done.returncode}: " \
+           f"{done.stderr.strip()[-200:]}"
 
 
 if __name__ == "__main__":
