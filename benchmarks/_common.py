@@ -8,10 +8,16 @@ os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import importlib.util
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def machine() -> str:
@@ -21,6 +27,39 @@ def machine() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     return (f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads, load average at start {load[0]:.2f}, python {platform.python_version()}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def simd_flags() -> str:
+    """The CPU's SIMD flags (avx*, amx*, sse4*, fma, vnni) as the kernel reports them."""
+    from expandr_haystack.generation.quantize import cpu_flags
+
+    return " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "sse4", "fma", "vnni")))) or "unknown"
+
+
+def cpu_line() -> str:
+    """One line naming the CPU and its SIMD flags: every speed figure says which CPU gave it."""
+    return f"CPU: {cpu_model()}; flags: {simd_flags()}"
+
+
+def load_example(relative: str, name: str) -> ModuleType:
+    """An example script (a path under examples/, which is not a package) as a module named `name`."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / relative)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass in it looks its module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median
+from _common import cpu_line, machine, median
 
 
 def main(argv=None) -> int:
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(machine())
+    print(cpu_line())
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: python {' '.join(sys.argv)}")
     paths, prompts = build_paths(args, threads)
     sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -49,9 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
 import datetime
-import importlib.util
 import json
-import platform
 import shlex
 import shutil
 import sys
@@ -63,7 +61,7 @@ from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
-from _common import machine
+from _common import cpu_model, load_example, machine, simd_flags
 from haystack.components.writers import DocumentWriter
 from haystack.document_stores.in_memory import InMemoryDocumentStore
 from haystack.utils import Secret
@@ -74,39 +72,11 @@ from expandr_haystack import ExpandRRetriever, LLMQueryExpander
 from expandr_haystack.evaluation.data import bundled_path, load_collection
 from expandr_haystack.evaluation.indexing import indexing_pipeline
 from expandr_haystack.evaluation.metrics import evaluate_run, run_from_documents
-from expandr_haystack.generation.quantize import cpu_flags
 from expandr_haystack.options import GenerationSettings
 
-ROOT = Path(__file__).resolve().parents[1]
 DIMENSION = 384
 FUSIONS = ("mean", "rrf")
 PATHS = ("faiss", "pg exact", "pg hnsw")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo; the platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def simd_flags() -> str:
-    return " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "sse4", "fma", "vnni")))) or "unknown"
-
-
-def postgres_launcher() -> Any:
-    """examples/servers/postgres.py as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("expandr_example_postgres", ROOT / "examples" / "servers" /
-                                                  "postgres.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def with_options(dsn: str, *settings: str) -> str:
@@ -194,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     launcher = server = None
     dsn = args.dsn
     if not dsn:
-        launcher = postgres_launcher()
+        launcher = load_example("servers/postgres.py", "expandr_example_postgres")
         folder = Path(tempfile.mkdtemp(prefix="expandr-bench-pg-"))
         folder.chmod(0o711)  # as root the server runs as `nobody`, which must reach its data folder
         server = launcher.start(folder / "data")

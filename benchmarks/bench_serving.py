@@ -27,8 +27,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
-import importlib.util
-import platform
 import shlex
 import shutil
 import statistics
@@ -44,34 +42,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine
+from _common import EXAMPLES, cpu_line, load_example, machine
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
 ROUTE = "expandr_search"
-
-
-def load_example(relative: str, name: str):
-    """An example script as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / relative)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def cpu_line() -> str:
-    """The CPU model and its SIMD flags (avx*, amx*, fma, vnni) as /proc/cpuinfo reports them."""
-    from expandr_haystack.generation.quantize import cpu_flags
-
-    model = platform.processor() or platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    simd = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "vnni")))
-    return f"CPU: {model}; flags: {' '.join(simd) or 'unknown'}"
 
 
 def make_queries(n: int) -> list[str]:
