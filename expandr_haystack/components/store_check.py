@@ -26,10 +26,10 @@ class StoreCheck:
     and size, no I/O) or `count_documents()` (one call a search; a store replaced in place with as many documents is
     not re-read; a store of more than `READ_LIMIT` documents is counted once). A change reads the documents (the
     storage itself, or `filter_documents()` for stores of at most `READ_LIMIT` documents) and a declared
-    `embedding_dim` / `embedding_dimension`. Hits without a score are documents without an embedding (pgvector). A store that returns documents without embeddings,
-    which some stores do even when they hold them, is trusted only once a search without filters finds nothing:
-    that is the silent empty result. A store that cannot be read (no `document_store`, no count, a failing call)
-    is not checked.
+    `embedding_dim` / `embedding_dimension`. Hits without a score beside scored ones are documents without an
+    embedding (pgvector). A store that returns documents without embeddings, which some stores do even when they
+    hold them, is trusted only once a search without filters finds nothing: that is the silent empty result. A
+    store that cannot be read (no `document_store`, no count, a failing call) is not checked.
     """
 
     #: Larger stores (by `count_documents`) are not read to check them (~0.1 s for 1,000 documents of Qdrant's local
