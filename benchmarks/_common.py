@@ -48,9 +48,17 @@ def simd_flags() -> str:
     return " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "sse4", "fma", "vnni")))) or "unknown"
 
 
+#: Each library's switch that holds it to a narrower instruction set than the CPU has: set together (e.g. all to
+#: AVX2) they run the kernels an AVX2-only CPU gets on a wider one (an emulation: caches and clocks stay this CPU's).
+ISA_SWITCHES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS",
+                "CT2_FORCE_CPU_ISA")
+
+
 def cpu_line() -> str:
-    """One line naming the CPU and its SIMD flags: every speed figure says which CPU gave it."""
-    return f"CPU: {cpu_model()}; flags: {simd_flags()}"
+    """One line naming the CPU and its SIMD flags, and any `ISA_SWITCHES` in force: every speed figure says which
+    CPU, and which kernels, gave it."""
+    limits = " ".join(f"{name}={os.environ[name]}" for name in ISA_SWITCHES if os.environ.get(name))
+    return f"CPU: {cpu_model()}; flags: {simd_flags()}" + (f"; kernels held by {limits}" if limits else "")
 
 
 def load_example(relative: str, name: str) -> ModuleType:

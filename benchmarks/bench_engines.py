@@ -5,12 +5,17 @@ prompts and sampling, at batch 1 (one interactive query: seconds to the finished
 
 Paths (each skipped with the reason when it cannot run here):
 - `raw generate`: transformers ``model.generate`` in float32 (the baseline of every ratio);
-- `packed float32` / `packed int8`: our ``LocalSampler`` with the packed decoder (int8 needs AVX512-VNNI);
+- `packed float32` / `packed int8`: our ``LocalSampler`` with the packed decoder (int8 needs FBGEMM: x86 with AVX2;
+  7-bit weights without AVX512-VNNI);
 - `ctranslate2 int8` / `ctranslate2 float32`: ``ctranslate2.Generator`` over the dequantised bundled SmolLM2, converted
   once with ``TransformersConverter`` into `--work` (`pip install ctranslate2`);
-- `llama.cpp <file>`: ``llama_cpp.Llama`` on the bundled GGUF as shipped (Q4_1), and on any `--gguf` file (e.g. a
-  Q8_0 conversion); llama-cpp-python's high-level API generates one prompt at a time, so its batch-16 figure is 16
-  sequential generations (llama.cpp's own batched decoding is not measured).
+- `llama.cpp <file>`: our ``engine="llama_cpp"`` (`generation.llama_cpp.LlamaCppSampler`, llama-cpp-python) on the
+  bundled GGUF as shipped (Q4_1), and on any `--gguf` file (e.g. a Q8_0 conversion or a bigger model, prompted
+  through its own chat template); llama-cpp-python's high-level API generates one prompt at a time, so its batch-16
+  figure is 16 sequential generations (llama.cpp's own batched decoding is not measured).
+
+Run with every switch of `_common.ISA_SWITCHES` set to AVX2 (and a llama.cpp built for AVX2 only) to time the kernels
+an AVX2-only CPU gets on a wider one.
 
 Same ExpandR q2d prompts (the first `--queries` Cranfield train queries through the chat template), T 1.0, top-p
 0.9, no top-k, no min-p, no repetition penalty, `--max-new-tokens`; tokens counted as generated up to and including
@@ -150,27 +155,24 @@ def build_paths(args, threads: int):
                 return counted([r.sequences_ids[0] for r in results])
             paths[f"ctranslate2 {precision}"] = ct2
 
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        print("llama.cpp: skipped (pip install llama-cpp-python: builds from source)")
+    from expandr_haystack.generation.llama_cpp import LlamaCppSampler, llama_cpp_unavailable_reason
+
+    reason = llama_cpp_unavailable_reason()
+    if reason is not None:
+        print(f"llama.cpp: skipped ({reason})")
     else:
+        messages = {p: [{"role": "user", "content": EXPANSION_PROMPT.format(query=q)}] for p, q in zip(prompts, queries)}
         for file in [_smollm2_dir() / _SMOLLM2_GGUF, *map(Path, args.gguf)]:
             crash = llama_crashes(file, prompts[0], threads)
             if crash:
                 print(f"llama.cpp {file.name}: skipped ({crash})")
                 continue
-            llm = Llama(model_path=str(file), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
-
-            def llama(batch, size, seed, llm=llm) -> int:
-                tokens = 0
-                for i, p in enumerate(batch):  # one prompt at a time (high-level API), whatever the batch size
-                    out = llm.create_completion(p, max_tokens=new, temperature=1.0, top_p=0.9, top_k=0, min_p=0.0,
-                                                repeat_penalty=1.0, seed=seed * 1000 + i)
-                    done = out["choices"][0]["finish_reason"] == "stop"
-                    tokens += out["usage"]["completion_tokens"] + done  # + the EOS, counted as the others count it
-                return tokens
-            paths[f"llama.cpp {file.name}"] = llama
+            # the engine the expander runs (engine='llama_cpp'): prompts templated by the file's own tokenizer, one
+            # at a time (llama-cpp-python's high-level API), llama.cpp's extra samplers off
+            run = ours(LlamaCppSampler(str(file), engine_kwargs={"n_ctx": 1024, "n_threads": threads,
+                                                                 "n_threads_batch": threads}))
+            paths[f"llama.cpp {file.name}"] = lambda batch, size, seed, run=run: run([messages[p] for p in batch],
+                                                                                     size, seed)
     return paths, prompts
 
 

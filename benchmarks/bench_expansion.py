@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, verdict
+from _common import cpu_line, machine, median, verdict
 
 
 def main(argv=None) -> int:
@@ -70,13 +70,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    from expandr_haystack.generation.quantize import cpu_flags, resolve_precision
+    from expandr_haystack.generation.quantize import auto_precision, int8_weight_levels
 
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine())
-    simd = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
-    print(f"CPU features: {' '.join(simd) or 'unknown'}; precision 'auto' resolves to {resolve_precision('auto')!r}")
+    print(cpu_line())
+    print(f"precision 'auto' resolves to {auto_precision()[0]!r} ({auto_precision()[1]}); int8 weights: "
+          f"{int8_weight_levels()} levels a sign")
     if args.throughput:
         throughput(args)
     if args.quality:

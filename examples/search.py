@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     prf = dense.retrieve(queries, None, feedback_k=chosen.feedback_k, feedback_weight=chosen.feedback_weight)
 
     print(f"\nnDCG@10 on Cranfield test ({len(queries)} queries; * = judged relevant above; one expansion seed — "
-          f"`expandr eval --seeds` gives mean ± sd)")
+          f"`expandr eval --seeds` gives mean ± sd; LLM engine {q2d.engine!r}, weight_precision "
+          f"{q2d.sampler_options.weight_precision!r}: the figures are this engine's)")
     rows = (("dense, no expansion", plain), (f"PRF (Rocchio k={chosen.feedback_k}), no LLM", prf),
             (f"ExpandR q2d (n={args.n_expansions}, w={w['expand']:g})", results["q2d"]),
             (f"ExpandR grounded (n={args.n_expansions}, w={w['grounded']:g})", results["grounded"]),

@@ -79,6 +79,11 @@ def _smollm2_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def bundled_gguf() -> Path:
+    """The bundled SmolLM2-135M-Instruct GGUF file as shipped (Q4_1), what `engine='llama_cpp'` runs by default."""
+    return _smollm2_dir() / _SMOLLM2_GGUF
+
+
 def dequantised_llm_dir() -> Path:
     """Where the plain safetensors copy of the bundled SmolLM2 lives (built on first use)."""
     return expandr_home() / "models" / "SmolLM2-135M-Instruct-f32"
@@ -161,10 +166,14 @@ def load_encoder(
     :param tokenizer_kwargs: Keyword arguments for the tokenizer (sentence-transformers' ``processor_kwargs``);
         ``model_max_length`` also sets the encoder's ``max_seq_length``, as Haystack does.
     :param config_kwargs: Keyword arguments for ``AutoConfig.from_pretrained``.
-    :param backend: "torch", "onnx" or "openvino" (the last two need Optimum: ``optimum-onnx[onnxruntime]`` or
-        ``optimum-intel[openvino]``, in a release that supports the installed transformers; see
-        `encoder_backend_problem`). sentence-transformers exports a model folder that holds no ``onnx/*.onnx`` /
-        ``openvino/*.xml`` file again at every load; ``encoder.save_pretrained(folder)`` keeps the export.
+    :param backend: "torch", "onnx", "openvino" or "ctranslate2". "onnx" and "openvino" need Optimum
+        (``optimum-onnx[onnxruntime]`` or ``optimum-intel[openvino]``, in a release that supports the installed
+        transformers; see `encoder_backend_problem`); sentence-transformers exports a model folder that holds no
+        ``onnx/*.onnx`` / ``openvino/*.xml`` file again at every load; ``encoder.save_pretrained(folder)`` keeps the
+        export. "ctranslate2" (CPU, BERT-family encoders, needs ``ctranslate2``) runs the transformer in
+        CTranslate2, int8 by default, converted once under ``$EXPANDR_HOME/encoders/ctranslate2/``; its options
+        (``compute_type``, ``intra_threads``, ``max_batch_tokens``) go in ``model_kwargs``: see
+        `expandr_haystack.encoders.ctranslate2`. The encoder is still a ``SentenceTransformer``.
 
     Instances are shared per (path, device, options); the token is part of the key only for hub models (a local
     folder loads the same whatever the token), so components that name the same local encoder share one copy.
@@ -183,11 +192,17 @@ def load_encoder(
                         ("config_kwargs", config_kwargs)):
         if value is not None and not isinstance(value, dict):
             raise TypeError(f"`{name}` must be a dict or None; got {type(value).__name__}.")
+    ct2_options = None
+    if backend == "ctranslate2":
+        from expandr_haystack.encoders.ctranslate2 import import_ctranslate2, split_options
+
+        import_ctranslate2()  # the ImportError that says how to install it, before any loading
+        ct2_options, model_kwargs = split_options(model_kwargs)  # the rest goes to from_pretrained
     path = resolve_encoder_path(model)
     token_value = token.resolve_value() if token is not None else None
     options = {"trust_remote_code": trust_remote_code, "revision": revision, "local_files_only": local_files_only,
                "truncate_dim": truncate_dim, "model_kwargs": model_kwargs, "tokenizer_kwargs": tokenizer_kwargs,
-               "config_kwargs": config_kwargs, "backend": backend}
+               "config_kwargs": config_kwargs, "backend": backend, "ctranslate2": ct2_options}
     token_key = None
     if token_value and not Path(path).exists():
         token_key = hashlib.sha256(str(token_value).encode()).hexdigest()  # never the token itself
@@ -200,7 +215,8 @@ def load_encoder(
                 encoder = SentenceTransformer(
                     path, device=device, token=token_value, trust_remote_code=trust_remote_code, revision=revision,
                     local_files_only=local_files_only, truncate_dim=truncate_dim, model_kwargs=model_kwargs,
-                    processor_kwargs=tokenizer_kwargs, config_kwargs=config_kwargs, backend=backend)
+                    processor_kwargs=tokenizer_kwargs, config_kwargs=config_kwargs,
+                    backend="torch" if backend == "ctranslate2" else backend)
             except Exception as exc:
                 problem = encoder_backend_problem(backend)
                 if problem is None:
@@ -212,6 +228,13 @@ def load_encoder(
                 ) from exc
             if tokenizer_kwargs and tokenizer_kwargs.get("model_max_length"):
                 encoder.max_seq_length = tokenizer_kwargs["model_max_length"]
+            if ct2_options is not None:
+                from expandr_haystack.encoders.ctranslate2 import to_ctranslate2
+
+                # what the converted weights depend on: the model's files (or hub id and revision) and how it loads
+                identity = json.dumps([model_identity(path), revision, trust_remote_code, model_kwargs, config_kwargs],
+                                      sort_keys=True, default=str)
+                encoder = to_ctranslate2(encoder, identity, **ct2_options)
             _ENCODERS[key] = encoder
         return _ENCODERS[key]
 

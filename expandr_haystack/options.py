@@ -37,10 +37,11 @@ from haystack.utils import ComponentDevice, Secret, deserialize_secrets_inplace
 
 from expandr_haystack.checks import check_choice, check_int, check_number
 
-#: Encoder runtimes (sentence-transformers' `backend`, as Haystack's embedders name it).
-ENCODER_BACKENDS = ("torch", "onnx", "openvino")
+#: Encoder runtimes (sentence-transformers' `backend`, as Haystack's embedders name it; "ctranslate2" is this
+#: package's: `expandr_haystack.encoders.ctranslate2`).
+ENCODER_BACKENDS = ("torch", "onnx", "openvino", "ctranslate2")
 #: Local generation engines (`SamplerOptions.engine`; `expandr eval --engine`, `llm_engine` in configs).
-ENGINES = ("auto", "packed", "transformers", "vllm")
+ENGINES = ("auto", "packed", "transformers", "vllm", "llama_cpp")
 #: Weight precisions of the packed CPU decoder (`SamplerOptions.weight_precision`).
 WEIGHT_PRECISIONS = ("auto", "float32", "int8", "bfloat16")
 #: Model dtypes of the transformers / vLLM engines (`SamplerOptions.dtype`).
@@ -147,7 +148,10 @@ class EncoderOptions(_Options):
     :param config_kwargs: Keyword arguments for `AutoConfig.from_pretrained`.
     :param encode_kwargs: Extra keyword arguments for `SentenceTransformer.encode` (e.g. `prompt_name`, `task`);
         the ones the components set themselves (batch size, normalisation, precision, ...) are refused.
-    :param backend: The encoder runtime: "torch", "onnx" or "openvino" (the last two need `optimum`).
+    :param backend: The encoder runtime: "torch", "onnx" or "openvino" (the last two need `optimum`), or
+        "ctranslate2" (CPU, BERT-family encoders, needs `ctranslate2`: the transformer converted once and run in int8
+        by CTranslate2; its options `compute_type` ("int8", "int8_float32", "int16", "float32"), `intra_threads` and
+        `max_batch_tokens` go in `model_kwargs`, see `expandr_haystack.encoders.ctranslate2`).
     """
 
     batch_size: int = 32
@@ -161,7 +165,7 @@ class EncoderOptions(_Options):
     tokenizer_kwargs: dict[str, Any] | None = None
     config_kwargs: dict[str, Any] | None = None
     encode_kwargs: dict[str, Any] | None = None
-    backend: Literal["torch", "onnx", "openvino"] = "torch"
+    backend: Literal["torch", "onnx", "openvino", "ctranslate2"] = "torch"
 
     #: `SentenceTransformer.encode` arguments the components set themselves, with the setting to use instead.
     OWN_ENCODE_ARGUMENTS: ClassVar[dict[str, str]] = {
@@ -177,6 +181,13 @@ class EncoderOptions(_Options):
         for name in ("model_kwargs", "tokenizer_kwargs", "config_kwargs", "encode_kwargs"):
             object.__setattr__(self, name, _check_kwargs(getattr(self, name), name))
         check_choice(self.backend, "backend", ENCODER_BACKENDS)
+        from expandr_haystack.encoders import ctranslate2 as ct2  # imports no ctranslate2 itself
+
+        if self.backend == "ctranslate2":
+            ct2.check_options(self.model_kwargs)
+        elif set(self.model_kwargs or {}) & set(ct2.OPTIONS):
+            raise ValueError(f"`model_kwargs` {sorted(set(self.model_kwargs) & set(ct2.OPTIONS))} are options of "
+                             f"backend='ctranslate2'; this encoder's backend is {self.backend!r}.")
         clash = sorted(set(self.encode_kwargs or {}) & set(self.OWN_ENCODE_ARGUMENTS))
         if clash:
             raise ValueError(f"`encode_kwargs` may not set {clash}: use the component's own settings "
@@ -195,14 +206,17 @@ class SamplerOptions(_Options):
     How the expander's LLM is loaded and called (`generation.make_sampler`).
 
     :param engine: Local generation engine: "auto" (the packed CPU decoder for Llama-architecture models on CPU,
-        else transformers), "packed" (fail if the model does not allow it), "transformers", or "vllm" (GPU,
-        in-process vLLM with the LoRA adapter per request; needs the `vllm` extra). Unused with a chat generator.
+        else transformers), "packed" (fail if the model does not allow it), "transformers", "vllm" (GPU,
+        in-process vLLM with the LoRA adapter per request; needs the `vllm` extra) or "llama_cpp" (a GGUF file, None
+        = the bundled one, run natively by llama.cpp in its own quantization on any CPU, the LoRA adapter converted
+        to GGUF once; needs the `llama-cpp` extra). Unused with a chat generator.
     :param device: Device for the local model (None = best available, resolved at `warm_up`).
     :param dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16".
-    :param weight_precision: Weight precision of the packed CPU decoder: "float32" (exact, the default), "int8"
-        (per-channel int8 weights through FBGEMM on smoothed 8-bit inputs, CPUs with AVX512-VNNI only),
-        "bfloat16" (CPUs with native bfloat16 only) or "auto" (int8 where the CPU has AVX512-VNNI, else float32).
-        Texts in any precision but float32 are cached apart. Packed decoder only.
+    :param weight_precision: Weight precision of the packed CPU decoder: "auto" (the default: int8 where it runs,
+        else float32; the choice and its reason are logged at INFO), "float32" (exact: the reference), "int8"
+        (per-channel int8 weights through FBGEMM on smoothed 8-bit inputs; x86 CPUs with AVX2, 7-bit weights
+        without AVX512-VNNI) or "bfloat16" (CPUs with native bfloat16 only). Texts in each precision (and int8 weight
+        width) are cached apart. Packed decoder only; the other engines ignore "auto".
     :param max_prompt_tokens: Longer queries (and documents) are truncated, with a warning, so the prompt fits.
     :param model_kwargs: Keyword arguments for `AutoModelForCausalLM.from_pretrained` (transformers engines), e.g.
         ``{"device_map": "auto"}`` or a quantization config; part of the cache key when given.
@@ -210,7 +224,9 @@ class SamplerOptions(_Options):
     :param max_retries: Retries for empty generations (new seed) and failing remote calls (with backoff).
     :param retry_backoff: First wait in seconds between remote retries; doubles each time.
     :param max_concurrency: Remote calls in flight at once.
-    :param engine_kwargs: Keyword arguments for the engine itself, `engine='vllm'` only: vLLM's ``LLM(...)``, e.g.
+    :param engine_kwargs: Keyword arguments for the engine itself: llama-cpp-python's ``Llama(...)`` with
+        `engine='llama_cpp'` (e.g. ``{"n_ctx": 8192}``, ``{"n_threads": 4}``; defaults: 4096 and every core), or
+        vLLM's ``LLM(...)`` with `engine='vllm'`, e.g.
         ``{"tensor_parallel_size": 4}`` (one model over 4 GPUs; an in-process ``LLM`` refuses ``data_parallel_size`` > 1),
         ``{"gpu_memory_utilization": 0.8}`` (default 0.4: joint training keeps room for its trainers) or
         ``{"max_model_len": 8192}``. They change where and how fast rows are generated, not their texts.
@@ -219,7 +235,7 @@ class SamplerOptions(_Options):
     engine: str = "auto"
     device: ComponentDevice | None = None
     dtype: str = "auto"
-    weight_precision: str = "float32"
+    weight_precision: str = "auto"
     max_prompt_tokens: int = 1024
     model_kwargs: dict[str, Any] | None = None
     token: Secret | None = field(default_factory=default_token)
@@ -234,21 +250,23 @@ class SamplerOptions(_Options):
             raise TypeError(f"`device` must be a haystack ComponentDevice or None; got {type(self.device).__name__}.")
         check_choice(self.dtype, "dtype", DTYPES)
         check_choice(self.weight_precision, "weight_precision", WEIGHT_PRECISIONS)
-        if self.weight_precision not in ("float32", "auto") and self.engine in ("vllm", "transformers"):
+        if self.weight_precision not in ("float32", "auto") and self.engine in ("vllm", "transformers", "llama_cpp"):
             raise ValueError(f"`weight_precision`={self.weight_precision!r} is the packed CPU decoder's; it does not "
-                             "apply with `engine` 'transformers'/'vllm' (use `dtype` there).")
+                             f"apply with `engine`={self.engine!r} (use `dtype` with transformers/vLLM; a GGUF file "
+                             "carries its own quantization).")
         check_int(self.max_prompt_tokens, "max_prompt_tokens")
         object.__setattr__(self, "model_kwargs", _check_kwargs(self.model_kwargs, "model_kwargs"))
-        if self.model_kwargs and self.engine == "vllm":
-            raise ValueError("`model_kwargs` go to transformers' from_pretrained; `engine='vllm'` does not take them.")
+        if self.model_kwargs and self.engine in ("vllm", "llama_cpp"):
+            raise ValueError(f"`model_kwargs` go to transformers' from_pretrained; `engine`={self.engine!r} does not "
+                             "take them (use `engine_kwargs`).")
         _check_token(self.token)
         check_int(self.max_retries, "max_retries", minimum=0)
         check_number(self.retry_backoff, "retry_backoff", 0.0)
         check_int(self.max_concurrency, "max_concurrency")
         object.__setattr__(self, "engine_kwargs", _check_kwargs(self.engine_kwargs, "engine_kwargs"))
-        if self.engine_kwargs and self.engine != "vllm":
-            raise ValueError(f"`engine_kwargs` go to vLLM's LLM(...); `engine`={self.engine!r} does not take them (use "
-                             "`model_kwargs` for transformers' from_pretrained).")
+        if self.engine_kwargs and self.engine not in ("vllm", "llama_cpp"):
+            raise ValueError(f"`engine_kwargs` go to vLLM's LLM(...) or llama.cpp's Llama(...); `engine`={self.engine!r} "
+                             "does not take them (use `model_kwargs` for transformers' from_pretrained).")
 
 
 @dataclass(frozen=True)

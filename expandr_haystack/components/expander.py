@@ -157,10 +157,15 @@ class LLMQueryExpander:
     def from_dict(cls, data: dict[str, Any]) -> LLMQueryExpander:
         """Deserialize from a dictionary made by `to_dict` (the input is not modified). Files saved before the
         option groups (flat `temperature`, `backend`, `precision`, ...) load with the same settings; `backend` and
-        `precision` are read with a DeprecationWarning naming their new place."""
+        `precision` are read with a DeprecationWarning naming their new place; they were made in float32, so they keep
+        `weight_precision="float32"` unless they say otherwise (the default became "auto" later)."""
         params = dict(data.get("init_parameters", {}))
+        flat = set(params) & (_GENERATION_FIELDS | _SAMPLER_FIELDS | set(LEGACY_NAMES))
         params = fold_legacy(params, "generation", GenerationSettings, cls.__name__)
         params = fold_legacy(params, "sampler", SamplerOptions, cls.__name__, LEGACY_NAMES)
+        if flat:
+            sampler = params.get("sampler") or {}
+            params["sampler"] = {"weight_precision": "float32"} | dict(sampler.get("init_parameters", sampler))
         return default_from_dict(cls, {**data, "init_parameters": params})
 
     def warm_up(self) -> None:
@@ -203,7 +208,8 @@ class LLMQueryExpander:
     @property
     def engine(self) -> str:
         """The generation engine in use after `warm_up`: "packed" (float32; "packed-int8-smoothed.2",
-        "packed-bfloat16" in another precision), "transformers", "vllm" or "remote"."""
+        "packed-int8-smoothed.2-w64" (7-bit weights), "packed-bfloat16" in another precision), "transformers",
+        "vllm" or "remote"."""
         self.warm_up()
         return self._sampler.engine
 

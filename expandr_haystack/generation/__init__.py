@@ -107,6 +107,14 @@ def make_sampler(model: str | None = None, adapter: str | None = None, chat_gene
 
         return ChatGeneratorSampler(chat_generator, max_prompt_tokens=o.max_prompt_tokens, max_retries=o.max_retries,
                                     retry_backoff=o.retry_backoff, max_concurrency=o.max_concurrency)
+    if o.engine == "llama_cpp":
+        from expandr_haystack.generation.llama_cpp import LlamaCppSampler
+        from expandr_haystack.models import DEFAULT_LLM, bundled_gguf
+
+        path = str(bundled_gguf()) if model in (None, DEFAULT_LLM) else resolve_llm_path(model)
+        sampler = LlamaCppSampler(path, adapter, max_prompt_tokens=o.max_prompt_tokens, engine_kwargs=o.engine_kwargs)
+        sampler.identity = model_identity(path, adapter)  # the engine's name (with its version) is in every key
+        return sampler
     path = resolve_llm_path(model)
     device = resolve_device(o.device)
     if o.engine == "vllm":

@@ -188,7 +188,7 @@ def default_decoder(model, engine: str = "auto", pad_id: int = 0, weight_precisi
     """
     from expandr_haystack.generation.packed_llama import PackedLlamaDecoder, unsupported_reason
     from expandr_haystack.generation.pages import release_clean_file_pages
-    from expandr_haystack.generation.quantize import resolve_precision
+    from expandr_haystack.generation.quantize import auto_precision, resolve_precision
 
     if engine not in ("auto", "packed", "transformers"):
         raise ValueError(f"`engine` must be 'auto', 'packed' or 'transformers'; got {engine!r}.")
@@ -205,6 +205,9 @@ def default_decoder(model, engine: str = "auto", pad_id: int = 0, weight_precisi
     with _LOCK:  # one packed copy per model and precision (the candidates and the answers share it)
         decoders = _PACKED.setdefault(model, {})
         if resolved not in decoders:
+            if weight_precision == "auto":
+                logger.info("weight_precision='auto' chose %s: %s (weight_precision='float32' is the exact "
+                            "reference).", *auto_precision())
             decoders[resolved] = PackedLlamaDecoder(model, resolved,
                                                     calibration if resolved == "int8" else None)
             # the packed copy is what decodes now: the model's weights, read once from their memory-mapped file
@@ -269,12 +272,15 @@ class LocalSampler:
     @property
     def engine(self) -> str:
         """The engine as the expander's cache keys name it: `backend`, with the precision when it is not float32
-        ("packed-int8-smoothed.2"): texts of another precision are never served for these (float32 keys as
-        before). `INT8_ENGINE` changes with int8's arithmetic: the rows cached by the earlier int8 paths
-        ("packed-int8": two input levels; "packed-int8-smoothed": the norms applied to the inputs) are other text and
-        are not served."""
+        ("packed-int8-smoothed.2"; with 7-bit weights, on CPUs without VNNI, "packed-int8-smoothed.2-w64"): texts of
+        another precision are never served for these (float32 keys as before). `INT8_ENGINE` changes with int8's
+        arithmetic: the rows cached by the earlier int8 paths ("packed-int8": two input levels;
+        "packed-int8-smoothed": the norms applied to the inputs) are other text and are not served."""
+        if self.backend == "packed" and self.precision == "int8":
+            levels = getattr(self.decoder, "int8_levels", 127)
+            return f"packed-{INT8_ENGINE}" + ("" if levels == 127 else f"-w{levels}")
         if self.backend == "packed" and self.precision != "float32":
-            return f"packed-{INT8_ENGINE if self.precision == 'int8' else self.precision}"
+            return f"packed-{self.precision}"
         return self.backend
 
     def truncate(self, text: str, argument: str = "query") -> str:

@@ -235,6 +235,8 @@ class PackedLlamaDecoder:
             c = smoothing_scales(maxima[(-1, "head")], head)
             head, final_norm = head * c, final_norm / c
         self.lm_head = make_linear(head, self.precision, scale=final_norm, eps=self.eps)  # the final norm folded in
+        #: int8 weight levels per sign (127, or 64 on FBGEMM's kernels without VNNI); None in other precisions
+        self.int8_levels = getattr(self.lm_head, "levels", None)
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary tables [rows, steps, 1, head_dim] for `positions` [rows, steps]; the sine carries the sign of

@@ -27,16 +27,24 @@ SmolLM2-135M, the 113 MB vocabulary head included), so smaller weights are faste
     a layer after a norm quantizes ``norm weight * x`` and multiplies its output's row scale by the norm's factor
     (`rms_factor`); the residual add is fused with that rescaling (``addcmul``).
 
+  - **7-bit weights without VNNI**: FBGEMM's AVX2 and AVX-512 kernels (CPUs without AVX512-VNNI, FBGEMM's
+    ``FBGEMM_ENABLE_INSTRUCTIONS`` set to one of them) multiply uint8 input codes by int8 weights in adjacent pairs
+    summed into int16 (``vpmaddubsw``), which saturates above 32,767: with 8-bit weights a pair reaches
+    ``255 * 127 * 2 = 64,770`` and rows come out up to ~9% wrong. There the weights use 64 levels instead of 127
+    (``s_n = max|w_n| / 64``, `int8_weight_levels`): a pair is at most ``255 * 64 * 2 = 32,640``, so the integer
+    product is exact again and the inputs keep their 8 bits (FBGEMM's own remedy, `reduce_range`, takes the bit
+    from the inputs instead, which costs far more accuracy: next-token KL 0.044 against 0.027 for 7-bit weights and
+    0.014 for 8-bit weights with VNNI, docs/benchmarks.md "int8 without VNNI").
+
   On SmolLM2-135M-Instruct with AVX512-VNNI int8 is ~1.7x the float32 packed decoder's tokens/s with expand
   nDCG@10 not measurably different (docs/benchmarks.md, "Expansion at int8"). Text differs from float32 text
-  wherever a draw falls near a boundary, so int8 texts are cached apart (`LocalSampler.engine`). Needs
-  AVX512-VNNI: without it FBGEMM's inputs are 7-bit, too coarse, so int8 is refused there
-  (`int8_unsupported_reason`);
+  wherever a draw falls near a boundary, so int8 texts are cached apart (`LocalSampler.engine`), and 7-bit-weight
+  texts apart from 8-bit ones. Needs FBGEMM: x86 CPUs with AVX2 (`int8_unsupported_reason`);
 * ``"bfloat16"``: weights and activations rounded to bfloat16 through oneDNN (`_Bfloat16Linear`), only on CPUs with
   native bfloat16 dot products (AVX512-BF16 or AMX, detected at run time; on AVX2/AVX-512 without them oneDNN
   emulates bfloat16 and it is 3-5x slower than float32, so it is refused there: `bfloat16_unsupported_reason`);
 * ``"auto"``: `resolve_precision` - the fastest precision measured faster than float32 end to end on this kind of
-  CPU with retrieval quality unchanged: int8 on CPUs with AVX512-VNNI, float32 elsewhere.
+  CPU with retrieval quality unchanged: int8 where FBGEMM runs, float32 elsewhere.
 
 The linear layers are ``torch.nn.Module``s that `packed_llama.script_body` compiles with TorchScript as part of the
 decoder's layers, which is why this module, like `packed_llama`, has no ``from __future__ import annotations``
@@ -44,6 +52,7 @@ decoder's layers, which is why this module, like `packed_llama`, has no ``from _
 """
 
 import functools
+import os
 import warnings
 
 import torch
@@ -73,18 +82,34 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+#: `FBGEMM_ENABLE_INSTRUCTIONS` values that hold FBGEMM to kernels without VNNI on any CPU (FBGEMM's own switch;
+#: "AVX512_E1" and "AVX512_E1_256" are its VNNI sets, anything else is ignored by it).
+NO_VNNI_SETTINGS = ("AVX2", "AVX512", "AVX512_256")
+
+
+def fbgemm_has_vnni() -> bool:
+    """Whether FBGEMM runs its AVX512-VNNI int8 kernels here: the CPU has AVX512-VNNI and FBGEMM's switch
+    ``FBGEMM_ENABLE_INSTRUCTIONS`` does not hold it to AVX2/AVX-512 (how the AVX2 path is run on a VNNI CPU)."""
+    setting = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").strip().upper()
+    return "avx512_vnni" in cpu_flags() and setting not in NO_VNNI_SETTINGS
+
+
+def int8_weight_levels() -> int:
+    """Weight levels per sign of the int8 path on this CPU: 127 with FBGEMM's VNNI kernels (exact 32-bit sums),
+    else 64, so that FBGEMM's int16 pair sums of uint8 codes times weights cannot saturate (``255 * 64 * 2 <=
+    32,767``; the module docstring)."""
+    return 127 if fbgemm_has_vnni() else 64
+
+
 def int8_unsupported_reason() -> str | None:
     """
-    Why the int8 path cannot run here (None when it can): it needs FBGEMM (x86) and AVX512-VNNI integer dot
-    products. FBGEMM's kernels are AVX512-VNNI, AVX-512 or AVX2 ones (no AVX-VNNI set); without AVX512-VNNI its
-    u8 x s8 pair sums saturate int16 unless the inputs use 7 bits (`reduce_range`), and 7-bit inputs are too
-    coarse (docs/benchmarks.md, "Expansion at int8").
+    Why the int8 path cannot run here (None when it can): it needs FBGEMM, torch's x86 int8 kernels, which need
+    AVX2 (no ARM CPU has them). Without AVX512-VNNI it runs with 7-bit weights (`int8_weight_levels`).
     """
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         return "this torch build has no FBGEMM int8 kernels"
-    if "avx512_vnni" not in cpu_flags():
-        return ("the CPU has no AVX512-VNNI: FBGEMM would need 7-bit inputs there, too coarse (KL 0.044 to "
-                "float32 vs 0.017 with 8 bits)")
+    if "avx2" not in cpu_flags():
+        return "the CPU has no AVX2, which FBGEMM's int8 kernels need (x86 only)"
     return None
 
 
@@ -98,16 +123,29 @@ def bfloat16_unsupported_reason() -> str | None:
     return None
 
 
+def auto_precision() -> tuple[str, str]:
+    """
+    What ``"auto"`` resolves to on this machine, and why, in words for a log line: "int8" where FBGEMM runs (x86 with
+    AVX2: ~1.7x the packed float32 decoder's tokens/s with AVX512-VNNI, expand nDCG@10 not measurably different with
+    8-bit or 7-bit weights; docs/benchmarks.md "Expansion at int8" and "int8 without VNNI"), else "float32"
+    (bfloat16 is unmeasured where native).
+    """
+    reason = int8_unsupported_reason()
+    if reason is not None:
+        return "float32", f"int8 cannot run here ({reason})"
+    kernels = ("FBGEMM's AVX512-VNNI kernels, 8-bit weights" if fbgemm_has_vnni() else
+               "FBGEMM's kernels without VNNI, 7-bit weights")
+    return "int8", f"the fastest precision that runs here ({kernels}), with expansion quality measured unchanged"
+
+
 def resolve_precision(precision: str) -> str:
     """
-    The weight precision `precision` runs in on this machine. "auto" = the fastest precision whose exactness is
-    acceptable: "int8" where it runs (FBGEMM with AVX512-VNNI: ~1.7x the packed float32 decoder's tokens/s with
-    expand nDCG@10 not measurably different, docs/benchmarks.md "Expansion at int8"), else "float32" (bfloat16 is
-    unmeasured where native). An explicit precision the machine cannot run is a ValueError naming the argument.
+    The weight precision `precision` runs in on this machine: "auto" = `auto_precision`'s choice; an explicit
+    precision the machine cannot run is a ValueError naming the argument.
     """
     check_choice(precision, "weight_precision", PRECISIONS)
     if precision == "auto":
-        return "int8" if int8_unsupported_reason() is None else "float32"
+        return auto_precision()[0]
     reason = {"int8": int8_unsupported_reason, "bfloat16": bfloat16_unsupported_reason}.get(precision,
                                                                                           lambda: None)()
     if reason is not None:
@@ -115,13 +153,14 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_channel(weight: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 weights, one scale per output channel (row): ``weight ~ scales[:, None] * q`` with
-    ``scales = max|row| / 127`` (1 for an all-zero row) and ``q = round(weight / scales)`` in [-127, 127]."""
+    ``scales = max|row| / levels`` (1 for an all-zero row) and ``q = round(weight / scales)`` in [-levels, levels]
+    (`levels` 127, or 64 for FBGEMM's kernels without VNNI: `int8_weight_levels`)."""
     weight = weight.detach().to(torch.float32)
-    scales = weight.abs().amax(dim=1) / 127.0
+    scales = weight.abs().amax(dim=1) / float(levels)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    return torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+    return torch.round(weight / scales[:, None]).clamp(-levels, levels).to(torch.int8), scales
 
 
 def fbgemm_input_grid() -> tuple[float, int, int]:
@@ -226,14 +265,18 @@ class _Int8Linear(torch.nn.Module):
     (see the module docstring), on ``scale * x`` or, with `eps`, on ``scale * RMSNorm(x)``: RMSNorm multiplies each
     row by one factor (`rms_factor`), which leaves the row's 8-bit codes as they are, so it is applied to the
     output's row scale instead of the input (one [rows, 1] product instead of three ops on the whole input).
+    `levels`: the weights' levels per sign (None = `int8_weight_levels`, what this CPU's FBGEMM kernels take exactly).
     """
 
     scale: torch.Tensor | None
     eps: torch.Tensor | None
+    levels: int
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, eps: float | None = None):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, eps: float | None = None,
+                 levels: int | None = None):
         super().__init__()
-        q, scales = quantize_per_channel(weight)
+        self.levels = int8_weight_levels() if levels is None else levels
+        q, scales = quantize_per_channel(weight, self.levels)
         with warnings.catch_warnings():  # quantized tensors are deprecated in recent torch, still the FBGEMM API
             warnings.simplefilter("ignore")
             quantized = torch._make_per_channel_quantized_tensor(q, scales.double(),

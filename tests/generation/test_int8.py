@@ -27,6 +27,8 @@ from expandr_haystack.options import GenerationSettings, SamplerOptions
 
 needs_int8 = pytest.mark.skipif(int8_unsupported_reason() is not None,
                                 reason=f"int8 path unavailable: {int8_unsupported_reason()}")
+#: the int8 engine's cache name on this CPU (7-bit weights without FBGEMM's VNNI kernels)
+INT8_NAME = "packed-int8-smoothed.2" + ("" if quantize.int8_weight_levels() == 127 else "-w64")
 PROMPTS = [[5, 9, 17, 33, 40, 41], [5, 9, 17, 8], [50, 51, 52, 53, 54, 60, 61]]
 CALIBRATION = calibration_ids(CharTokenizer())
 
@@ -40,6 +42,9 @@ def test_quantize_per_channel_rounds_each_row_to_its_own_grid():
     error = (q.float() * scales[:, None] - weight).abs()
     assert bool((error <= scales[:, None] / 2 * (1 + 1e-5)).all())  # at most half a step of the row's own grid
     assert torch.equal(q[7], torch.zeros(24, dtype=torch.int8))
+    q7, scales7 = quantize_per_channel(weight, 64)  # FBGEMM without VNNI: 64 levels a sign
+    rows = torch.arange(40) != 7
+    assert int(q7.abs().max()) == 64 and torch.allclose(scales7[rows], scales[rows] * 127 / 64)
 
 
 @needs_int8
@@ -64,7 +69,7 @@ def test_int8_linear_is_the_dequantized_weight_product_and_row_independent():
     x[2, 5] = 40.0  # an outlier channel
     linear = _Int8Linear(weight)
     out = linear(x)
-    q, scales = quantize_per_channel(weight)
+    q, scales = quantize_per_channel(weight, linear.levels)
     dequantized_weight = q.float() * scales[:, None]
     dequantized = x @ dequantized_weight.t()
     # one 8-bit grid per row: each input within half a step (scale / 2) of its row's largest |x|, so the product is
@@ -188,8 +193,9 @@ def test_int8_greedy_tokens_agree_on_the_bundled_model():
     teacher-forced greedy steps: the int8 top token is float32's in >= 90% of the steps (measured 97.4% with VNNI's
     8-bit inputs; 96.9% before the norms moved into the row scales) and the mean KL(float32 || int8) of the
     next-token distributions is below 0.025 nats (measured 0.014; 0.017 before; and, before too: without the
-    smoothing 0.038, with random-token calibration 0.022, with FBGEMM's 7-bit inputs for CPUs without VNNI 0.044
-    (hence refused there)): this is the test that catches a broken smoothing."""
+    smoothing 0.038, with random-token calibration 0.022, with FBGEMM's 7-bit inputs 0.044). With 7-bit weights
+    (FBGEMM without VNNI) >= 88% and below 0.035 (measured 91.1% and 0.027). This is the test that catches a broken
+    smoothing."""
     from expandr_haystack.core.text import EXPANSION_PROMPT
     from expandr_haystack.models import load_llm
 
@@ -213,8 +219,53 @@ def test_int8_greedy_tokens_agree_on_the_bundled_model():
         tokens = ref.argmax(-1)
         ref, got = exact.decode(ref_state, tokens), int8.decode(got_state, tokens)
     rate, mean_kl = float(torch.cat(agree).mean()), float(torch.cat(kl).mean())
-    assert rate >= 0.9, rate
-    assert 0 < mean_kl < 0.025, mean_kl
+    if int8.int8_levels == 127:
+        assert rate >= 0.9, rate
+        assert 0 < mean_kl < 0.025, mean_kl
+    else:  # 7-bit weights (FBGEMM without VNNI): measured 91.1% and KL 0.027
+        assert rate >= 0.88, rate
+        assert 0 < mean_kl < 0.035, mean_kl
+    print(f"int8 levels {int8.int8_levels}: greedy agreement {rate:.3f}, KL {mean_kl:.4f}")
+
+
+@needs_int8
+def test_without_vnni_8bit_weights_saturate_and_the_path_takes_7bit_weights():
+    """FBGEMM's kernels without VNNI sum uint8 x int8 pairs in int16: with 8-bit weights rows aligned with the
+    weights' signs come out wrong (saturated), so the path takes 64 levels, exact again. With VNNI both are exact."""
+    torch.manual_seed(0)
+    weight = torch.randn(32, 256)
+    x = torch.sign(weight[:4]) * 0.9  # inputs aligned with the weights' signs: the largest pair sums
+    scale, zero_point, largest = fbgemm_input_grid()
+    for levels in (127, 64):
+        linear = _Int8Linear(weight, levels=levels)
+        q, scales = quantize_per_channel(weight, levels)
+        # the kernel's own input grid: rows over their maxima, then the [-1, 1] sentinel row
+        rows, a = int8_row_input(x, linear.sentinel)
+        exact = torch.fake_quantize_per_tensor_affine(rows, scale, zero_point, 0, largest) @ (q.float() * scales[:, None]).t()
+        error = float(((linear(x) - exact[:4] * a).abs().amax(1) / (exact[:4] * a).abs().amax(1)).max())
+        if levels == 64 or quantize.fbgemm_has_vnni():
+            assert error < 1e-5, (levels, error)
+        else:
+            assert error > 1e-3, (levels, error)  # saturated: why 8-bit weights are not used there
+    assert _Int8Linear(weight).levels == quantize.int8_weight_levels()
+
+
+@pytest.mark.skipif(int8_unsupported_reason() is not None or not quantize.fbgemm_has_vnni(),
+                    reason="runs FBGEMM's AVX2 kernels on a VNNI CPU; without VNNI the tests above run them natively")
+def test_the_avx2_path_through_fbgemms_switch():
+    """``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` puts FBGEMM on the AVX2 kernels a CPU without VNNI gets (its switch is
+    read once per process, hence a child pytest): the saturation check, the bundled-model accuracy, the cache name
+    and the linear layer's exactness in that setting."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    tests = "saturate or greedy or engine_names or dequantized_weight_product"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-s", __file__, "-k",
+                             tests], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "4 passed" in result.stdout and "int8 levels 64" in result.stdout, result.stdout[-2000:]
 
 
 # -- the option ---------------------------------------------------------------------------------------------------
@@ -228,7 +279,7 @@ def test_precision_option_is_checked_with_its_name_and_choices():
 
     with pytest.raises(ValueError, match=r"`weight_precision` must be one of 'auto', 'float32', 'int8', 'bfloat16'"):
         LLMQueryExpander(sampler={"weight_precision": "int4"})
-    with pytest.raises(ValueError, match=r"`weight_precision`='int8' .* 'transformers'"):
+    with pytest.raises(ValueError, match=r"`weight_precision`='int8' .* `engine`='transformers'"):
         LLMQueryExpander(sampler={"weight_precision": "int8", "engine": "transformers"})
     # int8 needs the packed decoder: a model it cannot run is an error, not a silent float32
     with pytest.raises(ValueError, match=r"`weight_precision`='int8' needs the packed decoder.*projections with bias"):
@@ -237,20 +288,27 @@ def test_precision_option_is_checked_with_its_name_and_choices():
 
 
 def test_auto_and_bfloat16_follow_the_cpu_features(monkeypatch):
+    monkeypatch.delenv("FBGEMM_ENABLE_INSTRUCTIONS", raising=False)
     monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx", "fma"}))
     assert resolve_precision("auto") == "float32"
-    with pytest.raises(ValueError, match=r"`weight_precision`='int8' cannot run here: the CPU has no AVX512-VNNI"):
+    with pytest.raises(ValueError, match=r"`weight_precision`='int8' cannot run here: the CPU has no AVX2"):
         resolve_precision("int8")
     with pytest.raises(ValueError, match=r"`weight_precision`='bfloat16' cannot run here: the CPU has no native bfloat16"):
         resolve_precision("bfloat16")
-    for flags in ({"avx2", "fma"}, {"avx2", "avx_vnni"}, {"avx512f", "avx512bw"}):  # no AVX512-VNNI
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"asimd", "fp", "sve"}))  # an ARM CPU
+    assert resolve_precision("auto") == "float32"
+    fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+    for flags in ({"avx2", "fma"}, {"avx2", "avx_vnni"}, {"avx512f", "avx512bw", "avx2"}):  # no AVX512-VNNI: 7 bits
         monkeypatch.setattr(quantize, "cpu_flags", lambda flags=flags: frozenset(flags))
-        with pytest.raises(ValueError, match=r"`weight_precision`='int8' cannot run here: the CPU has no AVX512-VNNI.*7-bit"):
-            resolve_precision("int8")
-    assert resolve_precision("auto") == "float32"  # int8 refused: auto falls back to float32
+        assert quantize.int8_weight_levels() == 64 and not quantize.fbgemm_has_vnni()
+        assert resolve_precision("auto") == ("int8" if fbgemm else "float32")
     monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
-    # int8 with VNNI: measured 1.31-1.35x float32's tokens/s with no measurable loss, so "auto" picks it
-    if "fbgemm" in torch.backends.quantized.supported_engines:
+    assert quantize.int8_weight_levels() == 127
+    for setting, levels in (("AVX2", 64), ("avx512", 64), ("AVX512_256", 64), ("AVX512_E1", 127), ("", 127)):
+        monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", setting)  # FBGEMM's own switch, as FBGEMM reads it
+        assert quantize.int8_weight_levels() == levels, setting
+    # int8 where FBGEMM runs: measured ~1.7x float32's tokens/s with no measurable loss, so "auto" picks it
+    if fbgemm:
         assert resolve_precision("int8") == "int8" and resolve_precision("auto") == "int8"
     else:
         assert resolve_precision("auto") == "float32"
@@ -275,9 +333,9 @@ def test_sampler_engine_names_the_precision_and_decoders_are_shared():
     model, tokenizer = tiny_llama(seed=3), CharTokenizer()
     exact, int8 = LocalSampler(model, tokenizer), LocalSampler(model, tokenizer, weight_precision="int8")
     assert (exact.backend, exact.precision, exact.engine) == ("packed", "float32", "packed")
-    assert (int8.backend, int8.precision, int8.engine) == ("packed", "int8", "packed-int8-smoothed.2")
-    auto = LocalSampler(model, tokenizer, weight_precision="auto")  # int8 with VNNI: the same decoder and engine
-    assert auto.engine == {"float32": "packed", "int8": "packed-int8-smoothed.2"}[resolve_precision("auto")]
+    assert (int8.backend, int8.precision, int8.engine) == ("packed", "int8", INT8_NAME)
+    auto = LocalSampler(model, tokenizer, weight_precision="auto")  # int8 where it runs: the same decoder and engine
+    assert auto.engine == {"float32": "packed", "int8": INT8_NAME}[resolve_precision("auto")]
     assert auto.decoder is {"float32": exact, "int8": int8}[resolve_precision("auto")].decoder
     assert LocalSampler(model, tokenizer, weight_precision="int8").decoder is int8.decoder  # one int8 copy per model
     assert exact.decoder is not int8.decoder
@@ -317,7 +375,7 @@ def test_cache_key_has_the_precision_only_when_it_is_not_float32(tiny_loading, t
     assert [r.key for r in rows["float32"]] == [cache_key(row=r.seed_key, engine="packed") for r in default]
     # int8: same row seeds, keys of their own
     assert [r.seed_key for r in rows["int8"]] == [r.seed_key for r in rows["float32"]]
-    assert [r.key for r in rows["int8"]] == [cache_key(row=r.seed_key, engine="packed-int8-smoothed.2")
+    assert [r.key for r in rows["int8"]] == [cache_key(row=r.seed_key, engine=INT8_NAME)
                                              for r in rows["int8"]]
     assert not {r.key for r in rows["int8"]} & {r.key for r in rows["float32"]}
     # a cache written in float32 is not served to the int8 expander
@@ -339,9 +397,14 @@ def test_precision_round_trips_through_to_dict_and_from_dict():
     restored = LLMQueryExpander.from_dict(data)
     assert restored.sampler_options.weight_precision == "int8" and restored.n_expansions == 2
     default = LLMQueryExpander().to_dict()["init_parameters"]["sampler"]["init_parameters"]
-    assert default["weight_precision"] == "float32"
-    old = LLMQueryExpander().to_dict()
-    del old["init_parameters"]["sampler"]["init_parameters"]["weight_precision"]  # saved before the option: float32
-    assert LLMQueryExpander.from_dict(old).sampler_options.weight_precision == "float32"
+    assert default["weight_precision"] == "auto"  # the default since issue 26
+    old = {"type": data["type"], "init_parameters": {"temperature": 0.7, "n_expansions": 2}}  # before the groups
+    assert LLMQueryExpander.from_dict(old).sampler_options.weight_precision == "float32"  # made in float32: kept
+    old["init_parameters"]["precision"] = "int8"
+    with pytest.warns(DeprecationWarning):
+        assert LLMQueryExpander.from_dict(old).sampler_options.weight_precision == "int8"
+    grouped = LLMQueryExpander().to_dict()
+    del grouped["init_parameters"]["sampler"]["init_parameters"]["weight_precision"]  # a group without it: default
+    assert LLMQueryExpander.from_dict(grouped).sampler_options.weight_precision == "auto"
     assert expander.with_settings(weight_precision="float32").sampler_options.weight_precision == "float32"
 
