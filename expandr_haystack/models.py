@@ -378,6 +378,9 @@ def release_models() -> None:
     vllm_sampler = sys.modules.get("expandr_haystack.generation.vllm")
     if vllm_sampler is not None:
         vllm_sampler.release_engines()
+    llama_cpp_sampler = sys.modules.get("expandr_haystack.generation.llama_cpp")
+    if llama_cpp_sampler is not None:
+        llama_cpp_sampler.release_llamas()
     gc.collect()
     try:
         import torch

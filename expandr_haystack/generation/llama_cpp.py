@@ -29,6 +29,7 @@ expander.run("what is the boundary layer")
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import threading
@@ -232,9 +233,14 @@ class LlamaCppSampler:
 
 
 def release_llamas() -> None:
-    """Forget every memoised llama.cpp model (its memory goes with the last sampler using it)."""
+    """Close every memoised llama.cpp model (also at exit, while llama.cpp's library is still loaded)."""
     with _LOCK:
+        for llama in _LLAMAS.values():
+            llama.close()
         _LLAMAS.clear()
+
+
+atexit.register(release_llamas)
 
 
 __all__ = ["LlamaCppSampler", "cached_lora_gguf", "gguf_metadata", "llama_cpp_unavailable_reason", "lora_to_gguf",

@@ -139,3 +139,97 @@ def test_without_llama_cpp_the_engine_names_the_extra():
 
     with pytest.raises(RuntimeError, match=r"`engine`='llama_cpp' cannot run: .*llama-cpp"):
         make_sampler(None, None, None, SamplerOptions(engine="llama_cpp"))
+
+
+# -- the engine itself (llama-cpp-python installed) ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def peft_adapter(tmp_path_factory):
+    """A LoRA adapter on the dequantised bundled SmolLM2 with a clear effect (random A and B, r 4, alpha 8, on the
+    attention projections and down), saved as PEFT saves it; and its logits, with and without it, on one prompt."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from expandr_haystack.models import load_llm
+
+    model, tokenizer = load_llm(None, None, "cpu", "float32")
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+                        init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    folder = tmp_path_factory.mktemp("lora") / "adapter"
+    peft_model.save_pretrained(str(folder))
+    ids = tokenizer("Please write a passage to answer the question. Question: what is lift",
+                    add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        adapted = peft_model(torch.tensor([ids])).logits[0, -1].numpy()
+        with peft_model.disable_adapter():
+            base = peft_model(torch.tensor([ids])).logits[0, -1].numpy()
+    peft_model.unload()  # the shared model without LoRA layers again
+    return folder, ids, base, adapted
+
+
+def llama_logits(ids, lora=None):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(bundled_gguf()), lora_path=lora, n_ctx=256, n_threads=2, logits_all=True,
+                verbose=False)
+    llm.eval(ids)
+    logits = np.array(llm.scores[llm.n_tokens - 1])
+    llm.close()
+    return logits
+
+
+@needs_llama_cpp
+@pytest.mark.integration
+def test_a_converted_adapter_changes_llama_cpps_logits_as_peft_changes_transformers(peft_adapter, tmp_path,
+                                                                                    monkeypatch):
+    """The adapter's effect on the next-token logits in llama.cpp (Q4_1 base) matches its effect in transformers
+    (the dequantised float32 base): correlation 0.995 and the same size measured. Without the q/k row permutation
+    the correlation falls to 0.73 (and the effect doubles), which is what this test would catch."""
+    from expandr_haystack.generation import llama_cpp
+
+    folder, ids, base, adapted = peft_adapter
+    expected = adapted - base
+    without = llama_logits(ids)
+    assert np.corrcoef(without, base)[0, 1] > 0.99  # the same model: Q4_1 in llama.cpp, dequantised in transformers
+    got = llama_logits(ids, str(lora_to_gguf(folder, bundled_gguf(), tmp_path / "a.gguf"))) - without
+    assert np.corrcoef(expected, got)[0, 1] > 0.98
+    assert 0.8 < np.abs(got).mean() / np.abs(expected).mean() < 1.25
+    monkeypatch.setitem(llama_cpp.LORA_ARCHITECTURES, "llama", False)  # the q/k rows left in Hugging Face's order
+    wrong = llama_logits(ids, str(lora_to_gguf(folder, bundled_gguf(), tmp_path / "b.gguf"))) - without
+    assert np.corrcoef(expected, wrong)[0, 1] < 0.9
+
+
+@needs_llama_cpp
+@pytest.mark.integration
+def test_expander_on_llama_cpp_seeds_rows_and_caches_under_the_engine(peft_adapter, tmp_path):
+    import llama_cpp
+
+    from expandr_haystack import LLMQueryExpander
+    from expandr_haystack.options import GenerationSettings
+
+    common = {"generation": GenerationSettings(max_new_tokens=24, seed=7), "sampler": {"engine": "llama_cpp"}}
+    expander = LLMQueryExpander(n_expansions=2, cache=str(tmp_path / "c.sqlite"), **common)
+    queries = ["what is lift", "heat transfer in hypersonic flow"]
+    first = expander.expand(queries)
+    assert expander.engine == f"llama_cpp-{llama_cpp.__version__}"
+    assert all(len(row) == 2 and all(text.strip() for text in row) for row in first)
+    assert first[0][0] != first[0][1]  # each sample its own seed
+    fresh = LLMQueryExpander(n_expansions=2, **common)  # no cache: the same seeds give the same texts
+    assert fresh.expand(queries) == first
+    assert fresh.expand(queries[1:]) == first[1:]  # a row's text does not depend on the rows beside it
+    assert expander.cache_stats["entries"] == 4
+    expander.expand(queries)
+    assert expander.cache_stats["hits"] == 4
+    # the other engines' rows are not served to this one (its name is in every key)
+    packed = LLMQueryExpander(n_expansions=2, cache=str(tmp_path / "c.sqlite"),
+                              generation=GenerationSettings(max_new_tokens=24, seed=7))
+    assert packed._plan(queries, None, None, None, None)[0].key != expander._plan(queries, None, None, None,
+                                                                                  None)[0].key
+    folder = peft_adapter[0]
+    adapted = LLMQueryExpander(adapter=str(folder), n_expansions=2, **common)
+    assert adapted.expand(queries) != first  # the adapter is applied
+    from expandr_haystack.models import dequantised_llm_dir
+
+    with pytest.raises(ValueError, match=r"`model`: engine 'llama_cpp' runs a GGUF file"):  # a transformers folder
+        LLMQueryExpander(model=str(dequantised_llm_dir()), sampler={"engine": "llama_cpp"}).warm_up()
