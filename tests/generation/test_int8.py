@@ -408,3 +408,15 @@ def test_precision_round_trips_through_to_dict_and_from_dict():
     assert LLMQueryExpander.from_dict(grouped).sampler_options.weight_precision == "auto"
     assert expander.with_settings(weight_precision="float32").sampler_options.weight_precision == "float32"
 
+
+
+def test_auto_says_what_it_chose_and_why(caplog):
+    """`weight_precision="auto"` (the default) logs its choice once per packed copy, with the reason."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="expandr_haystack.generation.local"):
+        sampler = LocalSampler(tiny_llama(seed=5), CharTokenizer(), weight_precision="auto")
+    chosen, why = quantize.auto_precision()
+    assert sampler.precision == chosen
+    assert f"weight_precision='auto' chose {chosen}: {why}" in caplog.text
+    assert SamplerOptions().weight_precision == "auto"
