@@ -106,7 +106,7 @@ def load_queries(args: argparse.Namespace) -> tuple[list[tuple[str, str]], str]:
 # -- expandr expand ---------------------------------------------------------------------------------------------------
 def add_expand_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `expandr expand`; the sampling defaults are `GenerationSettings`'."""
-    from expandr_haystack.options import ENGINES, GenerationSettings
+    from expandr_haystack.options import GenerationSettings, add_sampler_arguments
 
     g = GenerationSettings()
     source = p.add_mutually_exclusive_group(required=True)
@@ -138,7 +138,7 @@ def add_expand_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, metavar="PATH",
                    help='expansion cache (sqlite); default OUTFILE.cache.sqlite next to the file written (one per '
                         'shard); "none" disables it')
-    p.add_argument("--engine", default="auto", choices=ENGINES, help="LLM generation engine (default auto)")
+    add_sampler_arguments(p)
     p.add_argument("--device", default=None, help='"cpu", "cuda:0", ... (default: best available)')
     p.add_argument("--max-queries", type=_arg(check_int, "--max-queries"), default=None,
                    help="use the first N queries (before sharding)")
@@ -226,7 +226,7 @@ def run_expand(args: argparse.Namespace) -> int:
         model=args.llm, adapter=args.adapter, n_expansions=args.n_expansions, cache=cache,
         generation=GenerationSettings(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
-        sampler=SamplerOptions(engine=args.engine,
+        sampler=SamplerOptions(engine=args.engine, weight_precision=args.weight_precision,
                                device=ComponentDevice.from_str(args.device) if args.device else None))
     expander.warm_up()
     meta = {"format": FORMAT, "shard": None if shard.count == 1 else str(shard), "rows": len(indices),

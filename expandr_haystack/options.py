@@ -370,6 +370,17 @@ def check_feedback(method: str, feedback_k: Any, method_argument: str = "method"
     return feedback_k
 
 
+def add_sampler_arguments(parser: Any, aliases: tuple[str, ...] = ()) -> None:
+    """`--engine` (with `aliases`, e.g. the old `--backend`) and `--weight-precision`, as every command that loads the
+    expander's LLM takes them (`SamplerOptions.engine` / `.weight_precision`)."""
+    parser.add_argument("--engine", *aliases, dest="engine", default="auto", choices=ENGINES,
+                        help="LLM generation engine (default auto: the packed decoder for the bundled model on CPU"
+                             + (f"; {'/'.join(aliases)}: its old name" if aliases else "") + ")")
+    parser.add_argument("--weight-precision", default="auto", choices=WEIGHT_PRECISIONS,
+                        help="the packed decoder's weights (default auto: int8 where the CPU runs it, logged; "
+                             "float32: the exact reference)")
+
+
 def fold_legacy(params: dict[str, Any], group: str, cls: type, owner: str,
                 renamed: dict[str, str] | None = None) -> dict[str, Any]:
     """
@@ -398,4 +409,5 @@ def fold_legacy(params: dict[str, Any], group: str, cls: type, owner: str,
 
 
 __all__ = ["DTYPES", "ENCODER_BACKENDS", "ENGINES", "FUSIONS", "WEIGHT_PRECISIONS", "EncoderOptions", "FusionSettings",
-           "GenerationSettings", "SamplerOptions", "check_feedback", "default_token", "fold_legacy"]
+           "GenerationSettings", "SamplerOptions", "add_sampler_arguments", "check_feedback", "default_token",
+           "fold_legacy"]

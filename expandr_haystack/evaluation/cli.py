@@ -33,7 +33,7 @@ from expandr_haystack.cli import CommandError
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `expandr eval` on an argparse subparsers object."""
     from expandr_haystack.evaluation.runner import DEFAULT_METHODS, METHODS
-    from expandr_haystack.options import ENGINES
+    from expandr_haystack.options import add_sampler_arguments
 
     p = subparsers.add_parser(
         "eval", help="evaluate BM25 / dense / PRF / ExpandR / Haystack multi-query retrieval on a BEIR-format "
@@ -86,9 +86,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=96, help="expansion length limit (default: 96)")
     p.add_argument("--batch-size", type=int, default=16, help="LLM generation batch size (default: 16)")
     p.add_argument("--seed", type=int, default=42, help="expansion seed (default: 42)")
-    p.add_argument("--engine", "--backend", dest="engine", default="auto", choices=ENGINES,
-                   help="LLM generation engine (default auto: the packed float32 decoder on CPU; --backend is its "
-                        "old name)")
+    add_sampler_arguments(p, ("--backend",))
     p.add_argument("--depth", type=int, default=100,
                    help="documents retrieved per query (default: 100; BEIR uses 1000, which @1000 metrics need)")
     p.add_argument("--keep-identical-ids", dest="ignore_identical_ids", action="store_false",
@@ -253,6 +251,7 @@ def eval_provenance(args: argparse.Namespace, methods: Sequence[str], expander: 
         out["llm"] = {"model": args.llm or "bundled:SmolLM2-135M-Instruct", "path": path,
                       "fingerprint": _identity(path),
                       "sampler": getattr(sampler, "identity", None), "engine": args.engine,
+                      "weight_precision": args.weight_precision, "engine_used": getattr(sampler, "engine", None),
                       "backend": args.engine}  # "backend": the key earlier files have
         out["adapter"] = (None if args.adapter is None else
                           {"path": str(Path(args.adapter).expanduser()),
@@ -325,7 +324,8 @@ def run_eval(args: argparse.Namespace) -> int:
         generation = GenerationSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                         batch_size=args.batch_size, seed=args.seed, progress_bar=not args.no_progress)
         expander = LLMQueryExpander(model=args.llm, adapter=args.adapter, n_expansions=args.n_expansions,
-                                    generation=generation, sampler=SamplerOptions(engine=args.engine), cache=cache)
+                                    generation=generation, cache=cache,
+                                    sampler=SamplerOptions(engine=args.engine, weight_precision=args.weight_precision))
     tuned = None
     if args.tune_on is not None:
         _, validation = load_collection(args.data_dir, split=args.tune_on).split_validation(args.validation_size)

@@ -197,7 +197,7 @@ def _out_file(text: str) -> str:
 # -- expandr pairs ---------------------------------------------------------------------------------------------------
 def add_pairs_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `expandr pairs`; their defaults are `PairConfig`'s."""
-    from expandr_haystack.options import ENGINES
+    from expandr_haystack.options import add_sampler_arguments
 
     p.add_argument("--data", required=True, type=_collection,
                    help='BEIR-layout folder, or "cranfield" for the bundled collection')
@@ -216,9 +216,7 @@ def add_pairs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None,
                    help='expansion cache (sqlite; default <expandr home>/cache/expansions.sqlite); "none" disables it')
     p.add_argument("--device", default=None, help='"cpu", "cuda:0", ... (default: best available)')
-    p.add_argument("--engine", "--backend", dest="engine", default="auto", choices=ENGINES,
-                   help="LLM generation engine (default auto: the packed float32 decoder on CPU; --backend is its "
-                        "old name)")
+    add_sampler_arguments(p, ("--backend",))
     p.add_argument("--grounded", action="store_true",
                    help="candidates written with GROUNDED_PROMPT from each query and its top first-pass hits by "
                         "--encoder (beyond the paper; the pair's prompt holds the passages)")
@@ -273,7 +271,8 @@ def run_pairs(args: argparse.Namespace) -> int:
     device = ComponentDevice.from_str(args.device) if args.device else None
     prompt = GROUNDED_PROMPT if args.grounded else EXPANSION_PROMPT
     expander, answerer, scorer = make_components(config, llm=args.llm, adapter=args.adapter, encoder=args.encoder,
-                                                 cache=cache, sampler=SamplerOptions(engine=args.engine, device=device),
+                                                 cache=cache, sampler=SamplerOptions(engine=args.engine, device=device,
+                                                                                     weight_precision=args.weight_precision),
                                                  prompt=prompt, passages_k=args.passages_k,
                                                  passage_words=args.passage_words)
     passages = first_pass_hits(collection, args.encoder, args.passages_k, device) if args.grounded else None

@@ -115,6 +115,7 @@ def test_provenance_names_models_and_fingerprints(tmp_path):
         generation = GenerationSettings(top_p=1.0)
 
     args = argparse.Namespace(encoder=str(encoder), llm="org/llm", adapter=str(adapter), engine="auto",
+                              weight_precision="auto",
                               n_expansions=2, temperature=0.7, max_new_tokens=32, batch_size=4, seeds=[1, 2],
                               seed=42, query_weight="0.6")
     prov = cli.eval_provenance(args, ["dense", "expand"], Expander(), "/c.sqlite", {"expansion": 1.23456},
