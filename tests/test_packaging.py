@@ -79,7 +79,7 @@ def test_constraints_min_pins_every_declared_floor():
             name, _, version = line.partition("==")
             pins[_normalise(name)] = version
     missing = []
-    for req in _requirements(extras=("train", "eval", "qdrant", "dev")):
+    for req in _requirements(extras=("train", "eval", "qdrant", "fast", "dev")):
         floors = [s.version for s in req.specifier if s.operator in (">=", "==", "~=")]
         if not floors:
             continue

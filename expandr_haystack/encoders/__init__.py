@@ -1,0 +1,1 @@
+"""Encoder runtimes besides sentence-transformers' own (`load_encoder(backend=...)`)."""
