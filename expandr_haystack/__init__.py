@@ -8,6 +8,7 @@ pipelines naming our components load with `Pipeline.loads` while every other mod
 from haystack.core.serialization import allow_deserialization_module
 
 from expandr_haystack.components import (
+    ExpandRDocumentEmbedder,
     ExpandRQueryEmbedder,
     ExpandRRetriever,
     LLMQueryExpander,
@@ -25,6 +26,7 @@ __all__ = [
     "ANSWER_PROMPT",
     "EXPANSION_PROMPT",
     "GROUNDED_PROMPT",
+    "ExpandRDocumentEmbedder",
     "ExpandRQueryEmbedder",
     "ExpandRRetriever",
     "LLMQueryExpander",

@@ -1,10 +1,11 @@
 """
 `expandr eval`: retrieval evaluation on a BEIR-layout collection (registered by `expandr_haystack.cli`).
 
-    expandr eval DATA_DIR [--split test] [--methods bm25,dense,...,haystack_multiquery] [--encoder PATH] [--llm PATH]
-                 [--adapter PATH] [--n-expansions N] [--temperature T] [--query-weight W] [--cache PATH | --no-cache]
-                 [--json OUT] [--run-file RUN.trec] [--plot OUT.png] [--max-queries N] [--max-new-tokens N] [--engine E]
-                 [--depth N] [--keep-identical-ids] [--no-multiquery-prefill]
+    expandr eval DATA_DIR [--split test] [--methods bm25,dense,...,haystack_multiquery] [--encoder PATH]
+                 [--encoder-backend torch|ctranslate2] [--llm PATH] [--adapter PATH] [--n-expansions N]
+                 [--temperature T] [--query-weight W] [--cache PATH | --no-cache] [--json OUT] [--run-file RUN.trec]
+                 [--plot OUT.png] [--max-queries N] [--max-new-tokens N] [--engine E] [--depth N]
+                 [--keep-identical-ids] [--no-multiquery-prefill]
 
 Argument errors raise `expandr_haystack.cli.CommandError`, which `expandr_haystack.cli.main` reports as one line.
 
@@ -50,6 +51,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated methods from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--encoder", default=None, help="sentence-transformers encoder (default: bundled MiniLM)")
+    p.add_argument("--encoder-backend", default="torch", choices=("torch", "ctranslate2"),
+                   help="encoder runtime for indexing and queries alike (ctranslate2: int8 on CPU, needs the "
+                        "ctranslate2 package; not with haystack_multiquery; default: torch)")
     p.add_argument("--llm", default=None, help="expansion LLM (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory for the LLM")
     p.add_argument("--n-expansions", type=int, default=1,
@@ -239,7 +243,7 @@ def eval_provenance(args: argparse.Namespace, methods: Sequence[str], expander: 
     if any(m != "bm25" for m in methods):
         path = resolve_encoder_path(args.encoder)
         out["encoder"] = {"model": args.encoder or "bundled:all-MiniLM-L6-v2", "path": path,
-                          "fingerprint": _identity(path)}
+                          "fingerprint": _identity(path), "backend": getattr(args, "encoder_backend", "torch")}
     else:
         out["encoder"] = None
     if expander is not None:
@@ -315,6 +319,11 @@ def run_eval(args: argparse.Namespace) -> int:
     run_options = {"ignore_identical_ids": args.ignore_identical_ids, "depth": args.depth,
                    "multiquery_prefill": args.multiquery_prefill}
     method_weights(settings["query_weight"])  # a bad weight fails before any loading
+    backend = getattr(args, "encoder_backend", "torch")
+    encoder_options = None if backend == "torch" else {"backend": backend}  # None: the stock document embedder
+    if encoder_options is not None and "haystack_multiquery" in methods:
+        raise CommandError(f"--encoder-backend {backend} does not apply to haystack_multiquery (Haystack's own text "
+                           f"embedder runs torch); evaluate it in a separate run.")
 
     collection = load_collection(args.data_dir, split=args.split, max_queries=args.max_queries)
     print(f"{collection.path} [{collection.split}]: {len(collection.corpus)} documents, "
@@ -330,7 +339,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.tune_on is not None:
         _, validation = load_collection(args.data_dir, split=args.tune_on).split_validation(args.validation_size)
         tuned = select_settings(validation, methods, encoder=args.encoder, expander=expander,
-                                progress_bar=not args.no_progress)
+                                progress_bar=not args.no_progress, encoder_options=encoder_options)
         settings = tuned.evaluate_kwargs()
         print(f"chosen on {tuned.queries} validation queries of {args.tune_on!r}: {json.dumps(settings)}", flush=True)
     info: dict[str, Any] = {"settings": settings | run_options | {"n_expansions": args.n_expansions,
@@ -339,7 +348,8 @@ def run_eval(args: argparse.Namespace) -> int:
         info["validation"] = tuned.to_dict()
     if args.seeds is not None:
         report = evaluate_seeds(collection, methods, seeds=args.seeds, expander=expander, encoder=args.encoder,
-                                progress_bar=not args.no_progress, **settings, **run_options)
+                                progress_bar=not args.no_progress, encoder_options=encoder_options, **settings,
+                                **run_options)
         for m in methods:
             for baseline in ("dense", "prf"):
                 if m in EXPANSION_METHODS and baseline in methods:
@@ -356,7 +366,8 @@ def run_eval(args: argparse.Namespace) -> int:
         timings, runs = report.timings, report.runs
     else:
         result = evaluate(collection, methods, encoder=args.encoder, expander=expander,
-                          progress_bar=not args.no_progress, **settings, **run_options)
+                          progress_bar=not args.no_progress, encoder_options=encoder_options, **settings,
+                          **run_options)
         print()
         print(format_table(result, title=f"{collection.path.name} {collection.split} (metrics x100)"))
         timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())

@@ -31,6 +31,7 @@ from expandr_haystack.evaluation.runner import (
     MULTIQUERY,
     TOP_K,
     EvalResult,
+    check_encoder_options,
     default_expander,
     dense_retriever,
     evaluate,
@@ -81,19 +82,21 @@ def select_settings(
     weight_grid: Sequence[float] = WEIGHT_GRID,
     feedback_grid: Sequence[tuple[int, float]] = FEEDBACK_GRID,
     progress_bar: bool = False,
+    encoder_options: Any | None = None,
 ) -> Settings:
     """
     Choose each method's fusion setting by nDCG@10 on `validation` (queries carved from the training split with
     `Collection.split_validation`; never the evaluation split): w for `expand`/`grounded` over `weight_grid`,
     (k, f) for `prf` over `feedback_grid`. Expansions are generated once per family; only the fusion varies. Ties go
-    to the higher weight (closer to the query alone).
+    to the higher weight (closer to the query alone). `encoder_options`: as `evaluate`'s.
     """
     names = parse_methods(methods)
     settings = Settings(queries=len(validation.queries))
     query_ids = list(validation.queries)
     queries = [validation.queries[q] for q in query_ids]
     scratch = EvalResult()
-    retriever = dense_retriever(validation, encoder, store, device, progress_bar, scratch.timings)
+    retriever = dense_retriever(validation, encoder, store, device, progress_bar, scratch.timings,
+                                check_encoder_options(encoder_options, names))
     texts = family_texts(names, retriever, queries, query_ids, scratch, expander, grounded_expander,
                          progress_bar=progress_bar)
 
@@ -174,7 +177,7 @@ def evaluate_seeds(collection: Collection, methods: Sequence[str], seeds: Sequen
     """
     `evaluate` once for the methods without an LLM and once per seed for the expansion methods (each seed a copy of
     the expanders with that `seed`), aggregated into a `SeedReport`. `kwargs` go to `evaluate` (encoder, store,
-    query_weight, feedback_k, feedback_weight, device, progress_bar).
+    query_weight, feedback_k, feedback_weight, device, progress_bar, encoder_options).
     """
     names = parse_methods(methods)
     seeds = list(seeds)
@@ -189,7 +192,8 @@ def evaluate_seeds(collection: Collection, methods: Sequence[str], seeds: Sequen
 
         kwargs["store"] = build_document_store(collection.documents(), model=kwargs.get("encoder"),
                                                device=kwargs.get("device"),
-                                               progress_bar=kwargs.get("progress_bar", False))
+                                               progress_bar=kwargs.get("progress_bar", False),
+                                               encoder=check_encoder_options(kwargs.get("encoder_options"), names))
     report = SeedReport()
     results: dict[str, list[EvalResult]] = {m: [] for m in names}
     if fixed:

@@ -138,6 +138,7 @@ def evaluate(
     ignore_identical_ids: bool = True,
     depth: int = TOP_K,
     multiquery_prefill: bool = True,
+    encoder_options: Any | None = None,
 ) -> EvalResult:
     """
     Evaluate retrieval methods on a collection's judged queries with pytrec_eval (nDCG@10, Recall@100, MRR@10).
@@ -185,6 +186,10 @@ def evaluate(
         k = depth a query whose own id was retrieved and dropped has one document fewer than a deeper run.
     :param multiquery_prefill: `haystack_multiquery` with the JSON prefill (the default; see above); False = the
         LLM's free replies, parsed or not by QueryExpander.
+    :param encoder_options: How the dense methods' encoder runs, documents and queries alike: an `EncoderOptions` or
+        a dict of its fields (e.g. ``{"backend": "ctranslate2"}``; indexing with `ExpandRDocumentEmbedder`); None =
+        the defaults (indexing with Haystack's stock embedder). `haystack_multiquery` (Haystack's torch text
+        embedder) takes backend "torch" only.
     :returns: An `EvalResult`: ``{method: {"ndcg@10", "recall@100", "mrr@10", "queries"}}`` (a dict) with
         `.per_query`, `.expansions`, `.grounded_expansions`, `.settings`, `.failures`, `.warnings` and `.timings`.
     :raises ValueError: On an unknown method, bad settings, or a collection without judged queries.
@@ -205,13 +210,15 @@ def evaluate(
         raise TypeError(f"`multiquery_prefill` must be a bool; got {type(multiquery_prefill).__name__}.")
     if expansions is not None and not isinstance(expansions, Mapping):
         raise TypeError(f"`expansions` must be a mapping {{query_id: [text, ...]}}; got {type(expansions).__name__}.")
+    check_encoder_options(encoder_options, names)
 
     query_ids = list(collection.queries)
     queries = [collection.queries[q] for q in query_ids]
     result = EvalResult(warnings=collection.warnings)
     retriever = None
     if any(m != "bm25" for m in names):
-        retriever = dense_retriever(collection, encoder, store, device, progress_bar, result.timings)
+        retriever = dense_retriever(collection, encoder, store, device, progress_bar, result.timings,
+                                    encoder_options)
     texts = family_texts(names, retriever, queries, query_ids, result, expander, grounded_expander, expansions,
                          progress_bar)
     result.expansions = dict(zip(query_ids, texts["q2d"])) if "q2d" in texts else {}
@@ -327,8 +334,23 @@ def expand_texts(expander, queries, passages, query_ids, result: EvalResult) -> 
     return texts
 
 
-def dense_retriever(collection, encoder, store, device, progress_bar, timings):
-    """An `ExpandRRetriever` over `store` (built from the collection's corpus with `encoder` when None)."""
+def check_encoder_options(encoder_options: Any, methods: Sequence[str]) -> Any:
+    """`encoder_options` as an `EncoderOptions` (None stays None), refused with `haystack_multiquery` unless its
+    backend is "torch" (that method embeds queries with Haystack's own text embedder)."""
+    from expandr_haystack.options import EncoderOptions
+
+    if encoder_options is None:
+        return None
+    options = EncoderOptions.coerce(encoder_options, "encoder_options")
+    if MULTIQUERY in methods and options.backend != "torch":
+        raise ValueError(f"`encoder_options` backend {options.backend!r} does not apply to {MULTIQUERY!r}, whose "
+                         f"queries Haystack's SentenceTransformersTextEmbedder embeds with torch; evaluate it apart.")
+    return options
+
+
+def dense_retriever(collection, encoder, store, device, progress_bar, timings, encoder_options=None):
+    """An `ExpandRRetriever` over `store` (built from the collection's corpus with `encoder` when None); the query
+    side, and the indexing when `encoder_options` is given, run with `encoder_options`."""
     from expandr_haystack.components.embedder import ExpandRQueryEmbedder
     from expandr_haystack.components.retriever import ExpandRRetriever
     from expandr_haystack.evaluation.indexing import build_document_store
@@ -337,11 +359,12 @@ def dense_retriever(collection, encoder, store, device, progress_bar, timings):
     if store is None:
         started = time.perf_counter()
         store = build_document_store(collection.documents(), model=encoder, device=device,
-                                     progress_bar=progress_bar)
+                                     progress_bar=progress_bar, encoder=encoder_options)
         timings["index-dense"] = time.perf_counter() - started
     elif store.count_documents() == 0:
         raise ValueError("`store` is empty: pass a store holding the embedded corpus, or None to index it here.")
-    embedder = ExpandRQueryEmbedder(model=encoder, device=device, encoder=EncoderOptions(progress_bar=progress_bar))
+    options = EncoderOptions.coerce(encoder_options, "encoder_options").replace(progress_bar=progress_bar)
+    embedder = ExpandRQueryEmbedder(model=encoder, device=device, encoder=options)
     retriever = ExpandRRetriever(document_store=store, top_k=TOP_K, device=device, query_embedder=embedder)
     retriever.warm_up()
     return retriever
@@ -361,5 +384,5 @@ def _bm25(collection, queries, progress_bar, timings, top_k: int = TOP_K) -> lis
 
 
 __all__ = ["DEFAULT_METHODS", "EXPANSION_METHODS", "METHODS", "MULTIQUERY", "TOP_K", "WEIGHTED_METHODS", "EvalResult",
-           "bm25_documents", "default_expander", "dense_retriever", "evaluate", "expand_texts", "family_texts",
+           "bm25_documents", "check_encoder_options", "default_expander", "dense_retriever", "evaluate", "expand_texts", "family_texts",
            "grounded_like", "method_settings", "method_weights", "parse_methods"]
