@@ -46,6 +46,30 @@ def template(tokenizer, prompt: Prompt) -> str:
     return "\n\n".join(m["content"] for m in prompt) + "\n"
 
 
+#: End-of-generation special tokens stopped at wherever the vocabulary has them, besides the model's EOS (the names
+#: llama.cpp treats as end of generation): SmolLM2's turns end with <|im_end|>, its EOS, but its vocabulary also has
+#: <|endoftext|>, which ends a text; llama.cpp stops there and so do our engines (on the 225 Cranfield rows of the
+#: llama.cpp quality check no row reached it, so no text changed; docs/benchmarks.md "llama.cpp's text").
+END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
+              "</s>")
+#: Suffix of the cache engine name of a sampler that stops at more tokens than the model's EOS: texts of rows that
+#: emitted one changed when these stops came (2026-12-05), so they are cached apart from the earlier texts.
+END_TOKENS_ENGINE = "+eog"
+
+
+def end_token_ids(tokenizer, model=None) -> tuple[list[int], list[int]]:
+    """``(all, extra)``: the token ids a generation stops at (the model's generation-config EOS, the tokenizer's EOS
+    and the special tokens of `END_TOKENS` it has) and those of them beyond the two EOS (what changed texts)."""
+    eos = model.generation_config.eos_token_id if model is not None and model.generation_config is not None else None
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    special = set(getattr(tokenizer, "all_special_tokens", ())) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+    ends = {tokenizer.convert_tokens_to_ids(name) for name in END_TOKENS if name in special}
+    ends = {i for i in ends if isinstance(i, int) and i >= 0}
+    return sorted(ids | ends), sorted(ends - ids)
+
+
 #: The int8 path's name in cache keys: bump it when int8's math changes (its text changes with it). ".2": the
 #: norms factored into the row scales (2026-11-27), the same quantization with other rounding, so other text.
 INT8_ENGINE = "int8-smoothed.2"
@@ -246,11 +270,8 @@ class LocalSampler:
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long)
+        stops, self.extra_stops = end_token_ids(tokenizer, model)
+        self.eos_ids = torch.tensor(stops, dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if decoder is None:
             calibration = calibration_ids(tokenizer) if weight_precision not in ("float32", "bfloat16") else None
@@ -273,15 +294,18 @@ class LocalSampler:
     def engine(self) -> str:
         """The engine as the expander's cache keys name it: `backend`, with the precision when it is not float32
         ("packed-int8-smoothed.2"; with 7-bit weights, on CPUs without VNNI, "packed-int8-smoothed.2-w64"): texts of
-        another precision are never served for these (float32 keys as before). `INT8_ENGINE` changes with int8's
-        arithmetic: the rows cached by the earlier int8 paths ("packed-int8": two input levels;
-        "packed-int8-smoothed": the norms applied to the inputs) are other text and are not served."""
+        another precision are never served for these. `INT8_ENGINE` changes with int8's arithmetic: the rows cached by
+        the earlier int8 paths ("packed-int8": two input levels; "packed-int8-smoothed": the norms applied to the
+        inputs) are other text and are not served. `END_TOKENS_ENGINE` is added where the tokenizer has end tokens
+        besides its EOS (the bundled SmolLM2: "packed+eog"): the texts written before the sampler stopped there are
+        not served either."""
+        name = self.backend
         if self.backend == "packed" and self.precision == "int8":
             levels = getattr(self.decoder, "int8_levels", 127)
-            return f"packed-{INT8_ENGINE}" + ("" if levels == 127 else f"-w{levels}")
-        if self.backend == "packed" and self.precision != "float32":
-            return f"packed-{self.precision}"
-        return self.backend
+            name = f"packed-{INT8_ENGINE}" + ("" if levels == 127 else f"-w{levels}")
+        elif self.backend == "packed" and self.precision != "float32":
+            name = f"packed-{self.precision}"
+        return name + (END_TOKENS_ENGINE if self.extra_stops else "")
 
     def truncate(self, text: str, argument: str = "query") -> str:
         """`text` cut to `max_prompt_tokens` tokens (with a warning naming `argument` when it is cut)."""

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from expandr_haystack.generation.local import Prompt, template, truncate_tokens
+from expandr_haystack.generation.local import END_TOKENS_ENGINE, Prompt, end_token_ids, template, truncate_tokens
 
 _ENGINES: dict[tuple, object] = {}
 _LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed `max_lora_rank` values (1 aside)
@@ -69,6 +69,9 @@ class VLLMSampler:
 
         self.max_prompt_tokens = max_prompt_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(model)
+        # vLLM stops at the model's EOS; the other end tokens as the local samplers do (`END_TOKENS`)
+        self.stop_ids, extra = end_token_ids(self.tokenizer)
+        self.engine_name = "vllm" + (END_TOKENS_ENGINE if extra else "")
         self.lora = None
         rank = 16
         if adapter is not None:
@@ -92,9 +95,14 @@ class VLLMSampler:
             if key not in _ENGINES:
                 _ENGINES[key] = LLM(model=model, dtype="bfloat16" if dtype == "auto" else dtype, enable_lora=True,
                                     max_lora_rank=max_lora_rank, enable_prefix_caching=True, **settings)
-            self.engine = _ENGINES[key]
+            self.llm = _ENGINES[key]
 
-    backend = engine = "vllm"
+    backend = "vllm"
+
+    @property
+    def engine(self) -> str:
+        """The engine in cache keys: "vllm" ("vllm+eog" where the tokenizer has end tokens besides its EOS)."""
+        return self.engine_name
 
     def truncate(self, text: str, argument: str = "query") -> str:
         """`text` cut to `max_prompt_tokens` tokens (with a warning naming `argument` when it is cut)."""
@@ -112,8 +120,8 @@ class VLLMSampler:
         from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(temperature=float(t), top_p=top_p if t > 0 else 1.0, max_tokens=max_new_tokens,
-                                 seed=int(s) % (2**63), skip_special_tokens=True)
+                                 seed=int(s) % (2**63), skip_special_tokens=True, stop_token_ids=self.stop_ids)
                   for s, t in zip(seeds, temperatures)]
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in self.tokenize(prompts)]
-        outputs = self.engine.generate(requests, params, use_tqdm=progress_bar, lora_request=self.lora)
+        outputs = self.llm.generate(requests, params, use_tqdm=progress_bar, lora_request=self.lora)
         return [out.outputs[0].text for out in outputs]

@@ -40,25 +40,37 @@ def test_cache_hits_cost_no_generation_and_seed_is_batch_independent(expander, t
     after = expander.cache_stats
     assert again == first
     assert after["hits"] - before["hits"] == 4 and after["misses"] == before["misses"]
-    # a fresh expander with the same seed and no cache gives the same texts, also one query at a time
-    fresh = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=12, batch_size=1), n_expansions=2)
-    assert [fresh.expand([q])[0] for q in QUERIES] == first
+    # a fresh expander with the same seed and no cache gives the same texts (the same batches)
+    assert LLMQueryExpander(generation=GenerationSettings(max_new_tokens=12), n_expansions=2).expand(QUERIES) == first
+    # in float32 also one query at a time (int8, the default where it runs, can change a row's text with its batch)
+    exact = SamplerOptions(weight_precision="float32")
+    batched = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=12), n_expansions=2, sampler=exact)
+    fresh = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=12, batch_size=1), n_expansions=2,
+                             sampler=exact)
+    assert [fresh.expand([q])[0] for q in QUERIES] == batched.expand(QUERIES)
     other_seed = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=12, seed=7), n_expansions=2)
     assert other_seed.expand(QUERIES) != first
 
 
 def test_packed_and_transformers_backends_agree_on_the_bundled_model(expander):
-    assert expander.engine == "packed"  # the CPU default for the bundled float32 Llama model
+    from expandr_haystack.cache import cache_key
+    from expandr_haystack.generation.quantize import auto_precision
+
+    # the CPU default for the bundled Llama model: the packed decoder at weight_precision "auto"; every engine name
+    # carries "+eog": the bundled tokenizer has <|endoftext|> besides its EOS, and texts stop there since 2026-12-05
+    assert expander.engine == {"int8": expander.engine.split("+")[0], "float32": "packed"}[auto_precision()[0]] + "+eog"
+    exact = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=12), n_expansions=2,
+                             sampler=SamplerOptions(weight_precision="float32"))
     reference = LLMQueryExpander(generation=GenerationSettings(max_new_tokens=12), n_expansions=2,
                                  sampler=SamplerOptions(engine="transformers"))
-    assert reference.engine == "transformers"
-    # same row seeds, cached apart: the packed engine's texts are keyed with its name
-    packed_rows = expander._plan(QUERIES, None, None, None, None)
+    assert (exact.engine, reference.engine) == ("packed+eog", "transformers+eog")
+    # same row seeds, cached apart: each engine's texts are keyed with its name
+    packed_rows = exact._plan(QUERIES, None, None, None, None)
     plain_rows = reference._plan(QUERIES, None, None, None, None)
     assert [r.seed_key for r in packed_rows] == [r.seed_key for r in plain_rows]
     assert all(a.key != b.key for a, b in zip(packed_rows, plain_rows))
-    assert all(r.key == r.seed_key for r in plain_rows)
-    packed, plain = expander.expand(QUERIES), reference.expand(QUERIES)
+    assert all(r.key == cache_key(row=r.seed_key, engine="transformers+eog") for r in plain_rows)
+    packed, plain = exact.expand(QUERIES), reference.expand(QUERIES)
     # same float32 math and seeds: the texts agree except where a draw falls within rounding of a nucleus edge
     same = sum(a == b for x, y in zip(packed, plain) for a, b in zip(x, y))
     assert same >= 3, (packed, plain)

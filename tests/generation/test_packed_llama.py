@@ -178,3 +178,28 @@ def test_sample_rows_is_exact_nucleus_sampling(top_p):
         reference = [_reference_nucleus(logits[r], float(t), top_p, g) if t > 0 else int(logits[r].argmax())
                      for r, (t, g) in enumerate(zip(temperatures, generators(seed)))]
         assert got == reference
+
+
+def test_samplers_stop_at_every_end_token_of_the_vocabulary(monkeypatch):
+    """The bundled SmolLM2 ends turns with <|im_end|> (its EOS); its vocabulary also has <|endoftext|>, which ends a
+    text: both stop a row (as in llama.cpp), and the engine name says so (texts cached apart from the earlier ones).
+    A tokenizer without such tokens keeps its EOS alone and its engine name."""
+    from expandr_haystack.generation.local import END_TOKENS_ENGINE, end_token_ids
+    from expandr_haystack.models import load_llm
+
+    model, tokenizer = load_llm(None, None, "cpu", "float32")
+    assert tokenizer.convert_ids_to_tokens([0, 2]) == ["<|endoftext|>", "<|im_end|>"]
+    assert end_token_ids(tokenizer, model) == ([0, 2], [0])
+    sampler = LocalSampler(model, tokenizer, weight_precision="float32")
+    assert sampler.eos_ids.tolist() == [0, 2] and sampler.engine == "packed" + END_TOKENS_ENGINE
+    tiny = LocalSampler(tiny_llama(), CharTokenizer())
+    assert tiny.extra_stops == [] and tiny.engine == "packed"
+    # a row that samples <|endoftext|> ends there: force it as the most likely first token
+    logits_bias = torch.zeros(model.config.vocab_size)
+    logits_bias[0] = 1e4
+    prefill = sampler.decoder.prefill
+    monkeypatch.setattr(sampler.decoder, "prefill",
+                        lambda *a: (lambda out: (out[0] + logits_bias, out[1]))(prefill(*a)))
+    before = sampler.tokens_generated
+    texts = sampler.sample(["Q: what is lift"], seeds=[1], temperatures=[1.0], top_p=0.9, max_new_tokens=8)
+    assert texts == [""] and sampler.tokens_generated - before == 1  # the end token counted, nothing after it

@@ -55,3 +55,51 @@ def test_vllm_generates_per_row_seeded_text_with_a_lora_adapter(tmp_path):
     tuned = LLMQueryExpander(sampler=SamplerOptions(engine="vllm"), adapter=str(tmp_path / "adapter"),
                              generation=GenerationSettings(max_new_tokens=24), n_expansions=2)
     assert tuned.expand(QUERIES) != first
+
+
+def test_vllm_sampler_plumbing_with_a_stand_in_engine(monkeypatch, tmp_path):
+    """Our wrapper around `vllm.LLM`, on CPU with a stand-in for vLLM's classes (the real engine: the GPU test
+    above): one request per row with its own seed and the model's end tokens as stops, texts back in row order,
+    and a cache key that names the engine as a string (it held the `LLM` object until 2026-12-05, so no key
+    could be built)."""
+    import sys
+    import types
+
+    from expandr_haystack.generation import vllm as vllm_sampler
+
+    calls = []
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    class TokensPrompt(dict):
+        def __init__(self, prompt_token_ids):
+            super().__init__(prompt_token_ids=prompt_token_ids)
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls.append(("init", kwargs))
+
+        def generate(self, requests, params, use_tqdm=False, lora_request=None):
+            calls.append(("generate", requests, params))
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"passage {p.seed % 1000}")])
+                    for p in params]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, SamplingParams
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = TokensPrompt
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setattr(vllm_sampler, "vllm_unavailable_reason", lambda: None)
+    monkeypatch.setattr(vllm_sampler, "_ENGINES", {})
+    expander = LLMQueryExpander(sampler=SamplerOptions(engine="vllm"), n_expansions=2,
+                                generation=GenerationSettings(max_new_tokens=8), cache=str(tmp_path / "c.sqlite"))
+    texts = expander.expand(QUERIES)
+    assert expander.engine == "vllm+eog"  # the bundled SmolLM2 has <|endoftext|> besides its EOS <|im_end|>
+    _, requests, params = calls[-1]
+    assert len(requests) == len(params) == 4 and len({p.seed for p in params}) == 4
+    assert all(p.stop_token_ids == [0, 2] and p.max_tokens == 8 for p in params)
+    assert [[f"passage {p.seed % 1000}" for p in params[i : i + 2]] for i in (0, 2)] == texts
+    assert expander.expand(QUERIES) == texts and expander.cache_stats["hits"] == 4
