@@ -189,7 +189,7 @@ def check(device: str, llm: str | None, encoder: str | None, dtypes: list[str], 
             e.warm_up()
             params = {(p.dtype, p.device.type) for p in e._sampler.model.parameters()}
             _expect(params == {(getattr(torch, dtype), kind)}, f"model loaded as {params}")
-            _expect(e.engine == "transformers", f"engine {e.engine}")
+            _expect(e.engine in ("transformers", "transformers+eog"), f"engine {e.engine}")
             first = e.expand(QUERIES)
             _expect(len(first) == len(QUERIES) and all(len(x) <= 2 for x in first) and any(t for x in first for t in x),
                     f"no text: {first}")
