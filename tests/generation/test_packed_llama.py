@@ -198,8 +198,12 @@ def test_samplers_stop_at_every_end_token_of_the_vocabulary(monkeypatch):
     logits_bias = torch.zeros(model.config.vocab_size)
     logits_bias[0] = 1e4
     prefill = sampler.decoder.prefill
-    monkeypatch.setattr(sampler.decoder, "prefill",
-                        lambda *a: (lambda out: (out[0] + logits_bias, out[1]))(prefill(*a)))
+
+    def biased_prefill(*args):
+        logits, state = prefill(*args)
+        return logits + logits_bias, state
+
+    monkeypatch.setattr(sampler.decoder, "prefill", biased_prefill)
     before = sampler.tokens_generated
     texts = sampler.sample(["Q: what is lift"], seeds=[1], temperatures=[1.0], top_p=0.9, max_new_tokens=8)
     assert texts == [""] and sampler.tokens_generated - before == 1  # the end token counted, nothing after it
