@@ -239,6 +239,13 @@ def load_encoder(
         return _ENCODERS[key]
 
 
+def embedding_dimension(encoder: Any) -> int:
+    """The dimension of a loaded `SentenceTransformer`'s vectors (`get_embedding_dimension` in sentence-transformers
+    6, `get_sentence_embedding_dimension` before)."""
+    getter = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
+    return int(getter())
+
+
 def encoder_backend_problem(backend: str) -> str | None:
     """
     Why sentence-transformers' ``backend`` ("onnx", "openvino") cannot load here, or None when its Optimum modules

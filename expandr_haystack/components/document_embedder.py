@@ -12,7 +12,7 @@ from haystack.utils import ComponentDevice
 
 from expandr_haystack.checks import check_choice
 from expandr_haystack.components.embedder import PRECISIONS
-from expandr_haystack.models import load_encoder, resolve_device, resolve_encoder_path
+from expandr_haystack.models import embedding_dimension, load_encoder, resolve_device, resolve_encoder_path
 from expandr_haystack.options import EncoderOptions, fold_legacy
 
 
@@ -145,9 +145,7 @@ class ExpandRDocumentEmbedder:
     @property
     def dimension(self) -> int:
         """Embedding dimension of the encoder."""
-        enc = self.encoder
-        getter = getattr(enc, "get_embedding_dimension", None) or enc.get_sentence_embedding_dimension
-        return int(getter())
+        return embedding_dimension(self.encoder)
 
     def document_text(self, document: Document) -> str:
         """The text embedded for a document, as `SentenceTransformersDocumentEmbedder` builds it: `prefix` + the

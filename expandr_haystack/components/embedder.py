@@ -12,7 +12,7 @@ from haystack.utils import ComponentDevice
 from expandr_haystack.checks import check_choice, check_number
 from expandr_haystack.core.fusion import fuse, unit
 from expandr_haystack.core.text import check_expansions, check_query, clean_text
-from expandr_haystack.models import load_encoder, resolve_device, resolve_encoder_path
+from expandr_haystack.models import embedding_dimension, load_encoder, resolve_device, resolve_encoder_path
 from expandr_haystack.options import EncoderOptions, fold_legacy
 
 #: Output precisions (as Haystack's SentenceTransformersTextEmbedder).
@@ -178,9 +178,7 @@ class ExpandRQueryEmbedder:
     @property
     def dimension(self) -> int:
         """Embedding dimension of the encoder."""
-        enc = self.encoder
-        getter = getattr(enc, "get_embedding_dimension", None) or enc.get_sentence_embedding_dimension
-        return int(getter())
+        return embedding_dimension(self.encoder)
 
     def encode(self, texts: Sequence[str], progress_bar: bool | None = None, *, prefix: str | None = None,
                suffix: str | None = None) -> np.ndarray:
