@@ -5,12 +5,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hashlib
+import importlib.util
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from haystack import Document
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) as a module; its own `_common` import resolves during the load."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
 
 QUERIES = [
     "what similarity laws must be obeyed when constructing aeroelastic models of heated high speed aircraft .",

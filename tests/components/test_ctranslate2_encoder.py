@@ -4,7 +4,6 @@ inside the same sentence-transformers pipeline. Its vectors must match torch's (
 conversion must be cached, bad options must be named, and the embedder / retriever must work with it end to end.
 """
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -183,15 +182,9 @@ def test_bundled_minilm_int8_is_close_to_torch():
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_encoder_backends.py"
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_encoder_backends", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
+    from tests.conftest import load_benchmark
+
+    return load_benchmark("bench_encoder_backends")
 
 
 def test_benchmark_has_the_ctranslate2_variant():

@@ -6,9 +6,7 @@ why; where they import, the ONNX embeddings must match torch's. The ONNX Runtime
 benchmarks/bench_encoder_backends.py is checked against torch too, so that its numbers measure the same encoder.
 """
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,15 +75,9 @@ def test_onnx_backend_matches_torch(tiny_bert):
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_encoder_backends.py"
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_encoder_backends", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
+    from tests.conftest import load_benchmark
+
+    return load_benchmark("bench_encoder_backends")
 
 
 def test_benchmark_onnx_runtime_stand_in_matches_torch(tiny_bert, tmp_path):
