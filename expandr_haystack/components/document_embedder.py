@@ -10,8 +10,7 @@ import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict
 from haystack.utils import ComponentDevice
 
-from expandr_haystack.checks import check_choice
-from expandr_haystack.components.embedder import PRECISIONS
+from expandr_haystack.components.embedder import check_output_precision
 from expandr_haystack.models import embedding_dimension, load_encoder, resolve_device, resolve_encoder_path
 from expandr_haystack.options import EncoderOptions, fold_legacy
 
@@ -97,10 +96,7 @@ class ExpandRDocumentEmbedder:
                 or not all(isinstance(k, str) for k in meta_fields_to_embed)):
             raise TypeError(f"`meta_fields_to_embed` must be a list of meta field names (str) or None; got "
                             f"{meta_fields_to_embed!r:.120}.")
-        check_choice(precision, "precision", PRECISIONS)
-        if precision in ("int8", "uint8") and quantization_ranges is None:
-            raise ValueError(f"Precision {precision!r} requires `quantization_ranges` computed from a representative "
-                             f"sample of embeddings.")
+        check_output_precision(precision, quantization_ranges)
         self.model = model
         self.device = device  # None = best available, resolved at warm_up (keeps YAML portable)
         self.encoder_options = encoder_options

@@ -19,6 +19,15 @@ from expandr_haystack.options import EncoderOptions, fold_legacy
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 
 
+def check_output_precision(precision: str, quantization_ranges: Any) -> None:
+    """An embedder's output `precision` (`PRECISIONS`); "int8"/"uint8" need `quantization_ranges` (as Haystack's
+    embedders take them): a ValueError naming what is missing otherwise."""
+    check_choice(precision, "precision", PRECISIONS)
+    if precision in ("int8", "uint8") and quantization_ranges is None:
+        raise ValueError(f"Precision {precision!r} requires `quantization_ranges` computed from a representative "
+                         f"sample of embeddings.")
+
+
 def checked_expansions(expansions: Any, argument: str = "expansions") -> list[str]:
     """
     One query's expansions as the fusion takes them: a list of strings (else an error naming `argument`), control
@@ -112,10 +121,7 @@ class ExpandRQueryEmbedder:
         if device is not None and not isinstance(device, ComponentDevice):
             raise TypeError(f"`device` must be a haystack ComponentDevice or None; got {type(device).__name__}.")
         encoder_options = EncoderOptions.coerce(encoder, "encoder")
-        check_choice(precision, "precision", PRECISIONS)
-        if precision in ("int8", "uint8") and quantization_ranges is None:
-            raise ValueError(f"Precision {precision!r} requires `quantization_ranges` computed from a representative "
-                             f"sample of embeddings.")
+        check_output_precision(precision, quantization_ranges)
         for name, value in (("prefix", prefix), ("suffix", suffix)):
             if not isinstance(value, str):
                 raise TypeError(f"`{name}` must be a str; got {type(value).__name__}.")
