@@ -40,7 +40,10 @@ from typing import Any
 from expandr_haystack.generation.local import Prompt, template, truncate_tokens
 
 _LOCK = threading.Lock()
-_LLAMAS: dict[tuple, Any] = {}  # (file, adapter file, settings) -> llama_cpp.Llama, shared by samplers
+#: (file, adapter file, settings) -> (llama_cpp.Llama, its lock), shared by samplers: one Llama decodes one sequence
+#: at a time, so every sampler over it takes the same lock
+_LLAMAS: dict[tuple, tuple[Any, threading.Lock]] = {}
+_TOKENIZERS: dict[tuple, Any] = {}  # (file, its size and mtime) -> the tokenizer read from it, shared by samplers
 
 #: llama-cpp-python's defaults that the other engines do not apply, switched off for every row.
 NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0, "frequency_penalty": 0.0,
@@ -161,14 +164,22 @@ def cached_lora_gguf(adapter: str, base_gguf: str) -> str:
 
 
 def gguf_tokenizer(path: Path):
-    """The Hugging Face tokenizer stored in a GGUF file (chat template included), as transformers reads it."""
+    """The Hugging Face tokenizer stored in a GGUF file (chat template included), as transformers reads it; read once
+    per file (and again if the file changes)."""
     from transformers import AutoTokenizer
 
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _LOCK:
+        if key in _TOKENIZERS:
+            return _TOKENIZERS[key]
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:  # transformers raises several types for GGUF files it cannot read
         raise ValueError(f"`model`: transformers cannot read the tokenizer of {path} ({type(exc).__name__}: {exc}); "
                          "the llama_cpp engine templates prompts with it, as the other engines do.") from exc
+    with _LOCK:
+        return _TOKENIZERS.setdefault(key, tokenizer)
 
 
 class LlamaCppSampler:
@@ -193,12 +204,14 @@ class LlamaCppSampler:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         # llama-cpp-python's defaults are a 512-token context and half the cores
         settings = {"n_ctx": 4096, "n_threads": threads, "n_threads_batch": threads, **(engine_kwargs or {})}
-        key = (str(path.resolve()), lora, json.dumps(settings, sort_keys=True, default=str))
+        stat = path.stat()  # a file rewritten in place is loaded afresh
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, lora,
+               json.dumps(settings, sort_keys=True, default=str))
         with _LOCK:
             if key not in _LLAMAS:
-                _LLAMAS[key] = llama_cpp.Llama(model_path=str(path), lora_path=lora, verbose=False, **settings)
-            self.llama = _LLAMAS[key]
-        self._lock = threading.Lock()  # one Llama decodes one sequence at a time
+                _LLAMAS[key] = (llama_cpp.Llama(model_path=str(path), lora_path=lora, verbose=False, **settings),
+                                threading.Lock())
+            self.llama, self._lock = _LLAMAS[key]  # the lock is the Llama's: samplers sharing it take turns
         self.engine = f"llama_cpp-{llama_cpp.__version__}"
         self.tokens_generated = 0
 
@@ -235,9 +248,10 @@ class LlamaCppSampler:
 def release_llamas() -> None:
     """Close every memoised llama.cpp model (also at exit, while llama.cpp's library is still loaded)."""
     with _LOCK:
-        for llama in _LLAMAS.values():
+        for llama, _ in _LLAMAS.values():
             llama.close()
         _LLAMAS.clear()
+        _TOKENIZERS.clear()
 
 
 atexit.register(release_llamas)

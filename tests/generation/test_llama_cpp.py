@@ -218,6 +218,9 @@ def test_expander_on_llama_cpp_seeds_rows_and_caches_under_the_engine(peft_adapt
     fresh = LLMQueryExpander(n_expansions=2, **common)  # no cache: the same seeds give the same texts
     assert fresh.expand(queries) == first
     assert fresh.expand(queries[1:]) == first[1:]  # a row's text does not depend on the rows beside it
+    # one loaded model, its tokenizer and the lock that keeps its one sequence at a time, whichever sampler calls
+    assert fresh._sampler.llama is expander._sampler.llama and fresh._sampler._lock is expander._sampler._lock
+    assert fresh._sampler.tokenizer is expander._sampler.tokenizer
     assert expander.cache_stats["entries"] == 4
     expander.expand(queries)
     assert expander.cache_stats["hits"] == 4
