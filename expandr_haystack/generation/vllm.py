@@ -71,7 +71,8 @@ class VLLMSampler:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         # vLLM stops at the model's EOS; the other end tokens as the local samplers do (`END_TOKENS`)
         self.stop_ids, extra = end_token_ids(self.tokenizer)
-        self.engine_name = "vllm" + (END_TOKENS_ENGINE if extra else "")
+        #: the engine in cache keys: "vllm" ("vllm+eog" where the tokenizer has end tokens besides its EOS)
+        self.engine = "vllm" + (END_TOKENS_ENGINE if extra else "")
         self.lora = None
         rank = 16
         if adapter is not None:
@@ -98,11 +99,6 @@ class VLLMSampler:
             self.llm = _ENGINES[key]
 
     backend = "vllm"
-
-    @property
-    def engine(self) -> str:
-        """The engine in cache keys: "vllm" ("vllm+eog" where the tokenizer has end tokens besides its EOS)."""
-        return self.engine_name
 
     def truncate(self, text: str, argument: str = "query") -> str:
         """`text` cut to `max_prompt_tokens` tokens (with a warning naming `argument` when it is cut)."""
