@@ -207,8 +207,8 @@ class LLMQueryExpander:
 
     @property
     def engine(self) -> str:
-        """The generation engine in use after `warm_up`: "packed" (float32; "packed-int8-smoothed.2",
-        "packed-int8-smoothed.2-w64" (7-bit weights), "packed-bfloat16" in another precision), "transformers",
+        """The generation engine in use after `warm_up`: "packed" (float32; "packed-int8-smoothed.3",
+        "packed-int8-smoothed.3-w64" (7-bit weights), "packed-bfloat16" in another precision), "transformers",
         "vllm" or "remote"."""
         self.warm_up()
         return self._sampler.engine

@@ -97,7 +97,7 @@ def make_sampler(model: str | None = None, adapter: str | None = None, chat_gene
     The sampler for a model (+ LoRA adapter), loaded and run as `options` say, or for a Haystack ChatGenerator
     (which takes only `options`' remote settings: max_prompt_tokens, max_retries, retry_backoff, max_concurrency).
     Local samplers are retried by the caller with new seeds; texts in another `weight_precision` than float32 are
-    cached apart through the sampler's `engine` ("packed-int8-smoothed.2").
+    cached apart through the sampler's `engine` ("packed-int8-smoothed.3").
     """
     from expandr_haystack.models import load_llm, model_identity, resolve_device, resolve_llm_path
 

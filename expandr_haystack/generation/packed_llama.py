@@ -8,8 +8,9 @@ nucleus boundary. The speed comes from doing less, not from lower precision:
 * weights prepacked once for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``), the layout ``torch.compile``'s
   freezing pass uses, instead of re-laying them out on every matmul;
 * fused projections: one ``q|k|v`` matmul and one ``gate|up`` matmul per layer instead of five;
-* a preallocated KV cache written in place (no ``torch.cat`` per step), rotary tables computed once per batch, the
-  attention mask turned into its additive bias once per step for all layers;
+* a preallocated KV cache written in place (no ``torch.cat`` per step; float16 with int8 weights, `KV_DTYPES`),
+  rotary tables computed once per batch, the attention mask turned into its additive bias once per step for all
+  layers;
 * each RMSNorm applied by the linear layer after it (`quantize.make_linear`'s ``scale``/``eps``; the same ops as
   ``transformers``' in float32), activations kept 2-D ([tokens, hidden]) between the layers;
 * grouped-query attention without ``repeat_kv``: at decode the query heads sharing a KV head are laid out as that
@@ -43,6 +44,12 @@ import torch.nn.functional as F
 from expandr_haystack.generation.quantize import input_maxima, make_linear, resolve_precision, smoothing_scales
 
 logger = logging.getLogger(__name__)
+
+#: KV cache dtype per weight precision (float32 otherwise). int8 keeps keys and values in float16: attention reads the
+#: whole cache of every layer at each step (as many bytes as the int8 weights at 16 rows and ~100 tokens), and half
+#: of them is a decode step ~5% shorter (docs/benchmarks.md "Decode step, issue 26"); float16's 11-bit mantissa is
+#: finer than the 8-bit inputs around it. float32 stays the exact reference.
+KV_DTYPES = {"int8": torch.float16}
 
 #: Prompt tokens prefilled at once (whole prompts, at least one): bounds the prefill's activations, not its speed
 #: (the prompts' common prefix is one pass of its own before).
@@ -122,16 +129,16 @@ class _Layer(torch.nn.Module):
         qkv = self.qkv(x)  # the input norm folded in
         qk = qkv[:, :qk_width].view(rows, steps, heads + kv_heads, dim)
         qk = qk * cos + qk.roll([dim // 2], [-1]) * sin  # rotary embedding of queries and keys at once
-        keys[:, :, start:end] = qk[:, :, heads:].transpose(1, 2)
+        keys[:, :, start:end] = qk[:, :, heads:].transpose(1, 2)  # in the cache's dtype (`_State`)
         values[:, :, start:end] = qkv[:, qk_width:].view(rows, steps, kv_heads, dim).transpose(1, 2)
+        queries = qk[:, :, :heads].to(keys.dtype)
         if steps == 1:  # one new token: the query heads of a KV group act as that group's query positions
-            attended = F.scaled_dot_product_attention(qk[:, 0, :heads].reshape(rows, kv_heads, heads // kv_heads, dim),
+            attended = F.scaled_dot_product_attention(queries[:, 0].reshape(rows, kv_heads, heads // kv_heads, dim),
                                                       keys[:, :, :end], values[:, :, :end], attn_mask=bias)
         else:
-            attended = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), keys[:, :, :end],
-                                                      values[:, :, :end], attn_mask=bias,
-                                                      enable_gqa=True).transpose(1, 2)
-        x = self.o(attended.reshape(rows * steps, heads * dim), x)
+            attended = F.scaled_dot_product_attention(queries.transpose(1, 2), keys[:, :, :end], values[:, :, :end],
+                                                      attn_mask=bias, enable_gqa=True).transpose(1, 2)
+        x = self.o(attended.reshape(rows * steps, heads * dim).float(), x)
         gate_up = self.gate_up(x)  # the post-attention norm folded in
         return self.down(F.silu(gate_up[:, : self.half]).mul_(gate_up[:, self.half :]), x)
 
@@ -151,8 +158,8 @@ class _Body(torch.nn.Module):
         [rows, 1, steps, end] says which cache slots each new token attends to (True = attend).
         """
         # the mask as the additive bias attention applies, built once for all layers (SDPA converts a bool mask
-        # on every call)
-        bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+        # on every call), in the KV cache's dtype
+        bias = torch.zeros(mask.shape, dtype=keys[0].dtype).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.layers):
             x = layer(x, keys[i], values[i], start, rows, cos, sin, bias)
         return x
@@ -237,6 +244,8 @@ class PackedLlamaDecoder:
         self.lm_head = make_linear(head, self.precision, scale=final_norm, eps=self.eps)  # the final norm folded in
         #: int8 weight levels per sign (127, or 64 on FBGEMM's kernels without VNNI); None in other precisions
         self.int8_levels = getattr(self.lm_head, "levels", None)
+        #: dtype of the KV cache: float16 with int8 weights (`KV_DTYPES`), else float32
+        self.kv_dtype = KV_DTYPES.get(self.precision, torch.float32)
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary tables [rows, steps, 1, head_dim] for `positions` [rows, steps]; the sine carries the sign of
@@ -249,7 +258,8 @@ class PackedLlamaDecoder:
 
     def _cache(self, rows: int, capacity: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         shape = (rows, self.kv_heads, capacity, self.head_dim)
-        return [torch.empty(shape) for _ in self.layers], [torch.empty(shape) for _ in self.layers]
+        return ([torch.empty(shape, dtype=self.kv_dtype) for _ in self.layers],
+                [torch.empty(shape, dtype=self.kv_dtype) for _ in self.layers])
 
     def prefill(self, prompts: list[list[int]], select: torch.Tensor, max_new_tokens: int):
         """
@@ -313,7 +323,7 @@ class PackedLlamaDecoder:
             state_keys, state_values = [], []
             for caches, targets in ((keys, state_keys), (values, state_values)):
                 for i in range(len(caches)):
-                    target = torch.empty((rows, self.kv_heads, capacity, self.head_dim))
+                    target = torch.empty((rows, self.kv_heads, capacity, self.head_dim), dtype=self.kv_dtype)
                     target[:, :, :span] = caches[i].index_select(0, select)
                     caches[i] = None
                     targets.append(target)

@@ -19,10 +19,11 @@ SmolLM2-135M, the 113 MB vocabulary head included), so smaller weights are faste
     `input_maxima`); ``1 / c`` is folded into the RMSNorm weight before ``q|k|v``, ``gate|up`` and the head, into
     the ``up`` rows before ``down`` (``down``'s input is ``silu(gate) * up``), and applied at run time before ``o``
     only (`packed_llama._Layer`);
-  - **one grid per row**: FBGEMM quantizes its whole input with one range, which would couple the rows of a batch.
-    Each row is passed over its own ``max|x|`` (so it lies in [-1, 1]), with a constant sentinel row
-    ``[-1, 1, 0, ...]`` that pins the range to exactly [-1, 1] whatever the batch (`int8_row_input`): each row's
-    codes are its own, and the result is rescaled by the row's maximum;
+  - **one grid per row**: FBGEMM's dynamic linear quantizes its whole input with one range, which would couple the
+    rows of a batch. Each row is passed over its own ``max|x|`` (so it lies in [-1, 1], `int8_row_input`) to
+    FBGEMM's linear with a *given* input grid, the one for exactly [-1, 1] (`fbgemm_input_grid`;
+    ``quantized.linear_with_input_q_dq_qweight_dq_output_fp32``, the same kernel without the range search): each
+    row's codes are its own, and the result is rescaled by the row's maximum;
   - **norms in the row scale**: RMSNorm multiplies a row by one factor, which leaves the row's codes unchanged, so
     a layer after a norm quantizes ``norm weight * x`` and multiplies its output's row scale by the norm's factor
     (`rms_factor`); the residual add is fused with that rescaling (``addcmul``).
@@ -169,26 +170,24 @@ def quantize_per_channel(weight: torch.Tensor, levels: int = 127) -> tuple[torch
 
 def fbgemm_input_grid() -> tuple[float, int, int]:
     """
-    ``(scale, zero point, largest code)`` of the uint8 grid FBGEMM's dynamic linear (8-bit inputs, no
-    `reduce_range`) quantizes an input whose range is exactly [-1, 1] to (its ``ChooseQuantizationParams`` over
-    codes 0..255): ``scale = 2 / 255``, zero point ``nearbyint(127.5) = 128`` (half to even). Tested against the
-    kernel.
+    ``(scale, zero point, largest code)`` of the uint8 grid for inputs in exactly [-1, 1] (8-bit inputs, no
+    `reduce_range`): the grid FBGEMM's dynamic linear chooses for that range (its ``ChooseQuantizationParams`` over
+    codes 0..255), ``scale = 2 / 255``, zero point ``nearbyint(127.5) = 128`` (half to even), which `_Int8Linear`
+    gives its kernel. Tested against the kernel.
     """
     return 2.0 / 255, 128, 255
 
 
-def int8_row_input(x: torch.Tensor, sentinel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_row_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    `x` [rows, k] laid out for a kernel that quantizes its whole input to 8 bits with one range (FBGEMM's dynamic
-    linear), so that each row is quantized on its own scale and does not depend on its neighbours: the rows
-    ``x / a`` with ``a = max|x|`` per row (every row in [-1, 1], its largest entry at +-1), then `sentinel` [1, k],
-    the row ``[-1, 1, 0, ...]``, so the input's range is exactly [-1, 1] whatever the batch (`fbgemm_input_grid`).
-    Returns ``(packed [rows + 1, k], a [rows, 1])``: ``x W^T ~ a K(packed)[:rows]``, each input rounded to half a
+    `x` [rows, k] laid out for an 8-bit kernel with one fixed grid for [-1, 1] (`fbgemm_input_grid`), so that each row
+    is quantized on its own scale and does not depend on its neighbours: ``(x / a, a)`` with ``a = max|x|`` per row
+    [rows, 1] (every row in [-1, 1], its largest entry at +-1): ``x W^T ~ a K(x / a)``, each input rounded to half a
     grid step (1/255) of its row's largest value.
     """
     # abs + amax: 2x faster than aminmax at 16 rows and 4x at 640 (vector_norm(inf) is slower still)
     a = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1.1754943508222875e-38)  # float32's tiny: 0 rows stay 0
-    return torch.cat((x / a, sentinel)), a
+    return x / a, a
 
 
 def rms_factor(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -275,6 +274,8 @@ class _Int8Linear(torch.nn.Module):
     scale: torch.Tensor | None
     eps: torch.Tensor | None
     levels: int
+    input_scale: float
+    input_zero_point: int
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, eps: float | None = None,
                  levels: int | None = None):
@@ -286,17 +287,18 @@ class _Int8Linear(torch.nn.Module):
             quantized = torch._make_per_channel_quantized_tensor(q, scales.double(),
                                                                  torch.zeros(len(scales), dtype=torch.long), 0)
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
-        self.sentinel = torch.zeros(1, weight.shape[1])
-        self.sentinel[0, 0], self.sentinel[0, -1] = -1.0, 1.0
         self.scale, self.eps = scale, None if eps is None else torch.tensor(eps)
+        self.input_scale, self.input_zero_point = fbgemm_input_grid()[:2]
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``linear(x)`` for `x` [rows, in], plus `residual` [rows, out] when given (one fused op)."""
         scale, eps = self.scale, self.eps
-        packed, a = int8_row_input(x if scale is None else x * scale, self.sentinel)
+        rows, a = int8_row_input(x if scale is None else x * scale)
         if eps is not None:
             a = a * rms_factor(x, eps)
-        y = torch.ops.quantized.linear_dynamic(packed, self.packed, False)[: x.shape[0]]  # 8-bit inputs
+        # FBGEMM's dynamic linear with its input grid given (no min/max pass): 8-bit inputs
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, self.input_scale,
+                                                                              self.input_zero_point, self.packed)
         return y.mul_(a) if residual is None else torch.addcmul(residual, y, a)
 
 
