@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from expandr_haystack.generation.local import Prompt, template, truncate_tokens
+from expandr_haystack.generation.packed_llama import interleave_rotary_halves
 
 _LOCK = threading.Lock()
 #: (file, adapter file, settings) -> (llama_cpp.Llama, its lock), shared by samplers: one Llama decodes one sequence
@@ -83,13 +84,6 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
     return fields
 
 
-def _rotary_permuted(rows, heads: int):
-    """The row order ``convert_hf_to_gguf.py`` gives a Llama q/k weight [heads * head_dim, ...] (its ``permute``):
-    within each head, the two rotary halves interleaved."""
-    shape = rows.shape
-    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-
-
 def lora_to_gguf(adapter: str | os.PathLike, base_gguf: str | os.PathLike, out: str | os.PathLike) -> Path:
     """
     Write the PEFT LoRA adapter in folder `adapter` (``adapter_config.json``, ``adapter_model.safetensors``) for the
@@ -132,7 +126,7 @@ def lora_to_gguf(adapter: str | os.PathLike, base_gguf: str | os.PathLike, out: 
         a = weights[name].astype(np.float32)  # [r, in]
         b = weights[name.replace(".lora_A.", ".lora_B.")].astype(np.float32)  # [out, r]
         if LORA_ARCHITECTURES[arch] and target in heads:
-            b = _rotary_permuted(b, heads[target])
+            b = interleave_rotary_halves(b, heads[target])
         tensors.append((f"blk.{int(parts[1])}.{target}.weight", a, b))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

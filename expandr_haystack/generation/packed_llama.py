@@ -56,6 +56,17 @@ KV_DTYPES = {"int8": torch.float16}
 PREFILL_TOKENS = 1024
 
 
+def interleave_rotary_halves(rows, heads: int):
+    """
+    A Llama q or k weight [heads * head_dim, ...] (torch or numpy) with each head's rows reordered from the two rotary halves
+    (transformers' layout: ``rotate_half`` pairs dimension i with i + head_dim / 2) to the pairs interleaved
+    (i, i + head_dim / 2, i + 1, ...): the layout where a rotation is a product of complex numbers, and the one
+    llama.cpp's ``convert_hf_to_gguf.py`` gives q/k (its ``permute``).
+    """
+    shape = rows.shape
+    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
 def unsupported_reason(model) -> str | None:
     """Why `model` cannot use the packed decoder (None when it can)."""
     config = getattr(model, "config", None)
@@ -97,7 +108,11 @@ class _Layer(torch.nn.Module):
         eps = config.rms_norm_eps
         input_norm = layer.input_layernorm.weight.detach().float()
         post_attention_norm = layer.post_attention_layernorm.weight.detach().float()
-        qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]).detach().float()
+        # q and k rows with each head's rotary halves interleaved (`interleave_rotary_halves`): a rotation is then one
+        # complex product; dot products of queries and keys are unchanged (the same order on both)
+        qkv = torch.cat([interleave_rotary_halves(attention.q_proj.weight, self.heads),
+                         interleave_rotary_halves(attention.k_proj.weight, self.kv_heads),
+                         attention.v_proj.weight]).detach().float()
         o = attention.o_proj.weight.detach().float()
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().float()
         down = mlp.down_proj.weight.detach().float()
@@ -119,16 +134,19 @@ class _Layer(torch.nn.Module):
         self.down = linear(down)
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, rows: int,
-                cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+                rotation: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """The layer on `x` [rows * steps, hidden] (a row's steps together) whose tokens fill cache slots
-        ``start .. start+steps`` of this layer's `keys`/`values` [rows, kv_heads, capacity, head_dim]; `bias`
+        ``start .. start+steps`` of this layer's `keys`/`values` [rows, kv_heads, capacity, head_dim]; `rotation`
+        [rows, steps, 1, head_dim / 2] (complex) is the rotary embedding at each token's position; `bias`
         [rows, 1, steps, end] is the attention's additive mask."""
         heads, kv_heads, dim = self.heads, self.kv_heads, self.dim
         steps = x.shape[0] // rows
         end, qk_width = start + steps, (heads + kv_heads) * dim
         qkv = self.qkv(x)  # the input norm folded in
-        qk = qkv[:, :qk_width].view(rows, steps, heads + kv_heads, dim)
-        qk = qk * cos + qk.roll([dim // 2], [-1]) * sin  # rotary embedding of queries and keys at once
+        # rotary embedding of queries and keys at once: each interleaved pair (x_i, x_i+dim/2) as one complex number
+        # times e^(i theta) = (x_i cos - x_i+dim/2 sin, x_i+dim/2 cos + x_i sin), transformers' rotate_half
+        pairs = torch.view_as_complex(qkv[:, :qk_width].view(rows, steps, heads + kv_heads, dim // 2, 2))
+        qk = torch.view_as_real(pairs * rotation).view(rows, steps, heads + kv_heads, dim)
         keys[:, :, start:end] = qk[:, :, heads:].transpose(1, 2)  # in the cache's dtype (`_State`)
         values[:, :, start:end] = qkv[:, qk_width:].view(rows, steps, kv_heads, dim).transpose(1, 2)
         queries = qk[:, :, :heads].to(keys.dtype)
@@ -151,7 +169,7 @@ class _Body(torch.nn.Module):
         self.layers = torch.nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], start: int,
-                rows: int, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                rows: int, rotation: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """
         The layers on `x` [rows * steps, hidden] (row-major: a row's steps together) whose tokens fill cache slots
         ``start .. start+steps``; `keys`/`values` are per-layer caches [rows, kv_heads, capacity, head_dim], `mask`
@@ -161,7 +179,7 @@ class _Body(torch.nn.Module):
         # on every call), in the KV cache's dtype
         bias = torch.zeros(mask.shape, dtype=keys[0].dtype).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.layers):
-            x = layer(x, keys[i], values[i], start, rows, cos, sin, bias)
+            x = layer(x, keys[i], values[i], start, rows, rotation, bias)
         return x
 
 
@@ -188,10 +206,10 @@ def script_body(body: _Body) -> torch.nn.Module:
 class _State:
     """KV cache and bookkeeping of one batch being decoded."""
 
-    def __init__(self, keys, values, key_mask, cos, sin, length):
+    def __init__(self, keys, values, key_mask, rotation, length):
         self.keys, self.values = keys, values  # per layer [rows, kv_heads, capacity, head_dim]
         self.key_mask = key_mask  # [rows, capacity] bool, True = a real token
-        self.cos, self.sin = cos, sin  # [rows, capacity, 1, head_dim] rotary tables by cache slot
+        self.rotation = rotation  # [rows, capacity, 1, head_dim / 2] complex rotary table by cache slot
         self.length = length  # cache slots filled so far
 
 
@@ -247,14 +265,12 @@ class PackedLlamaDecoder:
         #: dtype of the KV cache: float16 with int8 weights (`KV_DTYPES`), else float32
         self.kv_dtype = KV_DTYPES.get(self.precision, torch.float32)
 
-    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary tables [rows, steps, 1, head_dim] for `positions` [rows, steps]; the sine carries the sign of
-        ``rotate_half`` so that a rotation is ``x * cos + roll(x, head_dim / 2) * sin``."""
-        freqs = positions[..., None].float() * self.inv_freq
-        angles = torch.cat([freqs, freqs], dim=-1)
-        half = self.head_dim // 2
-        sign = torch.cat([-torch.ones(half), torch.ones(half)])
-        return angles.cos()[:, :, None], (angles.sin() * sign)[:, :, None]
+    def _rotary(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rotary table [rows, steps, 1, head_dim / 2] for `positions` [rows, steps]: ``e^(i theta)`` (complex,
+        ``cos theta + i sin theta``) per frequency, each rotating one interleaved pair of a query's or key's
+        dimensions."""
+        angles = positions[..., None].float() * self.inv_freq
+        return torch.complex(angles.cos(), angles.sin())[:, :, None]
 
     def _cache(self, rows: int, capacity: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         shape = (rows, self.kv_heads, capacity, self.head_dim)
@@ -292,14 +308,13 @@ class PackedLlamaDecoder:
         in_place = select.tolist() == list(range(unique))
         keys, values = self._cache(unique, capacity if in_place else span)
         if shared:
-            cos, sin = self._rotary(positions[:1, :shared])
             causal = torch.ones(shared, shared, dtype=torch.bool).tril()
             self.body(F.embedding(torch.tensor(prompts[0][:shared]), self.embed), [k[:1] for k in keys],
-                      [v[:1] for v in values], 0, 1, cos, sin, causal[None, None])
+                      [v[:1] for v in values], 0, 1, self._rotary(positions[:1, :shared]), causal[None, None])
             for k, v in zip(keys, values):
                 k[1:, :, :shared] = k[:1, :, :shared]
                 v[1:, :, :shared] = v[:1, :, :shared]
-        cos, sin = self._rotary(positions[:, shared:])
+        rotation = self._rotary(positions[:, shared:])
         causal = torch.ones(width, span, dtype=torch.bool).tril(diagonal=shared)
         # a padding slot's query attends to itself only (its output is never used; avoids an all-masked softmax)
         itself = torch.zeros(width, span, dtype=torch.bool)
@@ -313,7 +328,7 @@ class PackedLlamaDecoder:
             part = slice(first, first + group)
             tokens = rest[part]
             x = self.body(F.embedding(tokens.flatten(), self.embed), [k[part] for k in keys],
-                          [v[part] for v in values], shared, len(tokens), cos[part], sin[part], mask[part, None])
+                          [v[part] for v in values], shared, len(tokens), rotation[part], mask[part, None])
             last.append(x[width - 1 :: width])  # each row's last position
         logits = self.lm_head(torch.cat(last)).index_select(0, select)
 
@@ -331,16 +346,13 @@ class PackedLlamaDecoder:
         key_mask[:, :span] = valid.index_select(0, select)
         row_positions = positions.index_select(0, select)
         all_positions = torch.cat([row_positions, row_positions[:, -1:] + torch.arange(1, max_new_tokens + 1)], 1)
-        cos, sin = self._rotary(all_positions)
-        return logits, _State(state_keys, state_values, key_mask, cos, sin, span)
+        return logits, _State(state_keys, state_values, key_mask, self._rotary(all_positions), span)
 
     def decode(self, state: _State, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row and return the next-token logits [rows, vocab]."""
         start = state.length
         state.key_mask[:, start] = True
-        cos = state.cos[:, start : start + 1]
-        sin = state.sin[:, start : start + 1]
-        x = self.body(F.embedding(tokens, self.embed), state.keys, state.values, start, len(tokens), cos, sin,
-                      state.key_mask[:, None, None, : start + 1])
+        x = self.body(F.embedding(tokens, self.embed), state.keys, state.values, start, len(tokens),
+                      state.rotation[:, start : start + 1], state.key_mask[:, None, None, : start + 1])
         state.length += 1
         return self.lm_head(x)  # the final norm folded in
