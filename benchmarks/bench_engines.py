@@ -14,7 +14,9 @@ Paths (each skipped with the reason when it cannot run here):
   through its own chat template); llama-cpp-python's high-level API generates one prompt at a time, so its batch-16
   figure is 16 sequential generations (llama.cpp's own batched decoding is not measured).
 
-Run with every switch of `_common.ISA_SWITCHES` set to AVX2 (and a llama.cpp built for AVX2 only) to time the kernels
+Each group of engines (torch: raw generate and ours; CTranslate2; llama.cpp) runs in a process of its own, the groups
+alternating within each repeat: CTranslate2's own OpenMP runtime slowed torch in a shared process by up to a third
+(`GROUPS`). Run with every switch of `_common.ISA_SWITCHES` set to AVX2 (and a llama.cpp built for AVX2 only) to time the kernels
 an AVX2-only CPU gets on a wider one.
 
 Same ExpandR q2d prompts (the first `--queries` Cranfield train queries through the chat template), T 1.0, top-p
@@ -29,13 +31,21 @@ generate at the same batch size, measured in the same run (paths interleaved, `-
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_line, machine, median
+
+#: The engines' groups, each timed in a process of its own: a library with its own OpenMP runtime (CTranslate2's
+#: bundled libgomp) or thread pool (llama.cpp) slows torch in the same process long after it ran (measured: packed
+#: int8 -32% and raw generate -15% once CTranslate2 had generated, 2026-12-05), so a shared process is not a fair race.
+GROUPS = ("torch", "ctranslate2", "llama.cpp")
 
 
 def main(argv=None) -> int:
@@ -47,42 +57,80 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="/tmp/expandr-engines", help="folder of the converted CTranslate2 models")
     parser.add_argument("--gguf", action="append", default=[], help="another GGUF file for llama.cpp (repeatable)")
     parser.add_argument("--threads", type=int, default=None, help="threads for every engine (default: torch's)")
+    parser.add_argument("--group", choices=GROUPS, default=None, help=argparse.SUPPRESS)  # a child's group
+    parser.add_argument("--json", default=None, help=argparse.SUPPRESS)  # where a child writes its timings
+    parser.add_argument("--seed-offset", type=int, default=0, help=argparse.SUPPRESS)  # the repeat a child times
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.group is not None:
+        return child(args)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    threads = args.threads or torch.get_num_threads()
     print(machine())
     print(cpu_line())
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: python {' '.join(sys.argv)}")
-    paths, prompts = build_paths(args, threads)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, T 1.0, top-p 0.9, {threads} threads, "
-          f"{args.repeats} repeats; paths: {', '.join(paths)}")
-    for size in sizes:
-        counted = {n: [] for n in paths}
-        times = {n: [] for n in paths}
-        for name, run in paths.items():  # warm-up: first-call allocations
-            run(prompts[:size], size, 10_000)
+    print(f"{args.queries} prompts, {args.max_new_tokens} new tokens, T 1.0, top-p 0.9, {threads} threads, "
+          f"{args.repeats} repeats; each group of engines ({', '.join(GROUPS)}) in a process of its own, the groups "
+          "alternating within each repeat")
+    runs: dict[int, dict[str, list[tuple[int, float]]]] = {size: {} for size in sizes}  # size -> path -> timings
+    with tempfile.TemporaryDirectory() as work:
         for r in range(args.repeats):
-            for name in list(paths) if r % 2 == 0 else list(paths)[::-1]:
-                started = time.perf_counter()
-                counted[name].append(paths[name](prompts, size, r))
-                times[name].append(time.perf_counter() - started)
-        base = sum(counted["raw generate"]) / sum(times["raw generate"])
+            for group in GROUPS if r % 2 == 0 else GROUPS[::-1]:
+                out = Path(work) / f"{group}-{r}.json"
+                command = [sys.executable, __file__, "--group", group, "--json", str(out), "--repeats", "1",
+                           "--queries", str(args.queries), "--batch-sizes", args.batch_sizes,
+                           "--max-new-tokens", str(args.max_new_tokens), "--work", args.work,
+                           "--threads", str(threads), "--seed-offset", str(r)]
+                for gguf in args.gguf:
+                    command += ["--gguf", gguf]
+                done = subprocess.run(command, capture_output=True, text=True, check=False)
+                if r == 0:  # what a group skipped, once
+                    print("".join(line + "\n" for line in done.stdout.splitlines() if "skipped" in line), end="")
+                if done.returncode != 0:
+                    raise SystemExit(f"group {group} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+                for size, timed in json.loads(out.read_text()).items():
+                    for name, (tokens, seconds) in timed.items():
+                        runs[int(size)].setdefault(name, []).append((tokens, seconds))
+    for size in sizes:
+        paths = runs[size]
+        base = sum(t for t, _ in paths["raw generate"]) / sum(s for _, s in paths["raw generate"])
         print(f"\nbatch {size}:")
         print("| path | tokens/s | vs raw generate | s per expansion (median repeat / prompts) |")
         print("|---|---:|---:|---:|")
-        for name in paths:
-            rate = sum(counted[name]) / sum(times[name])
-            print(f"| {name} | {rate:.1f} | {rate / base:.2f}x | {median(times[name]) / len(prompts):.3f} |")
+        for name, timed in paths.items():
+            rate = sum(t for t, _ in timed) / sum(s for _, s in timed)
+            print(f"| {name} | {rate:.1f} | {rate / base:.2f}x | "
+                  f"{median([s for _, s in timed]) / args.queries:.3f} |")
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 
-def build_paths(args, threads: int):
+def child(args) -> int:
+    """One group's engines (`GROUPS`), each warmed up, then timed once per batch size: writes ``{size: {path:
+    [tokens, seconds]}}`` to ``args.json``."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths, prompts = build_paths(args, torch.get_num_threads(), args.group)
+    result: dict[int, dict[str, list[float]]] = {}
+    for size in [int(b) for b in args.batch_sizes.split(",")]:
+        for run in paths.values():  # warm-up: first-call allocations
+            run(prompts[:size], size, 10_000)
+        result[size] = {}
+        for name in list(paths) if args.seed_offset % 2 == 0 else list(paths)[::-1]:  # alternating by repeat
+            started = time.perf_counter()
+            tokens = paths[name](prompts, size, args.seed_offset)
+            result[size][name] = [tokens, time.perf_counter() - started]
+        result[size] = {name: result[size][name] for name in paths}  # reported in the paths' order
+    Path(args.json).write_text(json.dumps(result))
+    return 0
+
+
+def build_paths(args, threads: int, group: str):
+    """The timed paths of `group` (`GROUPS`) and the prompts."""
     import torch
 
     from expandr_haystack.core.text import EXPANSION_PROMPT
@@ -113,7 +161,7 @@ def build_paths(args, threads: int):
             tokens += counted(out[:, enc["input_ids"].shape[1] :].tolist())
         return tokens
 
-    paths = {"raw generate": raw}
+    paths = {"raw generate": raw} if group == "torch" else {}
 
     def ours(sampler):
         def run(batch, size, seed) -> int:
@@ -123,18 +171,21 @@ def build_paths(args, threads: int):
             return sampler.tokens_generated - before
         return run
 
-    paths["packed float32"] = ours(LocalSampler(model, tokenizer))
-    reason = int8_unsupported_reason()
-    if reason is None:
-        paths["packed int8"] = ours(LocalSampler(model, tokenizer, weight_precision="int8"))
-    else:
-        print(f"packed int8: skipped ({reason})")
+    if group == "torch":
+        paths["packed float32"] = ours(LocalSampler(model, tokenizer))
+        reason = int8_unsupported_reason()
+        if reason is None:
+            paths["packed int8"] = ours(LocalSampler(model, tokenizer, weight_precision="int8"))
+        else:
+            print(f"packed int8: skipped ({reason})")
+        return paths, prompts
 
-    try:
-        import ctranslate2
-    except ImportError:
-        print("ctranslate2: skipped (pip install ctranslate2)")
-    else:
+    if group == "ctranslate2":
+        try:
+            import ctranslate2
+        except ImportError:
+            print("ctranslate2: skipped (pip install ctranslate2)")
+            return paths, prompts
         source = ensure_default_llm()
         token_of = {p: tokenizer.convert_ids_to_tokens(tokenizer(p, add_special_tokens=False).input_ids)
                     for p in prompts}  # CTranslate2 takes token strings
@@ -154,6 +205,7 @@ def build_paths(args, threads: int):
                                                    return_end_token=True)
                 return counted([r.sequences_ids[0] for r in results])
             paths[f"ctranslate2 {precision}"] = ct2
+        return paths, prompts
 
     from expandr_haystack.generation.llama_cpp import LlamaCppSampler, llama_cpp_unavailable_reason
 
