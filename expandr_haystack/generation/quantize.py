@@ -216,6 +216,10 @@ def input_maxima(model, calibration: list[list[int]]) -> dict[tuple[int, str], t
     the token id lists `calibration` (natural prompts: random tokens calibrate worse, docs/benchmarks.md): keys
     ``(layer, "qkv" | "o" | "gate_up" | "down")`` and ``(-1, "head")``. The hooks sit on `model` for the duration:
     do not run the same model in another thread meanwhile (`local.default_decoder` builds decoders under a lock).
+
+    The passes run on one thread (torch's thread count is restored after): the float32 kernels round differently with
+    the number of threads, the int8 weights follow the maxima, and so the int8 text would depend on the process's
+    thread count (a `torchrun` worker with ``OMP_NUM_THREADS=1`` wrote other expansions than a 2-thread process).
     """
     if not calibration or not all(calibration):
         raise ValueError("`calibration` must be a non-empty list of non-empty token id lists (the int8 path's "
@@ -234,10 +238,13 @@ def input_maxima(model, calibration: list[list[int]]) -> dict[tuple[int, str], t
         modules.update({(i, "qkv"): layer.self_attn.q_proj, (i, "o"): layer.self_attn.o_proj,
                         (i, "gate_up"): layer.mlp.gate_proj, (i, "down"): layer.mlp.down_proj})
     hooks = [module.register_forward_pre_hook(record(key)) for key, module in modules.items()]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         for ids in calibration:
             model(input_ids=torch.tensor([ids]), use_cache=False)
     finally:
+        torch.set_num_threads(threads)
         for hook in hooks:
             hook.remove()
     return maxima

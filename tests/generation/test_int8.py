@@ -231,6 +231,29 @@ def test_int8_greedy_tokens_agree_on_the_bundled_model():
     print(f"int8 levels {int8.int8_levels}: greedy agreement {rate:.3f}, KL {mean_kl:.4f}")
 
 
+@torch.inference_mode()
+def test_calibration_maxima_do_not_depend_on_the_thread_count():
+    """The int8 weights follow the calibration maxima; float32 kernels round differently with the number of threads
+    (on the bundled model, 2 threads against 1 changed 117 of its 121 maxima), so the maxima are measured on one
+    thread: equal bit for bit whatever torch's thread count, which is restored after. (A `torchrun` worker with
+    OMP_NUM_THREADS=1 wrote other int8 expansions than a 2-thread process before.)"""
+    from expandr_haystack.models import load_llm
+
+    model, tokenizer = load_llm(None, None, "cpu", "float32")
+    calibration = calibration_ids(tokenizer)[:3]
+    before = torch.get_num_threads()
+    try:
+        measured = []
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            measured.append(input_maxima(model, calibration))
+            assert torch.get_num_threads() == threads  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert measured[0].keys() == measured[1].keys()
+    assert all(torch.equal(measured[0][k], measured[1][k]) for k in measured[0])
+
+
 @needs_int8
 def test_without_vnni_8bit_weights_saturate_and_the_path_takes_7bit_weights():
     """FBGEMM's kernels without VNNI sum uint8 x int8 pairs in int16: with 8-bit weights rows aligned with the
