@@ -16,8 +16,8 @@ Paths (each skipped with the reason when it cannot run here):
 
 Each group of engines (torch: raw generate and ours; CTranslate2; llama.cpp) runs in a process of its own, the groups
 alternating within each repeat: CTranslate2's own OpenMP runtime slowed torch in a shared process by up to a third
-(`GROUPS`). Run with every switch of `_common.ISA_SWITCHES` set to AVX2 (and a llama.cpp built for AVX2 only) to time the kernels
-an AVX2-only CPU gets on a wider one.
+(`GROUPS`). Run with every switch of `_common.ISA_SWITCHES` set to AVX2 (and a llama.cpp built for AVX2 only) to
+time the kernels an AVX2-only CPU gets on a wider one.
 
 Same ExpandR q2d prompts (the first `--queries` Cranfield train queries through the chat template), T 1.0, top-p
 0.9, no top-k, no min-p, no repetition penalty, `--max-new-tokens`; tokens counted as generated up to and including

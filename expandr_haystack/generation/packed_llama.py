@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 #: KV cache dtype per weight precision (float32 otherwise). int8 keeps keys and values in float16: attention reads the
 #: whole cache of every layer at each step (as many bytes as the int8 weights at 16 rows and ~100 tokens), and half
-#: of them is a decode step ~5% shorter (docs/benchmarks.md "Decode step, issue 26"); float16's 11-bit mantissa is
+#: of them is a decode step ~5% shorter (docs/benchmarks.md, "Decode step: what is left"); float16's 11-bit mantissa is
 #: finer than the 8-bit inputs around it. float32 stays the exact reference.
 KV_DTYPES = {"int8": torch.float16}
 
@@ -58,10 +58,10 @@ PREFILL_TOKENS = 1024
 
 def interleave_rotary_halves(rows, heads: int):
     """
-    A Llama q or k weight [heads * head_dim, ...] (torch or numpy) with each head's rows reordered from the two rotary halves
-    (transformers' layout: ``rotate_half`` pairs dimension i with i + head_dim / 2) to the pairs interleaved
-    (i, i + head_dim / 2, i + 1, ...): the layout where a rotation is a product of complex numbers, and the one
-    llama.cpp's ``convert_hf_to_gguf.py`` gives q/k (its ``permute``).
+    A Llama q or k weight [heads * head_dim, ...] (torch or numpy) with each head's rows reordered from the two
+    rotary halves (transformers' layout: ``rotate_half`` pairs dimension i with i + head_dim / 2) to the pairs
+    interleaved (i, i + head_dim / 2, i + 1, ...): the layout where a rotation is a product of complex numbers, and
+    the one llama.cpp's ``convert_hf_to_gguf.py`` gives q/k (its ``permute``).
     """
     shape = rows.shape
     return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)

@@ -262,6 +262,10 @@ class JointConfig:
         "transformers" or "vllm" (GPU). Its old name `llm_backend` is still read, with a DeprecationWarning.
     :param llm_engine_kwargs: `SamplerOptions.engine_kwargs` of every expander (vLLM only), e.g.
         ``{tensor_parallel_size: 2}`` (part of the run's config: a resumed run keeps them).
+    :param llm_weight_precision: `SamplerOptions.weight_precision` of every expander on the packed CPU decoder: "auto"
+        (int8 where it runs), "float32" (the exact reference: texts that move only by rounding when the LLM's weights
+        do, e.g. between runs whose DPO steps differ in the last bits; int8's 8-bit rounding can turn such a
+        difference into other text), "int8" or "bfloat16".
     :param eval_methods: Methods evaluated besides those every report has (round 0: bm25, dense, prf, expand,
         grounded and haystack_multiquery; each round: dense, prf and the ExpandR method of `expansion.mode`), e.g.
         expand-rrf.
@@ -278,6 +282,7 @@ class JointConfig:
     llm: str | None = None
     llm_engine: str = "auto"
     llm_engine_kwargs: dict[str, Any] | None = None
+    llm_weight_precision: str = "auto"
     device: str | None = None
     seed: int = 42
     eval_methods: tuple[str, ...] = ("dense", "expand")
@@ -339,10 +344,12 @@ class JointConfig:
         return dataclasses.asdict(self)
 
     def sampler(self, device=None):
-        """The `SamplerOptions` of this run's expanders (`llm_engine` on `device`, a ComponentDevice or None)."""
+        """The `SamplerOptions` of this run's expanders (`llm_engine` on `device`, a ComponentDevice or None, in
+        `llm_weight_precision`)."""
         from expandr_haystack.options import SamplerOptions
 
-        return SamplerOptions(engine=self.llm_engine, device=device, engine_kwargs=self.llm_engine_kwargs)
+        return SamplerOptions(engine=self.llm_engine, device=device, engine_kwargs=self.llm_engine_kwargs,
+                              weight_precision=self.llm_weight_precision)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

@@ -188,7 +188,7 @@ def check_run(config) -> None:
     section's `validate`, the methods, the data and its splits, the models, then what the machine offers."""
     from expandr_haystack.evaluation.data import DataError, resolve_collection_path
     from expandr_haystack.evaluation.runner import parse_methods
-    from expandr_haystack.options import ENGINES
+    from expandr_haystack.options import ENGINES, WEIGHT_PRECISIONS
 
     checked(check_int, config.rounds, "rounds")
     if config.train_split == config.eval_split:
@@ -219,6 +219,7 @@ def check_run(config) -> None:
         if (value is not None or key != "device") and (not isinstance(value, str) or not value.strip()):
             fail(key, "a non-empty string" + (" or null" if key == "device" else ""), value)
     checked(check_choice, config.llm_engine, "llm_engine", ENGINES)
+    checked(check_choice, config.llm_weight_precision, "llm_weight_precision", WEIGHT_PRECISIONS)
     try:
         config.sampler()  # the engine's own rules (llm_engine_kwargs: a mapping, vLLM only)
     except (TypeError, ValueError) as exc:

@@ -84,6 +84,7 @@ def test_paper_gpu_config_with_local_data_names_what_the_machine_lacks(machine):
     ({"retriever": {"query_weight": 1.5}}, r"`retriever\.query_weight` must be a number in \[0, 1\]"),
     ({"max_train_queries": 0}, "`max_train_queries` must be an integer >= 1"),
     ({"llm_engine": "magic"}, "`llm_engine` must be one of"),
+    ({"llm_weight_precision": "int4"}, "`llm_weight_precision` must be one of"),
     ({"data": "/no/such/folder"}, "data"),
     ({"eval_methods": ["dense", "magic"]}, "eval_methods"),
     ({"eval_split": "validation"}, "validation"),
@@ -94,6 +95,11 @@ def test_paper_gpu_config_with_local_data_names_what_the_machine_lacks(machine):
 def test_bad_settings_are_named(raw, match):
     with pytest.raises(ConfigError, match=match):
         JointConfig.from_dict(raw)
+
+
+def test_llm_weight_precision_reaches_the_expanders_sampler():
+    assert JointConfig.from_dict({}).sampler().weight_precision == "auto"  # the behaviour before the key
+    assert JointConfig.from_dict({"llm_weight_precision": "float32"}).sampler().weight_precision == "float32"
 
 
 def test_new_keys_default_to_the_behaviour_before_them():
