@@ -169,10 +169,11 @@ def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor, top_p: float, 
             continue
         if top_p < 1.0:
             p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)  # keep tokens until the mass before them >= top_p
-        race = torch.empty(p.shape)
-        for j, r in enumerate(rows.tolist()):
+        order = rows.tolist()
+        race = torch.empty(p.shape, device=generators[order[0]].device)  # where the generators draw (CPU on MPS)
+        for j, r in enumerate(order):
             race[j].exponential_(1, generator=generators[r])
-        tokens[rows] = ids.gather(1, p.div(race).argmax(-1, keepdim=True)).squeeze(1)
+        tokens[rows] = ids.gather(1, p.div(race.to(p.device)).argmax(-1, keepdim=True)).squeeze(1)
     return tokens
 
 
