@@ -155,15 +155,15 @@ def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor, top_p: float, 
     else:  # widen the candidate set only for the rows that need it (exact: the nucleus is inside it)
         candidates = []
         rows, p, ids = sampled, top_probs.index_select(0, sampled), top_ids.index_select(0, sampled)
-        for wider in (min(16 * preselect, vocab), vocab, None):
+        for wider in (min(16 * preselect, vocab), vocab):
             short = p.sum(-1) < top_p
-            if wider is None or p.shape[-1] == vocab or not bool(short.any()):
-                candidates.append((rows, p, ids))
+            if p.shape[-1] == vocab or not bool(short.any()):
                 break
-            candidates.append((rows[~short], p[~short], ids[~short]))
+            candidates.append((rows[~short], p[~short], ids[~short]))  # these rows' nucleus is in p already
             rows = rows[short]
             p, ids = (probs.index_select(0, rows).topk(wider, dim=-1) if wider < vocab else
                       probs.index_select(0, rows).sort(-1, descending=True))
+        candidates.append((rows, p, ids))
     for rows, p, ids in candidates:
         if len(rows) == 0:
             continue
