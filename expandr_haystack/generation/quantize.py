@@ -114,6 +114,33 @@ def int8_unsupported_reason() -> str | None:
     return None
 
 
+#: Input rows from which `_Int8Linear` multiplies with oneDNN's int8 kernel instead of FBGEMM's, where oneDNN has AMX
+#: (`onednn_int8_unsupported_reason`): for a decode step's 121 products (SmolLM2-135M) oneDNN takes 12.0 against
+#: FBGEMM's 13.2 ms at 8 rows, 12.8 against 14.9 at 16 and 98 against 209 at 480 (a prefill), but 10.9 against 7.7
+#: at one row (docs/benchmarks.md, "oneDNN's int8 product with AMX").
+ONEDNN_MIN_ROWS = 8
+
+
+def onednn_int8_unsupported_reason() -> str | None:
+    """
+    Why `_Int8Linear` keeps to FBGEMM here (None when it also packs its weights for oneDNN's int8 kernel): oneDNN is
+    the faster of the two from `ONEDNN_MIN_ROWS` rows only with AMX (AMX-INT8 tiles that the OS enables, oneDNN not
+    held below them by its ``ONEDNN_MAX_CPU_ISA`` switch); with AVX512-VNNI alone it is no faster and its output
+    differs from FBGEMM's in the last bits, under AVX2 it is 3x slower.
+    """
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        return "this torch build has no oneDNN int8 linear"
+    if "amx_int8" not in cpu_flags():
+        return "the CPU has no AMX-INT8"
+    is_amx_tile_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if is_amx_tile_supported is not None and not is_amx_tile_supported():
+        return "the OS does not enable AMX tiles for this process"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if isa not in ("", "ALL", "DEFAULT") and "AMX" not in isa:
+        return f"ONEDNN_MAX_CPU_ISA={isa} holds oneDNN below AMX"
+    return None
+
+
 def bfloat16_unsupported_reason() -> str | None:
     """Why the bfloat16 path is refused here (None when the CPU has native bfloat16: AVX512-BF16 or AMX-BF16)."""
     flags = cpu_flags()
@@ -283,9 +310,11 @@ class _Int8Linear(torch.nn.Module):
     levels: int
     input_scale: float
     input_zero_point: int
+    onednn: torch.Tensor | None
+    onednn_min_rows: int
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, eps: float | None = None,
-                 levels: int | None = None):
+                 levels: int | None = None, onednn: bool | None = None):
         super().__init__()
         self.levels = int8_weight_levels() if levels is None else levels
         q, scales = quantize_per_channel(weight, self.levels)
@@ -296,6 +325,40 @@ class _Int8Linear(torch.nn.Module):
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.scale, self.eps = scale, None if eps is None else torch.tensor(eps)
         self.input_scale, self.input_zero_point = fbgemm_input_grid()[:2]
+        # oneDNN's copy of the same int8 weights (AMX CPUs, `onednn_int8_unsupported_reason`), for ONEDNN_MIN_ROWS
+        # rows and more; kept only where its products equal FBGEMM's bit for bit (checked here), so the text does
+        # not depend on which kernel ran
+        self.onednn, self.onednn_min_rows = None, ONEDNN_MIN_ROWS
+        self.weight_scales, self.weight_zero_points = scales.float(), torch.zeros(len(scales), dtype=torch.int32)
+        if onednn is None:
+            onednn = onednn_int8_unsupported_reason() is None
+        if onednn:
+            self.onednn = torch.ops.onednn.qlinear_prepack(q, None)
+            if not self.onednn_equals_fbgemm(q.shape[1]):
+                self.onednn = None
+
+    def onednn_equals_fbgemm(self, in_features: int) -> bool:
+        """Whether oneDNN's product equals FBGEMM's bit for bit on a fixed pseudo-random input at 8 and 64 rows."""
+        generator = torch.Generator().manual_seed(0)
+        for rows in (self.onednn_min_rows, 64):
+            x = torch.rand(rows, in_features, generator=generator) * 2 - 1
+            if not torch.equal(self.product(x, True), self.product(x, False)):
+                return False
+        return True
+
+    def product(self, rows: torch.Tensor, onednn: bool) -> torch.Tensor:
+        """The int8 product of `rows` [rows, in] already in [-1, 1] (`int8_row_input`), on the fixed input grid
+        (`fbgemm_input_grid`): by oneDNN (`onednn`, where it holds the weights) or FBGEMM."""
+        packed = self.onednn
+        if onednn and packed is not None:
+            codes = torch.quantize_per_tensor(rows, self.input_scale, self.input_zero_point, torch.quint8).int_repr()
+            no_scalars = torch.jit.annotate(list[float | int | complex | None], [])  # typed for TorchScript
+            return torch.ops.onednn.qlinear_pointwise(codes, self.input_scale, self.input_zero_point, packed,
+                                                      self.weight_scales, self.weight_zero_points, None, 1.0, 0,
+                                                      torch.float32, "none", no_scalars, "")
+        # FBGEMM's dynamic linear with its input grid given (no min/max pass): 8-bit inputs
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, self.input_scale,
+                                                                                 self.input_zero_point, self.packed)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``linear(x)`` for `x` [rows, in], plus `residual` [rows, out] when given (one fused op)."""
@@ -303,9 +366,7 @@ class _Int8Linear(torch.nn.Module):
         rows, a = int8_row_input(x if scale is None else x * scale)
         if eps is not None:
             a = a * rms_factor(x, eps)
-        # FBGEMM's dynamic linear with its input grid given (no min/max pass): 8-bit inputs
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, self.input_scale,
-                                                                              self.input_zero_point, self.packed)
+        y = self.product(rows, rows.shape[0] >= self.onednn_min_rows)
         return y.mul_(a) if residual is None else torch.addcmul(residual, y, a)
 
 

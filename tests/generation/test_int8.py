@@ -294,6 +294,68 @@ def test_the_avx2_path_through_fbgemms_switch():
     assert "4 passed" in result.stdout and "int8 levels 64" in result.stdout, result.stdout[-2000:]
 
 
+needs_onednn = pytest.mark.skipif(int8_unsupported_reason() is not None
+                                  or quantize.onednn_int8_unsupported_reason() is not None,
+                                  reason=f"oneDNN's int8 product is not used here: "
+                                         f"{quantize.onednn_int8_unsupported_reason()}")
+
+
+@needs_onednn
+def test_onednn_product_equals_fbgemms_and_runs_from_its_row_count():
+    """With AMX, `_Int8Linear` also holds its int8 weights for oneDNN and multiplies there from `ONEDNN_MIN_ROWS`
+    rows (faster from 8 rows, slower at 1): the product equals FBGEMM's bit for bit, so which kernel ran never changes
+    a text; below the row count FBGEMM runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(2)
+    weight = torch.randn(200, 96)
+    linear = _Int8Linear(weight, scale=torch.rand(96) + 0.5, eps=1e-5)
+    assert linear.onednn is not None  # kept: it passed its equality check
+    for rows in (quantize.ONEDNN_MIN_ROWS, 17, 300):
+        x = torch.rand(rows, 96) * 2 - 1
+        assert torch.equal(linear.product(x, True), linear.product(x, False)), rows
+    for rows, kernel in ((quantize.ONEDNN_MIN_ROWS - 1, "quantized::linear_with_input"),
+                         (quantize.ONEDNN_MIN_ROWS, "onednn::qlinear_pointwise")):
+        x = torch.randn(rows, 96)
+        with profile(activities=[ProfilerActivity.CPU]) as run:
+            out = linear(x)
+        assert any(event.name.startswith(kernel) for event in run.events()), (rows, kernel)
+        assert torch.equal(out, _Int8Linear(weight, scale=linear.scale, eps=1e-5, onednn=False)(x))
+
+
+@needs_onednn
+@torch.inference_mode()
+def test_int8_decoder_gives_the_same_logits_with_and_without_onednn(monkeypatch):
+    """The whole int8 decoder (a prefill of 3 prompts, then 6 steps of 9 rows: oneDNN at both) gives the same logits
+    bit for bit as with FBGEMM alone."""
+    model = tiny_llama(seed=3)
+    with_onednn = PackedLlamaDecoder(model, precision="int8", calibration=CALIBRATION)
+    monkeypatch.setattr(quantize, "onednn_int8_unsupported_reason", lambda: "switched off by the test")
+    fbgemm_only = PackedLlamaDecoder(model, precision="int8", calibration=CALIBRATION)
+    assert with_onednn.lm_head.onednn is not None and fbgemm_only.lm_head.onednn is None
+    select = torch.tensor([0, 1, 2, 0, 1, 2, 2, 1, 0])
+    (a, a_state), (b, b_state) = (d.prefill(PROMPTS, select, 6) for d in (with_onednn, fbgemm_only))
+    for _ in range(6):
+        assert torch.equal(a, b)
+        tokens = a.argmax(-1)
+        a, b = with_onednn.decode(a_state, tokens), fbgemm_only.decode(b_state, tokens)
+    assert torch.equal(a, b)
+
+
+def test_onednn_is_used_only_with_amx_it_may_run(monkeypatch):
+    """oneDNN's int8 product is taken only with AMX-INT8, and not where ``ONEDNN_MAX_CPU_ISA`` holds oneDNN below it
+    (how the AVX2 and VNNI paths are measured on an AMX CPU); each refusal says why."""
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    assert "no AMX-INT8" in quantize.onednn_int8_unsupported_reason()
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni", "amx_int8", "amx_tile"}))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    assert "ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI" in quantize.onednn_int8_unsupported_reason()
+    for setting in ("AVX512_CORE_AMX", "ALL", ""):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", setting)
+        assert quantize.onednn_int8_unsupported_reason() is None, setting
+
+
 # -- the option ---------------------------------------------------------------------------------------------------
 def test_precision_option_is_checked_with_its_name_and_choices():
     model, tokenizer = tiny_llama(), CharTokenizer()
