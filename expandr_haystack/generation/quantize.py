@@ -114,17 +114,21 @@ def int8_unsupported_reason() -> str | None:
     return None
 
 
-#: Input rows from which `_Int8Linear` multiplies with oneDNN's int8 kernel instead of FBGEMM's, where oneDNN has AMX
-#: (`onednn_int8_unsupported_reason`): for a decode step's 121 products (SmolLM2-135M) oneDNN takes 12.0 against
-#: FBGEMM's 13.2 ms at 8 rows, 12.8 against 14.9 at 16 and 98 against 209 at 480 (a prefill), but 10.9 against 7.7
-#: at one row (docs/benchmarks.md, "oneDNN's int8 product with AMX").
+#: Where oneDNN has AMX (`onednn_int8_unsupported_reason`), `_Int8Linear` multiplies with oneDNN's int8 kernel
+#: instead of FBGEMM's from the row count at which a product takes `ONEDNN_MIN_MULTIPLY_ADDS` (rows x out x in), and
+#: `ONEDNN_MIN_ROWS` at least: oneDNN's calls cost more to start and stream faster. Measured on SmolLM2-135M's shapes
+#: (2-vCPU Xeon with AMX; ms for 30 products, FBGEMM / oneDNN): q|k|v 960 x 576 at 16 rows 1.41 / 1.75, at 48 rows
+#: 2.60 / 2.30; gate|up 3072 x 576 at 8 rows 2.67 / 2.78, at 16 rows 3.82 / 3.03; down 576 x 1536 at 24 rows
+#: 2.24 / 2.35, at 32 rows 2.86 / 2.52; the head 49152 x 576 (one product) at 8 rows 0.94 / 0.80, at 16 rows
+#: 1.52 / 0.90; at one row oneDNN is slower on every shape (docs/benchmarks.md, "oneDNN's int8 product with AMX").
+ONEDNN_MIN_MULTIPLY_ADDS = 20_000_000
 ONEDNN_MIN_ROWS = 8
 
 
 def onednn_int8_unsupported_reason() -> str | None:
     """
     Why `_Int8Linear` keeps to FBGEMM here (None when it also packs its weights for oneDNN's int8 kernel): oneDNN is
-    the faster of the two from `ONEDNN_MIN_ROWS` rows only with AMX (AMX-INT8 tiles that the OS enables, oneDNN not
+    the faster of the two from a few rows (`ONEDNN_MIN_MULTIPLY_ADDS`) only with AMX (AMX-INT8 tiles that the OS enables, oneDNN not
     held below them by its ``ONEDNN_MAX_CPU_ISA`` switch); with AVX512-VNNI alone it is no faster and its output
     differs from FBGEMM's in the last bits, under AVX2 it is 3x slower.
     """
@@ -325,10 +329,10 @@ class _Int8Linear(torch.nn.Module):
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.scale, self.eps = scale, None if eps is None else torch.tensor(eps)
         self.input_scale, self.input_zero_point = fbgemm_input_grid()[:2]
-        # oneDNN's copy of the same int8 weights (AMX CPUs, `onednn_int8_unsupported_reason`), for ONEDNN_MIN_ROWS
-        # rows and more; kept only where its products equal FBGEMM's bit for bit (checked here), so the text does
-        # not depend on which kernel ran
-        self.onednn, self.onednn_min_rows = None, ONEDNN_MIN_ROWS
+        # oneDNN's copy of the same int8 weights (AMX CPUs, `onednn_int8_unsupported_reason`), for products of
+        # `onednn_min_rows` rows and more (`ONEDNN_MIN_MULTIPLY_ADDS`); kept only where its products equal FBGEMM's
+        # bit for bit (checked here), so the text does not depend on which kernel ran
+        self.onednn, self.onednn_min_rows = None, max(ONEDNN_MIN_ROWS, -(-ONEDNN_MIN_MULTIPLY_ADDS // q.numel()))
         self.weight_scales, self.weight_zero_points = scales.float(), torch.zeros(len(scales), dtype=torch.int32)
         if onednn is None:
             onednn = onednn_int8_unsupported_reason() is None
@@ -340,7 +344,7 @@ class _Int8Linear(torch.nn.Module):
     def onednn_equals_fbgemm(self, in_features: int) -> bool:
         """Whether oneDNN's product equals FBGEMM's bit for bit on a fixed pseudo-random input at 8 and 64 rows."""
         generator = torch.Generator().manual_seed(0)
-        for rows in (self.onednn_min_rows, 64):
+        for rows in (ONEDNN_MIN_ROWS, 64):
             x = torch.rand(rows, in_features, generator=generator) * 2 - 1
             if not torch.equal(self.product(x, True), self.product(x, False)):
                 return False

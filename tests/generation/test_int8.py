@@ -302,20 +302,22 @@ needs_onednn = pytest.mark.skipif(int8_unsupported_reason() is not None
 
 @needs_onednn
 def test_onednn_product_equals_fbgemms_and_runs_from_its_row_count():
-    """With AMX, `_Int8Linear` also holds its int8 weights for oneDNN and multiplies there from `ONEDNN_MIN_ROWS`
-    rows (faster from 8 rows, slower at 1): the product equals FBGEMM's bit for bit, so which kernel ran never changes
-    a text; below the row count FBGEMM runs."""
+    """With AMX, `_Int8Linear` also holds its int8 weights for oneDNN and multiplies there from the row count where a
+    product takes `ONEDNN_MIN_MULTIPLY_ADDS` (8 rows at least; oneDNN is the slower at a few rows): the product equals
+    FBGEMM's bit for bit, so which kernel ran never changes a text; below that row count FBGEMM runs."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(2)
-    weight = torch.randn(200, 96)
+    weight = torch.randn(3000, 96)
     linear = _Int8Linear(weight, scale=torch.rand(96) + 0.5, eps=1e-5)
     assert linear.onednn is not None  # kept: it passed its equality check
+    assert linear.onednn_min_rows == max(quantize.ONEDNN_MIN_ROWS, -(-quantize.ONEDNN_MIN_MULTIPLY_ADDS // 288_000))
+    assert _Int8Linear(torch.randn(49152, 576) * 0.05).onednn_min_rows == quantize.ONEDNN_MIN_ROWS  # a vocabulary head
     for rows in (quantize.ONEDNN_MIN_ROWS, 17, 300):
         x = torch.rand(rows, 96) * 2 - 1
         assert torch.equal(linear.product(x, True), linear.product(x, False)), rows
-    for rows, kernel in ((quantize.ONEDNN_MIN_ROWS - 1, "quantized::linear_with_input"),
-                         (quantize.ONEDNN_MIN_ROWS, "onednn::qlinear_pointwise")):
+    for rows, kernel in ((linear.onednn_min_rows - 1, "quantized::linear_with_input"),
+                         (linear.onednn_min_rows, "onednn::qlinear_pointwise")):
         x = torch.randn(rows, 96)
         with profile(activities=[ProfilerActivity.CPU]) as run:
             out = linear(x)
@@ -326,13 +328,15 @@ def test_onednn_product_equals_fbgemms_and_runs_from_its_row_count():
 @needs_onednn
 @torch.inference_mode()
 def test_int8_decoder_gives_the_same_logits_with_and_without_onednn(monkeypatch):
-    """The whole int8 decoder (a prefill of 3 prompts, then 6 steps of 9 rows: oneDNN at both) gives the same logits
-    bit for bit as with FBGEMM alone."""
+    """The whole int8 decoder (a prefill of 3 prompts, then 6 steps of 9 rows: oneDNN at both, its row counts
+    lowered for the tiny model's small products) gives the same logits bit for bit as with FBGEMM alone."""
+    monkeypatch.setattr(quantize, "ONEDNN_MIN_MULTIPLY_ADDS", 0)
     model = tiny_llama(seed=3)
     with_onednn = PackedLlamaDecoder(model, precision="int8", calibration=CALIBRATION)
     monkeypatch.setattr(quantize, "onednn_int8_unsupported_reason", lambda: "switched off by the test")
     fbgemm_only = PackedLlamaDecoder(model, precision="int8", calibration=CALIBRATION)
-    assert with_onednn.lm_head.onednn is not None and fbgemm_only.lm_head.onednn is None
+    assert with_onednn.lm_head.onednn is not None and with_onednn.layers[0].qkv.onednn_min_rows == 8
+    assert fbgemm_only.lm_head.onednn is None
     select = torch.tensor([0, 1, 2, 0, 1, 2, 2, 1, 0])
     (a, a_state), (b, b_state) = (d.prefill(PROMPTS, select, 6) for d in (with_onednn, fbgemm_only))
     for _ in range(6):
