@@ -37,6 +37,12 @@ SmolLM2-135M, the 113 MB vocabulary head included), so smaller weights are faste
     from the inputs instead, which costs far more accuracy: next-token KL 0.044 against 0.027 for 7-bit weights and
     0.014 for 8-bit weights with VNNI, docs/benchmarks.md "int8 without VNNI").
 
+  - **oneDNN's kernel with AMX**: on CPUs with AMX-INT8 (`onednn_int8_unsupported_reason`) each layer also holds
+    its int8 weights for oneDNN (``onednn::qlinear_pointwise`` on the same uint8 input codes) and multiplies there
+    from the row count where a product reaches `ONEDNN_MIN_MULTIPLY_ADDS` (every product of a prefill, the wide ones
+    at batch 16): the same products as FBGEMM's bit for bit (checked per layer when it is built; a layer where they
+    differ keeps FBGEMM alone), ~2x faster at hundreds of rows, slower at a few.
+
   On SmolLM2-135M-Instruct with AVX512-VNNI int8 is ~1.7x the float32 packed decoder's tokens/s with expand
   nDCG@10 not measurably different (docs/benchmarks.md, "Expansion at int8"). Text differs from float32 text
   wherever a draw falls near a boundary, so int8 texts are cached apart (`LocalSampler.engine`), and 7-bit-weight
@@ -167,6 +173,8 @@ def auto_precision() -> tuple[str, str]:
         return "float32", f"int8 cannot run here ({reason})"
     kernels = ("FBGEMM's AVX512-VNNI kernels, 8-bit weights" if fbgemm_has_vnni() else
                "FBGEMM's kernels without VNNI, 7-bit weights")
+    if onednn_int8_unsupported_reason() is None:
+        kernels += "; oneDNN's AMX kernels for the larger products"
     return "int8", f"the fastest precision that runs here ({kernels}), with expansion quality measured unchanged"
 
 
