@@ -298,6 +298,8 @@ class PackedLlamaDecoder:
         masked and rotary positions count real tokens only, so each row sees exactly its own prompt.
         """
         lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError(f"`prompts`: every prompt needs at least one token; prompt {lengths.index(0)} has none.")
         shared = 0  # common prefix length; every row keeps at least its last token to compute itself
         limit = min(lengths) - 1
         while shared < limit and all(p[shared] == prompts[0][shared] for p in prompts):

@@ -39,8 +39,8 @@ SmolLM2-135M, the 113 MB vocabulary head included), so smaller weights are faste
 
   - **oneDNN's kernel with AMX**: on CPUs with AMX-INT8 (`onednn_int8_unsupported_reason`) each layer also holds
     its int8 weights for oneDNN (``onednn::qlinear_pointwise`` on the same uint8 input codes) and multiplies there
-    from the row count where a product reaches `ONEDNN_MIN_MULTIPLY_ADDS` (every product of a prefill, the wide ones
-    at batch 16): the same products as FBGEMM's bit for bit (checked per layer when it is built; a layer where they
+    from the row count where a product reaches `ONEDNN_MIN_MULTIPLY_ADDS` (the prompt tails of a prefill, hundreds
+    of rows; gate|up and the head at batch 16): the same products as FBGEMM's bit for bit (checked per layer when it is built; a layer where they
     differ keeps FBGEMM alone), ~2x faster at hundreds of rows, slower at a few.
 
   On SmolLM2-135M-Instruct with AVX512-VNNI int8 is ~1.7x the float32 packed decoder's tokens/s with expand
@@ -122,21 +122,22 @@ def int8_unsupported_reason() -> str | None:
 
 #: Where oneDNN has AMX (`onednn_int8_unsupported_reason`), `_Int8Linear` multiplies with oneDNN's int8 kernel
 #: instead of FBGEMM's from the row count at which a product takes `ONEDNN_MIN_MULTIPLY_ADDS` (rows x out x in), and
-#: `ONEDNN_MIN_ROWS` at least: oneDNN's calls cost more to start and stream faster. Measured on SmolLM2-135M's shapes
+#: `ONEDNN_MIN_ROWS` at least: oneDNN's calls cost more to start and stream faster. For these shapes: q|k|v from 51
+#: rows, o from 85, gate|up from 16, down from 32, the head from 8. Measured on SmolLM2-135M's shapes
 #: (2-vCPU Xeon with AMX; ms for 30 products, FBGEMM / oneDNN): q|k|v 960 x 576 at 16 rows 1.41 / 1.75, at 48 rows
 #: 2.60 / 2.30; gate|up 3072 x 576 at 8 rows 2.67 / 2.78, at 16 rows 3.82 / 3.03; down 576 x 1536 at 24 rows
 #: 2.24 / 2.35, at 32 rows 2.86 / 2.52; the head 49152 x 576 (one product) at 8 rows 0.94 / 0.80, at 16 rows
 #: 1.52 / 0.90; at one row oneDNN is slower on every shape (docs/benchmarks.md, "oneDNN's int8 product with AMX").
-ONEDNN_MIN_MULTIPLY_ADDS = 20_000_000
+ONEDNN_MIN_MULTIPLY_ADDS = 28_000_000
 ONEDNN_MIN_ROWS = 8
 
 
 def onednn_int8_unsupported_reason() -> str | None:
     """
     Why `_Int8Linear` keeps to FBGEMM here (None when it also packs its weights for oneDNN's int8 kernel): oneDNN is
-    the faster of the two from a few rows (`ONEDNN_MIN_MULTIPLY_ADDS`) only with AMX (AMX-INT8 tiles that the OS enables, oneDNN not
-    held below them by its ``ONEDNN_MAX_CPU_ISA`` switch); with AVX512-VNNI alone it is no faster and its output
-    differs from FBGEMM's in the last bits, under AVX2 it is 3x slower.
+    the faster of the two for the larger products (`ONEDNN_MIN_MULTIPLY_ADDS`) only with AMX (AMX-INT8 tiles that
+    the OS enables, oneDNN not held below them by its ``ONEDNN_MAX_CPU_ISA`` switch); with AVX512-VNNI alone it is no
+    faster and its output differs from FBGEMM's in the last bits, under AVX2 it is 3x slower.
     """
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
         return "this torch build has no oneDNN int8 linear"
@@ -315,6 +316,9 @@ class _Int8Linear(torch.nn.Module):
     row by one factor (`rms_factor`), which leaves the row's 8-bit codes as they are, so it is applied to the
     output's row scale instead of the input (one [rows, 1] product instead of three ops on the whole input).
     `levels`: the weights' levels per sign (None = `int8_weight_levels`, what this CPU's FBGEMM kernels take exactly).
+    `onednn`: also hold the weights for oneDNN's int8 kernel and multiply there from `onednn_min_rows` rows (None =
+    where `onednn_int8_unsupported_reason` allows it); dropped again, FBGEMM alone, if oneDNN's products are not
+    FBGEMM's bit for bit (`onednn_equals_fbgemm`) or oneDNN fails on them.
     """
 
     scale: torch.Tensor | None
@@ -345,14 +349,19 @@ class _Int8Linear(torch.nn.Module):
         if onednn is None:
             onednn = onednn_int8_unsupported_reason() is None
         if onednn:
-            self.onednn = torch.ops.onednn.qlinear_prepack(q, None)
-            if not self.onednn_equals_fbgemm(q.shape[1]):
+            try:
+                self.onednn = torch.ops.onednn.qlinear_prepack(q, None)
+                if not self.onednn_equals_fbgemm(q.shape[1]):
+                    self.onednn = None
+            except RuntimeError:  # a oneDNN that cannot run this product here: FBGEMM alone
                 self.onednn = None
 
     def onednn_equals_fbgemm(self, in_features: int) -> bool:
-        """Whether oneDNN's product equals FBGEMM's bit for bit on a fixed pseudo-random input at 8 and 64 rows."""
+        """Whether oneDNN's product equals FBGEMM's bit for bit on fixed pseudo-random inputs of row counts around the
+        ones it gets (its smallest, a decode batch, odd counts, a prefill's hundreds)."""
         generator = torch.Generator().manual_seed(0)
-        for rows in (ONEDNN_MIN_ROWS, 64):
+        counts = {ONEDNN_MIN_ROWS, 13, 16, 37, 64, 301, min(self.onednn_min_rows, 512)}
+        for rows in sorted(counts):
             x = torch.rand(rows, in_features, generator=generator) * 2 - 1
             if not torch.equal(self.product(x, True), self.product(x, False)):
                 return False

@@ -328,14 +328,17 @@ def test_onednn_product_equals_fbgemms_and_runs_from_its_row_count():
 @needs_onednn
 @torch.inference_mode()
 def test_int8_decoder_gives_the_same_logits_with_and_without_onednn(monkeypatch):
-    """The whole int8 decoder (a prefill of 3 prompts, then 6 steps of 9 rows: oneDNN at both, its row counts
-    lowered for the tiny model's small products) gives the same logits bit for bit as with FBGEMM alone."""
+    """The whole int8 decoder (a prefill of 3 prompts, then 6 steps of 9 rows: oneDNN in every layer at both, its row
+    counts lowered for the tiny model's small products; the head's 3 prefill rows stay on FBGEMM) gives the same
+    logits bit for bit as with FBGEMM alone."""
     monkeypatch.setattr(quantize, "ONEDNN_MIN_MULTIPLY_ADDS", 0)
     model = tiny_llama(seed=3)
     with_onednn = PackedLlamaDecoder(model, precision="int8", calibration=CALIBRATION)
     monkeypatch.setattr(quantize, "onednn_int8_unsupported_reason", lambda: "switched off by the test")
     fbgemm_only = PackedLlamaDecoder(model, precision="int8", calibration=CALIBRATION)
-    assert with_onednn.lm_head.onednn is not None and with_onednn.layers[0].qkv.onednn_min_rows == 8
+    linears = [with_onednn.lm_head] + [getattr(layer, name) for layer in with_onednn.layers
+                                        for name in ("qkv", "o", "gate_up", "down")]
+    assert all(linear.onednn is not None and linear.onednn_min_rows == 8 for linear in linears)  # none fell back
     assert fbgemm_only.lm_head.onednn is None
     select = torch.tensor([0, 1, 2, 0, 1, 2, 2, 1, 0])
     (a, a_state), (b, b_state) = (d.prefill(PROMPTS, select, 6) for d in (with_onednn, fbgemm_only))
@@ -346,6 +349,8 @@ def test_int8_decoder_gives_the_same_logits_with_and_without_onednn(monkeypatch)
     assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not hasattr(torch.ops.onednn, "qlinear_pointwise") or not torch.backends.mkldnn.is_available(),
+                    reason="this torch build has no oneDNN int8 linear")
 def test_onednn_is_used_only_with_amx_it_may_run(monkeypatch):
     """oneDNN's int8 product is taken only with AMX-INT8, and not where ``ONEDNN_MAX_CPU_ISA`` holds oneDNN below it
     (how the AVX2 and VNNI paths are measured on an AMX CPU); each refusal says why."""

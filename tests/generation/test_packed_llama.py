@@ -79,6 +79,8 @@ def test_prefill_runs_the_linear_layers_on_the_real_tokens_only():
     decoder.layers[0].qkv.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     decoder.prefill([[5, 9, 17, 33, 40, 41], [5, 9, 17, 8], [5, 9, 17, 33, 52, 53, 54, 55]], torch.arange(3), 4)
     assert seen == [3, 3 + 1 + 5]
+    with pytest.raises(ValueError, match=r"`prompts`.*prompt 1 has none"):
+        decoder.prefill([[5, 9], []], torch.arange(2), 4)
 
 
 @torch.inference_mode()
