@@ -40,8 +40,8 @@ SmolLM2-135M, the 113 MB vocabulary head included), so smaller weights are faste
   - **oneDNN's kernel with AMX**: on CPUs with AMX-INT8 (`onednn_int8_unsupported_reason`) each layer also holds
     its int8 weights for oneDNN (``onednn::qlinear_pointwise`` on the same uint8 input codes) and multiplies there
     from the row count where a product reaches `ONEDNN_MIN_MULTIPLY_ADDS` (the prompt tails of a prefill, hundreds
-    of rows; gate|up and the head at batch 16): the same products as FBGEMM's bit for bit (checked per layer when it is built; a layer where they
-    differ keeps FBGEMM alone), ~2x faster at hundreds of rows, slower at a few.
+    of rows; gate|up and the head at batch 16): the same products as FBGEMM's bit for bit (checked per layer when
+    it is built; a layer where they differ keeps FBGEMM alone), ~2x faster at hundreds of rows, slower at a few.
 
   On SmolLM2-135M-Instruct with AVX512-VNNI int8 is ~1.7x the float32 packed decoder's tokens/s with expand
   nDCG@10 not measurably different (docs/benchmarks.md, "Expansion at int8"). Text differs from float32 text
