@@ -7,7 +7,7 @@ SmolLM2-135M-Instruct (no download).
 
 import pytest
 import torch
-from test_packed_llama import CharTokenizer, tiny_llama
+from test_packed_llama import CharTokenizer, assert_same_logits, tiny_llama
 
 from expandr_haystack.generation import quantize
 from expandr_haystack.generation.local import LocalSampler, TransformersDecoder, calibration_ids, default_decoder
@@ -340,13 +340,7 @@ def test_int8_decoder_gives_the_same_logits_with_and_without_onednn(monkeypatch)
                                         for name in ("qkv", "o", "gate_up", "down")]
     assert all(linear.onednn is not None and linear.onednn_min_rows == 8 for linear in linears)  # none fell back
     assert fbgemm_only.lm_head.onednn is None
-    select = torch.tensor([0, 1, 2, 0, 1, 2, 2, 1, 0])
-    (a, a_state), (b, b_state) = (d.prefill(PROMPTS, select, 6) for d in (with_onednn, fbgemm_only))
-    for _ in range(6):
-        assert torch.equal(a, b)
-        tokens = a.argmax(-1)
-        a, b = with_onednn.decode(a_state, tokens), fbgemm_only.decode(b_state, tokens)
-    assert torch.equal(a, b)
+    assert_same_logits(with_onednn, fbgemm_only, PROMPTS, [0, 1, 2, 0, 1, 2, 2, 1, 0], steps=6)
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.onednn, "qlinear_pointwise") or not torch.backends.mkldnn.is_available(),

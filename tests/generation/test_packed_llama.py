@@ -33,6 +33,18 @@ def tiny_llama(seed=0, **overrides):
     return model
 
 
+def assert_same_logits(decoder, reference, prompts, select, steps):
+    """`decoder`'s logits equal `reference`'s bit for bit at the prefill of `prompts` (row i continues prompt
+    ``select[i]``) and at each of `steps` decode steps, both fed `reference`'s greedy tokens."""
+    select = torch.tensor(select)
+    (got, got_state), (ref, ref_state) = (d.prefill(prompts, select, steps) for d in (decoder, reference))
+    for _ in range(steps):
+        assert torch.equal(got, ref)
+        tokens = ref.argmax(-1)
+        got, ref = decoder.decode(got_state, tokens), reference.decode(ref_state, tokens)
+    assert torch.equal(got, ref)
+
+
 @torch.inference_mode()
 @pytest.mark.parametrize("prompts", [
     [[5, 9, 17, 33, 40, 41], [7, 8], [50, 51, 52, 53]],             # nothing shared
@@ -102,13 +114,7 @@ def test_scripted_layers_equal_the_python_layers_bit_for_bit(precision):
     assert isinstance(plain.body, packed_llama._Body) and not isinstance(plain.body, torch.jit.ScriptModule)
     for prompts, select in (([[5, 9, 17, 33, 40, 41], [5, 9, 17, 8], [5, 9, 50, 52]], [0, 1, 1, 2]),
                             ([[7, 8], [50, 51, 52]], [0, 1])):  # shared prefix, copied caches / in place
-        select = torch.tensor(select)
-        (got, got_state), (ref, ref_state) = (d.prefill(prompts, select, 8) for d in (scripted, plain))
-        for _ in range(8):
-            assert torch.equal(got, ref)
-            tokens = ref.argmax(-1)
-            got, ref = scripted.decode(got_state, tokens), plain.decode(ref_state, tokens)
-        assert torch.equal(got, ref)
+        assert_same_logits(scripted, plain, prompts, select, steps=8)
 
 
 @torch.inference_mode()
