@@ -105,6 +105,12 @@ def test_version_is_written_once():
     assert importlib.metadata.version("expandr-haystack") == expandr_haystack.__version__
 
 
+def test_the_fused_kernels_source_ships():
+    """`generation/kernels.py` compiles `kernels.cpp` on the user's machine: the source is package data."""
+    assert (ROOT / "expandr_haystack" / "generation" / "kernels.cpp").exists()
+    assert "generation/kernels.cpp" in PYPROJECT["tool"]["setuptools"]["package-data"]["expandr_haystack"]
+
+
 def test_license_and_py_typed_ship():
     assert PROJECT["license"] == "Apache-2.0" and PROJECT["license-files"] == ["LICENSE"]
     text = (ROOT / "LICENSE").read_text()

@@ -43,6 +43,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from expandr_haystack.generation.kernels import resolve_kernels
 from expandr_haystack.generation.quantize import input_maxima, make_linear, resolve_precision, smoothing_scales
 
 logger = logging.getLogger(__name__)
@@ -101,19 +102,20 @@ class _Layer(torch.nn.Module):
     keeps int8's 8-bit inputs accurate.
     """
 
-    def __init__(self, layer, config, precision: str = "float32", maxima: dict[str, torch.Tensor] | None = None):
+    def __init__(self, layer, config, precision: str = "float32", maxima: dict[str, torch.Tensor] | None = None,
+                 fused: bool = False):
         super().__init__()
         attention, mlp = layer.self_attn, layer.mlp
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.half = config.intermediate_size
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.attention = (_FusedAttention if fused else _Attention)(heads, kv_heads, dim)
         eps = config.rms_norm_eps
         input_norm = layer.input_layernorm.weight.detach().float()
         post_attention_norm = layer.post_attention_layernorm.weight.detach().float()
         # q and k rows with each head's rotary halves interleaved (`interleave_rotary_halves`): a rotation is then one
         # complex product; dot products of queries and keys are unchanged (the same order on both)
-        qkv = torch.cat([interleave_rotary_halves(attention.q_proj.weight, self.heads),
-                         interleave_rotary_halves(attention.k_proj.weight, self.kv_heads),
+        qkv = torch.cat([interleave_rotary_halves(attention.q_proj.weight, heads),
+                         interleave_rotary_halves(attention.k_proj.weight, kv_heads),
                          attention.v_proj.weight]).detach().float()
         o = attention.o_proj.weight.detach().float()
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().float()
@@ -129,7 +131,7 @@ class _Layer(torch.nn.Module):
             gate_up[mlp.gate_proj.weight.shape[0] :] /= c[:, None]  # the up rows
             c = smoothing_scales(maxima["o"], o)  # attention's output: scaled by 1 / c at run time
             o, o_scale = o * c, 1.0 / c
-        linear = functools.partial(make_linear, precision=precision)
+        linear = functools.partial(make_linear, precision=precision, fused=fused)
         self.qkv = linear(qkv, scale=input_norm, eps=eps)
         self.o = linear(o, scale=o_scale)
         self.gate_up = linear(gate_up, scale=post_attention_norm, eps=eps)
@@ -143,9 +145,23 @@ class _Layer(torch.nn.Module):
         [rows, 1, steps, end] is the attention's additive mask. With `real` (the indices of the real tokens among
         the ``rows * steps`` slots), `x` holds those tokens only [len(real), hidden]: the linear layers skip the
         padding, whose slots get zero keys and values (masked out) for the attention."""
+        attended = self.attention(self.qkv(x), keys, values, start, rows, steps, rotation, bias, real)  # norm in qkv
+        x = self.o(attended, x)
+        return self.down.gated(self.gate_up(x), x)  # the post-attention norm folded into gate_up
+
+
+class _Attention(torch.nn.Module):
+    """A layer's attention on its new tokens' fused q|k|v: rotary embedding, KV cache write, grouped-query
+    attention (`_Layer.forward`'s arguments; returns the output [tokens, heads * head_dim], float32)."""
+
+    def __init__(self, heads: int, kv_heads: int, dim: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.dim = heads, kv_heads, dim
+
+    def forward(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, rows: int, steps: int,
+                rotation: torch.Tensor, bias: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
         heads, kv_heads, dim = self.heads, self.kv_heads, self.dim
         end, qk_width = start + steps, (heads + kv_heads) * dim
-        qkv = self.qkv(x)  # the input norm folded in
         if real is not None:  # the padded layout of the attention
             qkv = torch.zeros(rows * steps, qkv.shape[1], dtype=qkv.dtype).index_copy_(0, real, qkv)
         # rotary embedding of queries and keys at once: each interleaved pair (x_i, x_i+dim/2) as one complex number
@@ -164,9 +180,24 @@ class _Layer(torch.nn.Module):
         attended = attended.reshape(rows * steps, heads * dim)
         if real is not None:
             attended = attended.index_select(0, real)
-        x = self.o(attended.float(), x)
-        gate_up = self.gate_up(x)  # the post-attention norm folded in
-        return self.down(F.silu(gate_up[:, : self.half]).mul_(gate_up[:, self.half :]), x)
+        return attended.float()
+
+
+class _FusedAttention(torch.nn.Module):
+    """`_Attention` whose one-token steps (decoding) run as one fused kernel (`kernels`:
+    ``expandr::decode_attention``: rotary embedding, cache write and attention in one pass); prompts (several steps)
+    run `_Attention`'s ops."""
+
+    def __init__(self, heads: int, kv_heads: int, dim: int):
+        super().__init__()
+        self.heads = heads
+        self.prompt = _Attention(heads, kv_heads, dim)
+
+    def forward(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, rows: int, steps: int,
+                rotation: torch.Tensor, bias: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        if steps == 1 and real is None:
+            return torch.ops.expandr.decode_attention(qkv, rotation, keys, values, start, bias, self.heads)
+        return self.prompt(qkv, keys, values, start, rows, steps, rotation, bias, real)
 
 
 class _Body(torch.nn.Module):
@@ -237,10 +268,13 @@ class PackedLlamaDecoder:
         float32 or bfloat16 smoothing is exact up to rounding and only applied when given.
     :param script: Run the layers compiled by TorchScript (`script_body`: the same ops, equal results; a decode
         step 16% (float32) to 32% (int8) shorter); False runs them in Python.
+    :param kernels: int8 only: run the fused CPU kernels (`kernels`: the layers' inputs and the decoding attention,
+        each one pass instead of several ops; compiled for this CPU on first use): None = where they load (a warning
+        where they do not), True = required, False = the torch ops. `self.kernels` says whether they run.
     """
 
     def __init__(self, model, precision: str = "float32", calibration: list[list[int]] | None = None,
-                 script: bool = True):
+                 script: bool = True, kernels: bool | None = None):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"PackedLlamaDecoder cannot run this model: {reason}.")
@@ -250,6 +284,10 @@ class PackedLlamaDecoder:
                              "lists of a few natural "
                              "prompts, e.g. `expandr_haystack.generation.local.calibration_ids(tokenizer)` "
                              "(LocalSampler passes them itself).")
+        if kernels and self.precision != "int8":
+            raise ValueError(f"`kernels`=True needs int8 weights; precision {precision!r} is {self.precision!r} here.")
+        #: whether the fused kernels run (int8 only: float32 stays the exact reference)
+        self.kernels = self.precision == "int8" and resolve_kernels(kernels)
         maxima = input_maxima(model, calibration) if calibration is not None else None
         config = model.config
         self.heads = config.num_attention_heads
@@ -262,7 +300,7 @@ class PackedLlamaDecoder:
         body = model.model
         self.embed = body.embed_tokens.weight.detach().float()
         self.layers = [_Layer(layer, config, self.precision, None if maxima is None else
-                              {kind: value for (i, kind), value in maxima.items() if i == index})
+                              {kind: value for (i, kind), value in maxima.items() if i == index}, self.kernels)
                        for index, layer in enumerate(body.layers)]
         self.body = script_body(_Body(self.layers)) if script else _Body(self.layers)
         final_norm = body.norm.weight.detach().float()
@@ -270,7 +308,8 @@ class PackedLlamaDecoder:
         if maxima is not None:  # the head's input is the final norm's output: 1 / c folded into its weight
             c = smoothing_scales(maxima[(-1, "head")], head)
             head, final_norm = head * c, final_norm / c
-        self.lm_head = make_linear(head, self.precision, scale=final_norm, eps=self.eps)  # the final norm folded in
+        self.lm_head = make_linear(head, self.precision, scale=final_norm, eps=self.eps,
+                                   fused=self.kernels)  # the final norm folded in
         #: int8 weight levels per sign (127, or 64 on FBGEMM's kernels without VNNI); None in other precisions
         self.int8_levels = getattr(self.lm_head, "levels", None)
         #: dtype of the KV cache: float16 with int8 weights (`KV_DTYPES`), else float32

@@ -309,7 +309,17 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 # annotations` for it).
 
 
-class _Int8Linear(torch.nn.Module):
+class _LinearLayer(torch.nn.Module):
+    """What the packed layers call besides ``forward(x, residual=None)``: ``gated``."""
+
+    def gated(self, gate_up: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``linear(silu(gate) * up, residual)`` for `gate_up` [rows, 2 * in] = [gate | up] (the MLP's down
+        projection)."""
+        half = gate_up.shape[1] // 2
+        return self.forward(F.silu(gate_up[:, :half]).mul_(gate_up[:, half:]), residual)
+
+
+class _Int8Linear(_LinearLayer):
     """
     A bias-free linear layer with per-output-channel int8 weights, run by FBGEMM on one 8-bit grid per input row
     (see the module docstring), on ``scale * x`` or, with `eps`, on ``scale * RMSNorm(x)``: RMSNorm multiplies each
@@ -371,16 +381,21 @@ class _Int8Linear(torch.nn.Module):
     def product(self, rows: torch.Tensor, onednn: bool) -> torch.Tensor:
         """The int8 product of `rows` [rows, in] already in [-1, 1] (`int8_row_input`), on the fixed input grid
         (`fbgemm_input_grid`): by oneDNN (`onednn`, where it holds the weights) or FBGEMM."""
-        packed = self.onednn
-        if onednn and packed is not None:
-            codes = torch.quantize_per_tensor(rows, self.input_scale, self.input_zero_point, torch.quint8).int_repr()
-            no_scalars = torch.jit.annotate(list[float | int | complex | None], [])  # typed for TorchScript
-            return torch.ops.onednn.qlinear_pointwise(codes, self.input_scale, self.input_zero_point, packed,
-                                                      self.weight_scales, self.weight_zero_points, None, 1.0, 0,
-                                                      torch.float32, "none", no_scalars, "")
+        if onednn and self.onednn is not None:
+            return self.onednn_product(torch.quantize_per_tensor(rows, self.input_scale, self.input_zero_point,
+                                                                 torch.quint8).int_repr())
         # FBGEMM's dynamic linear with its input grid given (no min/max pass): 8-bit inputs
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, self.input_scale,
                                                                                  self.input_zero_point, self.packed)
+
+    def onednn_product(self, codes: torch.Tensor) -> torch.Tensor:
+        """oneDNN's int8 product of the uint8 input `codes` [rows, in] (where it holds the weights)."""
+        packed = self.onednn
+        assert packed is not None
+        no_scalars = torch.jit.annotate(list[float | int | complex | None], [])  # typed for TorchScript
+        return torch.ops.onednn.qlinear_pointwise(codes, self.input_scale, self.input_zero_point, packed,
+                                                  self.weight_scales, self.weight_zero_points, None, 1.0, 0,
+                                                  torch.float32, "none", no_scalars, "")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``linear(x)`` for `x` [rows, in], plus `residual` [rows, out] when given (one fused op)."""
@@ -388,11 +403,52 @@ class _Int8Linear(torch.nn.Module):
         rows, a = int8_row_input(x if scale is None else x * scale)
         if eps is not None:
             a = a * rms_factor(x, eps)
-        y = self.product(rows, rows.shape[0] >= self.onednn_min_rows)
-        return y.mul_(a) if residual is None else torch.addcmul(residual, y, a)
+        return self.scaled_product(rows, a, residual)
+
+    def scaled_product(self, rows: torch.Tensor, a: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """``a * K(rows)`` (`rows` in [-1, 1], `a` their row scales [rows, 1]), plus `residual` when given."""
+        return scaled_rows(self.product(rows, rows.shape[0] >= self.onednn_min_rows), a, residual)
 
 
-class _Bfloat16Linear(torch.nn.Module):
+def scaled_rows(y: torch.Tensor, a: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``a * y`` (`a` the row scales [rows, 1], `y` scaled in place), or ``residual + a * y`` in one op."""
+    return y.mul_(a) if residual is None else torch.addcmul(residual, y, a)
+
+
+class _FusedInt8Linear(_Int8Linear):
+    """`_Int8Linear` whose input is prepared by one fused kernel (`kernels`: ``expandr::row_input``, and
+    ``expandr::gated_row_input`` for the MLP's ``silu(gate) * up``) instead of six to nine torch ops: the same math,
+    other rounding in the RMSNorm factor and silu."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.onednn is not None and x.shape[0] >= self.onednn_min_rows:  # oneDNN's input: the uint8 codes at once
+            codes, a = torch.ops.expandr.row_codes(x, self.scale, self.eps, self.input_scale, self.input_zero_point)
+            return scaled_rows(self.onednn_product(codes), a, residual)
+        rows, a = torch.ops.expandr.row_input(x, self.scale, self.eps)
+        return self.scaled_product(rows, a, residual)
+
+    def onednn_equals_fbgemm(self, in_features: int) -> bool:
+        """`_Int8Linear.onednn_equals_fbgemm`, and the fused kernel's uint8 codes equal `quantize_per_tensor`'s on
+        the same inputs (what that check's oneDNN products were given)."""
+        if not _Int8Linear.onednn_equals_fbgemm(self, in_features):
+            return False
+        generator = torch.Generator().manual_seed(1)
+        for rows in (ONEDNN_MIN_ROWS, 37):
+            x = torch.randn(rows, in_features, generator=generator) * torch.rand(rows, 1, generator=generator) * 10
+            codes, _ = torch.ops.expandr.row_codes(x, None, None, self.input_scale, self.input_zero_point)
+            rows_in, _ = int8_row_input(x)
+            expected = torch.quantize_per_tensor(rows_in, self.input_scale, self.input_zero_point, torch.quint8)
+            if not torch.equal(codes, expected.int_repr()):
+                return False
+        return True
+
+    def gated(self, gate_up: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(For a layer without `scale` and `eps`, as the down projection is: smoothing folds into up's rows.)"""
+        rows, a = torch.ops.expandr.gated_row_input(gate_up)
+        return self.scaled_product(rows, a, residual)
+
+
+class _Bfloat16Linear(_LinearLayer):
     """A bias-free linear layer with bfloat16 weights prepacked for oneDNN (activations rounded to bfloat16), on
     ``rms_norm(x, eps, scale)``."""
 
@@ -410,7 +466,7 @@ class _Bfloat16Linear(torch.nn.Module):
         return y if residual is None else residual + y
 
 
-class _Linear(torch.nn.Module):
+class _Linear(_LinearLayer):
     """
     A bias-free float32 linear layer on ``rms_norm(x, eps, scale)`` whose weight is prepacked for oneDNN (plain
     ``F.linear`` where oneDNN is absent).
@@ -445,11 +501,14 @@ class _Linear(torch.nn.Module):
 
 
 def make_linear(weight: torch.Tensor, precision: str = "float32", scale: torch.Tensor | None = None,
-                eps: float | None = None) -> torch.nn.Module:
+                eps: float | None = None, fused: bool = False) -> torch.nn.Module:
     """
     The linear layer of `weight` [out, in] in a resolved `precision` ("float32", "int8" or "bfloat16"), applied to
     ``scale * x`` (a per-input-channel `scale`: an RMSNorm weight, a smoothing divisor's inverse), with `eps` to
     ``scale * RMSNorm(x)``. Called as ``linear(x [rows, in], residual=None)``; the result plus `residual` when
-    given.
+    given; ``linear.gated(gate_up, residual=None)`` is ``linear(silu(gate) * up, residual)``. `fused`: int8's input
+    prepared by the fused kernels (`kernels`, loaded by the caller).
     """
+    if fused and precision == "int8":
+        return _FusedInt8Linear(weight, scale, eps)
     return {"float32": _Linear, "int8": _Int8Linear, "bfloat16": _Bfloat16Linear}[precision](weight, scale, eps)

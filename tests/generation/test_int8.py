@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_packed_llama import CharTokenizer, assert_same_logits, tiny_llama
 
-from expandr_haystack.generation import quantize
+from expandr_haystack.generation import kernels, quantize
 from expandr_haystack.generation.local import LocalSampler, TransformersDecoder, calibration_ids, default_decoder
 from expandr_haystack.generation.packed_llama import PackedLlamaDecoder
 from expandr_haystack.generation.quantize import (
@@ -27,8 +27,10 @@ from expandr_haystack.options import GenerationSettings, SamplerOptions
 
 needs_int8 = pytest.mark.skipif(int8_unsupported_reason() is not None,
                                 reason=f"int8 path unavailable: {int8_unsupported_reason()}")
-#: the int8 engine's cache name on this CPU (7-bit weights without FBGEMM's VNNI kernels)
-INT8_NAME = "packed-int8-smoothed.3" + ("" if quantize.int8_weight_levels() == 127 else "-w64")
+#: the int8 engine's cache name on this CPU (7-bit weights without FBGEMM's VNNI kernels; the fused kernels where
+#: they load)
+INT8_NAME = ("packed-int8-smoothed.3" + ("" if quantize.int8_weight_levels() == 127 else "-w64")
+             + ("-fused" if kernels.unavailable_reason() is None else ""))
 PROMPTS = [[5, 9, 17, 33, 40, 41], [5, 9, 17, 8], [50, 51, 52, 53, 54, 60, 61]]
 CALIBRATION = calibration_ids(CharTokenizer())
 

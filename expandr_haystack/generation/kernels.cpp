@@ -1,0 +1,478 @@
+// Fused CPU kernels of the int8 packed decoder (expandr_haystack/generation/kernels.py compiles and loads them).
+//
+// A decode step of the packed decoder at 16 rows is ~1,200 tensor ops whose arithmetic is tiny: each costs its
+// dispatch, allocation and thread fork more than its work. These kernels do in one pass what took several:
+//   expandr::row_input       an int8 layer's input: scale, RMSNorm factor, per-row max and the division by it
+//   expandr::gated_row_input the MLP's silu(gate) * up, then down's per-row max and division
+//   expandr::decode_attention one new token per row: rotary embedding, KV cache write and grouped attention
+// The math is `quantize.int8_row_input`, `quantize.rms_factor` and `packed_llama._Layer`'s; the loops are written for
+// the compiler to vectorize (`#pragma omp simd`, -fopenmp-simd), threads come from ATen's pool.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <functional>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr float kTiny = 1.1754943508222875e-38f;  // float32's smallest normal: an all-zero row stays 0, not NaN
+
+// rows per thread task: one task below ~32K elements (a thread fork costs more than such a pass)
+inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
+
+// e^x for x <= 88.7 in float32 (Cephes' expf: range reduction by ln 2 in two parts, degree-5 polynomial; ~1 ulp),
+// written without library calls so that loops over it vectorize.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.37626f);
+  float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// A cache row to float32 / float32 to a cache row: F16C's conversions where the CPU has them (8 at a time),
+// else c10::Half's.
+inline void load_floats(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store_floats(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+inline void load_floats(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void store_floats(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
+void check_rows(const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(), op, ": `",
+              name, "` must be a contiguous 2-D float32 CPU tensor; got ", x.sizes(), " ", x.scalar_type());
+}
+
+// Divides each row of `out` [rows, k] (in place) by its largest magnitude and returns that magnitude: the 8-bit
+// kernel's input on its fixed [-1, 1] grid (`quantize.int8_row_input`).
+inline float divide_by_row_max(float* out, int64_t k) {
+  float largest = 0.0f;
+#pragma omp simd reduction(max : largest)
+  for (int64_t j = 0; j < k; ++j) largest = std::max(largest, std::fabs(out[j]));
+  largest = std::max(largest, kTiny);
+#pragma omp simd
+  for (int64_t j = 0; j < k; ++j) out[j] = out[j] / largest;
+  return largest;
+}
+
+// One row of `row_input`: o = scale * x / a (in place of o), returns a * f (see there).
+inline float prepare_row(const float* xr, const float* weights, bool has_eps, float epsilon, float* o, int64_t k) {
+  float squares = 0.0f;
+  if (weights != nullptr) {
+#pragma omp simd reduction(+ : squares)
+    for (int64_t j = 0; j < k; ++j) {
+      o[j] = xr[j] * weights[j];
+      squares += xr[j] * xr[j];
+    }
+  } else {
+#pragma omp simd reduction(+ : squares)
+    for (int64_t j = 0; j < k; ++j) {
+      o[j] = xr[j];
+      squares += xr[j] * xr[j];
+    }
+  }
+  const float a = divide_by_row_max(o, k);
+  return has_eps ? a / std::sqrt(squares / static_cast<float>(k) + epsilon) : a;
+}
+
+const float* row_weights(const std::optional<at::Tensor>& scale, int64_t k, const char* op) {
+  if (!scale.has_value()) return nullptr;
+  TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == k, op,
+              ": `scale` must be a contiguous float32 tensor of ", k, " values");
+  return scale->data_ptr<float>();
+}
+
+// (scale * x / a, a * f) per row of x [rows, k]: a = max |scale * x| (`int8_row_input`), f = 1 / sqrt(mean(x^2) +
+// eps) (`rms_factor`; 1 without eps). `scale` [k] is optional, as is `eps` (a 0-d tensor).
+std::tuple<at::Tensor, at::Tensor> row_input(const at::Tensor& x, const std::optional<at::Tensor>& scale,
+                                             const std::optional<at::Tensor>& eps) {
+  check_rows(x, "expandr::row_input", "x");
+  const int64_t rows = x.size(0), k = x.size(1);
+  const float* weights = row_weights(scale, k, "expandr::row_input");
+  const bool has_eps = eps.has_value();
+  const float epsilon = has_eps ? eps->item<float>() : 0.0f;
+  at::Tensor out = at::empty_like(x), factors = at::empty({rows, 1}, x.options());
+  const float* in = x.data_ptr<float>();
+  float* outs = out.data_ptr<float>();
+  float* row_factors = factors.data_ptr<float>();
+  at::parallel_for(0, rows, row_grain(k), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r)
+      row_factors[r] = prepare_row(in + r * k, weights, has_eps, epsilon, outs + r * k, k);
+  });
+  return {out, factors};
+}
+
+// `row_input`'s rows as the uint8 codes of the input grid (`quantize.fbgemm_input_grid`: `input_scale`,
+// `zero_point`), as ``torch.quantize_per_tensor(rows, input_scale, zero_point, torch.quint8).int_repr()`` gives them
+// (FBGEMM's rounding: nearbyint(v * (1 / scale)) + zero point, clamped to 0..255): oneDNN's int8 kernel's input.
+std::tuple<at::Tensor, at::Tensor> row_codes(const at::Tensor& x, const std::optional<at::Tensor>& scale,
+                                             const std::optional<at::Tensor>& eps, double input_scale,
+                                             int64_t zero_point) {
+  check_rows(x, "expandr::row_codes", "x");
+  const int64_t rows = x.size(0), k = x.size(1);
+  const float* weights = row_weights(scale, k, "expandr::row_codes");
+  const bool has_eps = eps.has_value();
+  const float epsilon = has_eps ? eps->item<float>() : 0.0f;
+  const float inverse = 1.0f / static_cast<float>(input_scale);
+  const float zero = static_cast<float>(zero_point);
+  at::Tensor codes = at::empty({rows, k}, x.options().dtype(at::kByte)), factors = at::empty({rows, 1}, x.options());
+  const float* in = x.data_ptr<float>();
+  uint8_t* out = codes.data_ptr<uint8_t>();
+  float* row_factors = factors.data_ptr<float>();
+  at::parallel_for(0, rows, row_grain(k), [&](int64_t first, int64_t last) {
+    std::vector<float> row(k);
+    for (int64_t r = first; r < last; ++r) {
+      row_factors[r] = prepare_row(in + r * k, weights, has_eps, epsilon, row.data(), k);
+      uint8_t* o = out + r * k;
+      const float* v = row.data();
+#pragma omp simd
+      for (int64_t j = 0; j < k; ++j)
+        o[j] = static_cast<uint8_t>(std::min(std::max(std::nearbyint(v[j] * inverse) + zero, 0.0f), 255.0f));
+    }
+  });
+  return {codes, factors};
+}
+
+// (h / a, a) per row for h = silu(gate) * up, gate_up [rows, 2 * half] = [gate | up]: the input of the MLP's down
+// projection (`_Layer`'s F.silu(gate) * up, then `int8_row_input`).
+std::tuple<at::Tensor, at::Tensor> gated_row_input(const at::Tensor& gate_up) {
+  check_rows(gate_up, "expandr::gated_row_input", "gate_up");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "expandr::gated_row_input: `gate_up` needs an even width; got ",
+              gate_up.size(1));
+  const int64_t rows = gate_up.size(0), half = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({rows, half}, gate_up.options()), scales = at::empty({rows, 1}, gate_up.options());
+  const float* in = gate_up.data_ptr<float>();
+  float* outs = out.data_ptr<float>();
+  float* row_scales = scales.data_ptr<float>();
+  at::parallel_for(0, rows, row_grain(2 * half), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      const float* gate = in + r * 2 * half;
+      const float* up = gate + half;
+      float* o = outs + r * half;
+#pragma omp simd
+      for (int64_t j = 0; j < half; ++j) o[j] = gate[j] / (1.0f + exp_approx(-gate[j])) * up[j];
+      row_scales[r] = divide_by_row_max(o, half);
+    }
+  });
+  return {out, scales};
+}
+
+// One (row, KV head) of `decode_attention`. `D` is the head size when known at compile time (64, 128: the loops
+// over it unroll and the output sums stay in registers), 0 to read it from `dim`.
+template <typename T, int D>
+void attend_group(const float* row, const float* turn, T* key_cache, T* value_cache, const T* row_bias, float* out,
+                  int64_t heads, int64_t kv_heads, int64_t g, int64_t runtime_dim, int64_t end, float* query,
+                  float* keys_f, float* values_f, float* scores, float* biases) {
+  const int64_t dim = D > 0 ? D : runtime_dim, group = heads / kv_heads, pairs = dim / 2, start = end - 1;
+  const float softmax_scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  // rotary embedding of the interleaved pairs (x, y) -> (x cos - y sin, x sin + y cos), a complex product; the new
+  // key and value go to cache slot `start`; the queries are rounded to the cache's dtype (as the SDPA path's)
+  const float* k_in = row + (heads + g) * dim;
+  float* new_key = keys_f + start * dim;  // (the slot is read back with the others below)
+  for (int64_t i = 0; i < pairs; ++i) {
+    const float c = turn[2 * i], s = turn[2 * i + 1], x = k_in[2 * i], y = k_in[2 * i + 1];
+    new_key[2 * i] = x * c - y * s;
+    new_key[2 * i + 1] = x * s + y * c;
+  }
+  store_floats(new_key, key_cache + start * dim, dim);
+  store_floats(row + (heads + kv_heads + g) * dim, value_cache + start * dim, dim);
+  for (int64_t h = 0; h < group; ++h) {
+    const float* q_in = row + (g * group + h) * dim;
+    float* q = query + h * dim;
+    for (int64_t i = 0; i < pairs; ++i) {
+      const float c = turn[2 * i], s = turn[2 * i + 1], x = q_in[2 * i], y = q_in[2 * i + 1];
+      q[2 * i] = x * c - y * s;
+      q[2 * i + 1] = x * s + y * c;
+    }
+  }
+  if constexpr (!std::is_same_v<T, float>) {  // round the queries as the cache is rounded
+    std::vector<T> rounded(group * dim);
+    store_floats(query, rounded.data(), group * dim);
+    load_floats(rounded.data(), query, group * dim);
+  }
+  // the cache's slots 0 .. start in float32 (the new key's too, rounded as stored), and the mask's bias (0 or -inf)
+  load_floats(key_cache, keys_f, end * dim);
+  load_floats(value_cache, values_f, end * dim);
+  load_floats(row_bias, biases, end);
+  for (int64_t h = 0; h < group; ++h) {
+    const float* q = query + h * dim;
+    float* p = scores + h * end;
+    // scores: four slots side by side (four independent sums instead of one chain of dependent additions)
+    for (int64_t j = 0; j < end; j += 4) {
+      const int64_t n = std::min<int64_t>(4, end - j);
+      const float* k0 = keys_f + j * dim;
+      const float* k1 = k0 + (n > 1 ? dim : 0);
+      const float* k2 = k0 + (n > 2 ? 2 * dim : 0);
+      const float* k3 = k0 + (n > 3 ? 3 * dim : 0);
+      float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t d = 0; d < dim; ++d) {
+        a0 += q[d] * k0[d];
+        a1 += q[d] * k1[d];
+        a2 += q[d] * k2[d];
+        a3 += q[d] * k3[d];
+      }
+      const float dots[4] = {a0, a1, a2, a3};
+      for (int64_t i = 0; i < n; ++i) p[j + i] = dots[i] * softmax_scale + biases[j + i];
+    }
+    // softmax over the slots (masked ones are exactly 0)
+    float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+    for (int64_t j = 0; j < end; ++j) top = std::max(top, p[j]);
+    float mass = 0.0f;
+#pragma omp simd reduction(+ : mass)
+    for (int64_t j = 0; j < end; ++j) {
+      p[j] = p[j] == -INFINITY ? 0.0f : exp_approx(p[j] - top);
+      mass += p[j];
+    }
+    // the weighted sum of the values
+    float sums[D > 0 ? D : 1];
+    float* acc = D > 0 ? sums : out + (g * group + h) * dim;
+    std::fill(acc, acc + dim, 0.0f);
+    for (int64_t j = 0; j < end; ++j) {
+      const float weight = p[j];
+      const float* value = values_f + j * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) acc[d] += weight * value[d];
+    }
+    float* o = out + (g * group + h) * dim;
+    const float inverse = 1.0f / mass;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) o[d] = acc[d] * inverse;
+  }
+}
+
+template <typename T>
+void attend(const float* qkv, const float* rotation, T* keys, T* values, const T* bias, float* out, int64_t rows,
+            int64_t heads, int64_t kv_heads, int64_t dim, int64_t capacity, int64_t start, int64_t qkv_stride,
+            int64_t rotation_stride, int64_t bias_stride) {
+  const int64_t group = heads / kv_heads, end = start + 1;
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> query(group * dim), keys_f(end * dim), values_f(end * dim), scores(group * end), biases(end);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t r = task / kv_heads, g = task % kv_heads;
+      auto run = [&](auto size) {
+        attend_group<T, decltype(size)::value>(
+            qkv + r * qkv_stride, rotation + r * rotation_stride, keys + (r * kv_heads + g) * capacity * dim,
+            values + (r * kv_heads + g) * capacity * dim, bias + r * bias_stride, out + r * heads * dim, heads,
+            kv_heads, g, dim, end, query.data(), keys_f.data(), values_f.data(), scores.data(), biases.data());
+      };
+      if (dim == 64) {
+        run(std::integral_constant<int, 64>{});
+      } else if (dim == 128) {
+        run(std::integral_constant<int, 128>{});
+      } else {
+        run(std::integral_constant<int, 0>{});
+      }
+    }
+  });
+}
+
+// One new token per row: `qkv` [rows, (heads + 2 kv_heads) * dim] (queries and keys with interleaved rotary pairs,
+// `packed_llama.interleave_rotary_halves`), `rotation` [rows, ..., dim / 2] complex (e^(i theta) at the token's
+// position), `keys`/`values` [rows, kv_heads, capacity, dim] (written at slot `start`), `bias` [rows, ..., start + 1]
+// in the cache's dtype (0 = attend, -inf = masked). Returns the attention's output [rows, heads * dim] (float32).
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rotation, const at::Tensor& keys,
+                            const at::Tensor& values,
+                            int64_t start, const at::Tensor& bias, int64_t heads) {
+  const char* op = "expandr::decode_attention";
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.stride(1) == 1, op,
+              ": `qkv` must be a 2-D float32 tensor with contiguous rows");
+  TORCH_CHECK(keys.dim() == 4 && keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes() &&
+                  keys.scalar_type() == values.scalar_type(),
+              op, ": `keys` and `values` must be contiguous [rows, kv_heads, capacity, dim] tensors of one dtype");
+  const int64_t rows = keys.size(0), kv_heads = keys.size(1), capacity = keys.size(2), dim = keys.size(3);
+  TORCH_CHECK(heads % kv_heads == 0 && dim % 2 == 0 && qkv.size(0) == rows && qkv.size(1) == (heads + 2 * kv_heads) * dim,
+              op, ": `qkv` of ", qkv.sizes(), " does not match ", heads, " heads and the cache's ", keys.sizes());
+  TORCH_CHECK(start >= 0 && start < capacity, op, ": `start` ", start, " is outside the cache's ", capacity, " slots");
+  at::Tensor turn = at::view_as_real(rotation.reshape({rows, dim / 2}));
+  TORCH_CHECK(turn.scalar_type() == at::kFloat && turn.stride(2) == 1 && turn.stride(1) == 2, op,
+              ": `rotation` must be complex64 [rows, dim / 2] with contiguous rows");
+  at::Tensor row_bias = bias.reshape({rows, -1});
+  TORCH_CHECK(row_bias.size(1) == start + 1 && row_bias.stride(1) == 1 && row_bias.scalar_type() == keys.scalar_type(),
+              op, ": `bias` must hold start + 1 = ", start + 1, " values a row in the cache's dtype; got ",
+              bias.sizes());
+  at::Tensor out = at::empty({rows, heads * dim}, qkv.options());
+  if (keys.scalar_type() == at::kFloat) {
+    attend<float>(qkv.data_ptr<float>(), turn.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(),
+                  row_bias.data_ptr<float>(), out.data_ptr<float>(), rows, heads, kv_heads, dim, capacity, start,
+                  qkv.stride(0), turn.stride(0), row_bias.stride(0));
+  } else {
+    TORCH_CHECK(keys.scalar_type() == at::kHalf, op, ": the cache must be float32 or float16; got ",
+                keys.scalar_type());
+    attend<c10::Half>(qkv.data_ptr<float>(), turn.data_ptr<float>(), keys.data_ptr<c10::Half>(),
+                      values.data_ptr<c10::Half>(), row_bias.data_ptr<c10::Half>(), out.data_ptr<float>(), rows,
+                      heads, kv_heads, dim, capacity, start, qkv.stride(0), turn.stride(0), row_bias.stride(0));
+  }
+  return out;
+}
+
+// The largest of x[0 .. n) (NaN-free input): sixteen running maxima side by side, one vector, instead of one chain.
+inline float largest_of(const float* x, int64_t n) {
+  float lanes[16];
+  std::fill(lanes, lanes + 16, -INFINITY);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int lane = 0; lane < 16; ++lane) lanes[lane] = x[i + lane] > lanes[lane] ? x[i + lane] : lanes[lane];
+  for (; i < n; ++i) lanes[0] = std::max(lanes[0], x[i]);
+  return *std::max_element(lanes, lanes + 16);
+}
+
+constexpr int kBuckets = 512;   // `sample_nucleus`' histogram buckets over the span below the most likely token
+constexpr float kSpan = 40.0f;  // e-folds: beyond, one last bucket (probabilities below 4e-18 of the top)
+
+// splitmix64: a row's stream of uniform draws for one sampling step, from one 64-bit seed drawn from its generator.
+inline uint64_t next_random(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// One token per row of `logits` [rows, vocab] (float32) by temperature + nucleus (top-p) sampling, as
+// `local.sample_rows` defines it: the nucleus is the most likely tokens, in order, while the mass before a token is
+// below `top_p`; the token is drawn from it in proportion to its probability by the exponential race (argmax of
+// p / e, e ~ Exp(1) drawn per nucleus token from `seeds[r]`); temperature <= 0 is greedy (the lowest id of ties).
+// The nucleus is found without sorting the vocabulary: a histogram of the probabilities by e-folds below the most
+// likely token locates the bucket where the mass reaches `top_p`; only that bucket's tokens are sorted.
+at::Tensor sample_nucleus(const at::Tensor& logits, const at::Tensor& temperatures, double top_p,
+                          const at::Tensor& seeds) {
+  check_rows(logits, "expandr::sample_nucleus", "logits");
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(vocab >= 1, "expandr::sample_nucleus: the vocabulary is empty");
+  TORCH_CHECK(temperatures.scalar_type() == at::kFloat && temperatures.is_contiguous() && temperatures.numel() == rows,
+              "expandr::sample_nucleus: `temperatures` must be float32 with one value a row");
+  TORCH_CHECK(seeds.scalar_type() == at::kLong && seeds.is_contiguous() && seeds.numel() == rows,
+              "expandr::sample_nucleus: `seeds` must be int64 with one value a row");
+  at::Tensor tokens = at::empty({rows}, logits.options().dtype(at::kLong));
+  const float* all = logits.data_ptr<float>();
+  const float* temps = temperatures.data_ptr<float>();
+  const int64_t* row_seeds = seeds.data_ptr<int64_t>();
+  int64_t* out = tokens.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> probs(vocab);
+    std::vector<int32_t> bucket_of(vocab);
+    std::vector<int64_t> nucleus, crossing;
+    for (int64_t r = first; r < last; ++r) {
+      const float* l = all + r * vocab;
+      const float top = largest_of(l, vocab);
+      if (!(temps[r] > 0.0f) || top == -INFINITY) {  // greedy (or nothing to draw from): the first largest
+        out[r] = std::find(l, l + vocab, top) - l;
+        continue;
+      }
+      const float inverse_t = 1.0f / temps[r];
+      float* p_out = probs.data();
+      int32_t* b_out = bucket_of.data();
+#pragma omp simd
+      for (int64_t i = 0; i < vocab; ++i) {
+        const float x = l[i];
+        const float below = std::min((top - x) * inverse_t, 100.0f);  // e-folds below the top (-inf logits: 100)
+        p_out[i] = x == -INFINITY ? 0.0f : exp_approx(-below);
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < vocab; ++i)
+        b_out[i] = static_cast<int32_t>(std::min((top - l[i]) * inverse_t, kSpan) * (kBuckets / kSpan));
+      float mass = 0.0f;
+#pragma omp simd reduction(+ : mass)
+      for (int64_t i = 0; i < vocab; ++i) mass += p_out[i];
+      // the bucket where the mass of the more likely buckets reaches top_p: the tokens above it are all in the
+      // nucleus; of its own tokens, the most likely while the mass before them stays below top_p
+      const float target = top_p >= 1.0 ? INFINITY : static_cast<float>(top_p) * mass;
+      float partial[4][kBuckets + 1] = {};  // four interleaved histograms: neighbours rarely wait on one bucket
+      int64_t i = 0;
+      for (; i + 4 <= vocab; i += 4)
+        for (int lane = 0; lane < 4; ++lane) partial[lane][bucket_of[i + lane]] += probs[i + lane];
+      for (; i < vocab; ++i) partial[0][bucket_of[i]] += probs[i];
+      float bucket_mass[kBuckets + 1];
+      for (int b = 0; b <= kBuckets; ++b) bucket_mass[b] = (partial[0][b] + partial[1][b]) + (partial[2][b] + partial[3][b]);
+      int32_t cut = kBuckets + 1;  // every bucket whole (top_p >= 1 or rounding short of the target)
+      float before = 0.0f;
+      for (int32_t b = 0; b <= kBuckets; ++b) {
+        if (before + bucket_mass[b] >= target) {
+          cut = b;
+          break;
+        }
+        before += bucket_mass[b];
+      }
+      nucleus.clear();
+      crossing.clear();
+      for (int64_t i = 0; i < vocab; ++i) {
+        if (bucket_of[i] < cut) {
+          if (probs[i] > 0.0f) nucleus.push_back(i);
+        } else if (bucket_of[i] == cut) {
+          crossing.push_back(i);
+        }
+      }
+      const float* p = probs.data();
+      std::sort(crossing.begin(), crossing.end(),
+                [p](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+      for (int64_t i : crossing) {
+        if (before >= target || p[i] == 0.0f) break;
+        nucleus.push_back(i);
+        before += p[i];
+      }
+      // the exponential race: argmax p / e over the nucleus, e = -log(u), u uniform in (0, 1]
+      uint64_t state = static_cast<uint64_t>(row_seeds[r]);
+      int64_t best = nucleus.empty() ? std::find(l, l + vocab, top) - l : nucleus[0];
+      float best_score = -1.0f;
+      for (int64_t i : nucleus) {
+        const float u = static_cast<float>((next_random(state) >> 40) + 1) * 5.9604644775390625e-8f;  // 2^-24
+        const float score = p[i] / -std::log(u);
+        if (score > best_score) {
+          best_score = score;
+          best = i;
+        }
+      }
+      out[r] = best;
+    }
+  });
+  return tokens;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(expandr, m) {
+  m.def("row_input(Tensor x, Tensor? scale, Tensor? eps) -> (Tensor, Tensor)", &row_input);
+  m.def("row_codes(Tensor x, Tensor? scale, Tensor? eps, float input_scale, int zero_point) -> (Tensor, Tensor)",
+        &row_codes);
+  m.def("gated_row_input(Tensor gate_up) -> (Tensor, Tensor)", &gated_row_input);
+  m.def("sample_nucleus(Tensor logits, Tensor temperatures, float top_p, Tensor seeds) -> Tensor", &sample_nucleus);
+  m.def("decode_attention(Tensor qkv, Tensor rotation, Tensor(a!) keys, Tensor(b!) values, int start, Tensor bias, "
+        "int heads) -> Tensor",
+        &decode_attention);
+}

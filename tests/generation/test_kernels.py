@@ -1,0 +1,302 @@
+"""The fused CPU kernels (`generation/kernels.cpp`) against the torch ops they replace, and the decoder with them."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expandr_haystack.generation import kernels, packed_llama, quantize
+from expandr_haystack.generation.local import LocalSampler, calibration_ids
+from expandr_haystack.generation.packed_llama import PackedLlamaDecoder
+from tests.generation.test_packed_llama import CharTokenizer, assert_same_logits, tiny_llama
+
+REASON = kernels.unavailable_reason()
+needs_kernels = pytest.mark.skipif(REASON is not None, reason=f"fused kernels unavailable: {REASON}")
+needs_int8 = pytest.mark.skipif(quantize.int8_unsupported_reason() is not None,
+                                reason=f"int8 path unavailable: {quantize.int8_unsupported_reason()}")
+CALIBRATION = calibration_ids(CharTokenizer())
+
+
+def ulps(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest difference in units of float32's last place at `expected`'s magnitude."""
+    return float(((got - expected).abs() / (expected.abs() * 2.0**-23).clamp_min(1e-38)).max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("eps", [None, 1e-5])
+def test_row_input_is_the_torch_ops_inputs_and_scales(scaled, eps):
+    """``scale * x / a`` is the same division as `int8_row_input`'s (equal bit for bit: the 8-bit codes do not
+    change); the row scale ``a * rms_factor`` sums its squares in another order (a few ulps)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(13, 200, generator=generator) * torch.logspace(-3, 2, 13)[:, None]
+    x[4] = 0.0  # an all-zero row stays zero, not NaN
+    scale = torch.rand(200, generator=generator) + 0.5 if scaled else None
+    eps_tensor = None if eps is None else torch.tensor(eps)
+    rows, a = torch.ops.expandr.row_input(x, scale, eps_tensor)
+    expected_rows, expected_a = quantize.int8_row_input(x if scale is None else x * scale)
+    if eps is not None:
+        expected_a = expected_a * quantize.rms_factor(x, eps_tensor)
+    assert torch.equal(rows, expected_rows)
+    assert rows[4].abs().sum() == 0 and torch.isfinite(a).all()
+    assert ulps(a, expected_a) <= 8
+
+
+@needs_kernels
+def test_gated_row_input_is_silu_times_up_on_the_int8_grid():
+    generator = torch.Generator().manual_seed(1)
+    gate_up = torch.randn(16, 2 * 96, generator=generator) * 4
+    rows, a = torch.ops.expandr.gated_row_input(gate_up)
+    expected_rows, expected_a = quantize.int8_row_input(F.silu(gate_up[:, :96]) * gate_up[:, 96:])
+    torch.testing.assert_close(a, expected_a, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rows, expected_rows, rtol=0, atol=2e-6)  # inputs within 1/500 of an 8-bit step
+
+
+def _nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The textbook nucleus distribution over the vocabulary (zero outside the nucleus)."""
+    p, ids = (logits / temperature).double().softmax(-1).sort(descending=True)
+    p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
+    return torch.zeros_like(p).scatter_(0, ids, p / p.sum())
+
+
+def _sample(logits, temperatures, top_p, seeds):
+    return torch.ops.expandr.sample_nucleus(logits, torch.tensor(temperatures, dtype=torch.float32), top_p,
+                                            torch.tensor(seeds, dtype=torch.long))
+
+
+@needs_kernels
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 0.9), (0.7, 0.5), (1.3, 1.0)])
+def test_sample_nucleus_draws_from_the_nucleus_distribution(temperature, top_p):
+    """20,000 draws (one row each, own seed) from a 40-token distribution: every token inside the nucleus, the
+    frequencies within 4 standard errors of the nucleus probabilities."""
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(4)) * 2
+    draws = 20_000
+    tokens = _sample(logits.expand(draws, -1).contiguous(), [temperature] * draws, top_p, list(range(draws)))
+    expected = _nucleus(logits, temperature, top_p)
+    frequencies = torch.bincount(tokens, minlength=40).double() / draws
+    assert frequencies[expected == 0].sum() == 0
+    standard_error = (expected * (1 - expected) / draws).sqrt()
+    assert ((frequencies - expected).abs() <= 4 * standard_error + 1e-12).all()
+
+
+@needs_kernels
+def test_sample_nucleus_on_a_large_flat_vocabulary_and_greedy_rows():
+    """A 49,152-token vocabulary whose nucleus holds thousands of tokens (the histogram's crossing bucket decides
+    the last ones): every draw inside the exact nucleus; greedy rows take the first largest logit; -inf logits are
+    never drawn; the same seeds give the same tokens, and a row's token does not depend on the other rows."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 49_152, generator=generator)
+    logits[1, :100] += 6  # a peaked row
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie for greedy: the lower id
+    logits[3, ::2] = -float("inf")
+    temperatures, seeds = [1.0, 1.0, 0.0, 1.0, 0.8, 1.2], [11, 12, 13, 14, 15, 16]
+    for trial in range(20):
+        tokens = _sample(logits, temperatures, 0.9, [s + 100 * trial for s in seeds])
+        for r, (t, token) in enumerate(zip(temperatures, tokens.tolist())):
+            if t == 0:
+                assert token == 7
+            else:
+                assert _nucleus(logits[r], t, 0.9)[token] > 0
+    assert torch.equal(_sample(logits, temperatures, 0.9, seeds), _sample(logits, temperatures, 0.9, seeds))
+    alone = [int(_sample(logits[r : r + 1].contiguous(), temperatures[r : r + 1], 0.9, seeds[r : r + 1]))
+             for r in range(6)]
+    assert _sample(logits, temperatures, 0.9, seeds).tolist() == alone
+
+
+@needs_kernels
+def test_sample_rows_fused_draws_one_seed_per_row_from_its_generator():
+    """`sample_rows(fused=True)` advances each row's generator by one draw a step: same seeds, same tokens."""
+    from expandr_haystack.generation.local import sample_rows
+
+    logits = torch.randn(4, 500, generator=torch.Generator().manual_seed(6)) * 3
+    temperatures = torch.tensor([1.0, 0.0, 0.7, 1.0])
+
+    def run():
+        generators = [torch.Generator().manual_seed(r) for r in range(4)]
+        tokens = [sample_rows(logits, temperatures, 0.9, generators, fused=True).tolist() for _ in range(5)]
+        return tokens, [g.initial_seed() for g in generators], [int(torch.randint(10**9, (1,), generator=g))
+                                                                for g in generators]
+    assert run() == run()
+    tokens, _, _ = run()
+    assert all(step[1] == int(logits[1].argmax()) for step in tokens)
+    assert len({tuple(step) for step in tokens}) > 1  # the draws move on from step to step
+
+
+def _attention_case(dtype, dim, start, seed=2):
+    generator = torch.Generator().manual_seed(seed)
+    rows, heads, kv_heads, capacity = 5, 6, 2, start + 4
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=generator)
+    angles = torch.rand(rows, capacity, 1, dim // 2, generator=generator) * 6
+    rotation = torch.complex(angles.cos(), angles.sin())  # [rows, capacity, 1, dim / 2]
+    keys = torch.randn(rows, kv_heads, capacity, dim, generator=generator).to(dtype)
+    values = torch.randn(rows, kv_heads, capacity, dim, generator=generator).to(dtype)
+    mask = torch.rand(rows, capacity, generator=generator) > 0.3
+    mask[:, start] = True  # the new token sees itself
+    bias = torch.zeros(rows, 1, 1, start + 1, dtype=dtype).masked_fill_(~mask[:, None, None, : start + 1],
+                                                                         float("-inf"))
+    return heads, kv_heads, qkv, rotation[:, start : start + 1], keys, values, bias
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dim", [64, 128, 24])  # the unrolled head sizes and the general loop
+@pytest.mark.parametrize("start", [0, 9, 70])
+def test_decode_attention_matches_the_torch_attention(dtype, dim, start):
+    """Rotary embedding, cache write and grouped-query attention of one new token per row, as `_Attention` does them
+    with torch ops (masked slots included: their values must not count)."""
+    heads, kv_heads, qkv, rotation, keys, values, bias = _attention_case(dtype, dim, start)
+    reference = packed_llama._Attention(heads, kv_heads, dim)
+    expected_keys, expected_values = keys.clone(), values.clone()
+    expected = reference(qkv, expected_keys, expected_values, start, len(qkv), 1, rotation, bias, None)
+    out = torch.ops.expandr.decode_attention(qkv, rotation, keys, values, start, bias, heads)
+    tolerance = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(keys.float(), expected_keys.float(), **tolerance)
+    assert torch.equal(values, expected_values)  # written untouched, only rounded to the cache's dtype
+    torch.testing.assert_close(out, expected, **tolerance)
+    # masked slots do not count: other values there change nothing
+    hidden = bias[:, 0, 0] == float("-inf")
+    values.masked_fill_(_slots(hidden, values), 1e3)
+    assert torch.equal(torch.ops.expandr.decode_attention(qkv, rotation, keys, values, start, bias, heads), out)
+
+
+def _slots(hidden: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """`hidden` [rows, start + 1] as a mask over `cache` [rows, kv_heads, capacity, dim]."""
+    full = torch.zeros(cache.shape[0], cache.shape[2], dtype=torch.bool)
+    full[:, : hidden.shape[1]] = hidden
+    return full[:, None, :, None].expand(cache.shape)
+
+
+@needs_kernels
+def test_decode_attention_names_what_is_wrong():
+    heads, _, qkv, rotation, keys, values, bias = _attention_case(torch.float16, 64, 9)
+    with pytest.raises(RuntimeError, match="`qkv`"):
+        torch.ops.expandr.decode_attention(qkv[:, :-64], rotation, keys, values, 9, bias, heads)
+    with pytest.raises(RuntimeError, match="`start`"):
+        torch.ops.expandr.decode_attention(qkv, rotation, keys, values, keys.shape[2], bias, heads)
+    with pytest.raises(RuntimeError, match="`bias`"):
+        torch.ops.expandr.decode_attention(qkv, rotation, keys, values, 9, bias[..., :-1], heads)
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        torch.ops.expandr.decode_attention(qkv, rotation, keys.bfloat16(), values.bfloat16(), 9, bias.bfloat16(),
+                                           heads)
+    with pytest.raises(RuntimeError, match="`x`"):
+        torch.ops.expandr.row_input(torch.ones(3, 4, dtype=torch.float64), None, None)
+
+
+@needs_kernels
+@needs_int8
+@torch.inference_mode()
+def test_fused_decoder_is_the_int8_decoder_within_rounding_and_scripts_bit_for_bit():
+    """With the kernels the int8 decoder computes the same function with other rounding (the attention in float32
+    where SDPA rounds its output to the cache's float16, sums in another order), and int8 turns small differences
+    into flipped 8-bit codes: so the fused decoder is as far from float32 as the torch-op int8 decoder is (on the
+    tiny model's 24 decode steps: mean |error| within 10% of it), not closer to the torch-op decoder than that. Its
+    TorchScript body equals its Python body bit for bit."""
+    model = tiny_llama(seed=3)
+    fused = PackedLlamaDecoder(model, "int8", CALIBRATION, kernels=True)
+    plain = PackedLlamaDecoder(model, "int8", CALIBRATION, kernels=False)
+    exact = PackedLlamaDecoder(model)
+    assert fused.kernels and not plain.kernels
+    assert isinstance(fused.layers[0].attention, packed_llama._FusedAttention)
+    assert isinstance(fused.layers[0].down, quantize._FusedInt8Linear)
+    assert type(plain.layers[0].down) is quantize._Int8Linear
+    prompts, select = [[5, 9, 17, 33, 40, 41], [5, 9, 17, 8], [5, 9, 50, 52]], torch.tensor([0, 1, 1, 2])
+    runs = [decoder.prefill(prompts, select, 24) for decoder in (fused, plain, exact)]
+    errors = {"fused": [], "plain": []}
+    for _ in range(24):
+        (got, _), (ref, _), (expected, _) = runs
+        errors["fused"].append(float((got - expected).abs().mean()))
+        errors["plain"].append(float((ref - expected).abs().mean()))
+        tokens = expected.argmax(-1)
+        runs = [(decoder.decode(state, tokens), state) for decoder, (_, state) in zip((fused, plain, exact), runs)]
+    fused_error, plain_error = (sum(e) / len(e) for e in (errors["fused"], errors["plain"]))
+    assert 0 < plain_error < 0.05 * float(expected.abs().max())
+    assert fused_error <= 1.1 * plain_error
+    python_body = PackedLlamaDecoder(model, "int8", CALIBRATION, script=False, kernels=True)
+    assert isinstance(fused.body, torch.jit.ScriptModule)
+    assert_same_logits(fused, python_body, prompts, select.tolist(), steps=8)
+
+
+@needs_int8
+def test_kernels_switch_and_refusals(monkeypatch, caplog):
+    model = tiny_llama()
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert kernels.unavailable_reason() == "EXPANDR_KERNELS=0"
+    assert not PackedLlamaDecoder(model, "int8", CALIBRATION).kernels
+    with pytest.raises(ValueError, match=r"`kernels`=True.*EXPANDR_KERNELS=0"):
+        PackedLlamaDecoder(model, "int8", CALIBRATION, kernels=True)
+    monkeypatch.delenv(kernels.ENV_SWITCH)
+    with pytest.raises(ValueError, match=r"`kernels`=True needs int8"):
+        PackedLlamaDecoder(model, "float32", kernels=True)
+    assert not PackedLlamaDecoder(model, "float32").kernels  # float32 stays the exact reference
+    # where they cannot be built: a warning saying why, and the torch ops
+    monkeypatch.setitem(kernels._BUILT, "reason", "no C++ compiler ('c++' is not on PATH; set CXX to one)")
+    with caplog.at_level(logging.WARNING, logger="expandr_haystack.generation.kernels"):
+        decoder = PackedLlamaDecoder(model, "int8", CALIBRATION)
+    assert not decoder.kernels and "no C++ compiler" in caplog.text
+    assert type(decoder.layers[0].qkv) is quantize._Int8Linear
+
+
+def test_a_missing_compiler_is_a_reason_not_a_crash(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert "no C++ compiler" in kernels._build()
+
+
+def test_the_build_is_named_for_its_source_flags_and_cpu(monkeypatch):
+    """A build directory shared between machines never loads code compiled for another CPU's instructions."""
+    name = kernels.build_name(["-O3", "-march=native"])
+    assert name.startswith("expandr_kernels_") and name == kernels.build_name(["-O3", "-march=native"])
+    assert name != kernels.build_name(["-O3", "-mavx2"])
+    monkeypatch.setattr(kernels, "_cpu_fingerprint", lambda: "another CPU")
+    assert name != kernels.build_name(["-O3", "-march=native"])
+
+
+def test_compile_flags_follow_torchs_isa_switch(monkeypatch):
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert "-march=native" in kernels.compile_flags()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    flags = kernels.compile_flags()
+    assert "-mavx2" in flags and "-march=native" not in flags
+
+
+@needs_kernels
+@needs_int8
+def test_sampler_engine_names_the_fused_path():
+    """Fused texts differ from the torch-op int8 texts near draw boundaries: the cache keys keep them apart."""
+    model = tiny_llama()
+    fused = LocalSampler(model, CharTokenizer(), decoder=PackedLlamaDecoder(model, "int8", CALIBRATION))
+    plain = LocalSampler(model, CharTokenizer(), decoder=PackedLlamaDecoder(model, "int8", CALIBRATION,
+                                                                             kernels=False))
+    assert fused.engine.startswith("packed-int8") and fused.engine != plain.engine
+    assert "-fused" in fused.engine and "-fused" not in plain.engine
+
+
+@needs_kernels
+def test_row_codes_are_quantize_per_tensors_codes_of_the_row_input():
+    """oneDNN's uint8 input straight from the kernel: the codes `quantize_per_tensor` gives `row_input`'s rows, and
+    the same row scales."""
+    scale, zero_point, _ = quantize.fbgemm_input_grid()
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 576, generator=generator) * torch.logspace(-2, 2, 40)[:, None]
+    weights, eps = torch.rand(576, generator=generator) + 0.5, torch.tensor(1e-5)
+    codes, a = torch.ops.expandr.row_codes(x, weights, eps, scale, zero_point)
+    rows, expected_a = torch.ops.expandr.row_input(x, weights, eps)
+    assert codes.dtype == torch.uint8 and torch.equal(a, expected_a)
+    assert torch.equal(codes, torch.quantize_per_tensor(rows, scale, zero_point, torch.quint8).int_repr())
+
+
+@needs_kernels
+@needs_int8
+@pytest.mark.skipif(quantize.onednn_int8_unsupported_reason() is not None,
+                    reason=f"oneDNN's int8 product is not used here: {quantize.onednn_int8_unsupported_reason()}")
+def test_fused_layer_feeds_onednn_its_codes_from_its_threshold():
+    """From its oneDNN threshold the fused layer gives oneDNN the kernel's codes: the product equals the torch-op
+    layer's (oneDNN on `quantize_per_tensor`'s codes, equal to FBGEMM's) up to the row scale's last bits."""
+    generator = torch.Generator().manual_seed(8)
+    weight, norm = torch.randn(300, 576, generator=generator) * 0.05, torch.rand(576, generator=generator) + 0.5
+    fused, plain = (cls(weight, norm, 1e-5) for cls in (quantize._FusedInt8Linear, quantize._Int8Linear))
+    assert fused.onednn is not None and fused.onednn_min_rows == plain.onednn_min_rows
+    for rows in (fused.onednn_min_rows - 1, fused.onednn_min_rows, fused.onednn_min_rows + 9):
+        x = torch.randn(rows, 576, generator=generator)
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-6, atol=1e-6)
