@@ -2,11 +2,14 @@
 //
 // A decode step of the packed decoder at 16 rows is ~1,200 tensor ops whose arithmetic is tiny: each costs its
 // dispatch, allocation and thread fork more than its work. These kernels do in one pass what took several:
-//   expandr::row_input       an int8 layer's input: scale, RMSNorm factor, per-row max and the division by it
-//   expandr::gated_row_input the MLP's silu(gate) * up, then down's per-row max and division
+//   expandr::row_input        an int8 layer's input: scale, RMSNorm factor, per-row max and the division by it
+//   expandr::row_codes        the same as oneDNN's uint8 input codes
+//   expandr::gated_row_input  the MLP's silu(gate) * up, then down's per-row max and division
 //   expandr::decode_attention one new token per row: rotary embedding, KV cache write and grouped attention
-// The math is `quantize.int8_row_input`, `quantize.rms_factor` and `packed_llama._Layer`'s; the loops are written for
-// the compiler to vectorize (`#pragma omp simd`, -fopenmp-simd), threads come from ATen's pool.
+//   expandr::sample_nucleus   temperature + nucleus sampling of each row
+// The math is `quantize.int8_row_input`, `quantize.rms_factor`, `packed_llama._Attention`'s and
+// `local.sample_rows`'; the loops are written for the compiler to vectorize (`#pragma omp simd`), threads come from
+// ATen's pool.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,7 +28,9 @@
 
 namespace {
 
-constexpr float kTiny = 1.1754943508222875e-38f;  // float32's smallest normal: an all-zero row stays 0, not NaN
+// float32's smallest normal, the floor of a row's largest magnitude (as `quantize.int8_row_input`'s clamp): an
+// all-zero row stays 0, not NaN
+constexpr float kTiny = 1.1754943508222875e-38f;
 
 // rows per thread task: one task below ~32K elements (a thread fork costs more than such a pass)
 inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
@@ -110,11 +115,31 @@ inline float prepare_row(const float* xr, const float* weights, bool has_eps, fl
   return has_eps ? a / std::sqrt(squares / static_cast<float>(k) + epsilon) : a;
 }
 
-const float* row_weights(const std::optional<at::Tensor>& scale, int64_t k, const char* op) {
-  if (!scale.has_value()) return nullptr;
-  TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == k, op,
-              ": `scale` must be a contiguous float32 tensor of ", k, " values");
-  return scale->data_ptr<float>();
+// The per-row driver of `row_input` and `row_codes` (`x` checked by them): `scale`, RMSNorm's eps, threads; `write(r, row, factor)` stores
+// row r's prepared values (`prepare_row` into `row`, k floats) and its row scale.
+template <typename Write>
+at::Tensor prepare_rows(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& scale,
+                        const std::optional<at::Tensor>& eps, Write write) {
+  const int64_t rows = x.size(0), k = x.size(1);
+  const float* weights = nullptr;
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == k, op,
+                ": `scale` must be a contiguous float32 tensor of ", k, " values");
+    weights = scale->data_ptr<float>();
+  }
+  const bool has_eps = eps.has_value();
+  const float epsilon = has_eps ? eps->item<float>() : 0.0f;
+  at::Tensor factors = at::empty({rows, 1}, x.options());
+  const float* in = x.data_ptr<float>();
+  float* row_factors = factors.data_ptr<float>();
+  at::parallel_for(0, rows, row_grain(k), [&](int64_t first, int64_t last) {
+    std::vector<float> row(k);
+    for (int64_t r = first; r < last; ++r) {
+      row_factors[r] = prepare_row(in + r * k, weights, has_eps, epsilon, row.data(), k);
+      write(r, row.data());
+    }
+  });
+  return factors;
 }
 
 // (scale * x / a, a * f) per row of x [rows, k]: a = max |scale * x| (`int8_row_input`), f = 1 / sqrt(mean(x^2) +
@@ -122,17 +147,11 @@ const float* row_weights(const std::optional<at::Tensor>& scale, int64_t k, cons
 std::tuple<at::Tensor, at::Tensor> row_input(const at::Tensor& x, const std::optional<at::Tensor>& scale,
                                              const std::optional<at::Tensor>& eps) {
   check_rows(x, "expandr::row_input", "x");
-  const int64_t rows = x.size(0), k = x.size(1);
-  const float* weights = row_weights(scale, k, "expandr::row_input");
-  const bool has_eps = eps.has_value();
-  const float epsilon = has_eps ? eps->item<float>() : 0.0f;
-  at::Tensor out = at::empty_like(x), factors = at::empty({rows, 1}, x.options());
-  const float* in = x.data_ptr<float>();
+  at::Tensor out = at::empty_like(x);
   float* outs = out.data_ptr<float>();
-  float* row_factors = factors.data_ptr<float>();
-  at::parallel_for(0, rows, row_grain(k), [&](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r)
-      row_factors[r] = prepare_row(in + r * k, weights, has_eps, epsilon, outs + r * k, k);
+  const int64_t k = x.size(-1);
+  at::Tensor factors = prepare_rows("expandr::row_input", x, scale, eps, [&](int64_t r, const float* row) {
+    std::memcpy(outs + r * k, row, k * sizeof(float));
   });
   return {out, factors};
 }
@@ -144,26 +163,16 @@ std::tuple<at::Tensor, at::Tensor> row_codes(const at::Tensor& x, const std::opt
                                              const std::optional<at::Tensor>& eps, double input_scale,
                                              int64_t zero_point) {
   check_rows(x, "expandr::row_codes", "x");
-  const int64_t rows = x.size(0), k = x.size(1);
-  const float* weights = row_weights(scale, k, "expandr::row_codes");
-  const bool has_eps = eps.has_value();
-  const float epsilon = has_eps ? eps->item<float>() : 0.0f;
   const float inverse = 1.0f / static_cast<float>(input_scale);
   const float zero = static_cast<float>(zero_point);
-  at::Tensor codes = at::empty({rows, k}, x.options().dtype(at::kByte)), factors = at::empty({rows, 1}, x.options());
-  const float* in = x.data_ptr<float>();
+  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
   uint8_t* out = codes.data_ptr<uint8_t>();
-  float* row_factors = factors.data_ptr<float>();
-  at::parallel_for(0, rows, row_grain(k), [&](int64_t first, int64_t last) {
-    std::vector<float> row(k);
-    for (int64_t r = first; r < last; ++r) {
-      row_factors[r] = prepare_row(in + r * k, weights, has_eps, epsilon, row.data(), k);
-      uint8_t* o = out + r * k;
-      const float* v = row.data();
+  const int64_t k = x.size(-1);
+  at::Tensor factors = prepare_rows("expandr::row_codes", x, scale, eps, [&](int64_t r, const float* v) {
+    uint8_t* o = out + r * k;
 #pragma omp simd
-      for (int64_t j = 0; j < k; ++j)
-        o[j] = static_cast<uint8_t>(std::min(std::max(std::nearbyint(v[j] * inverse) + zero, 0.0f), 255.0f));
-    }
+    for (int64_t j = 0; j < k; ++j)
+      o[j] = static_cast<uint8_t>(std::min(std::max(std::nearbyint(v[j] * inverse) + zero, 0.0f), 255.0f));
   });
   return {codes, factors};
 }
@@ -192,6 +201,16 @@ std::tuple<at::Tensor, at::Tensor> gated_row_input(const at::Tensor& gate_up) {
   return {out, scales};
 }
 
+// The rotary embedding of `pairs` interleaved pairs (x, y) -> (x cos - y sin, x sin + y cos) (a complex product by
+// e^(i theta), `turn` = (cos, sin) per pair).
+inline void rotate(const float* in, const float* turn, float* out, int64_t pairs) {
+  for (int64_t i = 0; i < pairs; ++i) {
+    const float c = turn[2 * i], s = turn[2 * i + 1], x = in[2 * i], y = in[2 * i + 1];
+    out[2 * i] = x * c - y * s;
+    out[2 * i + 1] = x * s + y * c;
+  }
+}
+
 // One (row, KV head) of `decode_attention`. `D` is the head size when known at compile time (64, 128: the loops
 // over it unroll and the output sums stay in registers), 0 to read it from `dim`.
 template <typename T, int D>
@@ -200,26 +219,13 @@ void attend_group(const float* row, const float* turn, T* key_cache, T* value_ca
                   float* keys_f, float* values_f, float* scores, float* biases) {
   const int64_t dim = D > 0 ? D : runtime_dim, group = heads / kv_heads, pairs = dim / 2, start = end - 1;
   const float softmax_scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  // rotary embedding of the interleaved pairs (x, y) -> (x cos - y sin, x sin + y cos), a complex product; the new
-  // key and value go to cache slot `start`; the queries are rounded to the cache's dtype (as the SDPA path's)
-  const float* k_in = row + (heads + g) * dim;
+  // rotary embedding of keys and queries; the new key and value go to cache slot `start`; the queries are rounded
+  // to the cache's dtype (as the SDPA path's)
   float* new_key = keys_f + start * dim;  // (the slot is read back with the others below)
-  for (int64_t i = 0; i < pairs; ++i) {
-    const float c = turn[2 * i], s = turn[2 * i + 1], x = k_in[2 * i], y = k_in[2 * i + 1];
-    new_key[2 * i] = x * c - y * s;
-    new_key[2 * i + 1] = x * s + y * c;
-  }
+  rotate(row + (heads + g) * dim, turn, new_key, pairs);
   store_floats(new_key, key_cache + start * dim, dim);
   store_floats(row + (heads + kv_heads + g) * dim, value_cache + start * dim, dim);
-  for (int64_t h = 0; h < group; ++h) {
-    const float* q_in = row + (g * group + h) * dim;
-    float* q = query + h * dim;
-    for (int64_t i = 0; i < pairs; ++i) {
-      const float c = turn[2 * i], s = turn[2 * i + 1], x = q_in[2 * i], y = q_in[2 * i + 1];
-      q[2 * i] = x * c - y * s;
-      q[2 * i + 1] = x * s + y * c;
-    }
-  }
+  for (int64_t h = 0; h < group; ++h) rotate(row + (g * group + h) * dim, turn, query + h * dim, pairs);
   if constexpr (!std::is_same_v<T, float>) {  // round the queries as the cache is rounded
     std::vector<T> rounded(group * dim);
     store_floats(query, rounded.data(), group * dim);
@@ -390,23 +396,22 @@ at::Tensor sample_nucleus(const at::Tensor& logits, const at::Tensor& temperatur
     std::vector<int64_t> nucleus, crossing;
     for (int64_t r = first; r < last; ++r) {
       const float* l = all + r * vocab;
-      const float top = largest_of(l, vocab);
-      if (!(temps[r] > 0.0f) || top == -INFINITY) {  // greedy (or nothing to draw from): the first largest
-        out[r] = std::find(l, l + vocab, top) - l;
+      const float top = largest_of(l, vocab);  // (NaN logits are never the largest, nor drawn)
+      TORCH_CHECK(top > -INFINITY, "expandr::sample_nucleus: `logits` row ", r, " has no finite logit");
+      const float inverse_t = 1.0f / temps[r];
+      const int64_t first_top = std::find(l, l + vocab, top) - l;
+      if (!(temps[r] > 0.0f) || !(inverse_t < INFINITY) || top == INFINITY) {  // greedy: the first largest
+        out[r] = first_top;
         continue;
       }
-      const float inverse_t = 1.0f / temps[r];
       float* p_out = probs.data();
       int32_t* b_out = bucket_of.data();
 #pragma omp simd
       for (int64_t i = 0; i < vocab; ++i) {
-        const float x = l[i];
-        const float below = std::min((top - x) * inverse_t, 100.0f);  // e-folds below the top (-inf logits: 100)
-        p_out[i] = x == -INFINITY ? 0.0f : exp_approx(-below);
+        const float x = l[i], below = (top - x) * inverse_t;  // e-folds below the top (+inf: -inf logits; NaN)
+        p_out[i] = below < 100.0f ? exp_approx(-below) : 0.0f;
+        b_out[i] = below < kSpan ? static_cast<int32_t>(below * (kBuckets / kSpan)) : kBuckets;
       }
-#pragma omp simd
-      for (int64_t i = 0; i < vocab; ++i)
-        b_out[i] = static_cast<int32_t>(std::min((top - l[i]) * inverse_t, kSpan) * (kBuckets / kSpan));
       float mass = 0.0f;
 #pragma omp simd reduction(+ : mass)
       for (int64_t i = 0; i < vocab; ++i) mass += p_out[i];
@@ -419,7 +424,8 @@ at::Tensor sample_nucleus(const at::Tensor& logits, const at::Tensor& temperatur
         for (int lane = 0; lane < 4; ++lane) partial[lane][bucket_of[i + lane]] += probs[i + lane];
       for (; i < vocab; ++i) partial[0][bucket_of[i]] += probs[i];
       float bucket_mass[kBuckets + 1];
-      for (int b = 0; b <= kBuckets; ++b) bucket_mass[b] = (partial[0][b] + partial[1][b]) + (partial[2][b] + partial[3][b]);
+      for (int b = 0; b <= kBuckets; ++b)
+        bucket_mass[b] = (partial[0][b] + partial[1][b]) + (partial[2][b] + partial[3][b]);
       int32_t cut = kBuckets + 1;  // every bucket whole (top_p >= 1 or rounding short of the target)
       float before = 0.0f;
       for (int32_t b = 0; b <= kBuckets; ++b) {
@@ -431,31 +437,31 @@ at::Tensor sample_nucleus(const at::Tensor& logits, const at::Tensor& temperatur
       }
       nucleus.clear();
       crossing.clear();
-      for (int64_t i = 0; i < vocab; ++i) {
-        if (bucket_of[i] < cut) {
-          if (probs[i] > 0.0f) nucleus.push_back(i);
-        } else if (bucket_of[i] == cut) {
-          crossing.push_back(i);
+      for (int64_t j = 0; j < vocab; ++j) {
+        if (bucket_of[j] < cut) {
+          if (probs[j] > 0.0f) nucleus.push_back(j);
+        } else if (bucket_of[j] == cut) {
+          crossing.push_back(j);
         }
       }
       const float* p = probs.data();
       std::sort(crossing.begin(), crossing.end(),
                 [p](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
-      for (int64_t i : crossing) {
-        if (before >= target || p[i] == 0.0f) break;
-        nucleus.push_back(i);
-        before += p[i];
+      for (int64_t j : crossing) {
+        if (before >= target || p[j] == 0.0f) break;
+        nucleus.push_back(j);
+        before += p[j];
       }
-      // the exponential race: argmax p / e over the nucleus, e = -log(u), u uniform in (0, 1]
+      // the exponential race: argmax p / e over the nucleus, e = -log(u), u uniform in (0, 1) (53 bits)
       uint64_t state = static_cast<uint64_t>(row_seeds[r]);
-      int64_t best = nucleus.empty() ? std::find(l, l + vocab, top) - l : nucleus[0];
-      float best_score = -1.0f;
-      for (int64_t i : nucleus) {
-        const float u = static_cast<float>((next_random(state) >> 40) + 1) * 5.9604644775390625e-8f;  // 2^-24
-        const float score = p[i] / -std::log(u);
+      int64_t best = first_top;  // (an empty nucleus, top_p <= 0: the most likely token)
+      double best_score = -1.0;
+      for (int64_t j : nucleus) {
+        const double u = (static_cast<double>(next_random(state) >> 11) + 0.5) * 0x1p-53;
+        const double score = p[j] / -std::log(u);
         if (score > best_score) {
           best_score = score;
-          best = i;
+          best = j;
         }
       }
       out[r] = best;

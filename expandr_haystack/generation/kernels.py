@@ -2,15 +2,18 @@
 Fused CPU kernels for the int8 packed decoder (`kernels.cpp`), compiled for this machine on first use.
 
 A decode step of `packed_llama.PackedLlamaDecoder` at 16 rows is ~1,200 tensor ops around 121 int8 products; most
-of them are tiny, and each costs its dispatch, allocation and thread fork more than its arithmetic. Three kernels do
-in one pass what took several (`torch.ops.expandr.*`, used by `quantize._FusedInt8Linear` and
-`packed_llama._FusedAttention`):
+of them are tiny, and each costs its dispatch, allocation and thread fork more than its arithmetic. Five kernels do
+in one pass what took several (`torch.ops.expandr.*`, used by `quantize._FusedInt8Linear`,
+`packed_llama._FusedAttention` and `local.sample_rows`):
 
 - ``row_input(x, scale, eps)``: an int8 layer's input, ``scale * x`` divided by its per-row largest magnitude, and
   the row scale times RMSNorm's factor (`quantize.int8_row_input` and `quantize.rms_factor`: nine ops);
+- ``row_codes(...)``: the same rows as the uint8 codes oneDNN's int8 kernel takes (eleven);
 - ``gated_row_input(gate_up)``: the MLP's ``silu(gate) * up``, then the down projection's input the same way (six);
 - ``decode_attention(...)``: one new token per row: rotary embedding, KV cache write and grouped-query attention
-  (eight, and ``scaled_dot_product_attention``, whose CPU kernel is built for long sequences).
+  (eight, and ``scaled_dot_product_attention``, whose CPU kernel is built for long sequences);
+- ``sample_nucleus(...)``: temperature + nucleus sampling of every row (a softmax and a topk over the vocabulary,
+  and ~10 more).
 
 The math is the same; the rounding is not (sums in another order, a polynomial ``exp``), so the text differs from the
 unfused int8 path's where a draw falls near a boundary, as int8's differs from float32's: its cache name says so
@@ -82,33 +85,26 @@ def _build() -> str | None:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler!r} is not on PATH; set CXX to one)"
-    path = os.environ.get("PATH", "")
-    try:  # the `ninja` package (a dependency) installs its binary beside the interpreter, maybe not on PATH
-        import ninja
+    if shutil.which("ninja") is None:  # torch runs `ninja` from PATH; the `ninja` package (a dependency) installs
+        try:  # its binary beside the interpreter, which is not on PATH when a venv's python runs unactivated
+            import ninja
 
-        path = os.pathsep.join([ninja.BIN_DIR, path])
-    except (ImportError, AttributeError):
-        pass
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+        except (ImportError, AttributeError):
+            return "ninja is not installed (`pip install ninja`)"
     flags = compile_flags()
     started = time.perf_counter()
     logger.info("Loading the packed decoder's fused kernels (compiled once for this CPU, ~10-20 s, flags %s).",
                 " ".join(flags))
-    saved = os.environ.get("PATH")
-    os.environ["PATH"] = path  # for torch's build only (it runs `ninja` from PATH)
     try:
-        if not cpp_extension.is_ninja_available():
-            return "ninja is not installed (`pip install ninja`)"
         cpp_extension.load(build_name(flags), sources=[str(SOURCE)], extra_cflags=flags,
                            extra_ldflags=[flag for flag in flags if flag == "-fopenmp"], is_python_module=False,
                            verbose=False)
     except Exception as error:  # noqa: BLE001 - a failed compile or load of any kind: the torch ops run instead
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        return f"building them failed ({type(error).__name__}: {(lines or [''])[-1][:200]})"
-    finally:
-        if saved is None:
-            os.environ.pop("PATH", None)
-        else:
-            os.environ["PATH"] = saved
+        logger.debug("Building the fused kernels failed:\n%s", error)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        first_error = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
+        return f"building them failed ({type(error).__name__}: {first_error[:200]})"
     logger.info("Fused kernels ready in %.1f s.", time.perf_counter() - started)
     return None
 

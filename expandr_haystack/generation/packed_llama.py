@@ -184,9 +184,9 @@ class _Attention(torch.nn.Module):
 
 
 class _FusedAttention(torch.nn.Module):
-    """`_Attention` whose one-token steps (decoding) run as one fused kernel (`kernels`:
-    ``expandr::decode_attention``: rotary embedding, cache write and attention in one pass); prompts (several steps)
-    run `_Attention`'s ops."""
+    """`_Attention` whose one-token steps run as one fused kernel (`kernels`: ``expandr::decode_attention``: rotary
+    embedding, cache write and attention in one pass): decoding, and a prefill whose prompts have one token after
+    their common prefix; longer prompts run `_Attention`'s ops."""
 
     def __init__(self, heads: int, kv_heads: int, dim: int):
         super().__init__()

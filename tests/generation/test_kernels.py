@@ -5,17 +5,15 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from test_int8 import CALIBRATION, needs_int8
+from test_packed_llama import CharTokenizer, assert_same_logits, tiny_llama
 
 from expandr_haystack.generation import kernels, packed_llama, quantize
-from expandr_haystack.generation.local import LocalSampler, calibration_ids
+from expandr_haystack.generation.local import LocalSampler
 from expandr_haystack.generation.packed_llama import PackedLlamaDecoder
-from tests.generation.test_packed_llama import CharTokenizer, assert_same_logits, tiny_llama
 
 REASON = kernels.unavailable_reason()
 needs_kernels = pytest.mark.skipif(REASON is not None, reason=f"fused kernels unavailable: {REASON}")
-needs_int8 = pytest.mark.skipif(quantize.int8_unsupported_reason() is not None,
-                                reason=f"int8 path unavailable: {quantize.int8_unsupported_reason()}")
-CALIBRATION = calibration_ids(CharTokenizer())
 
 
 def ulps(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -106,21 +104,52 @@ def test_sample_nucleus_on_a_large_flat_vocabulary_and_greedy_rows():
 
 @needs_kernels
 def test_sample_rows_fused_draws_one_seed_per_row_from_its_generator():
-    """`sample_rows(fused=True)` advances each row's generator by one draw a step: same seeds, same tokens."""
+    """`sample_rows(fused=True)` takes one 64-bit draw per row and step from the row's generator (so a row's tokens
+    depend on its own seed only) and hands it to the kernel: the tokens are the kernel's on those draws."""
     from expandr_haystack.generation.local import sample_rows
 
     logits = torch.randn(4, 500, generator=torch.Generator().manual_seed(6)) * 3
     temperatures = torch.tensor([1.0, 0.0, 0.7, 1.0])
+    generators = [torch.Generator().manual_seed(r) for r in range(4)]
+    mirrors = [torch.Generator().manual_seed(r) for r in range(4)]
+    steps = []
+    for _ in range(5):
+        tokens = sample_rows(logits, temperatures, 0.9, generators, fused=True)
+        seeds = torch.stack([torch.empty((), dtype=torch.long).random_(generator=g) for g in mirrors])
+        assert torch.equal(tokens, torch.ops.expandr.sample_nucleus(logits, temperatures, 0.9, seeds))
+        steps.append(tokens.tolist())
+    assert all(torch.equal(g.get_state(), m.get_state()) for g, m in zip(generators, mirrors))  # one draw a step
+    assert all(step[1] == int(logits[1].argmax()) for step in steps)
+    assert len({tuple(step) for step in steps}) > 1  # the draws move on from step to step
 
-    def run():
-        generators = [torch.Generator().manual_seed(r) for r in range(4)]
-        tokens = [sample_rows(logits, temperatures, 0.9, generators, fused=True).tolist() for _ in range(5)]
-        return tokens, [g.initial_seed() for g in generators], [int(torch.randint(10**9, (1,), generator=g))
-                                                                for g in generators]
-    assert run() == run()
-    tokens, _, _ = run()
-    assert all(step[1] == int(logits[1].argmax()) for step in tokens)
-    assert len({tuple(step) for step in tokens}) > 1  # the draws move on from step to step
+
+@needs_kernels
+def test_sample_nucleus_keeps_the_whole_boundary_bucket_up_to_top_p():
+    """1,000 equal logits: every token shares the histogram's first bucket, so the kernel's own sort decides the
+    nucleus there: the first 500 tokens (ties go to the lower id) for top_p 0.5, all of them drawn over 20,000 draws
+    and none beyond. top_p 0 leaves the most likely token alone."""
+    draws = 20_000
+    logits = torch.zeros(draws, 1000)
+    tokens = _sample(logits, [1.0] * draws, 0.5, list(range(draws)))
+    assert int(tokens.max()) == 499 and len(set(tokens.tolist())) == 500
+    peaked = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert _sample(peaked, [1.0], 0.0, [1]).tolist() == [1]
+
+
+@needs_kernels
+def test_sample_nucleus_with_nan_and_infinite_logits():
+    """NaN logits are never drawn; a +inf logit takes the row; a row without a finite logit is an error naming
+    `logits` (not a token id outside the vocabulary); a vanishing temperature is greedy."""
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(9))
+    logits[0, ::3] = float("nan")
+    logits[1, 42] = float("inf")
+    logits[2] = logits[0]
+    for trial in range(50):
+        tokens = _sample(logits, [1.5, 1.0, 1e-39], 0.95, [trial, trial + 1, trial + 2]).tolist()
+        assert tokens[0] % 3 != 0 and tokens[1] == 42
+        assert tokens[2] == int(torch.nan_to_num(logits[2], nan=-float("inf")).argmax())
+    with pytest.raises(RuntimeError, match="`logits` row 0 has no finite logit"):
+        _sample(torch.full((1, 10), float("nan")), [1.0], 0.9, [1])
 
 
 def _attention_case(dtype, dim, start, seed=2):
@@ -201,6 +230,10 @@ def test_fused_decoder_is_the_int8_decoder_within_rounding_and_scripts_bit_for_b
     assert isinstance(fused.layers[0].down, quantize._FusedInt8Linear)
     assert type(plain.layers[0].down) is quantize._Int8Linear
     prompts, select = [[5, 9, 17, 33, 40, 41], [5, 9, 17, 8], [5, 9, 50, 52]], torch.tensor([0, 1, 1, 2])
+    # one token after the common prefix: that prefill step is the decoding kernel's too
+    one_step = [[5, 9, 17, 33], [5, 9, 17, 40]]
+    first, _ = fused.prefill(one_step, torch.arange(2), 2)
+    torch.testing.assert_close(first, plain.prefill(one_step, torch.arange(2), 2)[0], rtol=0.05, atol=0.05)
     runs = [decoder.prefill(prompts, select, 24) for decoder in (fused, plain, exact)]
     errors = {"fused": [], "plain": []}
     for _ in range(24):
