@@ -70,14 +70,17 @@ def main(argv=None) -> int:
 
     import torch
 
+    from expandr_haystack.generation.kernels import unavailable_reason
     from expandr_haystack.generation.quantize import auto_precision, int8_weight_levels
 
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine())
     print(cpu_line())
+    reason = unavailable_reason()
     print(f"precision 'auto' resolves to {auto_precision()[0]!r} ({auto_precision()[1]}); int8 weights: "
-          f"{int8_weight_levels()} levels a sign")
+          f"{int8_weight_levels()} levels a sign; int8's fused CPU kernels: "
+          f"{'on' if reason is None else f'off ({reason})'}")
     if args.throughput:
         throughput(args)
     if args.quality:

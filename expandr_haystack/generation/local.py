@@ -234,6 +234,7 @@ def default_decoder(model, engine: str = "auto", pad_id: int = 0, weight_precisi
     run); `calibration` (token id lists, `calibration_ids`) is what int8 smooths its layers by. One packed copy per
     model and resolved precision, however many samplers share it.
     """
+    from expandr_haystack.generation.kernels import unavailable_reason
     from expandr_haystack.generation.packed_llama import PackedLlamaDecoder, unsupported_reason
     from expandr_haystack.generation.pages import release_clean_file_pages
     from expandr_haystack.generation.quantize import auto_precision, resolve_precision
@@ -253,11 +254,14 @@ def default_decoder(model, engine: str = "auto", pad_id: int = 0, weight_precisi
     with _LOCK:  # one packed copy per model and precision (the candidates and the answers share it)
         decoders = _PACKED.setdefault(model, {})
         if resolved not in decoders:
+            decoders[resolved] = decoder = PackedLlamaDecoder(model, resolved,
+                                                              calibration if resolved == "int8" else None)
             if weight_precision == "auto":
-                logger.info("weight_precision='auto' chose %s: %s (weight_precision='float32' is the exact "
-                            "reference).", *auto_precision())
-            decoders[resolved] = PackedLlamaDecoder(model, resolved,
-                                                    calibration if resolved == "int8" else None)
+                kernels = "" if resolved != "int8" else (
+                    "; its fused CPU kernels run" if decoder.kernels
+                    else f"; without its fused CPU kernels ({unavailable_reason()})")
+                logger.info("weight_precision='auto' chose %s: %s%s (weight_precision='float32' is the exact "
+                            "reference).", *auto_precision(), kernels)
             # the packed copy is what decodes now: the model's weights, read once from their memory-mapped file
             # to pack them, go back to the OS (re-read from the file if the model's own forward runs again)
             freed = release_clean_file_pages(model.parameters())

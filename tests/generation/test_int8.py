@@ -512,4 +512,8 @@ def test_auto_says_what_it_chose_and_why(caplog):
     chosen, why = quantize.auto_precision()
     assert sampler.precision == chosen
     assert f"weight_precision='auto' chose {chosen}: {why}" in caplog.text
+    if chosen == "int8":  # and whether int8's fused kernels run, or why not
+        expected = ("its fused CPU kernels run" if kernels.unavailable_reason() is None
+                    else f"without its fused CPU kernels ({kernels.unavailable_reason()})")
+        assert expected in caplog.text
     assert SamplerOptions().weight_precision == "auto"
