@@ -212,11 +212,13 @@ inline void rotate(const float* in, const float* turn, float* out, int64_t pairs
 }
 
 // One (row, KV head) of `decode_attention`. `D` is the head size when known at compile time (64, 128: the loops
-// over it unroll and the output sums stay in registers), 0 to read it from `dim`.
+// over it unroll), 0 to read it from `dim`. Slots below `shared` are read from `shared_keys`/`shared_values` (the
+// first row's cache of this head), the rest from the row's own.
 template <typename T, int D>
-void attend_group(const float* row, const float* turn, T* key_cache, T* value_cache, const T* row_bias, float* out,
-                  int64_t heads, int64_t kv_heads, int64_t g, int64_t runtime_dim, int64_t end, float* query,
-                  float* keys_f, float* values_f, float* scores, float* biases) {
+void attend_group(const float* row, const float* turn, T* key_cache, T* value_cache, const T* shared_keys,
+                  const T* shared_values, int64_t shared, const T* row_bias, float* out, int64_t heads,
+                  int64_t kv_heads, int64_t g, int64_t runtime_dim, int64_t end, float* query, float* keys_f,
+                  float* values_f, float* scores, float* biases) {
   const int64_t dim = D > 0 ? D : runtime_dim, group = heads / kv_heads, pairs = dim / 2, start = end - 1;
   const float softmax_scale = 1.0f / std::sqrt(static_cast<float>(dim));
   // rotary embedding of keys and queries; the new key and value go to cache slot `start`; the queries are rounded
@@ -232,8 +234,10 @@ void attend_group(const float* row, const float* turn, T* key_cache, T* value_ca
     load_floats(rounded.data(), query, group * dim);
   }
   // the cache's slots 0 .. start in float32 (the new key's too, rounded as stored), and the mask's bias (0 or -inf)
-  load_floats(key_cache, keys_f, end * dim);
-  load_floats(value_cache, values_f, end * dim);
+  load_floats(shared_keys, keys_f, shared * dim);
+  load_floats(key_cache + shared * dim, keys_f + shared * dim, (end - shared) * dim);
+  load_floats(shared_values, values_f, shared * dim);
+  load_floats(value_cache + shared * dim, values_f + shared * dim, (end - shared) * dim);
   load_floats(row_bias, biases, end);
   for (int64_t h = 0; h < group; ++h) {
     const float* q = query + h * dim;
@@ -285,8 +289,8 @@ void attend_group(const float* row, const float* turn, T* key_cache, T* value_ca
 
 template <typename T>
 void attend(const float* qkv, const float* rotation, T* keys, T* values, const T* bias, float* out, int64_t rows,
-            int64_t heads, int64_t kv_heads, int64_t dim, int64_t capacity, int64_t start, int64_t qkv_stride,
-            int64_t rotation_stride, int64_t bias_stride) {
+            int64_t heads, int64_t kv_heads, int64_t dim, int64_t capacity, int64_t start, int64_t shared,
+            int64_t qkv_stride, int64_t rotation_stride, int64_t bias_stride) {
   const int64_t group = heads / kv_heads, end = start + 1;
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t first, int64_t last) {
     std::vector<float> query(group * dim), keys_f(end * dim), values_f(end * dim), scores(group * end), biases(end);
@@ -295,8 +299,9 @@ void attend(const float* qkv, const float* rotation, T* keys, T* values, const T
       auto run = [&](auto size) {
         attend_group<T, decltype(size)::value>(
             qkv + r * qkv_stride, rotation + r * rotation_stride, keys + (r * kv_heads + g) * capacity * dim,
-            values + (r * kv_heads + g) * capacity * dim, bias + r * bias_stride, out + r * heads * dim, heads,
-            kv_heads, g, dim, end, query.data(), keys_f.data(), values_f.data(), scores.data(), biases.data());
+            values + (r * kv_heads + g) * capacity * dim, keys + g * capacity * dim, values + g * capacity * dim,
+            shared, bias + r * bias_stride, out + r * heads * dim, heads, kv_heads, g, dim, end, query.data(),
+            keys_f.data(), values_f.data(), scores.data(), biases.data());
       };
       if (dim == 64) {
         run(std::integral_constant<int, 64>{});
@@ -313,9 +318,11 @@ void attend(const float* qkv, const float* rotation, T* keys, T* values, const T
 // `packed_llama.interleave_rotary_halves`), `rotation` [rows, ..., dim / 2] complex (e^(i theta) at the token's
 // position), `keys`/`values` [rows, kv_heads, capacity, dim] (written at slot `start`), `bias` [rows, ..., start + 1]
 // in the cache's dtype (0 = attend, -inf = masked). Returns the attention's output [rows, heads * dim] (float32).
+// `shared`: the first slots every row holds the same keys and values in (the prompts' common prefix, copied to each
+// row by the prefill), read from the first row's cache for all rows: one copy's memory traffic instead of one per row.
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rotation, const at::Tensor& keys,
-                            const at::Tensor& values,
-                            int64_t start, const at::Tensor& bias, int64_t heads) {
+                            const at::Tensor& values, int64_t start, const at::Tensor& bias, int64_t heads,
+                            int64_t shared) {
   const char* op = "expandr::decode_attention";
   TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.stride(1) == 1, op,
               ": `qkv` must be a 2-D float32 tensor with contiguous rows");
@@ -326,6 +333,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rotation, c
   TORCH_CHECK(heads % kv_heads == 0 && dim % 2 == 0 && qkv.size(0) == rows && qkv.size(1) == (heads + 2 * kv_heads) * dim,
               op, ": `qkv` of ", qkv.sizes(), " does not match ", heads, " heads and the cache's ", keys.sizes());
   TORCH_CHECK(start >= 0 && start < capacity, op, ": `start` ", start, " is outside the cache's ", capacity, " slots");
+  TORCH_CHECK(shared >= 0 && shared <= start, op, ": `shared` ", shared, " must be in 0 .. start (", start, ")");
   at::Tensor turn = at::view_as_real(rotation.reshape({rows, dim / 2}));
   TORCH_CHECK(turn.scalar_type() == at::kFloat && turn.stride(2) == 1 && turn.stride(1) == 2, op,
               ": `rotation` must be complex64 [rows, dim / 2] with contiguous rows");
@@ -337,13 +345,14 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rotation, c
   if (keys.scalar_type() == at::kFloat) {
     attend<float>(qkv.data_ptr<float>(), turn.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(),
                   row_bias.data_ptr<float>(), out.data_ptr<float>(), rows, heads, kv_heads, dim, capacity, start,
-                  qkv.stride(0), turn.stride(0), row_bias.stride(0));
+                  shared, qkv.stride(0), turn.stride(0), row_bias.stride(0));
   } else {
     TORCH_CHECK(keys.scalar_type() == at::kHalf, op, ": the cache must be float32 or float16; got ",
                 keys.scalar_type());
     attend<c10::Half>(qkv.data_ptr<float>(), turn.data_ptr<float>(), keys.data_ptr<c10::Half>(),
                       values.data_ptr<c10::Half>(), row_bias.data_ptr<c10::Half>(), out.data_ptr<float>(), rows,
-                      heads, kv_heads, dim, capacity, start, qkv.stride(0), turn.stride(0), row_bias.stride(0));
+                      heads, kv_heads, dim, capacity, start, shared, qkv.stride(0), turn.stride(0),
+                      row_bias.stride(0));
   }
   return out;
 }
@@ -479,6 +488,6 @@ TORCH_LIBRARY(expandr, m) {
   m.def("gated_row_input(Tensor gate_up) -> (Tensor, Tensor)", &gated_row_input);
   m.def("sample_nucleus(Tensor logits, Tensor temperatures, float top_p, Tensor seeds) -> Tensor", &sample_nucleus);
   m.def("decode_attention(Tensor qkv, Tensor rotation, Tensor(a!) keys, Tensor(b!) values, int start, Tensor bias, "
-        "int heads) -> Tensor",
+        "int heads, int shared=0) -> Tensor",
         &decode_attention);
 }

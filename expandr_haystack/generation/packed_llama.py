@@ -138,14 +138,16 @@ class _Layer(torch.nn.Module):
         self.down = linear(down)
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, rows: int, steps: int,
-                rotation: torch.Tensor, bias: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+                rotation: torch.Tensor, bias: torch.Tensor, real: torch.Tensor | None, shared: int) -> torch.Tensor:
         """The layer on `x` [rows * steps, hidden] (a row's steps together) whose tokens fill cache slots
         ``start .. start+steps`` of this layer's `keys`/`values` [rows, kv_heads, capacity, head_dim]; `rotation`
         [rows, steps, 1, head_dim / 2] (complex) is the rotary embedding at each token's position; `bias`
         [rows, 1, steps, end] is the attention's additive mask. With `real` (the indices of the real tokens among
         the ``rows * steps`` slots), `x` holds those tokens only [len(real), hidden]: the linear layers skip the
-        padding, whose slots get zero keys and values (masked out) for the attention."""
-        attended = self.attention(self.qkv(x), keys, values, start, rows, steps, rotation, bias, real)  # norm in qkv
+        padding, whose slots get zero keys and values (masked out) for the attention. Cache slots below `shared`
+        hold the same keys and values in every row (the prompts' common prefix)."""
+        attended = self.attention(self.qkv(x), keys, values, start, rows, steps, rotation, bias, real,
+                                  shared)  # the input norm folded into qkv
         x = self.o(attended, x)
         return self.down.gated(self.gate_up(x), x)  # the post-attention norm folded into gate_up
 
@@ -159,7 +161,7 @@ class _Attention(torch.nn.Module):
         self.heads, self.kv_heads, self.dim = heads, kv_heads, dim
 
     def forward(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, rows: int, steps: int,
-                rotation: torch.Tensor, bias: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+                rotation: torch.Tensor, bias: torch.Tensor, real: torch.Tensor | None, shared: int = 0) -> torch.Tensor:
         heads, kv_heads, dim = self.heads, self.kv_heads, self.dim
         end, qk_width = start + steps, (heads + kv_heads) * dim
         if real is not None:  # the padded layout of the attention
@@ -194,9 +196,9 @@ class _FusedAttention(torch.nn.Module):
         self.prompt = _Attention(heads, kv_heads, dim)
 
     def forward(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, rows: int, steps: int,
-                rotation: torch.Tensor, bias: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-        if steps == 1 and real is None:
-            return torch.ops.expandr.decode_attention(qkv, rotation, keys, values, start, bias, self.heads)
+                rotation: torch.Tensor, bias: torch.Tensor, real: torch.Tensor | None, shared: int = 0) -> torch.Tensor:
+        if steps == 1 and real is None:  # the common prefix's keys and values read once for all rows (`shared`)
+            return torch.ops.expandr.decode_attention(qkv, rotation, keys, values, start, bias, self.heads, shared)
         return self.prompt(qkv, keys, values, start, rows, steps, rotation, bias, real)
 
 
@@ -209,19 +211,20 @@ class _Body(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], start: int,
                 rows: int, rotation: torch.Tensor, mask: torch.Tensor,
-                real: torch.Tensor | None = None) -> torch.Tensor:
+                real: torch.Tensor | None = None, shared: int = 0) -> torch.Tensor:
         """
         The layers on `x` [rows * steps, hidden] (row-major: a row's steps together) whose tokens fill cache slots
         ``start .. start+steps``; `keys`/`values` are per-layer caches [rows, kv_heads, capacity, head_dim], `mask`
         [rows, 1, steps, end] says which cache slots each new token attends to (True = attend). With `real` (indices
-        of the real tokens among the ``rows * steps`` slots) `x` holds only those tokens, in that order (`_Layer`).
+        of the real tokens among the ``rows * steps`` slots) `x` holds only those tokens, in that order (`_Layer`);
+        cache slots below `shared` hold the same keys and values in every row (the prompts' common prefix).
         """
         # the mask as the additive bias attention applies, built once for all layers (SDPA converts a bool mask
         # on every call), in the KV cache's dtype
         bias = torch.zeros(mask.shape, dtype=keys[0].dtype).masked_fill_(~mask, float("-inf"))
         steps = mask.shape[2]
         for i, layer in enumerate(self.layers):
-            x = layer(x, keys[i], values[i], start, rows, steps, rotation, bias, real)
+            x = layer(x, keys[i], values[i], start, rows, steps, rotation, bias, real, shared)
         return x
 
 
@@ -248,8 +251,9 @@ def script_body(body: _Body) -> torch.nn.Module:
 class _State:
     """KV cache and bookkeeping of one batch being decoded."""
 
-    def __init__(self, keys, values, key_mask, rotation, length):
+    def __init__(self, keys, values, key_mask, rotation, length, shared=0):
         self.keys, self.values = keys, values  # per layer [rows, kv_heads, capacity, head_dim]
+        self.shared = shared  # the first cache slots, the same in every row (the prompts' common prefix)
         self.key_mask = key_mask  # [rows, capacity] bool, True = a real token
         self.rotation = rotation  # [rows, capacity, 1, head_dim / 2] complex rotary table by cache slot
         self.length = length  # cache slots filled so far
@@ -384,7 +388,7 @@ class PackedLlamaDecoder:
             real = is_real.nonzero().flatten()
             x = self.body(F.embedding(rest[part].flatten().index_select(0, real), self.embed),
                           [k[part] for k in keys], [v[part] for v in values], shared, len(is_real) // width,
-                          rotation[part], mask[part, None], None if bool(is_real.all()) else real)
+                          rotation[part], mask[part, None], None if bool(is_real.all()) else real, shared)
             last.append(x.index_select(0, is_real.view(-1, width).sum(1).cumsum(0) - 1))  # each row's last token
         logits = self.lm_head(torch.cat(last)).index_select(0, select)
 
@@ -402,13 +406,14 @@ class PackedLlamaDecoder:
         key_mask[:, :span] = valid.index_select(0, select)
         row_positions = positions.index_select(0, select)
         all_positions = torch.cat([row_positions, row_positions[:, -1:] + torch.arange(1, max_new_tokens + 1)], 1)
-        return logits, _State(state_keys, state_values, key_mask, self._rotary(all_positions), span)
+        return logits, _State(state_keys, state_values, key_mask, self._rotary(all_positions), span, shared)
 
     def decode(self, state: _State, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row and return the next-token logits [rows, vocab]."""
         start = state.length
         state.key_mask[:, start] = True
         x = self.body(F.embedding(tokens, self.embed), state.keys, state.values, start, len(tokens),
-                      state.rotation[:, start : start + 1], state.key_mask[:, None, None, : start + 1])
+                      state.rotation[:, start : start + 1], state.key_mask[:, None, None, : start + 1], None,
+                      state.shared)
         state.length += 1
         return self.lm_head(x)  # the final norm folded in

@@ -55,7 +55,9 @@ def test_fbgemm_quantizes_inputs_on_the_grid_we_assume():
     an identity weight returns the kernel's quantized input, which must be `fbgemm_input_grid`'s (a changed kernel
     fails here, not silently)."""
     identity = _Int8Linear(torch.eye(32))
-    x = torch.rand(9, 32) * 2 - 1
+    # fixed inputs: an unseeded draw could land within float rounding of a code boundary, where FBGEMM (x * 1/scale)
+    # and fake_quantize (x / scale) may round to neighbouring codes (this test once failed so)
+    x = torch.rand(9, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     x[0, :2] = torch.tensor([-1.0, 1.0])  # the range is exactly [-1, 1]
     scale, zero_point, largest = fbgemm_input_grid()
     expected = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, largest)

@@ -333,3 +333,25 @@ def test_fused_layer_feeds_onednn_its_codes_from_its_threshold():
     for rows in (fused.onednn_min_rows - 1, fused.onednn_min_rows, fused.onednn_min_rows + 9):
         x = torch.randn(rows, 576, generator=generator)
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+@needs_int8
+@torch.inference_mode()
+def test_the_common_prefix_is_read_once_with_the_same_result():
+    """The decoding kernel reads the prompts' common prefix from the first row's cache for every row (`shared`):
+    the same keys and values as each row's own copy, so the logits are equal bit for bit to reading each row's."""
+    model = tiny_llama(seed=3)
+    decoder = PackedLlamaDecoder(model, "int8", CALIBRATION, kernels=True)
+    prompts, select = [[5, 9, 17, 33, 40, 41], [5, 9, 17, 8], [5, 9, 17, 52, 53]], torch.tensor([0, 1, 1, 2])
+    (got, state), (expected, own) = (decoder.prefill(prompts, select, 8) for _ in range(2))
+    assert state.shared == 3
+    own.shared = 0
+    for _ in range(8):
+        assert torch.equal(got, expected)
+        tokens = expected.argmax(-1)
+        got, expected = decoder.decode(state, tokens), decoder.decode(own, tokens)
+    assert torch.equal(got, expected)
+    heads, _, qkv, rotation, keys, values, bias = _attention_case(torch.float16, 64, 9)
+    with pytest.raises(RuntimeError, match="`shared` 10 must be in 0 .. start"):
+        torch.ops.expandr.decode_attention(qkv, rotation, keys, values, 9, bias, heads, 10)
