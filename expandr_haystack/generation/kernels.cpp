@@ -73,7 +73,8 @@ inline void store_floats(const float* src, c10::Half* dst, int64_t n) {
   int64_t i = 0;
 #if defined(__F16C__)
   for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
 #endif
   for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
@@ -115,11 +116,12 @@ inline float prepare_row(const float* xr, const float* weights, bool has_eps, fl
   return has_eps ? a / std::sqrt(squares / static_cast<float>(k) + epsilon) : a;
 }
 
-// The per-row driver of `row_input` and `row_codes` (`x` checked by them): `scale`, RMSNorm's eps, threads; `write(r, row, factor)` stores
-// row r's prepared values (`prepare_row` into `row`, k floats) and its row scale.
+// The per-row driver of `row_input` and `row_codes` (`x` checked by them): `scale`, RMSNorm's eps, threads. Row r
+// is prepared (`prepare_row`, k floats) into `rows_out` + r k where given, else into a per-thread row, and then
+// handed to `write(r, row)`; returns the row scales [rows, 1].
 template <typename Write>
 at::Tensor prepare_rows(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& scale,
-                        const std::optional<at::Tensor>& eps, Write write) {
+                        const std::optional<at::Tensor>& eps, float* rows_out, Write write) {
   const int64_t rows = x.size(0), k = x.size(1);
   const float* weights = nullptr;
   if (scale.has_value()) {
@@ -133,10 +135,11 @@ at::Tensor prepare_rows(const char* op, const at::Tensor& x, const std::optional
   const float* in = x.data_ptr<float>();
   float* row_factors = factors.data_ptr<float>();
   at::parallel_for(0, rows, row_grain(k), [&](int64_t first, int64_t last) {
-    std::vector<float> row(k);
+    std::vector<float> scratch(rows_out == nullptr ? k : 0);
     for (int64_t r = first; r < last; ++r) {
-      row_factors[r] = prepare_row(in + r * k, weights, has_eps, epsilon, row.data(), k);
-      write(r, row.data());
+      float* row = rows_out != nullptr ? rows_out + r * k : scratch.data();
+      row_factors[r] = prepare_row(in + r * k, weights, has_eps, epsilon, row, k);
+      write(r, row);
     }
   });
   return factors;
@@ -148,11 +151,8 @@ std::tuple<at::Tensor, at::Tensor> row_input(const at::Tensor& x, const std::opt
                                              const std::optional<at::Tensor>& eps) {
   check_rows(x, "expandr::row_input", "x");
   at::Tensor out = at::empty_like(x);
-  float* outs = out.data_ptr<float>();
-  const int64_t k = x.size(-1);
-  at::Tensor factors = prepare_rows("expandr::row_input", x, scale, eps, [&](int64_t r, const float* row) {
-    std::memcpy(outs + r * k, row, k * sizeof(float));
-  });
+  at::Tensor factors =
+      prepare_rows("expandr::row_input", x, scale, eps, out.data_ptr<float>(), [](int64_t, const float*) {});
   return {out, factors};
 }
 
@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> row_codes(const at::Tensor& x, const std::opt
   at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
   uint8_t* out = codes.data_ptr<uint8_t>();
   const int64_t k = x.size(-1);
-  at::Tensor factors = prepare_rows("expandr::row_codes", x, scale, eps, [&](int64_t r, const float* v) {
+  at::Tensor factors = prepare_rows("expandr::row_codes", x, scale, eps, nullptr, [&](int64_t r, const float* v) {
     uint8_t* o = out + r * k;
 #pragma omp simd
     for (int64_t j = 0; j < k; ++j)
@@ -228,10 +228,13 @@ void attend_group(const float* row, const float* turn, T* key_cache, T* value_ca
   store_floats(new_key, key_cache + start * dim, dim);
   store_floats(row + (heads + kv_heads + g) * dim, value_cache + start * dim, dim);
   for (int64_t h = 0; h < group; ++h) rotate(row + (g * group + h) * dim, turn, query + h * dim, pairs);
-  if constexpr (!std::is_same_v<T, float>) {  // round the queries as the cache is rounded
-    std::vector<T> rounded(group * dim);
-    store_floats(query, rounded.data(), group * dim);
-    load_floats(rounded.data(), query, group * dim);
+  if constexpr (!std::is_same_v<T, float>) {  // round the queries as the cache is rounded, eight at a time
+    T rounded[8];
+    for (int64_t i = 0; i < group * dim; i += 8) {
+      const int64_t n = std::min<int64_t>(8, group * dim - i);
+      store_floats(query + i, rounded, n);
+      load_floats(rounded, query + i, n);
+    }
   }
   // the cache's slots 0 .. start in float32 (the new key's too, rounded as stored), and the mask's bias (0 or -inf)
   load_floats(shared_keys, keys_f, shared * dim);
@@ -330,7 +333,8 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rotation, c
                   keys.scalar_type() == values.scalar_type(),
               op, ": `keys` and `values` must be contiguous [rows, kv_heads, capacity, dim] tensors of one dtype");
   const int64_t rows = keys.size(0), kv_heads = keys.size(1), capacity = keys.size(2), dim = keys.size(3);
-  TORCH_CHECK(heads % kv_heads == 0 && dim % 2 == 0 && qkv.size(0) == rows && qkv.size(1) == (heads + 2 * kv_heads) * dim,
+  TORCH_CHECK(heads % kv_heads == 0 && dim % 2 == 0 && qkv.size(0) == rows &&
+                  qkv.size(1) == (heads + 2 * kv_heads) * dim,
               op, ": `qkv` of ", qkv.sizes(), " does not match ", heads, " heads and the cache's ", keys.sizes());
   TORCH_CHECK(start >= 0 && start < capacity, op, ": `start` ", start, " is outside the cache's ", capacity, " slots");
   TORCH_CHECK(shared >= 0 && shared <= start, op, ": `shared` ", shared, " must be in 0 .. start (", start, ")");

@@ -19,7 +19,7 @@ The math is the same; the rounding is not (sums in another order, a polynomial `
 unfused int8 path's where a draw falls near a boundary, as int8's differs from float32's: its cache name says so
 (`local.LocalSampler.engine`) and its quality is measured like int8's (docs/benchmarks.md).
 
-They are compiled by ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~20 s on 2 cores, once: the build is
+They are compiled by ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~10-20 s on 2 cores, once: the build is
 kept in torch's extension directory, ``TORCH_EXTENSIONS_DIR``, under a name that includes the source, the flags, torch
 and this CPU) with ``-march=native`` on x86 (``-mavx2 -mfma -mf16c`` where ``ATEN_CPU_CAPABILITY=avx2`` holds torch to
 AVX2, so a benchmark that emulates an AVX2-only CPU gets AVX2 kernels too). Where that fails (no compiler, no
