@@ -38,10 +38,12 @@ SmolLM2-135M, the 113 MB vocabulary head included), so smaller weights are faste
     0.014 for 8-bit weights with VNNI, docs/benchmarks.md "int8 without VNNI").
 
   - **oneDNN's kernel with AMX**: on CPUs with AMX-INT8 (`onednn_int8_unsupported_reason`) each layer also holds
-    its int8 weights for oneDNN (``onednn::qlinear_pointwise`` on the same uint8 input codes) and multiplies there
-    from the row count where a product reaches `ONEDNN_MIN_MULTIPLY_ADDS` (the prompt tails of a prefill, hundreds
-    of rows; gate|up and the head at batch 16): the same products as FBGEMM's bit for bit (checked per layer when
-    it is built; a layer where they differ keeps FBGEMM alone), ~2x faster at hundreds of rows, slower at a few.
+    its int8 weights for oneDNN (``onednn::qlinear_pointwise`` on the same uint8 input codes, given FBGEMM's one
+    scale per output) and multiplies there from the row count where a product reaches `ONEDNN_MIN_MULTIPLY_ADDS`
+    (the prompt tails of a prefill, hundreds of rows; gate|up and the head at batch 16): the same products as
+    FBGEMM's bit for bit (checked per layer when it is built, on random rows and on the grid's midpoints,
+    `grid_midpoint_rows`; a layer where they differ keeps FBGEMM alone), so a row's text does not depend on the
+    batch it was drawn in; ~2x faster at hundreds of rows, slower at a few.
 
   On SmolLM2-135M-Instruct with AVX512-VNNI int8 is ~1.7x the float32 packed decoder's tokens/s with expand
   nDCG@10 not measurably different (docs/benchmarks.md, "Expansion at int8"). Text differs from float32 text
@@ -137,7 +139,7 @@ def onednn_int8_unsupported_reason() -> str | None:
     Why `_Int8Linear` keeps to FBGEMM here (None when it also packs its weights for oneDNN's int8 kernel): oneDNN is
     the faster of the two for the larger products (`ONEDNN_MIN_MULTIPLY_ADDS`) only with AMX (AMX-INT8 tiles that
     the OS enables, oneDNN not held below them by its ``ONEDNN_MAX_CPU_ISA`` switch); with AVX512-VNNI alone it is no
-    faster and its output differs from FBGEMM's in the last bits, under AVX2 it is 3x slower.
+    faster in the decoder (the same step time at batch 16, 2026-12-06), under AVX2 it is 3x slower.
     """
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
         return "this torch build has no oneDNN int8 linear"
@@ -216,6 +218,23 @@ def fbgemm_input_grid() -> tuple[float, int, int]:
     gives its kernel. Tested against the kernel.
     """
     return 2.0 / 255, 128, 255
+
+
+def grid_midpoint_rows(rows: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """
+    Rows [rows, width] in [-1, 1] whose largest magnitude is 1 (so `int8_row_input` leaves them as they are) and whose
+    other values are the midpoints between neighbouring codes of the input grid (`fbgemm_input_grid`) and the float32
+    values just either side of them, drawn at random: the inputs on which two ways of rounding to the grid disagree,
+    if they disagree at all (on random inputs ~1 value in 50,000 is that close).
+    """
+    scale, zero_point, largest = fbgemm_input_grid()
+    midpoints = ((torch.arange(largest, dtype=torch.float64) + 0.5 - zero_point) * scale).float()
+    values = torch.cat([torch.nextafter(midpoints, torch.tensor(-2.0)), midpoints,
+                        torch.nextafter(midpoints, torch.tensor(2.0))])
+    values = values[values.abs() <= 1]  # (the lowest midpoint is -1 itself)
+    x = values[torch.randint(len(values), (rows, width), generator=generator)]
+    x[:, 0] = 1.0
+    return x
 
 
 def int8_row_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,7 +374,11 @@ class _Int8Linear(_LinearLayer):
         # `onednn_min_rows` rows and more (`ONEDNN_MIN_MULTIPLY_ADDS`); kept only where its products equal FBGEMM's
         # bit for bit (checked here), so the text does not depend on which kernel ran
         self.onednn, self.onednn_min_rows = None, max(ONEDNN_MIN_ROWS, -(-ONEDNN_MIN_MULTIPLY_ADDS // q.numel()))
-        self.weight_scales, self.weight_zero_points = scales.float(), torch.zeros(len(scales), dtype=torch.int32)
+        # oneDNN is given FBGEMM's one float scale per output (input scale x weight scale, rounded once) and input
+        # scale 1: it then rounds as FBGEMM does, on its AMX and its AVX512-VNNI kernels alike (given the two scales,
+        # its VNNI kernels' products differ from FBGEMM's in the last bit)
+        self.onednn_scales = torch.tensor(self.input_scale, dtype=torch.float32) * scales.float()
+        self.weight_zero_points = torch.zeros(len(scales), dtype=torch.int32)
         if onednn is None:
             onednn = onednn_int8_unsupported_reason() is None
         if onednn:
@@ -376,7 +399,9 @@ class _Int8Linear(_LinearLayer):
             x = torch.rand(rows, in_features, generator=generator) * 2 - 1
             if not torch.equal(self.product(x, True), self.product(x, False)):
                 return False
-        return True
+        # on the grid's midpoints too: oneDNN's codes (`quantize_per_tensor`'s) must be the codes FBGEMM makes itself
+        x = grid_midpoint_rows(37, in_features, generator)
+        return torch.equal(self.product(x, True), self.product(x, False))
 
     def product(self, rows: torch.Tensor, onednn: bool) -> torch.Tensor:
         """The int8 product of `rows` [rows, in] already in [-1, 1] (`int8_row_input`), on the fixed input grid
@@ -393,9 +418,9 @@ class _Int8Linear(_LinearLayer):
         packed = self.onednn
         assert packed is not None
         no_scalars = torch.jit.annotate(list[float | int | complex | None], [])  # typed for TorchScript
-        return torch.ops.onednn.qlinear_pointwise(codes, self.input_scale, self.input_zero_point, packed,
-                                                  self.weight_scales, self.weight_zero_points, None, 1.0, 0,
-                                                  torch.float32, "none", no_scalars, "")
+        return torch.ops.onednn.qlinear_pointwise(codes, 1.0, self.input_zero_point, packed, self.onednn_scales,
+                                                  self.weight_zero_points, None, 1.0, 0, torch.float32, "none",
+                                                  no_scalars, "")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``linear(x)`` for `x` [rows, in], plus `residual` [rows, out] when given (one fused op)."""
@@ -435,6 +460,8 @@ class _FusedInt8Linear(_Int8Linear):
         generator = torch.Generator().manual_seed(1)
         for rows in (ONEDNN_MIN_ROWS, 37):
             x = torch.randn(rows, in_features, generator=generator) * torch.rand(rows, 1, generator=generator) * 10
+            if rows == 37:  # the grid's midpoints (x 4: the division by the row's largest value stays exact), where
+                x = grid_midpoint_rows(rows, in_features, generator) * 4  # a rounding other than FBGEMM's shows
             codes, _ = torch.ops.expandr.row_codes(x, None, None, self.input_scale, self.input_zero_point)
             rows_in, _ = int8_row_input(x)
             expected = torch.quantize_per_tensor(rows_in, self.input_scale, self.input_zero_point, torch.quint8)

@@ -362,10 +362,13 @@ def test_cli_pairs_feed_one_dpo_step(tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_cli_grounded_pairs_show_the_first_pass_hits(tmp_path, capsys):
-    """`expandr pairs --grounded`: each pair's prompt holds the query's top first-pass hits, cut to the words asked."""
+def test_cli_grounded_pairs_show_the_first_pass_hits(tmp_path, write_beir, capsys):
+    """`expandr pairs --grounded`: each pair's prompt holds the query's top first-pass hits, cut to the words asked
+    (a six-document BEIR folder: the first pass encodes its corpus, Cranfield's would take most of a minute)."""
     out = tmp_path / "pairs.jsonl"
-    argv = ["--data", "cranfield", "--split", "train", "--out", str(out), "--n-candidates", "2", "--max-queries",
+    data = write_beir([("q1", "flutter of swept wings"), ("q2", "heat conduction in slabs")],
+                      "query-id\tcorpus-id\tscore\nq1\td6\t1\nq2\td1\t1\n", splits=("train",))
+    argv = ["--data", str(data), "--split", "train", "--out", str(out), "--n-candidates", "2", "--max-queries",
             "2", "--max-new-tokens", "8", "--answer-max-new-tokens", "8", "--threshold", "0.0", "--cache", "none",
             "--device", "cpu", "--no-progress", "--grounded", "--passages-k", "2", "--passage-words", "5"]
     assert _pairs_main(argv) == 0
