@@ -358,6 +358,35 @@ def test_fused_layer_feeds_onednn_its_codes_from_its_threshold():
     assert torch.equal(by_onednn, fused(x))
 
 
+@pytest.mark.integration
+@needs_kernels
+@needs_int8
+@pytest.mark.skipif(quantize.onednn_int8_unsupported_reason() is not None,
+                    reason=f"oneDNN's int8 product is not used here: {quantize.onednn_int8_unsupported_reason()}")
+@torch.inference_mode()
+def test_bundled_fused_decoder_gives_the_same_logits_with_and_without_onednn(monkeypatch):
+    """On the bundled model and real expansion prompts (16 rows: oneDNN runs gate|up and the head at every step, every
+    product in the prefill) the fused decoder's logits equal FBGEMM's alone bit for bit, so a row's text does not
+    depend on the batch it is drawn in. (With `row_codes` rounding v / scale before adding the zero point they were
+    up to 2.3 apart: codes at the grid's midpoints, which the tiny model's test never met.)"""
+    from expandr_haystack.core.text import EXPANSION_PROMPT
+    from expandr_haystack.generation.local import calibration_ids
+    from expandr_haystack.models import load_llm
+
+    model, tokenizer = load_llm(None, None, "cpu", "float32")
+    queries = ["what is lift", "boundary layer transition on a flat plate at supersonic speed",
+               "heat transfer in hypersonic flow", "buckling of thin cylindrical shells under axial compression"]
+    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": EXPANSION_PROMPT.format(query=q)}],
+                                                       tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"] for q in queries]
+    calibration = calibration_ids(tokenizer)
+    with_onednn = PackedLlamaDecoder(model, "int8", calibration, kernels=True)
+    monkeypatch.setattr(quantize, "onednn_int8_unsupported_reason", lambda: "switched off by the test")
+    fbgemm_only = PackedLlamaDecoder(model, "int8", calibration, kernels=True)
+    assert with_onednn.lm_head.onednn is not None and fbgemm_only.lm_head.onednn is None
+    assert_same_logits(with_onednn, fbgemm_only, prompts, [i % 4 for i in range(16)], steps=4)
+
+
 @needs_kernels
 @needs_int8
 @torch.inference_mode()
