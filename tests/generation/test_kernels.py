@@ -1,6 +1,7 @@
 """The fused CPU kernels (`generation/kernels.cpp`) against the torch ops they replace, and the decoder with them."""
 
 import logging
+import re
 
 import pytest
 import torch
@@ -407,3 +408,31 @@ def test_the_common_prefix_is_read_once_with_the_same_result():
     heads, _, qkv, rotation, keys, values, bias = _attention_case(torch.float16, 64, 9)
     with pytest.raises(RuntimeError, match="`shared` 10 must be in 0 .. start"):
         torch.ops.expandr.decode_attention(qkv, rotation, keys, values, 9, bias, heads, 10)
+
+
+@needs_kernels
+@needs_int8
+@pytest.mark.skipif("avx512f" not in quantize.cpu_flags(),
+                    reason="without AVX-512 the kernels built here are the AVX2 build: the tests above run it")
+def test_the_avx2_build_passes_these_tests():
+    """What an AVX2-only CPU (e.g. AMD Zen 2/3) runs, emulated: torch, FBGEMM and oneDNN held to AVX2 by their own
+    switches (hence a child pytest: each reads its switch once per process), the kernels compiled for AVX2 (8-lane
+    vectors, F16C conversions) and this file's tests run on that build and on FBGEMM's 7-bit-weight path."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+           "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    check = ("import torch; from expandr_haystack.generation import kernels, quantize; "
+             "assert '-mavx2' in kernels.compile_flags() and kernels.resolve_kernels(None); "
+             "print('levels', quantize.int8_weight_levels(), 'onednn', quantize.onednn_int8_unsupported_reason())")
+    probe = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=600,
+                           check=False)
+    assert probe.returncode == 0 and "levels 64 onednn ONEDNN_MAX_CPU_ISA=AVX2" in probe.stdout, probe.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                             "not avx2_build and not bundled"], env=env, capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", result.stdout)
+    assert passed and int(passed.group(1)) >= 30, result.stdout[-2000:]  # the kernel tests ran, not skipped
