@@ -377,7 +377,7 @@ class _Int8Linear(_LinearLayer):
         # oneDNN is given FBGEMM's one float scale per output (input scale x weight scale, rounded once) and input
         # scale 1: it then rounds as FBGEMM does, on its AMX and its AVX512-VNNI kernels alike (given the two scales,
         # its VNNI kernels' products differ from FBGEMM's in the last bit)
-        self.onednn_scales = torch.tensor(self.input_scale, dtype=torch.float32) * scales.float()
+        self.output_scales = torch.tensor(self.input_scale, dtype=torch.float32) * scales.float()
         self.weight_zero_points = torch.zeros(len(scales), dtype=torch.int32)
         if onednn is None:
             onednn = onednn_int8_unsupported_reason() is None
@@ -418,7 +418,7 @@ class _Int8Linear(_LinearLayer):
         packed = self.onednn
         assert packed is not None
         no_scalars = torch.jit.annotate(list[float | int | complex | None], [])  # typed for TorchScript
-        return torch.ops.onednn.qlinear_pointwise(codes, 1.0, self.input_zero_point, packed, self.onednn_scales,
+        return torch.ops.onednn.qlinear_pointwise(codes, 1.0, self.input_zero_point, packed, self.output_scales,
                                                   self.weight_zero_points, None, 1.0, 0, torch.float32, "none",
                                                   no_scalars, "")
 
@@ -440,17 +440,78 @@ def scaled_rows(y: torch.Tensor, a: torch.Tensor, residual: torch.Tensor | None)
     return y.mul_(a) if residual is None else torch.addcmul(residual, y, a)
 
 
+#: `_FusedInt8Linear` multiplies up to this many rows (a decode step's, up to batch 32) with the kernels' own int8
+#: product (``expandr::int8_product``), more (a prefill) with FBGEMM's or oneDNN's. 121 products of SmolLM2-135M's
+#: shapes, their weights streamed from memory, ms (2-vCPU Xeon, 2026-12-06; FBGEMM / oneDNN where it runs / ours):
+#: VNNI alone at 1, 4, 16, 32, 64 rows 12.1 / 12.6, 15.5 / 11.2, 19.7 / 10.4, 26.4 / 17.3, 43.6 / 33.4; with AMX
+#: 11.7 / 11.8, 14.4 / 10.9, 18.3 / 9.7, 25.4 / 18.0, 30.7 / 33.0; AVX2 (7-bit weights) at 1, 4, 16, 32 rows
+#: 13.3 / 10.4, 14.9 / 9.9, 24.8 / 18.5, 38.1 / 33.1 (docs/benchmarks.md, "An int8 product for few rows").
+PRODUCT_MAX_ROWS = 32
+
+
+def pack_product_weights(q: torch.Tensor, block: int) -> torch.Tensor:
+    """The int8 weights `q` [out, in] in ``expandr::int8_product``'s layout: [out / block, in / 4, block, 4], the
+    four inputs of one output adjacent, `block` outputs side by side (16 for AVX512-VNNI, 8 for AVX2)."""
+    out_features, in_features = q.shape
+    return q.reshape(out_features // block, block, in_features // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
 class _FusedInt8Linear(_Int8Linear):
     """`_Int8Linear` whose input is prepared by one fused kernel (`kernels`: ``expandr::row_input``, and
     ``expandr::gated_row_input`` for the MLP's ``silu(gate) * up``) instead of six to nine torch ops: the same math,
-    other rounding in the RMSNorm factor and silu."""
+    other rounding in the RMSNorm factor and silu. Up to `PRODUCT_MAX_ROWS` rows the product is the kernels' own
+    (``expandr::int8_product`` on ``expandr::row_codes``' codes: FBGEMM's integer sums and epilogue, so its products
+    bit for bit, checked when the layer is built; FBGEMM's alone where they are not, or the shape does not fit)."""
+
+    product_weights: torch.Tensor | None
+    product_offsets: torch.Tensor | None
+    product_max_rows: int
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, eps: float | None = None,
+                 levels: int | None = None, onednn: bool | None = None):
+        super().__init__(weight, scale, eps, levels, onednn)
+        self.product_weights, self.product_offsets, self.product_max_rows = None, None, PRODUCT_MAX_ROWS
+        block = int(torch.ops.expandr.int8_product_block())
+        out_features, in_features = weight.shape
+        # the AVX2 kernel sums input pairs in int16: exact for weights within +-64 (FBGEMM's own limit there)
+        if block and out_features % block == 0 and in_features % 4 == 0 and (block == 16 or self.levels <= 64):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                q = self.packed.unpack()[0].int_repr()
+            self.product_weights = pack_product_weights(q, block)
+            self.product_offsets = (self.input_zero_point * q.sum(1, dtype=torch.int32)).to(torch.int32)
+            if not self.own_product_equals_fbgemm(in_features):
+                self.product_weights, self.product_offsets = None, None
+
+    def own_product_equals_fbgemm(self, in_features: int) -> bool:
+        """Whether ``expandr::int8_product`` gives FBGEMM's products bit for bit here, on random rows and on the
+        grid's midpoints (`grid_midpoint_rows`), at row counts of one, of a decode batch and past one register tile."""
+        generator = torch.Generator().manual_seed(2)
+        for rows in (1, 7, 16, 23):
+            x = int8_row_input(torch.rand(rows, in_features, generator=generator) * 2 - 1)[0]  # largest entry +-1
+            if rows == 23:
+                x = grid_midpoint_rows(rows, in_features, generator)
+            codes, _ = torch.ops.expandr.row_codes(x, None, None, self.input_scale, self.input_zero_point)
+            if not torch.equal(self.own_product(codes), self.product(x, False)):
+                return False
+        return True
+
+    def own_product(self, codes: torch.Tensor) -> torch.Tensor:
+        """``expandr::int8_product`` of the uint8 input `codes` [rows, in] (where it holds the packed weights)."""
+        weights, offsets = self.product_weights, self.product_offsets
+        assert weights is not None and offsets is not None
+        return torch.ops.expandr.int8_product(codes, weights, offsets, self.output_scales)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.onednn is not None and x.shape[0] >= self.onednn_min_rows:  # oneDNN's input: the uint8 codes at once
+        rows = x.shape[0]
+        if self.product_weights is not None and rows <= self.product_max_rows:
+            codes, a = torch.ops.expandr.row_codes(x, self.scale, self.eps, self.input_scale, self.input_zero_point)
+            return scaled_rows(self.own_product(codes), a, residual)
+        if self.onednn is not None and rows >= self.onednn_min_rows:  # oneDNN's input: the uint8 codes at once
             codes, a = torch.ops.expandr.row_codes(x, self.scale, self.eps, self.input_scale, self.input_zero_point)
             return scaled_rows(self.onednn_product(codes), a, residual)
-        rows, a = torch.ops.expandr.row_input(x, self.scale, self.eps)
-        return self.scaled_product(rows, a, residual)
+        rows_in, a = torch.ops.expandr.row_input(x, self.scale, self.eps)
+        return self.scaled_product(rows_in, a, residual)
 
     def onednn_equals_fbgemm(self, in_features: int) -> bool:
         """`_Int8Linear.onednn_equals_fbgemm`, and the fused kernel's uint8 codes equal `quantize_per_tensor`'s on
@@ -472,6 +533,10 @@ class _FusedInt8Linear(_Int8Linear):
     def gated(self, gate_up: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """(For a layer without `scale` and `eps`, as the down projection is: smoothing folds into up's rows.)"""
         rows, a = torch.ops.expandr.gated_row_input(gate_up)
+        if self.product_weights is not None and rows.shape[0] <= self.product_max_rows:
+            # the rows' largest magnitude is already 1 (x / x is exactly 1): their codes, FBGEMM's
+            codes, _ = torch.ops.expandr.row_codes(rows, None, None, self.input_scale, self.input_zero_point)
+            return scaled_rows(self.own_product(codes), a, residual)
         return self.scaled_product(rows, a, residual)
 
 
