@@ -7,6 +7,7 @@
 //   expandr::gated_row_input  the MLP's silu(gate) * up, then down's per-row max and division
 //   expandr::decode_attention one new token per row: rotary embedding, KV cache write and grouped attention
 //   expandr::sample_nucleus   temperature + nucleus sampling of each row
+//   expandr::int8_product     int8 products (fastest at a decode step's few rows), FBGEMM's bit for bit
 // The math is `quantize.int8_row_input`, `quantize.rms_factor`, `packed_llama._Attention`'s and
 // `local.sample_rows`'; the loops are written for the compiler to vectorize (`#pragma omp simd`), threads come from
 // ATen's pool.
@@ -492,15 +493,15 @@ at::Tensor sample_nucleus(const at::Tensor& logits, const at::Tensor& temperatur
   return tokens;
 }
 
-// The int8 product of few rows (a decode step's): y[r, n] = float(sum_k codes[r, k] w[n, k] - zero_point colsum[n]) *
-// scales[n], the integer sums exact, as FBGEMM's dynamic linear computes them (its epilogue: the int32 sum less the
-// zero point's share, to float32, times the one scale input scale x weight scale), so the same bits. The weights
-// are packed by `quantize.pack_product_weights` in blocks of `kProductBlock` outputs: [out / B, in / 4, B, 4] int8,
-// four inputs of one output adjacent, which is the operand layout of VNNI's vpdpbusd (16 outputs x 4 inputs a
-// 512-bit register) and of AVX2's vpmaddubsw + vpmaddwd (8 x 4; exact for weights within +-64, the 7-bit weights
-// FBGEMM without VNNI takes too). Each thread takes whole output blocks: a block's weights (in x B bytes, 9-24 KB
-// here) come from memory once and stay in L1 while 16 rows at a time run over them, each row's four codes
-// broadcast against the block.
+// The int8 product (built for a decode step's few rows; `quantize._OwnInt8Linear` runs a prefill's through it too):
+// y[r, n] = float(sum_k codes[r, k] w[n, k] - zero_point colsum[n]) * scales[n], the integer sums exact, as FBGEMM's
+// dynamic linear computes them (its epilogue: the int32 sum less the zero point's share, to float32, times the one
+// scale input scale x weight scale), so the same bits. The weights are packed by `quantize.pack_product_weights` in
+// blocks of `kProductBlock` outputs: [out / B, in / 4, B, 4] int8, four inputs of one output adjacent, which is the
+// operand layout of VNNI's vpdpbusd (16 outputs x 4 inputs a 512-bit register) and of AVX2's vpmaddubsw + vpmaddwd (8 x
+// 4; exact for weights within +-64, the 7-bit weights FBGEMM without VNNI takes too). Each thread takes whole output
+// blocks: a block's weights (in x B bytes, 9-24 KB here) come from memory once and stay in L1 while 16 rows at a time
+// run over them, each row's four codes broadcast against the block.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr int64_t kProductBlock = 16;
 #elif defined(__AVX2__)

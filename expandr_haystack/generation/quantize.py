@@ -45,6 +45,12 @@ SmolLM2-135M, the 113 MB vocabulary head included), so smaller weights are faste
     `grid_midpoint_rows`; a layer where they differ keeps FBGEMM alone), so a row's text does not depend on the
     batch it was drawn in; ~2x faster at hundreds of rows, slower at a few.
 
+  - **The kernels' own product**: with the fused kernels, a layer multiplies in ``expandr::int8_product``
+    (`kernels`; `_OwnInt8Linear`) instead of FBGEMM: VNNI's or AVX2's integer sums of the same uint8 codes and int8
+    weights and FBGEMM's epilogue, so FBGEMM's products bit for bit (checked per layer when it is built, else the
+    layer keeps FBGEMM), with the weights streamed from memory ~1.9x faster at a decode step's 16 rows; its copy of
+    the weights (`pack_product_weights`) replaces FBGEMM's.
+
   On SmolLM2-135M-Instruct with AVX512-VNNI int8 is ~1.7x the float32 packed decoder's tokens/s with expand
   nDCG@10 not measurably different (docs/benchmarks.md, "Expansion at int8"). Text differs from float32 text
   wherever a draw falls near a boundary, so int8 texts are cached apart (`LocalSampler.engine`), and 7-bit-weight
@@ -417,10 +423,7 @@ class _Int8Linear(_LinearLayer):
         """oneDNN's int8 product of the uint8 input `codes` [rows, in] (where it holds the weights)."""
         packed = self.onednn
         assert packed is not None
-        no_scalars = torch.jit.annotate(list[float | int | complex | None], [])  # typed for TorchScript
-        return torch.ops.onednn.qlinear_pointwise(codes, 1.0, self.input_zero_point, packed, self.output_scales,
-                                                  self.weight_zero_points, None, 1.0, 0, torch.float32, "none",
-                                                  no_scalars, "")
+        return onednn_codes_product(codes, packed, self.input_zero_point, self.output_scales, self.weight_zero_points)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``linear(x)`` for `x` [rows, in], plus `residual` [rows, out] when given (one fused op)."""
@@ -435,18 +438,19 @@ class _Int8Linear(_LinearLayer):
         return scaled_rows(self.product(rows, rows.shape[0] >= self.onednn_min_rows), a, residual)
 
 
+def onednn_codes_product(codes: torch.Tensor, packed: torch.Tensor, zero_point: int, scales: torch.Tensor,
+                         zero_points: torch.Tensor) -> torch.Tensor:
+    """oneDNN's int8 product of uint8 input `codes` [rows, in] with zero point `zero_point` by the weights `packed`
+    (``onednn::qlinear_prepack``), given FBGEMM's one scale per output `scales` and input scale 1, so that it rounds as
+    FBGEMM does (given the two scales, its VNNI kernels' products differ from FBGEMM's in the last bit)."""
+    no_scalars = torch.jit.annotate(list[float | int | complex | None], [])  # typed for TorchScript
+    return torch.ops.onednn.qlinear_pointwise(codes, 1.0, zero_point, packed, scales, zero_points, None, 1.0, 0,
+                                              torch.float32, "none", no_scalars, "")
+
+
 def scaled_rows(y: torch.Tensor, a: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """``a * y`` (`a` the row scales [rows, 1], `y` scaled in place), or ``residual + a * y`` in one op."""
     return y.mul_(a) if residual is None else torch.addcmul(residual, y, a)
-
-
-#: `_FusedInt8Linear` multiplies up to this many rows (a decode step's, up to batch 32) with the kernels' own int8
-#: product (``expandr::int8_product``), more (a prefill) with FBGEMM's or oneDNN's. 121 products of SmolLM2-135M's
-#: shapes, their weights streamed from memory, ms (2-vCPU Xeon, 2026-12-06; FBGEMM / oneDNN where it runs / ours):
-#: VNNI alone at 1, 4, 16, 32, 64 rows 12.1 / 12.6, 15.5 / 11.2, 19.7 / 10.4, 26.4 / 17.3, 43.6 / 33.4; with AMX
-#: 11.7 / 11.8, 14.4 / 10.9, 18.3 / 9.7, 25.4 / 18.0, 30.7 / 33.0; AVX2 (7-bit weights) at 1, 4, 16, 32 rows
-#: 13.3 / 10.4, 14.9 / 9.9, 24.8 / 18.5, 38.1 / 33.1 (docs/benchmarks.md, "An int8 product for few rows").
-PRODUCT_MAX_ROWS = 32
 
 
 def pack_product_weights(q: torch.Tensor, block: int) -> torch.Tensor:
@@ -459,59 +463,15 @@ def pack_product_weights(q: torch.Tensor, block: int) -> torch.Tensor:
 class _FusedInt8Linear(_Int8Linear):
     """`_Int8Linear` whose input is prepared by one fused kernel (`kernels`: ``expandr::row_input``, and
     ``expandr::gated_row_input`` for the MLP's ``silu(gate) * up``) instead of six to nine torch ops: the same math,
-    other rounding in the RMSNorm factor and silu. Up to `PRODUCT_MAX_ROWS` rows the product is the kernels' own
-    (``expandr::int8_product`` on ``expandr::row_codes``' codes: FBGEMM's integer sums and epilogue, so its products
-    bit for bit, checked when the layer is built; FBGEMM's alone where they are not, or the shape does not fit)."""
-
-    product_weights: torch.Tensor | None
-    product_offsets: torch.Tensor | None
-    product_max_rows: int
-
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, eps: float | None = None,
-                 levels: int | None = None, onednn: bool | None = None):
-        super().__init__(weight, scale, eps, levels, onednn)
-        self.product_weights, self.product_offsets, self.product_max_rows = None, None, PRODUCT_MAX_ROWS
-        block = int(torch.ops.expandr.int8_product_block())
-        out_features, in_features = weight.shape
-        # the AVX2 kernel sums input pairs in int16: exact for weights within +-64 (FBGEMM's own limit there)
-        if block and out_features % block == 0 and in_features % 4 == 0 and (block == 16 or self.levels <= 64):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                q = self.packed.unpack()[0].int_repr()
-            self.product_weights = pack_product_weights(q, block)
-            self.product_offsets = (self.input_zero_point * q.sum(1, dtype=torch.int32)).to(torch.int32)
-            if not self.own_product_equals_fbgemm(in_features):
-                self.product_weights, self.product_offsets = None, None
-
-    def own_product_equals_fbgemm(self, in_features: int) -> bool:
-        """Whether ``expandr::int8_product`` gives FBGEMM's products bit for bit here, on random rows and on the
-        grid's midpoints (`grid_midpoint_rows`), at row counts of one, of a decode batch and past one register tile."""
-        generator = torch.Generator().manual_seed(2)
-        for rows in (1, 7, 16, 23):
-            x = int8_row_input(torch.rand(rows, in_features, generator=generator) * 2 - 1)[0]  # largest entry +-1
-            if rows == 23:
-                x = grid_midpoint_rows(rows, in_features, generator)
-            codes, _ = torch.ops.expandr.row_codes(x, None, None, self.input_scale, self.input_zero_point)
-            if not torch.equal(self.own_product(codes), self.product(x, False)):
-                return False
-        return True
-
-    def own_product(self, codes: torch.Tensor) -> torch.Tensor:
-        """``expandr::int8_product`` of the uint8 input `codes` [rows, in] (where it holds the packed weights)."""
-        weights, offsets = self.product_weights, self.product_offsets
-        assert weights is not None and offsets is not None
-        return torch.ops.expandr.int8_product(codes, weights, offsets, self.output_scales)
+    other rounding in the RMSNorm factor and silu. `make_linear` hands it to `_OwnInt8Linear` where the kernels' own
+    product gives FBGEMM's products (`own_product_weights`)."""
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.product_weights is not None and rows <= self.product_max_rows:
-            codes, a = torch.ops.expandr.row_codes(x, self.scale, self.eps, self.input_scale, self.input_zero_point)
-            return scaled_rows(self.own_product(codes), a, residual)
-        if self.onednn is not None and rows >= self.onednn_min_rows:  # oneDNN's input: the uint8 codes at once
+        if self.onednn is not None and x.shape[0] >= self.onednn_min_rows:  # oneDNN's input: the uint8 codes at once
             codes, a = torch.ops.expandr.row_codes(x, self.scale, self.eps, self.input_scale, self.input_zero_point)
             return scaled_rows(self.onednn_product(codes), a, residual)
-        rows_in, a = torch.ops.expandr.row_input(x, self.scale, self.eps)
-        return self.scaled_product(rows_in, a, residual)
+        rows, a = torch.ops.expandr.row_input(x, self.scale, self.eps)
+        return self.scaled_product(rows, a, residual)
 
     def onednn_equals_fbgemm(self, in_features: int) -> bool:
         """`_Int8Linear.onednn_equals_fbgemm`, and the fused kernel's uint8 codes equal `quantize_per_tensor`'s on
@@ -533,11 +493,81 @@ class _FusedInt8Linear(_Int8Linear):
     def gated(self, gate_up: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """(For a layer without `scale` and `eps`, as the down projection is: smoothing folds into up's rows.)"""
         rows, a = torch.ops.expandr.gated_row_input(gate_up)
-        if self.product_weights is not None and rows.shape[0] <= self.product_max_rows:
-            # the rows' largest magnitude is already 1 (x / x is exactly 1): their codes, FBGEMM's
-            codes, _ = torch.ops.expandr.row_codes(rows, None, None, self.input_scale, self.input_zero_point)
-            return scaled_rows(self.own_product(codes), a, residual)
         return self.scaled_product(rows, a, residual)
+
+    def own_product_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer's weights for ``expandr::int8_product`` (`pack_product_weights`) and the zero point's share of
+        each output (zero point x the output's weight sum), where the kernel gives FBGEMM's products bit for bit here
+        (random rows and the grid's midpoints, 1 to 23 rows); None where it does not, or the shape does not fit its
+        blocks, or the AVX2 kernel would meet 8-bit weights (it sums input pairs in int16: exact within +-64, FBGEMM's
+        own limit there)."""
+        block = int(torch.ops.expandr.int8_product_block())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = self.packed.unpack()[0].int_repr()
+        out_features, in_features = q.shape
+        if not block or out_features % block or in_features % 4 or (block != 16 and self.levels > 64):
+            return None
+        weights = pack_product_weights(q, block)
+        offsets = (self.input_zero_point * q.sum(1, dtype=torch.int32)).to(torch.int32)
+        generator = torch.Generator().manual_seed(2)
+        for rows in (1, 7, 16, 23):
+            x = int8_row_input(torch.rand(rows, in_features, generator=generator) * 2 - 1)[0]  # largest entry +-1
+            if rows == 23:
+                x = grid_midpoint_rows(rows, in_features, generator)
+            codes, _ = torch.ops.expandr.row_codes(x, None, None, self.input_scale, self.input_zero_point)
+            own = torch.ops.expandr.int8_product(codes, weights, offsets, self.output_scales)
+            if not torch.equal(own, self.product(x, False)):
+                return None
+        return weights, offsets
+
+
+class _OwnInt8Linear(_LinearLayer):
+    """
+    A `_FusedInt8Linear` that multiplies with the kernels' own int8 product (``expandr::int8_product``: VNNI's or
+    AVX2's integer sums of the same uint8 codes and int8 weights, FBGEMM's epilogue, so FBGEMM's products bit for bit,
+    checked by `_FusedInt8Linear.own_product_weights`) instead of FBGEMM's, whose copy of the weights it drops; and
+    with oneDNN's from `onednn_min_rows` rows where the layer holds oneDNN's (AMX). 121 products of SmolLM2-135M's
+    shapes, their weights streamed from memory, ms (2-vCPU Xeon, 2026-12-06; FBGEMM, or oneDNN where it runs / this
+    kernel): VNNI alone at 1, 4, 16, 32, 64 rows 12.1 / 12.6, 15.5 / 11.2, 19.7 / 10.4, 26.4 / 17.3, 43.6 / 33.4;
+    with AMX 11.7 / 11.8, 14.4 / 10.9, 18.3 / 9.7, 25.4 / 18.0, 30.7 / 33.0; AVX2 (7-bit weights) at 1, 4, 16, 32
+    rows 13.3 / 10.4, 14.9 / 9.9, 24.8 / 18.5, 38.1 / 33.1 (docs/benchmarks.md, "An int8 product for few rows").
+    """
+
+    scale: torch.Tensor | None
+    eps: torch.Tensor | None
+    onednn: torch.Tensor | None
+    onednn_min_rows: int
+    input_scale: float
+    input_zero_point: int
+
+    def __init__(self, fused: _FusedInt8Linear, weights: torch.Tensor, offsets: torch.Tensor):
+        super().__init__()
+        self.scale, self.eps, self.levels = fused.scale, fused.eps, fused.levels
+        self.input_scale, self.input_zero_point = fused.input_scale, fused.input_zero_point
+        self.onednn, self.onednn_min_rows = fused.onednn, fused.onednn_min_rows
+        self.output_scales, self.weight_zero_points = fused.output_scales, fused.weight_zero_points
+        self.product_weights, self.product_offsets = weights, offsets
+
+    def product(self, codes: torch.Tensor) -> torch.Tensor:
+        """The int8 product of the uint8 input `codes` [rows, in]: oneDNN's from its threshold where it holds the
+        weights, else the kernels' own."""
+        onednn = self.onednn
+        if onednn is not None and codes.shape[0] >= self.onednn_min_rows:
+            return onednn_codes_product(codes, onednn, self.input_zero_point, self.output_scales,
+                                        self.weight_zero_points)
+        return torch.ops.expandr.int8_product(codes, self.product_weights, self.product_offsets, self.output_scales)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        codes, a = torch.ops.expandr.row_codes(x, self.scale, self.eps, self.input_scale, self.input_zero_point)
+        return scaled_rows(self.product(codes), a, residual)
+
+    def gated(self, gate_up: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`_FusedInt8Linear.gated`, on codes: the gated rows' largest magnitude is already 1 (x / x is exactly 1),
+        so their codes are the ones FBGEMM would make of them."""
+        rows, a = torch.ops.expandr.gated_row_input(gate_up)
+        codes, _ = torch.ops.expandr.row_codes(rows, None, None, self.input_scale, self.input_zero_point)
+        return scaled_rows(self.product(codes), a, residual)
 
 
 class _Bfloat16Linear(_LinearLayer):
@@ -602,5 +632,7 @@ def make_linear(weight: torch.Tensor, precision: str = "float32", scale: torch.T
     prepared by the fused kernels (`kernels`, loaded by the caller).
     """
     if fused and precision == "int8":
-        return _FusedInt8Linear(weight, scale, eps)
+        layer = _FusedInt8Linear(weight, scale, eps)
+        own = layer.own_product_weights()
+        return layer if own is None else _OwnInt8Linear(layer, *own)
     return {"float32": _Linear, "int8": _Int8Linear, "bfloat16": _Bfloat16Linear}[precision](weight, scale, eps)

@@ -228,7 +228,7 @@ def test_fused_decoder_is_the_int8_decoder_within_rounding_and_scripts_bit_for_b
     exact = PackedLlamaDecoder(model)
     assert fused.kernels and not plain.kernels
     assert isinstance(fused.layers[0].attention, packed_llama._FusedAttention)
-    assert isinstance(fused.layers[0].down, quantize._FusedInt8Linear)
+    assert isinstance(fused.layers[0].down, (quantize._FusedInt8Linear, quantize._OwnInt8Linear))
     assert type(plain.layers[0].down) is quantize._Int8Linear
     prompts, select = [[5, 9, 17, 33, 40, 41], [5, 9, 17, 8], [5, 9, 50, 52]], torch.tensor([0, 1, 1, 2])
     # one token after the common prefix: that prefill step is the decoding kernel's too
@@ -359,10 +359,12 @@ def test_fused_layer_feeds_onednn_its_codes_from_its_threshold():
     assert torch.equal(by_onednn, fused(x))
 
 
-def fused_layer(out_features: int, in_features: int, seed: int) -> quantize._FusedInt8Linear:
+def fused_and_own(out_features: int, in_features: int, seed: int):
+    """A `_FusedInt8Linear` (FBGEMM's product) and what `make_linear` makes of the same weights, RMSNorm included."""
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=generator) * 0.05
-    return quantize._FusedInt8Linear(weight, torch.rand(in_features, generator=generator) + 0.5, 1e-5)
+    norm = torch.rand(in_features, generator=generator) + 0.5
+    return quantize._FusedInt8Linear(weight, norm, 1e-5), quantize.make_linear(weight, "int8", norm, 1e-5, fused=True)
 
 
 @needs_kernels
@@ -370,39 +372,39 @@ def fused_layer(out_features: int, in_features: int, seed: int) -> quantize._Fus
 def test_own_int8_product_is_fbgemms_bit_for_bit():
     """``expandr::int8_product`` (VNNI's or AVX2's integer sums, FBGEMM's epilogue) equals FBGEMM's product of the
     same rows bit for bit: one row, the register tiles' tails, several tiles, random rows and the grid's midpoints."""
-    layer = fused_layer(96, 200, seed=10)
-    assert layer.product_weights is not None  # kept: it passed its own check at load
+    fused, own = fused_and_own(96, 200, seed=10)
+    assert type(own) is quantize._OwnInt8Linear  # made: its products passed the check at load
     block = torch.ops.expandr.int8_product_block()
-    assert block in (8, 16) and tuple(layer.product_weights.shape) == (96 // block, 50, block, 4)
+    assert block in (8, 16) and tuple(own.product_weights.shape) == (96 // block, 50, block, 4)
     generator = torch.Generator().manual_seed(11)
-    for rows in (1, 2, 5, 8, 9, 15, 16, 17, 31, 40):
+    for rows in (1, 2, 5, 8, 9, 15, 16, 17, 31, 40, 70):
         for x in (quantize.int8_row_input(torch.randn(rows, 200, generator=generator))[0],
                   quantize.grid_midpoint_rows(rows, 200, generator)):
-            codes, _ = torch.ops.expandr.row_codes(x, None, None, layer.input_scale, layer.input_zero_point)
-            assert torch.equal(layer.own_product(codes), layer.product(x, False)), rows
+            codes, _ = torch.ops.expandr.row_codes(x, None, None, own.input_scale, own.input_zero_point)
+            got = torch.ops.expandr.int8_product(codes, own.product_weights, own.product_offsets, own.output_scales)
+            assert torch.equal(got, fused.product(x, False)), rows
 
 
 @needs_kernels
 @needs_int8
-def test_fused_layer_runs_its_own_product_up_to_its_row_limit():
-    """Up to `PRODUCT_MAX_ROWS` rows the fused layer multiplies with the kernels' product, beyond with FBGEMM's (or
-    oneDNN's): the same values bit for bit either way, the MLP's gated input too, and about the torch-op layer's."""
+def test_own_layer_gives_the_fused_layers_values_without_fbgemms_copy():
+    """`make_linear` hands a fused layer whose products the kernel matches to `_OwnInt8Linear`, which holds no FBGEMM
+    copy of the weights and multiplies with the kernel (oneDNN's from its threshold where it runs): the fused
+    layer's values bit for bit at every row count, the MLP's gated input too, and about the torch-op layer's."""
     from torch.profiler import ProfilerActivity, profile
 
-    layer = fused_layer(64, 96, seed=12)
-    plain = quantize._Int8Linear(layer.packed.unpack()[0].dequantize(), layer.scale, 1e-5)
+    fused, own = fused_and_own(64, 96, seed=12)
+    assert not hasattr(own, "packed")
+    plain = quantize._Int8Linear(fused.packed.unpack()[0].dequantize(), fused.scale, 1e-5)
     generator = torch.Generator().manual_seed(13)
-    for rows in (1, layer.product_max_rows, layer.product_max_rows + 1):
+    for rows in (1, 16, 40, 300):
         x, residual = torch.randn(rows, 96, generator=generator), torch.randn(rows, 64, generator=generator)
         gate_up = torch.randn(rows, 2 * 96, generator=generator)
         with profile(activities=[ProfilerActivity.CPU]) as run:
-            got, got_gated = layer(x, residual), layer.gated(gate_up)
-        own = sum(event.name == "expandr::int8_product" for event in run.events())
-        assert own == (2 if rows <= layer.product_max_rows else 0), rows
-        limit = layer.product_max_rows
-        layer.product_max_rows = 0  # the other kernels, on the same rows
-        assert torch.equal(got, layer(x, residual)) and torch.equal(got_gated, layer.gated(gate_up)), rows
-        layer.product_max_rows = limit
+            got, got_gated = own(x, residual), own.gated(gate_up)
+        kernel = sum(event.name == "expandr::int8_product" for event in run.events())
+        assert kernel == (0 if own.onednn is not None and rows >= own.onednn_min_rows else 2), rows
+        assert torch.equal(got, fused(x, residual)) and torch.equal(got_gated, fused.gated(gate_up)), rows
         torch.testing.assert_close(got, plain(x, residual), rtol=1e-5, atol=1e-5)
 
 
@@ -411,17 +413,15 @@ def test_fused_layer_runs_its_own_product_up_to_its_row_limit():
 def test_own_product_is_left_where_the_shape_does_not_fit_and_checks_its_arguments():
     """Outputs not a multiple of the kernel's block (or inputs not of 4) keep FBGEMM's product; the op itself names
     what it was given wrong."""
-    layer = fused_layer(100, 96, seed=14)  # 100 outputs: not a multiple of 8 nor 16
-    assert layer.product_weights is None
-    x = torch.randn(3, 96)
-    assert torch.equal(layer(x), quantize._FusedInt8Linear(layer.packed.unpack()[0].dequantize(), layer.scale,
-                                                           1e-5)(x))
-    good = fused_layer(64, 96, seed=15)
+    fused, kept = fused_and_own(100, 96, seed=14)  # 100 outputs: not a multiple of 8 nor 16
+    assert type(kept) is quantize._FusedInt8Linear and fused.own_product_weights() is None
+    _, own = fused_and_own(64, 96, seed=15)
     codes = torch.zeros(2, 96, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="expandr::int8_product: `packed` must be"):
-        torch.ops.expandr.int8_product(codes[:, :92].contiguous(), good.product_weights, good.product_offsets, good.output_scales)
+        torch.ops.expandr.int8_product(codes[:, :92].contiguous(), own.product_weights, own.product_offsets,
+                                       own.output_scales)
     with pytest.raises(RuntimeError, match="`offsets` \\(int32\\) and `scales` \\(float32\\)"):
-        torch.ops.expandr.int8_product(codes, good.product_weights, good.product_offsets[:5], good.output_scales)
+        torch.ops.expandr.int8_product(codes, own.product_weights, own.product_offsets[:5], own.output_scales)
 
 
 @pytest.mark.integration
@@ -431,8 +431,8 @@ def test_own_product_is_left_where_the_shape_does_not_fit_and_checks_its_argumen
                     reason=f"oneDNN's int8 product is not used here: {quantize.onednn_int8_unsupported_reason()}")
 @torch.inference_mode()
 def test_bundled_fused_decoder_gives_the_same_logits_with_and_without_onednn(monkeypatch):
-    """On the bundled model and real expansion prompts (16 rows: oneDNN runs the prefill's products, the kernels' own
-    product every decode step's) the fused decoder's logits equal FBGEMM's alone bit for bit, so a row's text does not
+    """On the bundled model and real expansion prompts (16 rows: oneDNN runs the prefill's larger products, the
+    kernels' own product the rest) the fused decoder's logits equal FBGEMM's alone bit for bit, so a row's text does not
     depend on the batch it is drawn in nor on the kernel. (With `row_codes` rounding v / scale before adding the zero
     point they were up to 2.3 apart: codes at the grid's midpoints, which the tiny model's test never met.)"""
     from expandr_haystack.core.text import EXPANSION_PROMPT
@@ -448,10 +448,10 @@ def test_bundled_fused_decoder_gives_the_same_logits_with_and_without_onednn(mon
     calibration = calibration_ids(tokenizer)
     with_onednn = PackedLlamaDecoder(model, "int8", calibration, kernels=True)
     monkeypatch.setattr(quantize, "onednn_int8_unsupported_reason", lambda: "switched off by the test")
-    monkeypatch.setattr(quantize, "PRODUCT_MAX_ROWS", 0)  # and the kernels' own product for the decode steps
+    monkeypatch.setattr(quantize._FusedInt8Linear, "own_product_weights", lambda self: None)  # nor the kernel's
     fbgemm_only = PackedLlamaDecoder(model, "int8", calibration, kernels=True)
     assert with_onednn.lm_head.onednn is not None and fbgemm_only.lm_head.onednn is None
-    assert with_onednn.lm_head.product_weights is not None and fbgemm_only.lm_head.product_max_rows == 0
+    assert type(with_onednn.lm_head) is quantize._OwnInt8Linear and type(fbgemm_only.lm_head) is quantize._FusedInt8Linear
     assert_same_logits(with_onednn, fbgemm_only, prompts, [i % 4 for i in range(16)], steps=4)
     assert_same_logits(with_onednn, fbgemm_only, prompts[:1], [0], steps=4)  # one row: the product alone
 
