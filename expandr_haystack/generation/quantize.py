@@ -531,7 +531,8 @@ class _OwnInt8Linear(_LinearLayer):
     shapes, their weights streamed from memory, ms (2-vCPU Xeon, 2026-12-06; FBGEMM, or oneDNN where it runs / this
     kernel): VNNI alone at 1, 4, 16, 32, 64 rows 12.1 / 12.6, 15.5 / 11.2, 19.7 / 10.4, 26.4 / 17.3, 43.6 / 33.4;
     with AMX 11.7 / 11.8, 14.4 / 10.9, 18.3 / 9.7, 25.4 / 18.0, 30.7 / 33.0; AVX2 (7-bit weights) at 1, 4, 16, 32
-    rows 13.3 / 10.4, 14.9 / 9.9, 24.8 / 18.5, 38.1 / 33.1 (docs/benchmarks.md, "An int8 product for few rows").
+    rows 13.3 / 10.4, 14.9 / 9.9, 24.8 / 18.5, 38.1 / 33.1 (docs/benchmarks.md, "An int8 product for few rows";
+    the one-row figures predate its fix there: in the decoder one row now takes 6.8-7.1 ms a step against 8.3).
     """
 
     scale: torch.Tensor | None
