@@ -69,6 +69,7 @@ decoder's layers, which is why this module, like `packed_llama`, has no ``from _
 import functools
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -396,18 +397,21 @@ class _Int8Linear(_LinearLayer):
                 self.onednn = None
 
     def onednn_equals_fbgemm(self, in_features: int) -> bool:
-        """Whether oneDNN's product equals FBGEMM's bit for bit on fixed pseudo-random inputs of row counts around the
-        ones it gets (the smallest it may get, a decode batch, odd counts over one and several 16-row tiles, the
-        layer's own threshold); ~0.6 s for the bundled model's 121 products, once, when the decoder is built."""
-        generator = torch.Generator().manual_seed(0)
-        counts = {ONEDNN_MIN_ROWS, 13, 16, 37, 100, min(self.onednn_min_rows, 512)}
-        for rows in sorted(counts):
-            x = torch.rand(rows, in_features, generator=generator) * 2 - 1
-            if not torch.equal(self.product(x, True), self.product(x, False)):
-                return False
-        # on the grid's midpoints too: oneDNN's codes (`quantize_per_tensor`'s) must be the codes FBGEMM makes itself
-        x = grid_midpoint_rows(37, in_features, generator)
-        return torch.equal(self.product(x, True), self.product(x, False))
+        """Whether oneDNN's product equals FBGEMM's bit for bit (`agrees_with_fbgemm`) at row counts around the ones
+        it gets (the smallest it may get, a decode batch, odd counts over one and several 16-row tiles, the layer's
+        own threshold); ~0.6 s for the bundled model's 121 products, once, when the decoder is built."""
+        counts = sorted({ONEDNN_MIN_ROWS, 13, 16, 37, 100, min(self.onednn_min_rows, 512)})
+        return self.agrees_with_fbgemm(lambda x: self.product(x, True), in_features, counts, midpoint_rows=37, seed=0)
+
+    def agrees_with_fbgemm(self, product: Callable[[torch.Tensor], torch.Tensor], in_features: int,
+                           counts: list[int], midpoint_rows: int, seed: int) -> bool:
+        """Whether `product` of rows in [-1, 1] (each with an entry at +-1, as `int8_row_input` makes them) equals
+        FBGEMM's bit for bit, on fixed pseudo-random rows of each of `counts` rows and on `midpoint_rows` rows of the
+        grid's midpoints (`grid_midpoint_rows`: where another kernel's codes would show)."""
+        generator = torch.Generator().manual_seed(seed)
+        inputs = [int8_row_input(torch.rand(rows, in_features, generator=generator) * 2 - 1)[0] for rows in counts]
+        inputs.append(grid_midpoint_rows(midpoint_rows, in_features, generator))
+        return all(torch.equal(product(x), self.product(x, False)) for x in inputs)
 
     def product(self, rows: torch.Tensor, onednn: bool) -> torch.Tensor:
         """The int8 product of `rows` [rows, in] already in [-1, 1] (`int8_row_input`), on the fixed input grid
@@ -510,16 +514,13 @@ class _FusedInt8Linear(_Int8Linear):
             return None
         weights = pack_product_weights(q, block)
         offsets = (self.input_zero_point * q.sum(1, dtype=torch.int32)).to(torch.int32)
-        generator = torch.Generator().manual_seed(2)
-        for rows in (1, 7, 16, 23):
-            x = int8_row_input(torch.rand(rows, in_features, generator=generator) * 2 - 1)[0]  # largest entry +-1
-            if rows == 23:
-                x = grid_midpoint_rows(rows, in_features, generator)
+
+        def own(x: torch.Tensor) -> torch.Tensor:
             codes, _ = torch.ops.expandr.row_codes(x, None, None, self.input_scale, self.input_zero_point)
-            own = torch.ops.expandr.int8_product(codes, weights, offsets, self.output_scales)
-            if not torch.equal(own, self.product(x, False)):
-                return None
-        return weights, offsets
+            return torch.ops.expandr.int8_product(codes, weights, offsets, self.output_scales)
+
+        agrees = self.agrees_with_fbgemm(own, in_features, [1, 7, 16], midpoint_rows=23, seed=2)
+        return (weights, offsets) if agrees else None
 
 
 class _OwnInt8Linear(_LinearLayer):
